@@ -1,0 +1,174 @@
+//! The key-value engine beneath the store: a small trait (in the spirit of TiKV's engine
+//! traits) with a RocksDB implementation and an in-memory one for tests.
+//!
+//! Everything the store knows how to do with disks, reference counts and fingerprints is
+//! written once, against this trait; an engine only stores bytes in column families, applies
+//! batches atomically and iterates key ranges at a point in time.
+
+mod memory;
+mod rocks;
+
+pub use memory::MemEngine;
+pub use rocks::{RocksEngine, RocksTuning};
+
+use std::fmt;
+
+use crate::Result;
+
+/// The column families of a store. See the crate docs for the key and value layouts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Cf {
+    /// Store configuration and bookkeeping (format version, block size, algorithm, ids).
+    Meta,
+    /// Disk name -> disk metadata (JSON).
+    Disks,
+    /// Disk id (u64 BE) ++ block number (u64 BE) -> fingerprint (16 bytes).
+    Maps,
+    /// Fingerprint -> reference count (u64 LE).
+    Refs,
+    /// Fingerprint -> block bytes.
+    Blocks,
+}
+
+impl Cf {
+    pub const ALL: [Cf; 5] = [Cf::Meta, Cf::Disks, Cf::Maps, Cf::Refs, Cf::Blocks];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Cf::Meta => "meta",
+            Cf::Disks => "disks",
+            Cf::Maps => "maps",
+            Cf::Refs => "refs",
+            Cf::Blocks => "blocks",
+        }
+    }
+
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// One operation of a [`WriteBatch`].
+#[derive(Debug, Clone)]
+pub enum BatchOp {
+    Put(Cf, Vec<u8>, Vec<u8>),
+    Delete(Cf, Vec<u8>),
+}
+
+/// Operations applied atomically by [`KvEngine::write`]: all or none survive a crash.
+#[derive(Debug, Default, Clone)]
+pub struct WriteBatch {
+    pub(crate) ops: Vec<BatchOp>,
+}
+
+impl WriteBatch {
+    pub fn new() -> WriteBatch {
+        WriteBatch::default()
+    }
+    pub fn put(&mut self, cf: Cf, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        self.ops.push(BatchOp::Put(cf, key.into(), value.into()));
+    }
+    pub fn delete(&mut self, cf: Cf, key: impl Into<Vec<u8>>) {
+        self.ops.push(BatchOp::Delete(cf, key.into()));
+    }
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+}
+
+/// A key and its value, as returned by a scan.
+pub type KvPair = (Box<[u8]>, Box<[u8]>);
+
+/// A scan over a key range that sees the engine as it was when the scan was created, however
+/// long it is kept and whatever is written meanwhile.
+pub type ScanIter = Box<dyn Iterator<Item = Result<KvPair>> + Send>;
+
+/// A byte-oriented, column-family key-value engine.
+pub trait KvEngine: Send + Sync + fmt::Debug {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>>;
+
+    /// Point lookups of many keys at once (RocksDB's batched MultiGet), in the keys' order.
+    fn multi_get(&self, cf: Cf, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>>;
+
+    /// Applies a batch atomically. Not synced: see [`KvEngine::sync`].
+    fn write(&self, batch: WriteBatch) -> Result<()>;
+
+    /// Makes every write that has returned durable (survives power loss, not only a crash of
+    /// the process).
+    fn sync(&self) -> Result<()>;
+
+    /// Keys in `[start, end)` (`end` None: to the end of the column family), in key order, as
+    /// of the moment of the call.
+    fn scan(&self, cf: Cf, start: &[u8], end: Option<&[u8]>) -> Result<ScanIter>;
+
+    /// Bytes the engine occupies on disk, if it can tell.
+    fn disk_usage_bytes(&self) -> Option<u64> {
+        None
+    }
+}
+
+/// The smallest key greater than every key that starts with `prefix` (None: no such key).
+pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last != 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exercise(engine: &dyn KvEngine) {
+        let mut b = WriteBatch::new();
+        b.put(Cf::Maps, vec![1, 1], vec![10]);
+        b.put(Cf::Maps, vec![1, 2], vec![20]);
+        b.put(Cf::Maps, vec![2, 0], vec![30]);
+        b.put(Cf::Refs, vec![1, 1], vec![99]);
+        engine.write(b).unwrap();
+        assert_eq!(engine.get(Cf::Maps, &[1, 2]).unwrap(), Some(vec![20]));
+        assert_eq!(engine.get(Cf::Blocks, &[1, 2]).unwrap(), None);
+        let got = engine.multi_get(Cf::Maps, &[&[2, 0], &[9], &[1, 1]]).unwrap();
+        assert_eq!(got, vec![Some(vec![30]), None, Some(vec![10])]);
+
+        // A scan sees the state at its creation, not later writes.
+        let scan = engine.scan(Cf::Maps, &[1], prefix_end(&[1]).as_deref()).unwrap();
+        let mut b = WriteBatch::new();
+        b.delete(Cf::Maps, vec![1, 1]);
+        b.put(Cf::Maps, vec![1, 3], vec![40]);
+        engine.write(b).unwrap();
+        let keys: Vec<Vec<u8>> = scan.map(|kv| kv.unwrap().0.to_vec()).collect();
+        assert_eq!(keys, vec![vec![1, 1], vec![1, 2]]);
+        let now: Vec<Vec<u8>> =
+            engine.scan(Cf::Maps, &[1], None).unwrap().map(|kv| kv.unwrap().0.to_vec()).collect();
+        assert_eq!(now, vec![vec![1, 2], vec![1, 3], vec![2, 0]]);
+        engine.sync().unwrap();
+    }
+
+    #[test]
+    fn memory_engine_semantics() {
+        exercise(&MemEngine::new());
+    }
+
+    #[test]
+    fn rocks_engine_semantics() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = RocksEngine::open(dir.path(), &RocksTuning::default()).unwrap();
+        exercise(&engine);
+        assert!(engine.disk_usage_bytes().is_some());
+    }
+
+    #[test]
+    fn prefix_end_carries() {
+        assert_eq!(prefix_end(&[1, 2]), Some(vec![1, 3]));
+        assert_eq!(prefix_end(&[1, 0xff]), Some(vec![2]));
+        assert_eq!(prefix_end(&[0xff, 0xff]), None);
+    }
+}

@@ -1,0 +1,180 @@
+//! The RocksDB engine.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType,
+    DBRawIteratorWithThreadMode, Options, ReadOptions, DB,
+};
+
+use super::{BatchOp, Cf, KvEngine, KvPair, ScanIter, WriteBatch};
+use crate::{Result, StoreError};
+
+/// Knobs for RocksDB that an operator may want to change.
+#[derive(Debug, Clone)]
+pub struct RocksTuning {
+    /// RocksDB's own block cache (compressed and uncompressed SST blocks), shared by all column
+    /// families. The store's hot-block cache sits in front of it.
+    pub block_cache_bytes: usize,
+    /// Memtable size per column family.
+    pub write_buffer_bytes: usize,
+}
+
+impl Default for RocksTuning {
+    fn default() -> Self {
+        RocksTuning { block_cache_bytes: 128 << 20, write_buffer_bytes: 64 << 20 }
+    }
+}
+
+/// A RocksDB database with one column family per [`Cf`].
+pub struct RocksEngine {
+    db: Arc<DB>,
+}
+
+impl std::fmt::Debug for RocksEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RocksEngine").field("path", &self.db.path()).finish()
+    }
+}
+
+fn engine_err(e: rocksdb::Error) -> StoreError {
+    StoreError::Engine(e.into_string())
+}
+
+impl RocksEngine {
+    pub fn open(path: &Path, tuning: &RocksTuning) -> Result<RocksEngine> {
+        let cache = Cache::new_lru_cache(tuning.block_cache_bytes);
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.increase_parallelism(2);
+        db_opts.set_max_background_jobs(2);
+        db_opts.set_keep_log_file_num(4);
+        // Bound WAL growth: column families with little traffic (meta, disks) would otherwise
+        // keep old WAL files alive.
+        db_opts.set_max_total_wal_size(256 << 20);
+
+        let cf_opts = |cf: Cf| {
+            let mut table = BlockBasedOptions::default();
+            table.set_block_cache(&cache);
+            // Point lookups dominate (has_many during migration, map lookups on every I/O):
+            // bloom filters keep a miss to a memory probe.
+            table.set_bloom_filter(10.0, false);
+            table.set_cache_index_and_filter_blocks(true);
+            table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+            let mut o = Options::default();
+            o.set_block_based_table_factory(&table);
+            o.set_write_buffer_size(tuning.write_buffer_bytes);
+            o.set_level_compaction_dynamic_level_bytes(true);
+            o.set_compression_type(match cf {
+                // Block bytes: LZ4 is cheap enough to keep on the write path.
+                Cf::Blocks => DBCompressionType::Lz4,
+                // Fingerprints are random; compressing them only costs CPU.
+                Cf::Refs | Cf::Maps => DBCompressionType::None,
+                Cf::Meta | Cf::Disks => DBCompressionType::None,
+            });
+            if cf == Cf::Blocks {
+                table.set_block_size(16 << 10);
+                o.set_block_based_table_factory(&table);
+            }
+            ColumnFamilyDescriptor::new(cf.name(), o)
+        };
+        let descriptors: Vec<_> = Cf::ALL.iter().map(|&cf| cf_opts(cf)).collect();
+        let db = DB::open_cf_descriptors(&db_opts, path, descriptors).map_err(engine_err)?;
+        Ok(RocksEngine { db: Arc::new(db) })
+    }
+
+    fn cf(&self, cf: Cf) -> &ColumnFamily {
+        self.db.cf_handle(cf.name()).expect("every column family is created at open")
+    }
+}
+
+impl KvEngine for RocksEngine {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.db.get_cf(self.cf(cf), key).map_err(engine_err)
+    }
+
+    fn multi_get(&self, cf: Cf, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>> {
+        self.db
+            .batched_multi_get_cf(self.cf(cf), keys.iter().copied(), false)
+            .into_iter()
+            .map(|r| r.map(|v| v.map(|s| s.to_vec())).map_err(engine_err))
+            .collect()
+    }
+
+    fn write(&self, batch: WriteBatch) -> Result<()> {
+        let mut wb = rocksdb::WriteBatch::default();
+        for op in &batch.ops {
+            match op {
+                BatchOp::Put(cf, k, v) => wb.put_cf(self.cf(*cf), k, v),
+                BatchOp::Delete(cf, k) => wb.delete_cf(self.cf(*cf), k),
+            }
+        }
+        // The WAL is written before this returns, so a crash of the process (kill -9) loses
+        // nothing that returned; `sync` adds power-loss durability.
+        self.db.write(wb).map_err(engine_err)
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.db.flush_wal(true).map_err(engine_err)
+    }
+
+    fn scan(&self, cf: Cf, start: &[u8], end: Option<&[u8]>) -> Result<ScanIter> {
+        let mut opts = ReadOptions::default();
+        if let Some(end) = end {
+            opts.set_iterate_upper_bound(end.to_vec());
+        }
+        // Big scans (fsck, snapshots of whole disks) should not evict the hot working set.
+        opts.fill_cache(false);
+        let iter = self.db.raw_iterator_cf_opt(self.cf(cf), opts);
+        // SAFETY: the iterator borrows the DB. `RocksScan` owns an `Arc<DB>` and declares the
+        // iterator first, so the iterator is dropped before that reference to the DB; the column
+        // family handle is only used while creating the iterator and lives as long as the DB
+        // (column families are never dropped).
+        let iter: DBRawIteratorWithThreadMode<'static, DB> = unsafe { std::mem::transmute(iter) };
+        Ok(Box::new(RocksScan { iter, _db: Arc::clone(&self.db), start: Some(start.to_vec()), done: false }))
+    }
+
+    fn disk_usage_bytes(&self) -> Option<u64> {
+        let mut total = 0u64;
+        for cf in Cf::ALL {
+            total += self.db.property_int_value_cf(self.cf(cf), "rocksdb.total-sst-files-size").ok()??;
+        }
+        Some(total)
+    }
+}
+
+/// A RocksDB iterator that owns a handle on its database. A RocksDB iterator reads from an
+/// implicit snapshot taken at its creation, which is the point-in-time view a scan promises.
+struct RocksScan {
+    iter: DBRawIteratorWithThreadMode<'static, DB>,
+    _db: Arc<DB>,
+    start: Option<Vec<u8>>,
+    done: bool,
+}
+
+impl Iterator for RocksScan {
+    type Item = Result<KvPair>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        match self.start.take() {
+            Some(start) => self.iter.seek(start),
+            None => self.iter.next(),
+        }
+        if !self.iter.valid() {
+            self.done = true;
+            return self.iter.status().err().map(|e| Err(engine_err(e)));
+        }
+        match (self.iter.key(), self.iter.value()) {
+            (Some(k), Some(v)) => Some(Ok((k.into(), v.into()))),
+            _ => {
+                self.done = true;
+                None
+            }
+        }
+    }
+}

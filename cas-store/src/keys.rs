@@ -1,0 +1,51 @@
+//! Key and value encodings. Integers in keys are big-endian so that RocksDB's byte order is
+//! numeric order: one disk's map is a contiguous, block-ordered key range.
+
+use crate::{DiskId, Fingerprint, Result, StoreError};
+
+pub(crate) const CONFIG_KEY: &[u8] = b"config";
+pub(crate) const NEXT_DISK_ID_KEY: &[u8] = b"next-disk-id";
+/// Prefix of the marker of a disk whose blocks are being released (survives a crash).
+pub(crate) const DELETING_PREFIX: &[u8] = b"deleting/";
+
+pub(crate) fn map_key(disk: DiskId, block: u64) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&disk.0.to_be_bytes());
+    k[8..].copy_from_slice(&block.to_be_bytes());
+    k
+}
+
+pub(crate) fn map_prefix(disk: DiskId) -> [u8; 8] {
+    disk.0.to_be_bytes()
+}
+
+pub(crate) fn parse_map_key(key: &[u8]) -> Result<(DiskId, u64)> {
+    if key.len() != 16 {
+        return Err(StoreError::Corrupt(format!("map key of {} bytes", key.len())));
+    }
+    let disk = u64::from_be_bytes(key[..8].try_into().expect("8 bytes"));
+    let block = u64::from_be_bytes(key[8..].try_into().expect("8 bytes"));
+    Ok((DiskId(disk), block))
+}
+
+pub(crate) fn parse_fingerprint(value: &[u8]) -> Result<Fingerprint> {
+    Fingerprint::from_slice(value)
+        .ok_or_else(|| StoreError::Corrupt(format!("fingerprint of {} bytes", value.len())))
+}
+
+pub(crate) fn encode_count(n: u64) -> [u8; 8] {
+    n.to_le_bytes()
+}
+
+pub(crate) fn parse_count(value: &[u8]) -> Result<u64> {
+    value
+        .try_into()
+        .map(u64::from_le_bytes)
+        .map_err(|_| StoreError::Corrupt(format!("reference count of {} bytes", value.len())))
+}
+
+pub(crate) fn deleting_key(disk: DiskId) -> Vec<u8> {
+    let mut k = DELETING_PREFIX.to_vec();
+    k.extend_from_slice(&disk.0.to_be_bytes());
+    k
+}
