@@ -976,6 +976,18 @@ impl Store {
         }
     }
 
+    /// Stored blocks' bytes (None: not stored), in one batched lookup.
+    pub fn get_blocks(&self, fps: &[Fingerprint]) -> Result<Vec<Option<Arc<[u8]>>>> {
+        let present = self.has_many(fps)?;
+        let wanted: Vec<Option<Fingerprint>> = fps.iter().zip(&present).map(|(fp, &p)| p.then_some(*fp)).collect();
+        match self.load_blocks(&wanted) {
+            Ok(v) => Ok(v),
+            // A block deleted between the two lookups: fall back to one at a time.
+            Err(StoreError::Corrupt(_)) => fps.iter().map(|fp| self.get_block(fp)).collect(),
+            Err(e) => Err(e),
+        }
+    }
+
     /// The fingerprints mapped at the given blocks of a disk (None: a hole).
     pub fn block_fingerprints(&self, disk: DiskId, blocks: &[u64]) -> Result<Vec<Option<Fingerprint>>> {
         let keys: Vec<[u8; 16]> = blocks.iter().map(|&b| map_key(disk, b)).collect();

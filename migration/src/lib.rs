@@ -1,0 +1,58 @@
+//! Migration of a disk between two block stores (two datacentres).
+//!
+//! The source lists the fingerprints of a consistent snapshot of the disk's map; the
+//! destination maps every block it already holds (its neighbours' blocks) at once and asks
+//! for each missing fingerprint once; the source sends those blocks in zstd frames at a level
+//! that follows the link. Writes during the copy are tracked in the disk's dirty bitmap and
+//! listed again in rounds. At the switch-over the source export is frozen, the final dirty
+//! blocks are listed, and the destination serves the disk at once, fetching any block it
+//! still lacks on demand while the rest arrives in the background.
+//!
+//! See [`protocol`] for the wire format, the message diagram, the state machines and the
+//! version policy. The crate knows nothing of NBD: a server plugs in through
+//! [`source::SourceHooks`] and [`destination::DestHooks`], and serves a
+//! [`destination::PostCopyDisk`] after the switch-over.
+
+pub mod compress;
+pub mod destination;
+pub mod protocol;
+pub mod report;
+pub mod source;
+pub mod wire;
+
+pub use destination::{incoming_name, run_destination, DestHooks, PostCopyDisk, PostCopyError};
+pub use report::{MigrationReport, Phase, PlanReport, SwitchAfter};
+pub use source::{run_plan, run_source, MigrationStatus, NoHooks, SourceConfig, SourceHooks};
+
+/// Why a migration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error("link: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol: {0}")]
+    Protocol(#[from] protocol::ProtocolError),
+    #[error("store: {0}")]
+    Store(#[from] cas_store::StoreError),
+    #[error("the peer refused: {0}")]
+    Refused(String),
+    #[error("unexpected {0} from the peer")]
+    Unexpected(&'static str),
+    #[error("the peer closed the connection")]
+    Closed,
+    #[error("corrupt data from the peer: {0}")]
+    Corrupt(String),
+    #[error("server: {0}")]
+    Hook(String),
+}
+
+/// Runs store work on tokio's blocking pool (RocksDB calls never run on a worker thread).
+pub(crate) async fn blocking<T, E>(f: impl FnOnce() -> Result<T, E> + Send + 'static) -> Result<T, MigrationError>
+where
+    T: Send + 'static,
+    E: Into<MigrationError> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(Into::into),
+        Err(e) => Err(MigrationError::Hook(format!("blocking task failed: {e}"))),
+    }
+}

@@ -1,0 +1,130 @@
+//! What a migration reports while it runs and when it ends.
+
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::DestReport;
+use crate::wire::TrafficReport;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    Connecting,
+    /// Fingerprint rounds and data while the VM runs at the source.
+    PreCopy,
+    /// Source export frozen; the final dirty blocks are crossing.
+    SwitchingOver,
+    /// The destination serves the disk; missing blocks arrive on demand and in the background.
+    PostCopy,
+    Done,
+    Failed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum SwitchAfter {
+    /// Switch as soon as the destination has every fingerprint: all missing data comes
+    /// post-copy. Shortest time at the source; the destination depends longest on the link.
+    Fingerprints,
+    /// Switch after one pre-copy pass (the published design): the bulk moves while the VM
+    /// runs at the source; only blocks written during that pass come post-copy.
+    #[default]
+    Precopy,
+    /// Repeat dirty rounds until the dirty set is small or stops shrinking, then switch.
+    Converged,
+}
+
+impl std::str::FromStr for SwitchAfter {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fingerprints" => Ok(SwitchAfter::Fingerprints),
+            "precopy" => Ok(SwitchAfter::Precopy),
+            "converged" => Ok(SwitchAfter::Converged),
+            _ => Err(format!("--switch-after {s:?}: use fingerprints, precopy or converged")),
+        }
+    }
+}
+
+/// A migration's state and figures (the control API returns it; `migrate` prints it).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrationReport {
+    pub id: String,
+    pub disk: String,
+    pub role: String,
+    pub peer: String,
+    pub phase: Phase,
+    pub switch_after: SwitchAfter,
+    pub disk_bytes: u64,
+    pub block_size: u32,
+    /// Fingerprint rounds sent (round 0 is the whole map; the last is the final dirty set).
+    pub rounds: u32,
+    /// Blocks listed in each round.
+    pub round_blocks: Vec<u64>,
+    /// Distinct blocks the destination asked for, and data records sent so far.
+    pub blocks_wanted: u64,
+    pub blocks_sent: u64,
+    pub zstd_level: i32,
+    pub elapsed_seconds: f64,
+    /// From freeze at the source to writable at the destination.
+    pub downtime_ms: Option<f64>,
+    /// Seconds from the start to the switch-over, and to the end.
+    pub switch_seconds: Option<f64>,
+    pub total_seconds: Option<f64>,
+    pub link: TrafficReport,
+    pub destination: DestReport,
+    pub error: Option<String>,
+}
+
+impl MigrationReport {
+    pub fn new(id: &str, disk: &str, role: &str, peer: &str) -> MigrationReport {
+        MigrationReport {
+            id: id.to_string(),
+            disk: disk.to_string(),
+            role: role.to_string(),
+            peer: peer.to_string(),
+            phase: Phase::Connecting,
+            switch_after: SwitchAfter::default(),
+            disk_bytes: 0,
+            block_size: 0,
+            rounds: 0,
+            round_blocks: Vec::new(),
+            blocks_wanted: 0,
+            blocks_sent: 0,
+            zstd_level: 0,
+            elapsed_seconds: 0.0,
+            downtime_ms: None,
+            switch_seconds: None,
+            total_seconds: None,
+            link: TrafficReport::default(),
+            destination: DestReport::default(),
+            error: None,
+        }
+    }
+
+    pub fn is_finished(&self) -> bool {
+        matches!(self.phase, Phase::Done | Phase::Failed)
+    }
+}
+
+/// A plan: what moving a disk to one destination would cost, without moving it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PlanReport {
+    pub disk: String,
+    pub destination: String,
+    pub disk_bytes: u64,
+    pub block_size: u32,
+    pub allocated_blocks: u64,
+    pub neighbour_hits: u64,
+    pub duplicates: u64,
+    pub zero_blocks: u64,
+    /// Distinct blocks the destination lacks, their raw bytes and their compressed size.
+    pub missing_blocks: u64,
+    pub missing_bytes: u64,
+    pub missing_compressed_bytes: u64,
+    /// Fingerprint list and control bytes.
+    pub fingerprint_bytes: u64,
+    pub estimated_link_bytes: u64,
+    /// At the given link rate (bits per second), if one was given.
+    pub link_rate_bps: Option<u64>,
+    pub estimated_seconds: Option<f64>,
+}

@@ -1,0 +1,355 @@
+//! Migrations between two in-process stores over a real TCP connection on loopback.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cas_store::{Store, StoreOptions};
+use migration::{run_destination, run_source, DestHooks, MigrationReport, NoHooks, PostCopyDisk, SourceConfig, SourceHooks, SwitchAfter};
+use parking_lot::Mutex;
+use tokio::net::{TcpListener, TcpStream};
+
+const BS: usize = 4096;
+
+fn store() -> Arc<Store> {
+    Arc::new(Store::open_in_memory(StoreOptions { block_size: Some(BS as u32), ..Default::default() }).unwrap())
+}
+
+fn rocks_store(dir: &std::path::Path) -> Arc<Store> {
+    Arc::new(Store::open(dir, StoreOptions { block_size: Some(BS as u32), ..Default::default() }).unwrap())
+}
+
+/// Block `i` of "OS" content: the same in every VM built from it.
+fn os_block(i: u64) -> Vec<u8> {
+    let mut b = vec![0u8; BS];
+    for (k, chunk) in b.chunks_mut(8).enumerate() {
+        chunk.copy_from_slice(&(i * 1_000_003 + k as u64 / 3).to_le_bytes());
+    }
+    b
+}
+
+/// Block `i` of a VM's own data.
+fn own_block(vm: u64, i: u64) -> Vec<u8> {
+    let mut b = os_block(i + 10_000 * (vm + 1));
+    b[0] = vm as u8;
+    b
+}
+
+/// A disk of `blocks` blocks: `os` OS blocks, then `own` blocks of its own (with `dups` of
+/// them repeating one block), the rest zeros.
+fn fill(store: &Store, name: &str, blocks: u64, os: u64, own: u64, vm: u64, dups: u64) -> Vec<u8> {
+    let d = store.create_disk(name, blocks * BS as u64).unwrap();
+    let mut content = vec![0u8; blocks as usize * BS];
+    for i in 0..os {
+        content[i as usize * BS..(i as usize + 1) * BS].copy_from_slice(&os_block(i));
+    }
+    for i in 0..own {
+        let b = if i < dups { own_block(vm, 0) } else { own_block(vm, i) };
+        let at = (os + i) as usize * BS;
+        content[at..at + BS].copy_from_slice(&b);
+    }
+    store.write(d.id, 0, &content, false).unwrap();
+    content
+}
+
+fn read_all(store: &Store, name: &str) -> Vec<u8> {
+    let d = store.disk(name).unwrap();
+    let mut buf = vec![0u8; d.size as usize];
+    store.read(d.id, 0, &mut buf).unwrap();
+    buf
+}
+
+#[derive(Default)]
+struct CaptureHooks {
+    disk: Mutex<Option<Arc<PostCopyDisk>>>,
+    completed: AtomicBool,
+}
+
+impl DestHooks for CaptureHooks {
+    fn switch_over(&self, _name: &str, disk: Arc<PostCopyDisk>) -> Result<(), String> {
+        *self.disk.lock() = Some(disk);
+        Ok(())
+    }
+    fn complete(&self, _name: &str) {
+        self.completed.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Runs one migration over loopback TCP and returns both reports.
+async fn migrate(
+    src: Arc<Store>,
+    dst: Arc<Store>,
+    disk: &str,
+    config: SourceConfig,
+    src_hooks: Arc<dyn SourceHooks>,
+    dst_hooks: Arc<dyn DestHooks>,
+) -> (MigrationReport, MigrationReport) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dest = tokio::spawn(async move {
+        let (conn, peer) = listener.accept().await.unwrap();
+        run_destination(dst, conn, dst_hooks, &peer.to_string()).await
+    });
+    let conn = TcpStream::connect(addr).await.unwrap();
+    let status = migration::MigrationStatus::new(MigrationReport::new("t", disk, "source", &addr.to_string()));
+    let src_report = run_source(src, disk, conn, config, src_hooks, status).await.expect("source side");
+    let dst_report = dest.await.unwrap().expect("destination side");
+    (src_report, dst_report)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn neighbours_supply_what_they_have_and_only_the_rest_crosses() {
+    let (src, dst) = (store(), store());
+    // The migrating VM: 300 OS blocks, 100 blocks of its own (10 of them one repeated
+    // block), 112 zero blocks.
+    let content = fill(&src, "vm", 512, 300, 100, 1, 10);
+    // The destination holds another VM with the same OS (200 of the 300 OS blocks).
+    fill(&dst, "neighbour", 512, 200, 50, 2, 0);
+    let (report, dest_report) = migrate(src.clone(), dst.clone(), "vm", SourceConfig::default(), Arc::new(NoHooks), Arc::new(CaptureHooks::default())).await;
+    assert_eq!(read_all(&dst, "vm"), content, "byte-exact at the destination");
+    let d = &report.destination;
+    assert_eq!(d.blocks_listed, 400);
+    assert_eq!(d.neighbour_hits, 200);
+    assert_eq!(d.zero_blocks, 112);
+    assert_eq!(d.wanted, 100 + 91, "100 OS blocks the neighbour lacks, 91 distinct own blocks");
+    assert_eq!(d.duplicates, 9);
+    assert_eq!(d.received_before_switch, 191);
+    assert_eq!(report.blocks_sent, 191);
+    assert!(report.link.data_raw_bytes >= 191 * BS as u64);
+    assert!(report.link.data_wire_bytes < report.link.data_raw_bytes, "compressed");
+    assert!(report.downtime_ms.unwrap() < 1000.0);
+    assert_eq!(dest_report.phase, migration::Phase::Done);
+    assert!(dst.fsck(true).unwrap().is_clean());
+    assert!(dst.disk("vm.incoming").is_err(), "the temporary name is gone");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_destination_gets_every_block_once_and_identical_one_gets_none() {
+    let (src, dst) = (store(), store());
+    let content = fill(&src, "vm", 256, 100, 100, 1, 20);
+    let (report, _) = migrate(src.clone(), dst.clone(), "vm", SourceConfig::default(), Arc::new(NoHooks), Arc::new(CaptureHooks::default())).await;
+    assert_eq!(read_all(&dst, "vm"), content);
+    assert_eq!(report.destination.neighbour_hits, 0);
+    assert_eq!(report.destination.wanted, 181, "every distinct non-zero block crosses once");
+    assert_eq!(report.blocks_sent, 181);
+
+    // An identical copy already at the destination: only fingerprints and control cross.
+    let dst2 = store();
+    fill(&dst2, "old-copy", 256, 100, 100, 1, 20);
+    let (report, _) = migrate(src.clone(), dst2.clone(), "vm", SourceConfig::default(), Arc::new(NoHooks), Arc::new(CaptureHooks::default())).await;
+    assert_eq!(read_all(&dst2, "vm"), content);
+    assert_eq!(report.destination.wanted, 0);
+    assert_eq!(report.link.data_wire_bytes, 0, "no block data crossed");
+    assert!(report.link.fingerprint_bytes > 0);
+    assert!(report.link.total_bytes < 200 * 20 + 2000, "about 16 bytes per block listed: {:?}", report.link);
+}
+
+/// Freezing stops the writer, as a frozen NBD export would: no new writes, and the one in
+/// flight finishes first (the writer holds the gate shared while it writes).
+struct WriterFreeze {
+    frozen: Arc<AtomicBool>,
+    gate: Arc<parking_lot::RwLock<()>>,
+}
+
+impl SourceHooks for WriterFreeze {
+    fn freeze<'a>(&'a self, _: &'a str) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>> {
+        Box::pin(async move {
+            let (gate, frozen) = (self.gate.clone(), self.frozen.clone());
+            tokio::task::spawn_blocking(move || {
+                let _exclusive = gate.write();
+                frozen.store(true, Ordering::SeqCst);
+            })
+            .await
+            .map_err(|e| e.to_string())
+        })
+    }
+    fn thaw(&self, _: &str) {
+        self.frozen.store(false, Ordering::SeqCst);
+    }
+    fn switched(&self, _: &str) {}
+}
+
+async fn migrate_while_writing(switch_after: SwitchAfter) {
+    let dir = tempfile::tempdir().unwrap();
+    let src = rocks_store(&dir.path().join("src"));
+    let dst = rocks_store(&dir.path().join("dst"));
+    fill(&src, "vm", 1024, 600, 300, 1, 0);
+    fill(&dst, "fresh-install", 1024, 600, 0, 3, 0);
+    let frozen = Arc::new(AtomicBool::new(false));
+    let writes = Arc::new(AtomicU64::new(0));
+    let gate = Arc::new(parking_lot::RwLock::new(()));
+    let writer = {
+        let (src, frozen, writes, gate) = (src.clone(), frozen.clone(), writes.clone(), gate.clone());
+        std::thread::spawn(move || {
+            let id = src.disk("vm").unwrap().id;
+            let mut i = 0u64;
+            // A guest doing unaligned writes all over its disk until the export freezes.
+            loop {
+                let _shared = gate.read();
+                if frozen.load(Ordering::SeqCst) {
+                    break;
+                }
+                let block = (i * 7919) % 1024;
+                let data = own_block(50 + i % 13, i);
+                src.write(id, block * BS as u64 + 100, &data[..3000], false).unwrap();
+                writes.fetch_add(1, Ordering::SeqCst);
+                i += 1;
+                drop(_shared);
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        })
+    };
+    let hooks = Arc::new(CaptureHooks::default());
+    let config = SourceConfig { switch_after, ..Default::default() };
+    let (report, _) = migrate(src.clone(), dst.clone(), "vm", config, Arc::new(WriterFreeze { frozen: frozen.clone(), gate }), hooks.clone()).await;
+    writer.join().unwrap();
+    assert!(writes.load(Ordering::SeqCst) > 0);
+    // The source is frozen: its content is the content at the freeze.
+    let at_freeze = read_all(&src, "vm");
+    assert_eq!(read_all(&dst, "vm"), at_freeze, "{switch_after:?}: destination equals the source at the freeze");
+    // Writes at the destination after the switch-over land on top.
+    let disk = hooks.disk.lock().clone().unwrap();
+    let mut expect = at_freeze.clone();
+    let d2 = disk.clone();
+    tokio::task::spawn_blocking(move || d2.write(5000, &[0xab; 10000], true).unwrap()).await.unwrap();
+    expect[5000..15000].fill(0xab);
+    assert_eq!(read_all(&dst, "vm"), expect);
+    assert!(report.rounds >= 2);
+    assert!(dst.fsck(true).unwrap().is_clean());
+    assert!(src.fsck(true).unwrap().is_clean());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_during_precopy_are_resent() {
+    migrate_while_writing(SwitchAfter::Precopy).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_during_converging_rounds_are_resent() {
+    migrate_while_writing(SwitchAfter::Converged).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_with_switch_after_fingerprints() {
+    migrate_while_writing(SwitchAfter::Fingerprints).await;
+}
+
+/// Reads the whole disk through the post-copy device as soon as it is switched over.
+struct ReadAtSwitch {
+    src_content: Vec<u8>,
+    ok: AtomicBool,
+    missing_at_switch: AtomicU64,
+}
+
+impl DestHooks for ReadAtSwitch {
+    fn switch_over(&self, _name: &str, disk: Arc<PostCopyDisk>) -> Result<(), String> {
+        self.missing_at_switch.store(disk.missing_blocks() as u64, Ordering::SeqCst);
+        let expected = self.src_content.clone();
+        // A reader on another thread (the NBD server's blocking pool), so the migration
+        // keeps running while it waits.
+        let ok = Arc::new(AtomicBool::new(false));
+        let handle = std::thread::spawn(move || {
+            let mut buf = vec![0u8; expected.len()];
+            // Read from the end backwards, block by block, so reads hit blocks the
+            // background pass has not reached.
+            for b in (0..expected.len() / BS).rev() {
+                disk.read((b * BS) as u64, &mut buf[b * BS..(b + 1) * BS]).unwrap();
+            }
+            buf == expected
+        });
+        // Keep the result for the test.
+        std::thread::spawn({
+            let ok = ok.clone();
+            move || ok.store(handle.join().unwrap(), Ordering::SeqCst)
+        });
+        POSTCOPY_OK.lock().push(ok);
+        let _ = &self.ok;
+        Ok(())
+    }
+    fn complete(&self, _: &str) {}
+}
+
+static POSTCOPY_OK: Mutex<Vec<Arc<AtomicBool>>> = Mutex::new(Vec::new());
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_of_blocks_not_yet_arrived_fetch_them_on_demand() {
+    let (src, dst) = (store(), store());
+    let content = fill(&src, "vm", 2048, 200, 1800, 1, 0);
+    let hooks = Arc::new(ReadAtSwitch { src_content: content.clone(), ok: AtomicBool::new(false), missing_at_switch: AtomicU64::new(0) });
+    // Small frames so the background transfer takes many steps.
+    let config = SourceConfig { switch_after: SwitchAfter::Fingerprints, batch_bytes: 16 * BS, ..Default::default() };
+    let (report, _) = migrate(src.clone(), dst.clone(), "vm", config, Arc::new(NoHooks), hooks.clone()).await;
+    assert!(hooks.missing_at_switch.load(Ordering::SeqCst) > 1000, "switched before the data crossed");
+    // Wait for the reader thread.
+    for _ in 0..500 {
+        if POSTCOPY_OK.lock().iter().any(|o| o.load(Ordering::SeqCst)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(POSTCOPY_OK.lock().iter().any(|o| o.load(Ordering::SeqCst)), "post-copy reads returned the source's bytes");
+    assert_eq!(read_all(&dst, "vm"), content);
+    let d = &report.destination;
+    assert_eq!(d.received_before_switch + d.fetched_on_demand + d.fetched_background, d.wanted);
+    assert!(d.fetched_on_demand > 0, "some blocks were fetched on demand: {d:?}");
+    assert!(d.fetched_background > 0, "and some in the background: {d:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_peers_get_a_clear_error_and_change_nothing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dst = store();
+    fill(&dst, "existing", 16, 4, 4, 1, 0);
+    let before = dst.list_disks().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = {
+        let dst = dst.clone();
+        tokio::spawn(async move {
+            let mut errors = Vec::new();
+            for _ in 0..4 {
+                let (conn, peer) = listener.accept().await.unwrap();
+                let r = run_destination(dst.clone(), conn, Arc::new(CaptureHooks::default()), &peer.to_string()).await;
+                errors.push(r.unwrap_err().to_string());
+            }
+            errors
+        })
+    };
+    // 1. Garbage instead of a greeting.
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    let mut sink = Vec::new();
+    let _ = c.read_to_end(&mut sink).await;
+    // 2. Another protocol version.
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    let mut g = migration::protocol::greeting();
+    g[9] = 42;
+    c.write_all(&g).await.unwrap();
+    let _ = c.read_to_end(&mut sink).await;
+    // 3. A HELLO for a disk that already exists here.
+    let hello = |disk: &str, bs: u32| {
+        migration::protocol::encode(&migration::protocol::Message::Hello(migration::protocol::Hello {
+            migration_id: "x".into(),
+            disk: disk.into(),
+            size: 16 * BS as u64,
+            block_size: bs,
+            algorithm: "blake3-128".into(),
+            mode: migration::protocol::Mode::Migrate,
+        }))
+    };
+    for frame in [hello("existing", BS as u32), hello("new", 512)] {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(&migration::protocol::greeting()).await.unwrap();
+        c.write_all(&frame).await.unwrap();
+        let mut reply = Vec::new();
+        let _ = c.read_to_end(&mut reply).await;
+        assert!(String::from_utf8_lossy(&reply).contains("message"), "an ERROR frame came back");
+    }
+    let errors = server.await.unwrap();
+    assert!(errors[0].contains("preamble"), "{errors:?}");
+    assert!(errors[1].contains("version 42"), "{errors:?}");
+    assert!(errors[2].contains("already exists"), "{errors:?}");
+    assert!(errors[3].contains("block size"), "{errors:?}");
+    assert_eq!(dst.list_disks().unwrap(), before, "nothing changed");
+    assert!(dst.fsck(true).unwrap().is_clean());
+}
