@@ -247,12 +247,25 @@ impl PostCopyDisk {
     }
 }
 
-/// Serves one incoming migration connection to completion.
-pub async fn run_destination<S>(store: Arc<Store>, mut stream: S, hooks: Arc<dyn DestHooks>, peer: &str) -> Result<MigrationReport, MigrationError>
+/// Serves one incoming migration connection to completion. `status` may start as a
+/// placeholder; the source's HELLO fills in the migration's id and disk.
+pub async fn run_destination<S>(store: Arc<Store>, stream: S, hooks: Arc<dyn DestHooks>, status: Arc<MigrationStatus>) -> Result<MigrationReport, MigrationError>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let status = MigrationStatus::new(MigrationReport::new("?", "?", "destination", peer));
+    let result = serve_connection(store, stream, hooks, status.clone()).await;
+    if let Err(e) = &result {
+        if !status.report().is_finished() {
+            status.finish(Phase::Failed, Some(e.to_string()));
+        }
+    }
+    result
+}
+
+async fn serve_connection<S>(store: Arc<Store>, mut stream: S, hooks: Arc<dyn DestHooks>, status: Arc<MigrationStatus>) -> Result<MigrationReport, MigrationError>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
     exchange_greetings(&mut stream, &status.traffic).await?;
     let hello = match read_message(&mut stream, &status.traffic).await? {
         Some(Message::Hello(h)) => h,

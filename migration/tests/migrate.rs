@@ -88,7 +88,7 @@ async fn migrate(
     let addr = listener.local_addr().unwrap();
     let dest = tokio::spawn(async move {
         let (conn, peer) = listener.accept().await.unwrap();
-        run_destination(dst, conn, dst_hooks, &peer.to_string()).await
+        run_destination(dst, conn, dst_hooks, migration::MigrationStatus::new(MigrationReport::new("?", "?", "destination", &peer.to_string()))).await
     });
     let conn = TcpStream::connect(addr).await.unwrap();
     let status = migration::MigrationStatus::new(MigrationReport::new("t", disk, "source", &addr.to_string()));
@@ -309,7 +309,7 @@ async fn bad_peers_get_a_clear_error_and_change_nothing() {
             let mut errors = Vec::new();
             for _ in 0..4 {
                 let (conn, peer) = listener.accept().await.unwrap();
-                let r = run_destination(dst.clone(), conn, Arc::new(CaptureHooks::default()), &peer.to_string()).await;
+                let r = run_destination(dst.clone(), conn, Arc::new(CaptureHooks::default()), migration::MigrationStatus::new(MigrationReport::new("?", "?", "destination", &peer.to_string()))).await;
                 errors.push(r.unwrap_err().to_string());
             }
             errors

@@ -1,0 +1,287 @@
+//! `migrate`: move a disk from one server (datacentre) to another, sending only the blocks
+//! the destination lacks; or, with `plan`, compare destinations without moving anything.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use argh::FromArgs;
+use indicatif::{ProgressBar, ProgressStyle};
+use migration::{MigrationReport, Phase, PlanReport};
+use serde_json::json;
+use tools::control::ControlClient;
+use tools::size::format_size;
+use tools::table;
+
+/// Migrate a disk between two servers: `migrate --source CONTROL --dest CONTROL --disk NAME`.
+/// CONTROL is a server's control socket path or host:port.
+#[derive(FromArgs, Debug)]
+struct Migrate {
+    #[argh(subcommand)]
+    command: Option<Sub>,
+    /// control address of the server that has the disk
+    #[argh(option)]
+    source: Option<String>,
+    /// control address of the server to move it to
+    #[argh(option)]
+    dest: Option<String>,
+    /// the disk to move
+    #[argh(option)]
+    disk: Option<String>,
+    /// when to switch over: fingerprints, precopy (default: one pre-copy pass, then
+    /// post-copy for what changed meanwhile) or converged
+    #[argh(option, default = "migration::SwitchAfter::Precopy")]
+    switch_after: migration::SwitchAfter,
+    /// a fixed zstd level (default: adapt to the link)
+    #[argh(option)]
+    zstd_level: Option<i32>,
+    /// dirty rounds at most with --switch-after converged (default 8)
+    #[argh(option)]
+    max_rounds: Option<u32>,
+    /// a dirty set of at most this many blocks counts as converged (default 256)
+    #[argh(option)]
+    converge_blocks: Option<u64>,
+    /// delete the disk at the source once the destination has every block
+    #[argh(switch)]
+    delete_source: bool,
+    /// give up after this many seconds (default: no limit)
+    #[argh(option)]
+    timeout: Option<u64>,
+    /// print the final report as JSON
+    #[argh(switch)]
+    json: bool,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+enum Sub {
+    Plan(PlanCmd),
+}
+
+/// Compare candidate destinations by the data each would need, without moving any.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "plan")]
+struct PlanCmd {
+    /// control address of the server that has the disk
+    #[argh(option)]
+    source: String,
+    /// control address of a candidate destination (repeatable)
+    #[argh(option)]
+    dest: Vec<String>,
+    /// the disk to move
+    #[argh(option)]
+    disk: String,
+    /// link rate for the time estimate, e.g. 100mbit, 1gbit
+    #[argh(option)]
+    link_rate: Option<String>,
+    /// print JSON
+    #[argh(switch)]
+    json: bool,
+}
+
+fn main() {
+    let args: Migrate = argh::from_env();
+    let result = match args.command {
+        Some(Sub::Plan(ref p)) => plan(p),
+        None => run(&args),
+    };
+    if let Err(e) = result {
+        eprintln!("migrate: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// "100mbit", "1gbit", "500kbit", "1000000" (bits per second).
+fn parse_rate(s: &str) -> Result<u64> {
+    let t = s.trim().to_ascii_lowercase();
+    let t = t.trim_end_matches("/s").trim_end_matches("ps");
+    let (num, mult) = if let Some(n) = t.strip_suffix("gbit") {
+        (n, 1e9)
+    } else if let Some(n) = t.strip_suffix("mbit") {
+        (n, 1e6)
+    } else if let Some(n) = t.strip_suffix("kbit") {
+        (n, 1e3)
+    } else if let Some(n) = t.strip_suffix("bit") {
+        (n, 1.0)
+    } else {
+        (t, 1.0)
+    };
+    let v: f64 = num.trim().parse().with_context(|| format!("link rate {s:?}: use e.g. 100mbit"))?;
+    if v <= 0.0 {
+        bail!("link rate {s:?} must be positive");
+    }
+    Ok((v * mult) as u64)
+}
+
+fn migration_address(dest: &mut ControlClient) -> Result<String> {
+    let info = dest.call("server.info", json!({}))?;
+    info["addresses"]["migration"]
+        .as_str()
+        .map(str::to_string)
+        .with_context(|| format!("the server at {} does not accept migrations (start it with --migration-listen)", dest.address()))
+}
+
+fn plan(p: &PlanCmd) -> Result<()> {
+    if p.dest.is_empty() {
+        bail!("give at least one --dest");
+    }
+    let rate = p.link_rate.as_deref().map(parse_rate).transpose()?;
+    let mut source = ControlClient::connect(&p.source)?;
+    let mut plans: Vec<PlanReport> = Vec::new();
+    for d in &p.dest {
+        let mut dest = ControlClient::connect(d)?;
+        let addr = migration_address(&mut dest)?;
+        let v = source.call("migration.plan", json!({"disk": p.disk, "destination": addr, "link_rate_bps": rate}))?;
+        let mut report: PlanReport = serde_json::from_value(v)?;
+        report.destination = d.clone();
+        plans.push(report);
+    }
+    let best = plans.iter().min_by_key(|r| r.estimated_link_bytes).map(|r| r.destination.clone());
+    if p.json {
+        println!("{}", serde_json::to_string_pretty(&json!({"plans": plans, "cheapest": best}))?);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = plans
+        .iter()
+        .map(|r| {
+            vec![
+                r.destination.clone(),
+                format!("{} of {}", r.neighbour_hits, r.allocated_blocks),
+                r.missing_blocks.to_string(),
+                format_size(r.missing_bytes),
+                format_size(r.estimated_link_bytes),
+                r.estimated_seconds.map(|s| format!("{s:.1} s")).unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    print!("{}", table::render(&["destination", "blocks it has", "missing", "missing bytes", "over the link", "time"], &rows));
+    if let Some(b) = best {
+        println!("cheapest: {b}");
+    }
+    Ok(())
+}
+
+fn run(args: &Migrate) -> Result<()> {
+    let (Some(source), Some(dest), Some(disk)) = (&args.source, &args.dest, &args.disk) else {
+        bail!("give --source CONTROL --dest CONTROL --disk NAME (or `migrate plan ...`)");
+    };
+    let mut src = ControlClient::connect(source)?;
+    let mut dst = ControlClient::connect(dest)?;
+    let addr = migration_address(&mut dst)?;
+    let started = Instant::now();
+    let v = src.call(
+        "migration.start",
+        json!({
+            "disk": disk, "destination": addr, "switch_after": args.switch_after,
+            "zstd_level": args.zstd_level, "max_rounds": args.max_rounds,
+            "converge_blocks": args.converge_blocks, "delete_source": args.delete_source,
+        }),
+    )?;
+    let id = v["id"].as_str().context("no migration id")?.to_string();
+    let hidden = args.json;
+    let mut bar: Option<(Phase, ProgressBar)> = None;
+    let mut announced_switch = false;
+    let report = loop {
+        let r: MigrationReport = serde_json::from_value(src.call("migration.status", json!({"id": id}))?)?;
+        if !hidden {
+            show_progress(&mut bar, &r);
+            if r.downtime_ms.is_some() && !announced_switch {
+                announced_switch = true;
+                let line = format!(
+                    "switched over after {:.2} s: {disk} is now served by {dest} (downtime {:.1} ms)",
+                    r.switch_seconds.unwrap_or_default(),
+                    r.downtime_ms.unwrap_or_default()
+                );
+                match &bar {
+                    Some((_, b)) => b.println(line),
+                    None => println!("{line}"),
+                }
+            }
+        }
+        if r.is_finished() {
+            break r;
+        }
+        if let Some(t) = args.timeout {
+            if started.elapsed() > Duration::from_secs(t) {
+                bail!("migration {id} still running after {t} s (phase {:?})", r.phase);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    if let Some((_, b)) = bar.take() {
+        b.finish_and_clear();
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report);
+    }
+    if report.phase == Phase::Failed {
+        bail!("migration failed: {}", report.error.unwrap_or_default());
+    }
+    Ok(())
+}
+
+fn show_progress(bar: &mut Option<(Phase, ProgressBar)>, r: &MigrationReport) {
+    let phase_name = match r.phase {
+        Phase::Connecting => "connecting",
+        Phase::PreCopy => "pre-copy",
+        Phase::SwitchingOver => "switch-over",
+        Phase::PostCopy => "post-copy",
+        Phase::Done | Phase::Failed => return,
+    };
+    if bar.as_ref().map(|(p, _)| *p) != Some(r.phase) {
+        if let Some((_, b)) = bar.take() {
+            b.finish();
+        }
+        let b = ProgressBar::new(1);
+        b.set_style(
+            ProgressStyle::with_template("{prefix:>11} [{bar:30}] {pos}/{len} blocks  {msg}")
+                .expect("template")
+                .progress_chars("=> "),
+        );
+        b.set_prefix(phase_name);
+        *bar = Some((r.phase, b));
+    }
+    let (_, b) = bar.as_ref().expect("set above");
+    b.set_length(r.blocks_wanted.max(1));
+    b.set_position(r.blocks_sent.min(r.blocks_wanted));
+    let rate = if r.elapsed_seconds > 0.0 { r.link.total_bytes as f64 / r.elapsed_seconds } else { 0.0 };
+    let remaining = r.blocks_wanted.saturating_sub(r.blocks_sent) as f64 * r.block_size as f64;
+    let ratio = if r.link.data_raw_bytes > 0 { r.link.data_wire_bytes as f64 / r.link.data_raw_bytes as f64 } else { 1.0 };
+    let eta = if rate > 0.0 { remaining * ratio / rate } else { 0.0 };
+    b.set_message(format!(
+        "{} over the link, {}/s, eta {:.0} s, zstd {}",
+        format_size(r.link.total_bytes),
+        format_size(rate as u64),
+        eta,
+        r.zstd_level
+    ));
+}
+
+fn print_report(r: &MigrationReport) {
+    let d = &r.destination;
+    let bs = u64::from(r.block_size);
+    let l = &r.link;
+    println!("migration {} of {} ({}): {:?}", r.id, r.disk, format_size(r.disk_bytes), r.phase);
+    let rows = vec![
+        vec!["total time".into(), format!("{:.2} s", r.total_seconds.unwrap_or(r.elapsed_seconds))],
+        vec!["switch-over at".into(), r.switch_seconds.map(|s| format!("{s:.2} s")).unwrap_or_else(|| "-".into())],
+        vec!["downtime".into(), r.downtime_ms.map(|m| format!("{m:.1} ms")).unwrap_or_else(|| "-".into())],
+        vec!["rounds".into(), format!("{} ({:?} blocks listed)", r.rounds, r.round_blocks)],
+        vec!["link: fingerprints".into(), format_size(l.fingerprint_bytes)],
+        vec!["link: block data raw".into(), format_size(l.data_raw_bytes)],
+        vec!["link: block data compressed".into(), format!("{} (zstd level {})", format_size(l.data_wire_bytes), r.zstd_level)],
+        vec!["link: control".into(), format_size(l.control_bytes)],
+        vec!["link: total".into(), format!("{} = {:.1}% of the disk's allocated bytes", format_size(l.total_bytes), 100.0 * l.total_bytes as f64 / ((d.blocks_listed.max(1)) * bs) as f64)],
+        vec!["blocks: from neighbours".into(), d.neighbour_hits.to_string()],
+        vec!["blocks: zero".into(), d.zero_blocks.to_string()],
+        vec!["blocks: duplicates within the disk".into(), d.duplicates.to_string()],
+        vec!["blocks: sent before switch-over".into(), d.received_before_switch.to_string()],
+        vec!["blocks: fetched on demand".into(), d.fetched_on_demand.to_string()],
+        vec!["blocks: fetched in background".into(), d.fetched_background.to_string()],
+    ];
+    print!("{}", table::render(&["", ""], &rows));
+    if let Some(e) = &r.error {
+        println!("error: {e}");
+    }
+}
