@@ -80,7 +80,8 @@ pub fn scan_image(path: &Path, block_sizes: &[usize], mut progress: impl FnMut(u
         }
     }
     progress(size);
-    let name = path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+    let file = path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+    let name = file.strip_suffix(".raw").map(str::to_string).unwrap_or(file);
     Ok(ImageBlocks { name, block_sizes: block_sizes.to_vec(), counts })
 }
 
