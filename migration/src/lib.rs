@@ -16,6 +16,7 @@
 pub mod compress;
 pub mod destination;
 pub mod protocol;
+pub mod ratelimit;
 pub mod report;
 pub mod source;
 pub mod wire;
@@ -43,6 +44,8 @@ pub enum MigrationError {
     Corrupt(String),
     #[error("server: {0}")]
     Hook(String),
+    #[error("cancelled by the operator")]
+    Cancelled,
 }
 
 /// Runs store work on tokio's blocking pool (RocksDB calls never run on a worker thread).

@@ -17,6 +17,8 @@ pub enum Phase {
     PostCopy,
     Done,
     Failed,
+    /// Stopped by an operator before the switch-over; the source is untouched.
+    Cancelled,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -73,6 +75,8 @@ pub struct MigrationReport {
     pub link: TrafficReport,
     pub destination: DestReport,
     pub error: Option<String>,
+    /// Whether an operator can still cancel it (before the freeze).
+    pub cancellable: bool,
 }
 
 impl MigrationReport {
@@ -98,11 +102,12 @@ impl MigrationReport {
             link: TrafficReport::default(),
             destination: DestReport::default(),
             error: None,
+            cancellable: true,
         }
     }
 
     pub fn is_finished(&self) -> bool {
-        matches!(self.phase, Phase::Done | Phase::Failed)
+        matches!(self.phase, Phase::Done | Phase::Failed | Phase::Cancelled)
     }
 }
 

@@ -60,6 +60,8 @@ pub struct SourceConfig {
     pub batch_bytes: usize,
     /// Delete the source disk once the destination has every block.
     pub delete_source: bool,
+    /// Cap on what the source sends, in bits per second (None: as fast as the link goes).
+    pub bandwidth_bps: Option<u64>,
 }
 
 impl Default for SourceConfig {
@@ -72,6 +74,7 @@ impl Default for SourceConfig {
             zstd_level: None,
             batch_bytes: 1 << 20,
             delete_source: false,
+            bandwidth_bps: None,
         }
     }
 }
@@ -82,11 +85,52 @@ pub struct MigrationStatus {
     pub traffic: Traffic,
     report: Mutex<MigrationReport>,
     started: Instant,
+    cancel: tokio::sync::Notify,
+    cancel_requested: std::sync::atomic::AtomicBool,
 }
 
 impl MigrationStatus {
     pub fn new(report: MigrationReport) -> Arc<MigrationStatus> {
-        Arc::new(MigrationStatus { traffic: Traffic::default(), report: Mutex::new(report), started: Instant::now() })
+        Arc::new(MigrationStatus {
+            traffic: Traffic::default(),
+            report: Mutex::new(report),
+            started: Instant::now(),
+            cancel: tokio::sync::Notify::new(),
+            cancel_requested: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// Asks a source-side migration to stop before its switch-over. After the freeze it is
+    /// too late: the destination is (about to be) authoritative.
+    pub fn request_cancel(&self) -> Result<(), String> {
+        let r = self.report.lock();
+        if r.role != "source" {
+            return Err("cancel a migration at its source".into());
+        }
+        if r.is_finished() {
+            return Err(format!("migration {} has already ended ({:?})", r.id, r.phase));
+        }
+        if !r.cancellable {
+            return Err(format!("migration {} is past its switch-over; it can no longer be cancelled", r.id));
+        }
+        self.cancel_requested.store(true, Ordering::SeqCst);
+        self.cancel.notify_waiters();
+        self.cancel.notify_one();
+        Ok(())
+    }
+
+    fn cancel_requested(&self) -> bool {
+        self.cancel_requested.load(Ordering::SeqCst)
+    }
+
+    async fn cancelled(&self) {
+        loop {
+            let notified = self.cancel.notified();
+            if self.cancel_requested() {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// A snapshot of the report with the live counters filled in.
@@ -169,8 +213,9 @@ where
             if frozen && !switched {
                 hooks.thaw(disk);
             }
-            status.finish(Phase::Failed, Some(e.to_string()));
-            tracing::error!(disk, error = %e, switched, "migration failed");
+            let phase = if matches!(e, MigrationError::Cancelled) { Phase::Cancelled } else { Phase::Failed };
+            status.finish(phase, Some(e.to_string()));
+            tracing::error!(disk, error = %e, switched, "migration ended without completing");
         }
     }
     result.map(|_| status.report())
@@ -224,13 +269,15 @@ where
     // one). Background data has its own queue, written only when the first is empty.
     let (high_tx, high_rx) = mpsc::channel::<Frame>(64);
     let (low_tx, low_rx) = mpsc::channel::<Frame>(4);
-    let writer_task = tokio::spawn(run_writer(writer, high_rx, low_rx, status.clone()));
+    let limiter = config.bandwidth_bps.map(crate::ratelimit::TokenBucket::new);
+    let writer_task = tokio::spawn(run_writer(writer, high_rx, low_rx, status.clone(), limiter));
     let (event_tx, mut event_rx) = mpsc::unbounded_channel::<Event>();
     let (work_tx, work_rx) = mpsc::unbounded_channel::<SendWork>();
     let reader_task = tokio::spawn(run_reader(reader, event_tx, work_tx, status.clone()));
     let sender_task = tokio::spawn(run_data_sender(store.clone(), work_rx, high_tx.clone(), low_tx.clone(), config.clone(), status.clone()));
 
     let outcome = async {
+        let pre_switch = async {
         // Round 0: the whole map.
         let listed = send_snapshot(snapshot, &high_tx).await?;
         status.update(|r| {
@@ -265,6 +312,18 @@ where
                 }
             }
         }
+
+        Ok::<_, MigrationError>((round, carried))
+        };
+        // Until the freeze, an operator may cancel: the source stays authoritative.
+        let (mut round, carried) = tokio::select! {
+            r = pre_switch => r?,
+            _ = status.cancelled() => return Err(MigrationError::Cancelled),
+        };
+        if status.cancel_requested() {
+            return Err(MigrationError::Cancelled);
+        }
+        status.update(|r| r.cancellable = false);
 
         // Switch-over: freeze, final dirty set, SWITCH, wait for SWITCHED.
         status.update(|r| r.phase = Phase::SwitchingOver);
@@ -444,6 +503,7 @@ async fn run_writer<W: AsyncWrite + Unpin>(
     mut high: mpsc::Receiver<Frame>,
     mut low: mpsc::Receiver<Frame>,
     status: Arc<MigrationStatus>,
+    mut limiter: Option<crate::ratelimit::TokenBucket>,
 ) -> Result<(), MigrationError> {
     use tokio::io::AsyncWriteExt;
     loop {
@@ -455,6 +515,15 @@ async fn run_writer<W: AsyncWrite + Unpin>(
             },
             Some(f) = low.recv() => f,
         };
+        // The cap applies to every frame, so on-demand data, which the queues put first,
+        // stays first under the cap.
+        if let Some(bucket) = limiter.as_mut() {
+            let wait = bucket.charge(frame.len());
+            if !wait.is_zero() {
+                writer.flush().await?;
+                tokio::time::sleep(wait).await;
+            }
+        }
         write_frame(&mut writer, &frame, &status.traffic).await?;
         if high.is_empty() && low.is_empty() {
             writer.flush().await?;

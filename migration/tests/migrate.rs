@@ -353,3 +353,84 @@ async fn bad_peers_get_a_clear_error_and_change_nothing() {
     assert_eq!(dst.list_disks().unwrap(), before, "nothing changed");
     assert!(dst.fsck(true).unwrap().is_clean());
 }
+
+/// Records thaw calls.
+#[derive(Default)]
+struct ThawWatch {
+    thawed: AtomicBool,
+}
+
+impl SourceHooks for ThawWatch {
+    fn freeze<'a>(&'a self, _: &'a str) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn thaw(&self, _: &str) {
+        self.thawed.store(true, Ordering::SeqCst);
+    }
+    fn switched(&self, _: &str) {}
+}
+
+/// Incompressible blocks, so a capped link is the bottleneck.
+fn random_disk(store: &Store, name: &str, blocks: usize, seed: u64) -> Vec<u8> {
+    let d = store.create_disk(name, (blocks * BS) as u64).unwrap();
+    let mut x = seed | 1;
+    let content: Vec<u8> = (0..blocks * BS)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    store.write(d.id, 0, &content, false).unwrap();
+    content
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_before_switch_over_leaves_the_source_authoritative() {
+    let (src, dst) = (store(), store());
+    let content = random_disk(&src, "vm", 2048, 7);
+    fill(&dst, "neighbour", 64, 10, 10, 2, 0);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dst2 = dst.clone();
+    let dest = tokio::spawn(async move {
+        let (conn, _) = listener.accept().await.unwrap();
+        let status = migration::MigrationStatus::new(MigrationReport::new("?", "?", "destination", "peer"));
+        run_destination(dst2, conn, Arc::new(CaptureHooks::default()), status).await
+    });
+    let conn = TcpStream::connect(addr).await.unwrap();
+    let status = migration::MigrationStatus::new(MigrationReport::new("c", "vm", "source", "peer"));
+    // 8 MiB at 16 Mbit/s takes about 4 s: plenty of time to cancel.
+    let config = SourceConfig { bandwidth_bps: Some(16_000_000), ..Default::default() };
+    let hooks = Arc::new(ThawWatch::default());
+    let run = tokio::spawn(run_source(src.clone(), "vm", conn, config, hooks.clone(), status.clone()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    status.request_cancel().unwrap();
+    let err = run.await.unwrap().unwrap_err();
+    assert!(matches!(err, migration::MigrationError::Cancelled), "{err}");
+    assert_eq!(status.report().phase, migration::Phase::Cancelled);
+    assert!(status.request_cancel().is_err(), "already ended");
+    assert!(dest.await.unwrap().is_err(), "the destination saw the migration stop");
+    assert_eq!(dst.list_disks().unwrap().iter().map(|d| d.name.clone()).collect::<Vec<_>>(), vec!["neighbour".to_string()], "partial disk removed");
+    assert!(dst.fsck(true).unwrap().is_clean());
+    assert_eq!(read_all(&src, "vm"), content, "source untouched");
+    let id = src.disk("vm").unwrap().id;
+    assert!(src.dirty_take(id).is_err(), "dirty tracking stopped");
+    assert!(src.fsck(true).unwrap().is_clean());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bandwidth_cap_is_honoured() {
+    let (src, dst) = (store(), store());
+    let content = random_disk(&src, "vm", 1024, 11); // 4 MiB, incompressible
+    let started = std::time::Instant::now();
+    let config = SourceConfig { bandwidth_bps: Some(16_000_000), ..Default::default() };
+    let (report, _) = migrate(src.clone(), dst.clone(), "vm", config, Arc::new(NoHooks), Arc::new(CaptureHooks::default())).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    assert_eq!(read_all(&dst, "vm"), content);
+    // What the source sent, at 2 MB/s, less the first burst: a lower bound on the time.
+    let sent = (report.link.data_wire_bytes + report.link.fingerprint_bytes) as f64;
+    let floor = (sent - 128.0 * 1024.0) / 2_000_000.0;
+    assert!(elapsed >= floor * 0.95, "took {elapsed:.2} s for {sent} bytes at 16 Mbit/s (at least {floor:.2} s)");
+}
