@@ -43,6 +43,9 @@ struct Migrate {
     /// delete the disk at the source once the destination has every block
     #[argh(switch)]
     delete_source: bool,
+    /// cap the link use, e.g. 100mbit (default: no cap)
+    #[argh(option)]
+    bandwidth: Option<String>,
     /// give up after this many seconds (default: no limit)
     #[argh(option)]
     timeout: Option<u64>,
@@ -55,6 +58,39 @@ struct Migrate {
 #[argh(subcommand)]
 enum Sub {
     Plan(PlanCmd),
+    Status(StatusCmd),
+    Cancel(CancelCmd),
+}
+
+/// Show migrations at a server (all, or one by id).
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "status")]
+struct StatusCmd {
+    /// control address of the server
+    #[argh(option)]
+    server: String,
+    /// a migration id (default: every migration the server knows)
+    #[argh(positional)]
+    id: Option<String>,
+    /// print JSON
+    #[argh(switch)]
+    json: bool,
+}
+
+/// Cancel a migration before its switch-over (at its source server); the source stays
+/// authoritative and the destination removes its partial disk.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "cancel")]
+struct CancelCmd {
+    /// control address of the source server
+    #[argh(option)]
+    server: String,
+    /// the migration id
+    #[argh(positional)]
+    id: String,
+    /// print JSON
+    #[argh(switch)]
+    json: bool,
 }
 
 /// Compare candidate destinations by the data each would need, without moving any.
@@ -82,6 +118,8 @@ fn main() {
     let args: Migrate = argh::from_env();
     let result = match args.command {
         Some(Sub::Plan(ref p)) => plan(p),
+        Some(Sub::Status(ref s)) => status(s),
+        Some(Sub::Cancel(ref c)) => cancel(c),
         None => run(&args),
     };
     if let Err(e) = result {
@@ -160,6 +198,54 @@ fn plan(p: &PlanCmd) -> Result<()> {
     Ok(())
 }
 
+fn status(s: &StatusCmd) -> Result<()> {
+    let mut server = ControlClient::connect(&s.server)?;
+    let reports: Vec<MigrationReport> = match &s.id {
+        Some(id) => vec![serde_json::from_value(server.call("migration.status", json!({"id": id}))?)?],
+        None => serde_json::from_value(server.call("migration.list", json!({}))?)?,
+    };
+    if s.json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = reports
+        .iter()
+        .map(|r| {
+            vec![
+                r.id.clone(),
+                r.disk.clone(),
+                r.role.clone(),
+                format!("{:?}", r.phase),
+                format!("{}/{}", r.blocks_sent, r.blocks_wanted),
+                format_size(r.link.total_bytes),
+                format!("{:.1} s", r.total_seconds.unwrap_or(r.elapsed_seconds)),
+                r.error.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print!("{}", table::render(&["id", "disk", "role", "phase", "blocks", "link", "time", "error"], &rows));
+    Ok(())
+}
+
+fn cancel(c: &CancelCmd) -> Result<()> {
+    let mut server = ControlClient::connect(&c.server)?;
+    server.call("migration.cancel", json!({"id": c.id}))?;
+    // Wait for it to stop, so that "cancelled" means the destination has let go too.
+    for _ in 0..300 {
+        let r: MigrationReport = serde_json::from_value(server.call("migration.status", json!({"id": c.id}))?)?;
+        if r.is_finished() {
+            if c.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!("migration {} of {}: {:?}", r.id, r.disk, r.phase);
+            }
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("migration {} did not stop within 30 s", c.id)
+}
+
 fn run(args: &Migrate) -> Result<()> {
     let (Some(source), Some(dest), Some(disk)) = (&args.source, &args.dest, &args.disk) else {
         bail!("give --source CONTROL --dest CONTROL --disk NAME (or `migrate plan ...`)");
@@ -174,6 +260,7 @@ fn run(args: &Migrate) -> Result<()> {
             "disk": disk, "destination": addr, "switch_after": args.switch_after,
             "zstd_level": args.zstd_level, "max_rounds": args.max_rounds,
             "converge_blocks": args.converge_blocks, "delete_source": args.delete_source,
+            "bandwidth_bps": args.bandwidth.as_deref().map(parse_rate).transpose()?,
         }),
     )?;
     let id = v["id"].as_str().context("no migration id")?.to_string();
@@ -215,7 +302,7 @@ fn run(args: &Migrate) -> Result<()> {
     } else {
         print_report(&report);
     }
-    if report.phase == Phase::Failed {
+    if report.phase != Phase::Done {
         bail!("migration failed: {}", report.error.unwrap_or_default());
     }
     Ok(())
@@ -227,7 +314,7 @@ fn show_progress(bar: &mut Option<(Phase, ProgressBar)>, r: &MigrationReport) {
         Phase::PreCopy => "pre-copy",
         Phase::SwitchingOver => "switch-over",
         Phase::PostCopy => "post-copy",
-        Phase::Done | Phase::Failed => return,
+        Phase::Done | Phase::Failed | Phase::Cancelled => return,
     };
     if bar.as_ref().map(|(p, _)| *p) != Some(r.phase) {
         if let Some((_, b)) = bar.take() {
