@@ -151,7 +151,7 @@ impl MigrationStatus {
         self.started.elapsed().as_secs_f64()
     }
 
-    pub(crate) fn finish(&self, phase: Phase, error: Option<String>) {
+    pub fn finish(&self, phase: Phase, error: Option<String>) {
         let elapsed = self.since_start();
         self.update(|r| {
             r.phase = phase;

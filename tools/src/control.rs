@@ -31,9 +31,11 @@ pub struct ServerError {
 }
 
 impl ControlClient {
-    /// `address` is a Unix socket path (anything with a `/`) or `host:port`.
+    /// `address` is a Unix socket path (an existing file, or anything with a `/`) or
+    /// `host:port`.
     pub fn connect(address: &str) -> Result<ControlClient> {
-        let (reader, writer): (Box<dyn std::io::Read + Send>, Box<dyn Write + Send>) = if address.contains('/') {
+        let is_path = address.contains('/') || std::path::Path::new(address).exists() || !address.contains(':');
+        let (reader, writer): (Box<dyn std::io::Read + Send>, Box<dyn Write + Send>) = if is_path {
             let s = UnixStream::connect(address).with_context(|| format!("no server at control socket {address}"))?;
             (Box::new(s.try_clone()?), Box::new(s))
         } else {

@@ -1,0 +1,426 @@
+//! The operators' API: JSON, one request per line, over a Unix socket or TCP.
+//!
+//! ```text
+//! -> {"id": 1, "method": "disk.create", "params": {"name": "vm1", "size": 10737418240}}
+//! <- {"id": 1, "ok": true, "result": {"id": 3, "name": "vm1", "size": 10737418240}}
+//! -> {"id": 2, "method": "disk.create", "params": {"name": "vm1", "size": 512}}
+//! <- {"id": 2, "ok": false, "error": {"kind": "exists", "message": "disk \"vm1\" already exists"}}
+//! ```
+//!
+//! Requests on one connection are answered in order. A line longer than 1 MiB, or one that is
+//! not a JSON object with a string `method`, gets an error (`kind` "invalid"); an unknown
+//! method gets `kind` "unknown_method". The methods and their parameters are listed in
+//! `nbd-server/CONTROL.md`.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use cas_store::{Store, StoreError};
+use migration::{MigrationReport, MigrationStatus, SourceConfig, SwitchAfter};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream, UnixListener};
+
+use crate::node::{Node, NodeDestHooks, NodeSourceHooks};
+
+const MAX_LINE: usize = 1 << 20;
+
+/// Where the control API listens.
+#[derive(Debug)]
+pub enum ControlListener {
+    Unix(UnixListener, PathBuf),
+    Tcp(TcpListener),
+}
+
+impl ControlListener {
+    pub fn bind_unix(path: PathBuf) -> std::io::Result<ControlListener> {
+        if path.exists() {
+            // A socket left by a previous run (the bind would fail).
+            std::fs::remove_file(&path)?;
+        }
+        Ok(ControlListener::Unix(UnixListener::bind(&path)?, path))
+    }
+
+    pub async fn bind_tcp(addr: &str) -> std::io::Result<ControlListener> {
+        Ok(ControlListener::Tcp(TcpListener::bind(addr).await?))
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            ControlListener::Unix(_, p) => p.display().to_string(),
+            ControlListener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        }
+    }
+}
+
+/// A control error: what kind (for programs) and a message (for people).
+#[derive(Debug)]
+pub struct ControlError {
+    pub kind: &'static str,
+    pub message: String,
+}
+
+impl ControlError {
+    fn invalid(message: impl Into<String>) -> ControlError {
+        ControlError { kind: "invalid", message: message.into() }
+    }
+}
+
+impl From<StoreError> for ControlError {
+    fn from(e: StoreError) -> ControlError {
+        let kind = match e {
+            StoreError::DiskNotFound(_) => "not_found",
+            StoreError::DiskExists(_) => "exists",
+            StoreError::OutOfRange { .. } | StoreError::InvalidArgument(_) => "invalid",
+            _ => "failed",
+        };
+        ControlError { kind, message: e.to_string() }
+    }
+}
+
+type ControlResult = Result<Value, ControlError>;
+
+/// Serves the control API on `listeners` until `shutdown` completes.
+pub async fn serve_control(listeners: Vec<ControlListener>, node: Arc<Node>, shutdown: impl Future<Output = ()>) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for listener in listeners {
+        let node = node.clone();
+        tasks.spawn(async move {
+            loop {
+                let accepted = match &listener {
+                    ControlListener::Unix(l, _) => l.accept().await.map(|(s, _)| {
+                        let node = node.clone();
+                        tokio::spawn(async move { serve_connection(s, node).await })
+                    }),
+                    ControlListener::Tcp(l) => l.accept().await.map(|(s, _)| {
+                        let node = node.clone();
+                        tokio::spawn(async move { serve_connection(s, node).await })
+                    }),
+                };
+                if let Err(e) = accepted {
+                    tracing::warn!(error = %e, "control accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        });
+    }
+    shutdown.await;
+    tasks.abort_all();
+}
+
+async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(stream: S, node: Arc<Node>) {
+    let (reader, mut writer) = tokio::io::split(stream);
+    let mut reader = BufReader::new(reader);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        // Bounded: a client cannot make the server buffer more than MAX_LINE bytes.
+        let n = match (&mut reader).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut line).await {
+            Ok(n) => n,
+            Err(_) => return,
+        };
+        if n == 0 {
+            return;
+        }
+        let too_long = line.len() > MAX_LINE;
+        let reply = if too_long {
+            error_reply(Value::Null, ControlError::invalid(format!("request longer than {MAX_LINE} bytes")))
+        } else {
+            handle_line(&line, &node).await
+        };
+        let mut out = serde_json::to_vec(&reply).expect("json");
+        out.push(b'\n');
+        if writer.write_all(&out).await.is_err() || too_long {
+            return;
+        }
+    }
+}
+
+fn error_reply(id: Value, e: ControlError) -> Value {
+    json!({"id": id, "ok": false, "error": {"kind": e.kind, "message": e.message}})
+}
+
+async fn handle_line(line: &[u8], node: &Arc<Node>) -> Value {
+    let request: Value = match serde_json::from_slice(line) {
+        Ok(v) => v,
+        Err(e) => return error_reply(Value::Null, ControlError::invalid(format!("not JSON: {e}"))),
+    };
+    let id = request.get("id").cloned().unwrap_or(Value::Null);
+    let Some(method) = request.get("method").and_then(Value::as_str) else {
+        return error_reply(id, ControlError::invalid("a request needs a string \"method\""));
+    };
+    let params = request.get("params").cloned().unwrap_or(json!({}));
+    match dispatch(node, method, params).await {
+        Ok(result) => json!({"id": id, "ok": true, "result": result}),
+        Err(e) => error_reply(id, e),
+    }
+}
+
+fn params<T: for<'de> Deserialize<'de>>(p: Value) -> Result<T, ControlError> {
+    serde_json::from_value(p).map_err(|e| ControlError::invalid(format!("parameters: {e}")))
+}
+
+/// Runs store work on the blocking pool.
+async fn on_store<T: Send + 'static>(node: &Arc<Node>, f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static) -> Result<T, ControlError> {
+    let store = node.store.clone();
+    tokio::task::spawn_blocking(move || f(&store))
+        .await
+        .map_err(|e| ControlError { kind: "failed", message: e.to_string() })?
+        .map_err(ControlError::from)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NameSize {
+    name: String,
+    size: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Name {
+    name: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct OptName {
+    name: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Fsck {
+    #[serde(default)]
+    verify: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StartMigration {
+    disk: String,
+    /// The destination server's migration address (host:port).
+    destination: String,
+    switch_after: Option<SwitchAfter>,
+    zstd_level: Option<i32>,
+    max_rounds: Option<u32>,
+    converge_blocks: Option<u64>,
+    #[serde(default)]
+    delete_source: bool,
+    bandwidth_bps: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Plan {
+    disk: String,
+    destination: String,
+    link_rate_bps: Option<u64>,
+    zstd_level: Option<i32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Id {
+    id: String,
+}
+
+async fn dispatch(node: &Arc<Node>, method: &str, p: Value) -> ControlResult {
+    match method {
+        "server.info" => {
+            let store = &node.store;
+            Ok(json!({
+                "version": env!("CARGO_PKG_VERSION"),
+                "block_size": store.block_size(),
+                "algorithm": store.algorithm(),
+                "addresses": *node.addresses.read(),
+                "exports": node.exports.list().iter().map(|e| e.name().to_string()).collect::<Vec<_>>(),
+            }))
+        }
+        "disk.list" => {
+            let disks = on_store(node, |s| s.list_disks()).await?;
+            Ok(json!(disks
+                .into_iter()
+                .filter(|d| Node::is_exportable(&d.name))
+                .map(|d| json!({"name": d.name, "size": d.size, "exported": node.exports.get(&d.name).is_some()}))
+                .collect::<Vec<_>>()))
+        }
+        "disk.create" => {
+            let NameSize { name, size } = params(p)?;
+            if !Node::is_exportable(&name) {
+                return Err(ControlError::invalid("names ending in .incoming are reserved for migrations"));
+            }
+            let info = on_store(node, move |s| s.create_disk(&name, size)).await?;
+            node.export_disk(&info.name)?;
+            Ok(json!(info))
+        }
+        "disk.delete" => {
+            let Name { name } = params(p)?;
+            if node.migrations().iter().any(|m| m.disk == name && !m.is_finished()) {
+                return Err(ControlError { kind: "busy", message: format!("disk {name:?} is migrating") });
+            }
+            node.store.disk(&name)?;
+            node.unexport(&name);
+            on_store(node, move |s| s.delete_disk(&name)).await?;
+            Ok(json!({}))
+        }
+        "disk.resize" => {
+            let NameSize { name, size } = params(p)?;
+            let info = on_store(node, move |s| s.resize_disk(&name, size)).await?;
+            Ok(json!(info))
+        }
+        "disk.stats" | "store.stats" => {
+            let OptName { name } = params(p)?;
+            on_store(node, move |s| {
+                let names: Vec<String> = match name {
+                    Some(n) => vec![n],
+                    None => s.list_disks()?.into_iter().map(|d| d.name).filter(|n| Node::is_exportable(n)).collect(),
+                };
+                let disks = names.iter().map(|n| s.disk_stats(n)).collect::<Result<Vec<_>, _>>()?;
+                Ok(json!({"store": s.stats()?, "disks": disks}))
+            })
+            .await
+        }
+        "store.fsck" => {
+            let Fsck { verify } = params(p)?;
+            let report = on_store(node, move |s| s.fsck(verify)).await?;
+            Ok(json!(report))
+        }
+        "export.stats" => {
+            let OptName { name } = params(p)?;
+            let exports = match name {
+                Some(n) => vec![node.exports.get(&n).ok_or_else(|| ControlError { kind: "not_found", message: format!("no export {n:?}") })?],
+                None => node.exports.list(),
+            };
+            Ok(json!(exports.iter().map(|e| json!({"name": e.name(), "stats": e.stats().snapshot()})).collect::<Vec<_>>()))
+        }
+        "migration.start" => {
+            let req: StartMigration = params(p)?;
+            let id = start_migration(node, req).await?;
+            Ok(json!({"id": id}))
+        }
+        "migration.status" => {
+            let Id { id } = params(p)?;
+            node.migration(&id).map(|r| json!(r)).ok_or_else(|| ControlError { kind: "not_found", message: format!("no migration {id:?}") })
+        }
+        "migration.list" => Ok(json!(node.migrations())),
+        "migration.cancel" => {
+            let Id { id } = params(p)?;
+            let status = node.migration_status(&id).ok_or_else(|| ControlError { kind: "not_found", message: format!("no migration {id:?}") })?;
+            status.request_cancel().map_err(|message| ControlError { kind: "invalid", message })?;
+            Ok(json!({}))
+        }
+        "migration.plan" => {
+            let req: Plan = params(p)?;
+            node.store.disk(&req.disk)?;
+            let stream = connect(node, &req.destination).await?;
+            let report = migration::run_plan(node.store.clone(), &req.disk, &req.destination, stream, req.link_rate_bps, req.zstd_level.unwrap_or(3))
+                .await
+                .map_err(|e| ControlError { kind: "failed", message: e.to_string() })?;
+            Ok(json!(report))
+        }
+        other => Err(ControlError { kind: "unknown_method", message: format!("unknown method {other:?}") }),
+    }
+}
+
+/// A migration link: TLS over TCP, or plain TCP with `--migration-insecure`.
+pub trait LinkIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> LinkIo for T {}
+pub type LinkStream = Box<dyn LinkIo>;
+
+async fn connect(node: &Node, destination: &str) -> Result<LinkStream, ControlError> {
+    let stream = TcpStream::connect(destination)
+        .await
+        .map_err(|e| ControlError { kind: "unreachable", message: format!("connecting to {destination}: {e}") })?;
+    let _ = stream.set_nodelay(true);
+    match &node.link_tls {
+        Some(tls) => {
+            let stream = tls
+                .connect(destination, stream)
+                .await
+                .map_err(|e| ControlError { kind: "unreachable", message: format!("TLS with {destination}: {e}") })?;
+            Ok(Box::new(stream))
+        }
+        None => Ok(Box::new(stream)),
+    }
+}
+
+async fn start_migration(node: &Arc<Node>, req: StartMigration) -> Result<String, ControlError> {
+    node.store.disk(&req.disk)?;
+    if node.migrations().iter().any(|m| m.disk == req.disk && m.role == "source" && !m.is_finished()) {
+        return Err(ControlError { kind: "busy", message: format!("disk {:?} is already migrating", req.disk) });
+    }
+    let stream = connect(node, &req.destination).await?;
+    let id = node.new_migration_id("out");
+    let defaults = SourceConfig::default();
+    let config = SourceConfig {
+        migration_id: id.clone(),
+        switch_after: req.switch_after.unwrap_or_default(),
+        max_rounds: req.max_rounds.unwrap_or(defaults.max_rounds),
+        converge_blocks: req.converge_blocks.unwrap_or(defaults.converge_blocks),
+        zstd_level: req.zstd_level,
+        batch_bytes: defaults.batch_bytes,
+        delete_source: req.delete_source,
+        bandwidth_bps: req.bandwidth_bps,
+    };
+    let status = MigrationStatus::new(MigrationReport::new(&id, &req.disk, "source", &req.destination));
+    node.register_migration(&id, status.clone());
+    let (node2, disk) = (node.clone(), req.disk.clone());
+    tokio::spawn(async move {
+        let hooks = Arc::new(NodeSourceHooks(node2.clone()));
+        let _ = migration::run_source(node2.store.clone(), &disk, stream, config, hooks, status).await;
+    });
+    Ok(id)
+}
+
+/// Accepts migrations sent to this server until `shutdown` completes.
+pub async fn serve_migrations(listener: TcpListener, node: Arc<Node>, shutdown: impl Future<Output = ()>) {
+    let accept = async {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "migration accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            // The TLS handshake runs in the connection's task, so a slow peer cannot hold up
+            // the listener.
+            let tls = node.link_tls.clone();
+            let id = node.new_migration_id("in");
+            let status = MigrationStatus::new(MigrationReport::new(&id, "?", "destination", &peer.to_string()));
+            node.register_migration(&id, status.clone());
+            let node = node.clone();
+            tokio::spawn(async move {
+                let stream: LinkStream = match tls {
+                    Some(tls) => match tokio::time::timeout(std::time::Duration::from_secs(30), tls.accept(stream)).await {
+                        Ok(Ok(s)) => Box::new(s),
+                        Ok(Err(e)) => {
+                            tracing::warn!(%peer, error = %e, "migration peer refused: TLS handshake failed");
+                            status.finish(migration::Phase::Failed, Some(format!("TLS: {e}")));
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::warn!(%peer, "migration peer refused: TLS handshake timed out");
+                            status.finish(migration::Phase::Failed, Some("TLS handshake timed out".into()));
+                            return;
+                        }
+                    },
+                    None => Box::new(stream),
+                };
+                let hooks = Arc::new(NodeDestHooks(node.clone()));
+                if let Err(e) = migration::run_destination(node.store.clone(), stream, hooks, status).await {
+                    tracing::warn!(%peer, error = %e, "incoming migration failed");
+                }
+            });
+        }
+    };
+    tokio::select! {
+        _ = accept => {}
+        _ = shutdown => {}
+    }
+}
