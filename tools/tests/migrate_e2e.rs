@@ -1,0 +1,349 @@
+//! Migrations between two real `nbd-server` processes (two datacentres on one machine),
+//! driven by the real `migrate` command, with a real NBD client writing to the disk.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const MIGRATE: &str = env!("CARGO_BIN_EXE_migrate");
+
+fn nbd_server_bin() -> PathBuf {
+    // Built by `cargo build --workspace` (test.sh does it first); same target directory.
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("nbd-server");
+    assert!(bin.exists(), "{} is missing: run `cargo build --release --workspace` first", bin.display());
+    bin
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// A running server; killed when dropped.
+struct Server {
+    child: Child,
+    control: PathBuf,
+    socket: PathBuf,
+    migration: Option<String>,
+    log: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    fn start(dir: &Path, name: &str, extra: &[&str]) -> Server {
+        let control = dir.join(format!("{name}.ctl"));
+        let socket = dir.join(format!("{name}.sock"));
+        let log = dir.join(format!("{name}.log"));
+        let mut child = Command::new(nbd_server_bin())
+            .arg("--store")
+            .arg(dir.join(name))
+            .arg("--unix")
+            .arg(&socket)
+            .arg("--control")
+            .arg(&control)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start nbd-server");
+        let mut migration = None;
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        loop {
+            let line = lines.next().unwrap_or_else(|| panic!("{name} exited: {}", std::fs::read_to_string(&log).unwrap_or_default())).unwrap();
+            if let Some(addr) = line.strip_prefix("migrations on ") {
+                migration = Some(addr.to_string());
+            }
+            if line == "ready" {
+                break;
+            }
+        }
+        Server { child, control, socket, migration, log }
+    }
+
+    fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.socket.display())
+    }
+
+    fn ctl(&self) -> &str {
+        self.control.to_str().unwrap()
+    }
+
+    /// One control API call; panics on a transport failure, returns the reply.
+    fn call(&self, method: &str, params: Value) -> Value {
+        let mut s = std::os::unix::net::UnixStream::connect(&self.control).unwrap();
+        let mut line = serde_json::to_vec(&json!({"id": 1, "method": method, "params": params})).unwrap();
+        line.push(b'\n');
+        s.write_all(&line).unwrap();
+        let mut reply = String::new();
+        BufReader::new(s).read_line(&mut reply).unwrap();
+        serde_json::from_str(&reply).unwrap()
+    }
+
+    fn ok(&self, method: &str, params: Value) -> Value {
+        let r = self.call(method, params);
+        assert_eq!(r["ok"], true, "{method}: {r}\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
+        r["result"].clone()
+    }
+
+    fn disks(&self) -> Vec<String> {
+        self.ok("disk.list", json!({})).as_array().unwrap().iter().map(|d| d["name"].as_str().unwrap().to_string()).collect()
+    }
+
+    fn fsck_clean(&self) {
+        let r = self.ok("store.fsck", json!({"verify": true}));
+        assert_eq!(r["problem_count"], 0, "fsck: {r}");
+    }
+}
+
+fn certs(dir: &Path, names: &str) -> PathBuf {
+    let out = dir.join(format!("certs-{}", names.replace(',', "-")));
+    let st = Command::new(workspace().join("scripts/make-certs.sh")).arg(&out).arg(names).stdout(Stdio::null()).status().unwrap();
+    assert!(st.success());
+    out
+}
+
+fn tls_args(certs: &Path, name: &str) -> Vec<String> {
+    vec![
+        "--migration-cert".into(),
+        certs.join(format!("{name}.pem")).display().to_string(),
+        "--migration-key".into(),
+        certs.join(format!("{name}.key")).display().to_string(),
+        "--migration-ca".into(),
+        certs.join("ca.pem").display().to_string(),
+    ]
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("run command");
+    assert!(out.status.success(), "{:?} failed:\n{}\n{}", cmd, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+/// Deterministic content: `os` blocks any VM of that OS has, then blocks of its own.
+fn image(path: &Path, blocks: usize, os: usize, own_seed: u64, zero_every: usize) -> Vec<u8> {
+    let mut data = vec![0u8; blocks * 4096];
+    for b in 0..blocks {
+        if zero_every > 0 && b % zero_every == 0 {
+            continue;
+        }
+        let seed = if b < os { b as u64 + 1 } else { own_seed * 1_000_000 + b as u64 };
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        for (i, chunk) in data[b * 4096..(b + 1) * 4096].chunks_mut(8).enumerate() {
+            // Half text-like (compressible), half noise.
+            if i < 256 {
+                chunk.copy_from_slice(format!("{:08}", (seed + i as u64 / 16) % 100_000_000).as_bytes());
+            } else {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                chunk.copy_from_slice(&x.to_le_bytes());
+            }
+        }
+    }
+    std::fs::write(path, &data).unwrap();
+    data
+}
+
+/// Writes an image into an export of a running server with qemu-img.
+fn load(server: &Server, name: &str, file: &Path) {
+    let size = std::fs::metadata(file).unwrap().len();
+    server.ok("disk.create", json!({"name": name, "size": size}));
+    run(Command::new("qemu-img").args(["convert", "-n", "-f", "raw", "-O", "raw"]).arg(file).arg(server.uri(name)));
+}
+
+fn migrate(src: &Server, dst: &Server, disk: &str, extra: &[&str]) -> Output {
+    Command::new(MIGRATE).args(["--source", src.ctl(), "--dest", dst.ctl(), "--disk", disk, "--json", "--timeout", "300"]).args(extra).output().unwrap()
+}
+
+#[test]
+fn migration_while_a_guest_writes_is_byte_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let certs = certs(d, "dc1,dc2");
+    let dst = Server::start(d, "dst", &[&["--migration-listen", "127.0.0.1:0"][..], &tls_args(&certs, "dc2").iter().map(String::as_str).collect::<Vec<_>>()].concat());
+    let src = Server::start(d, "src", &tls_args(&certs, "dc1").iter().map(String::as_str).collect::<Vec<_>>());
+    // 48 MiB VM: 6000 OS blocks, the rest its own, every 7th block zero. The destination's
+    // neighbour has the same OS blocks and other data of its own.
+    let vm = d.join("vm.raw");
+    image(&vm, 12288, 6000, 7, 7);
+    image(&d.join("neighbour.raw"), 8192, 6000, 9, 5);
+    load(&src, "vm", &vm);
+    load(&dst, "neighbour", &d.join("neighbour.raw"));
+
+    let mirror = d.join("mirror.raw");
+    std::fs::copy(&vm, &mirror).unwrap();
+    let stats = d.join("writer.json");
+    let mut writer = Command::new("/usr/bin/python3")
+        .arg(workspace().join("scripts/guest-writer.py"))
+        .args(["--source", &src.uri("vm"), "--dest", &dst.uri("vm")])
+        .arg("--mirror")
+        .arg(&mirror)
+        .args(["--after-switch", "100", "--interval", "0.001", "--timeout", "300"])
+        .arg("--stats")
+        .arg(&stats)
+        .spawn()
+        .expect("/usr/bin/python3 with python3-libnbd");
+    std::thread::sleep(Duration::from_millis(500));
+    let out = migrate(&src, &dst, "vm", &[]);
+    assert!(out.status.success(), "migrate: {}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(writer.wait().unwrap().success(), "the guest followed its disk");
+    let writes: Value = serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+    assert!(writes["writes_at_source"].as_u64().unwrap() > 10, "{writes}");
+    assert_eq!(writes["writes_at_destination"], 100);
+
+    // The destination holds the source's content at the freeze plus the later writes.
+    let out_file = d.join("out.raw");
+    run(Command::new("nbdcopy").arg(dst.uri("vm")).arg(&out_file));
+    assert!(std::fs::read(&out_file).unwrap() == std::fs::read(&mirror).unwrap(), "destination differs from the guest's view");
+
+    let dest = &report["destination"];
+    assert_eq!(report["phase"], "done");
+    assert!(dest["neighbour_hits"].as_u64().unwrap() >= 3500, "OS blocks came from the neighbour: {dest}");
+    assert!(dest["zero_blocks"].as_u64().unwrap() > 1000, "{dest}");
+    assert!(report["downtime_ms"].as_f64().is_some());
+    let link = &report["link"];
+    assert!(link["data_wire_bytes"].as_u64().unwrap() < link["data_raw_bytes"].as_u64().unwrap(), "compressed: {link}");
+    // The source no longer serves the disk; both stores are consistent.
+    assert!(!src.ok("server.info", json!({}))["exports"].as_array().unwrap().iter().any(|e| e == "vm"));
+    assert!(Command::new("nbdinfo").arg(src.uri("vm")).output().unwrap().status.code() != Some(0));
+    src.fsck_clean();
+    dst.fsck_clean();
+    assert_eq!(dst.disks(), vec!["neighbour".to_string(), "vm".to_string()]);
+}
+
+#[test]
+fn plan_finds_the_cheapest_destination_without_moving_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let src = Server::start(d, "src", &["--migration-insecure"]);
+    let near = Server::start(d, "near", &["--migration-listen", "127.0.0.1:0", "--migration-insecure"]);
+    let far = Server::start(d, "far", &["--migration-listen", "127.0.0.1:0", "--migration-insecure"]);
+    image(&d.join("vm.raw"), 2048, 1500, 3, 0);
+    image(&d.join("n.raw"), 2048, 1500, 4, 0);
+    load(&src, "vm", &d.join("vm.raw"));
+    load(&near, "n", &d.join("n.raw"));
+    let out = run(Command::new(MIGRATE).args(["plan", "--source", src.ctl(), "--dest", far.ctl(), "--dest", near.ctl(), "--disk", "vm", "--link-rate", "100mbit", "--json"]));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["cheapest"], near.ctl());
+    let plans = v["plans"].as_array().unwrap();
+    assert_eq!(plans[0]["missing_blocks"], 2048);
+    assert_eq!(plans[1]["missing_blocks"], 548);
+    assert_eq!(plans[1]["neighbour_hits"], 1500);
+    assert!(plans[1]["estimated_seconds"].as_f64().unwrap() < plans[0]["estimated_seconds"].as_f64().unwrap());
+    assert_eq!(near.disks(), vec!["n".to_string()], "a plan moves nothing");
+    assert!(far.disks().is_empty());
+}
+
+#[test]
+fn a_peer_without_a_valid_certificate_is_refused_before_data_moves() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let good = certs(d, "dc1,dc2");
+    let other = certs(d, "rogue");
+    let dst = Server::start(d, "dst", &[&["--migration-listen", "127.0.0.1:0"][..], &tls_args(&good, "dc2").iter().map(String::as_str).collect::<Vec<_>>()].concat());
+    image(&d.join("vm.raw"), 256, 0, 1, 0);
+    for (name, args) in [("rogue", tls_args(&other, "rogue")), ("plain", vec!["--migration-insecure".to_string()])] {
+        let src = Server::start(d, name, &args.iter().map(String::as_str).collect::<Vec<_>>());
+        load(&src, "vm", &d.join("vm.raw"));
+        let out = migrate(&src, &dst, "vm", &[]);
+        assert!(!out.status.success(), "{name}: the migration must fail");
+        let err = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+        assert!(err.contains("TLS") || err.contains("tls") || err.contains("closed") || err.contains("link"), "{name}: {err}");
+        assert!(dst.disks().is_empty(), "{name}: nothing arrived");
+        let migrations = dst.ok("migration.list", json!({}));
+        for m in migrations.as_array().unwrap() {
+            assert_eq!(m["link"]["data_wire_bytes"], 0, "no disk data crossed: {m}");
+        }
+        // The source still serves its disk, writable.
+        run(Command::new("qemu-io").args(["-f", "raw", &src.uri("vm"), "-c", "write -P 0x11 0 4k"]));
+    }
+    dst.fsck_clean();
+}
+
+#[test]
+fn cancel_before_switch_over_keeps_the_source_and_cleans_the_destination() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let dst = Server::start(d, "dst", &["--migration-listen", "127.0.0.1:0", "--migration-insecure"]);
+    let src = Server::start(d, "src", &["--migration-insecure"]);
+    let vm = d.join("vm.raw");
+    let content = image(&vm, 8192, 0, 5, 0); // 32 MiB, nothing at the destination
+    load(&src, "vm", &vm);
+    // 20 Mbit/s: about 10 s for the data, time enough to cancel.
+    let mut run_migrate = Command::new(MIGRATE)
+        .args(["--source", src.ctl(), "--dest", dst.ctl(), "--disk", "vm", "--bandwidth", "20mbit", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let id = loop {
+        let list = src.ok("migration.list", json!({}));
+        if let Some(m) = list.as_array().unwrap().first() {
+            break m["id"].as_str().unwrap().to_string();
+        }
+        assert!(started.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    std::thread::sleep(Duration::from_millis(1000));
+    let out = run(Command::new(MIGRATE).args(["cancel", "--server", src.ctl(), &id, "--json"]));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["phase"], "cancelled");
+    let status = run_migrate.wait().unwrap();
+    assert!(!status.success(), "migrate reports that the migration did not complete");
+    // The destination let go of its partial disk.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !dst.disks().is_empty() || dst.ok("store.stats", json!({}))["store"]["disks"] != 0 {
+        assert!(Instant::now() < deadline, "partial disk left at the destination: {:?}", dst.ok("store.stats", json!({})));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    dst.fsck_clean();
+    src.fsck_clean();
+    // The source is untouched and writable.
+    let back = d.join("back.raw");
+    run(Command::new("nbdcopy").arg(src.uri("vm")).arg(&back));
+    assert!(std::fs::read(&back).unwrap() == content);
+    run(Command::new("qemu-io").args(["-f", "raw", &src.uri("vm"), "-c", "write -P 0x22 0 4k"]));
+    // After the end, cancelling again is refused with a clear message.
+    let again = Command::new(MIGRATE).args(["cancel", "--server", src.ctl(), &id]).output().unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already ended"));
+}
+
+#[test]
+fn garbage_on_the_migration_port_changes_nothing() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let dst = Server::start(d, "dst", &["--migration-listen", "127.0.0.1:0", "--migration-insecure"]);
+    let addr = dst.migration.clone().unwrap();
+    for junk in [&b"GET / HTTP/1.0\r\n\r\n"[..], &[0u8; 64][..], b"CASMIGR\0\x00\x07"] {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(junk).unwrap();
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink);
+    }
+    // Still serving, nothing created.
+    assert!(dst.disks().is_empty());
+    let failed = dst.ok("migration.list", json!({}));
+    assert_eq!(failed.as_array().unwrap().len(), 3);
+    for m in failed.as_array().unwrap() {
+        assert_eq!(m["phase"], "failed", "{m}");
+    }
+    dst.ok("disk.create", json!({"name": "ok", "size": 1 << 20}));
+    assert_eq!(dst.call("disk.create", json!({"name": "ok", "size": 1 << 20}))["error"]["kind"], "exists");
+    assert_eq!(dst.call("no.such.method", json!({}))["error"]["kind"], "unknown_method");
+    assert_eq!(dst.call("disk.create", json!({"name": "x"}))["error"]["kind"], "invalid");
+}
