@@ -48,9 +48,8 @@ pub struct RawImage {
     _converted: Option<tempfile::TempPath>,
 }
 
-/// Opens any image qemu-img reads. Raw files are used in place; others (qcow2, vmdk, vhd...)
-/// are converted to a sparse raw temporary file first.
-pub fn open_raw(path: &Path) -> Result<RawImage> {
+/// The format and virtual size of an image file, as qemu-img sees it.
+pub fn probe(path: &Path) -> Result<(String, u64)> {
     let meta = std::fs::metadata(path).with_context(|| format!("{}", path.display()))?;
     if !meta.is_file() {
         bail!("{} is not a regular file", path.display());
@@ -66,6 +65,14 @@ pub fn open_raw(path: &Path) -> Result<RawImage> {
     let v: serde_json::Value = serde_json::from_slice(&info.stdout).context("qemu-img info output")?;
     let format = v["format"].as_str().unwrap_or("raw").to_string();
     let virtual_size = v["virtual-size"].as_u64().context("qemu-img info gave no virtual-size")?;
+    Ok((format, virtual_size))
+}
+
+/// Opens any image qemu-img reads. Raw files are used in place; others (qcow2, vmdk, vhd...)
+/// are converted to a sparse raw temporary file first.
+pub fn open_raw(path: &Path) -> Result<RawImage> {
+    let (format, virtual_size) = probe(path)?;
+    let meta = std::fs::metadata(path)?;
     if format == "raw" {
         return Ok(RawImage { path: path.to_path_buf(), format, virtual_size: meta.len(), _converted: None });
     }

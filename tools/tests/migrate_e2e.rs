@@ -347,3 +347,42 @@ fn garbage_on_the_migration_port_changes_nothing() {
     assert_eq!(dst.call("no.such.method", json!({}))["error"]["kind"], "unknown_method");
     assert_eq!(dst.call("disk.create", json!({"name": "x"}))["error"]["kind"], "invalid");
 }
+
+#[test]
+fn cas_works_through_a_running_server() {
+    let cas = env!("CARGO_BIN_EXE_cas");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let server = Server::start(d, "dc", &[]);
+    let raw = d.join("vm.raw");
+    image(&raw, 2048, 1000, 2, 3);
+    let qcow = d.join("vm.qcow2");
+    run(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&qcow));
+    let out = run(Command::new(cas).args(["import", "vm", qcow.to_str().unwrap(), "--server", server.ctl(), "--json"]));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["format"], "qcow2");
+    assert!(v["allocated_bytes"].as_u64().unwrap() > 0);
+    let back = d.join("back.raw");
+    run(Command::new(cas).args(["export", "vm", back.to_str().unwrap(), "--server", server.ctl()]));
+    assert!(std::fs::read(&back).unwrap() == std::fs::read(&raw).unwrap(), "round trip through the export is byte-exact");
+    run(Command::new(cas).args(["create", "blank", "--size", "1M", "--server", server.ctl()]));
+    let ls: Value = serde_json::from_slice(&run(Command::new(cas).args(["ls", "--server", server.ctl(), "--json"])).stdout).unwrap();
+    assert_eq!(ls.as_array().unwrap().len(), 2);
+    let stats: Value = serde_json::from_slice(&run(Command::new(cas).args(["stats", "--server", server.ctl(), "--json"])).stdout).unwrap();
+    assert_eq!(stats["store"]["disks"], 2);
+    assert!(String::from_utf8_lossy(&run(Command::new(cas).args(["fsck", "--verify", "--server", server.ctl()])).stdout).contains("clean"));
+    run(Command::new(cas).args(["rm", "blank", "--server", server.ctl()]));
+    // Bad input: clear messages, non-zero exit.
+    let fail = |args: &[&str], needle: &str| {
+        let out = Command::new(cas).args(args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} should fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    };
+    fail(&["rm", "nope", "--server", server.ctl()], "not found");
+    fail(&["export", "nope", "/tmp/x.raw", "--server", server.ctl()], "not found");
+    fail(&["ls", "--server", d.join("no.ctl").to_str().unwrap()], "no server at");
+    fail(&["ls"], "--store DIR");
+    fail(&["ls", "--server", server.ctl(), "--store", "/tmp"], "not both");
+    fail(&["create", "x", "--size", "1M", "--server", server.ctl(), "--block-size", "512"], "new store");
+}

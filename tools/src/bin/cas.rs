@@ -8,6 +8,8 @@ use cas_store::{FingerprintAlgorithm, Store, StoreOptions};
 use indicatif::{ProgressBar, ProgressStyle};
 use tools::similarity::{pairwise, scan_image, PAPER_BLOCK_SIZES};
 use tools::size::{format_size, parse_size};
+use serde_json::json;
+use tools::control::ControlClient;
 use tools::{image, table};
 
 /// Manage the disks of a content-addressed block store.
@@ -42,7 +44,10 @@ struct CreateCmd {
     size: String,
     /// store directory (opened directly; no server may hold it open)
     #[argh(option)]
-    store: PathBuf,
+    store: Option<PathBuf>,
+    /// a running server's control socket or host:port (instead of --store)
+    #[argh(option)]
+    server: Option<String>,
     /// block size when the store is created (default 4096)
     #[argh(option)]
     block_size: Option<u32>,
@@ -64,9 +69,12 @@ struct ImportCmd {
     /// image file
     #[argh(positional)]
     file: PathBuf,
-    /// store directory
+    /// store directory (opened directly; no server may hold it open)
     #[argh(option)]
-    store: PathBuf,
+    store: Option<PathBuf>,
+    /// a running server's control socket or host:port (instead of --store)
+    #[argh(option)]
+    server: Option<String>,
     /// block size when the store is created (default 4096)
     #[argh(option)]
     block_size: Option<u32>,
@@ -88,9 +96,12 @@ struct ExportCmd {
     /// output file (raw)
     #[argh(positional)]
     file: PathBuf,
-    /// store directory
+    /// store directory (opened directly; no server may hold it open)
     #[argh(option)]
-    store: PathBuf,
+    store: Option<PathBuf>,
+    /// a running server's control socket or host:port (instead of --store)
+    #[argh(option)]
+    server: Option<String>,
     /// print JSON
     #[argh(switch)]
     json: bool,
@@ -100,9 +111,12 @@ struct ExportCmd {
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "ls")]
 struct LsCmd {
-    /// store directory
+    /// store directory (opened directly; no server may hold it open)
     #[argh(option)]
-    store: PathBuf,
+    store: Option<PathBuf>,
+    /// a running server's control socket or host:port (instead of --store)
+    #[argh(option)]
+    server: Option<String>,
     /// print JSON
     #[argh(switch)]
     json: bool,
@@ -115,9 +129,12 @@ struct RmCmd {
     /// disk name
     #[argh(positional)]
     name: String,
-    /// store directory
+    /// store directory (opened directly; no server may hold it open)
     #[argh(option)]
-    store: PathBuf,
+    store: Option<PathBuf>,
+    /// a running server's control socket or host:port (instead of --store)
+    #[argh(option)]
+    server: Option<String>,
     /// print JSON
     #[argh(switch)]
     json: bool,
@@ -130,9 +147,12 @@ struct StatsCmd {
     /// a disk name (default: the whole store and every disk)
     #[argh(positional)]
     name: Option<String>,
-    /// store directory
+    /// store directory (opened directly; no server may hold it open)
     #[argh(option)]
-    store: PathBuf,
+    store: Option<PathBuf>,
+    /// a running server's control socket or host:port (instead of --store)
+    #[argh(option)]
+    server: Option<String>,
     /// print JSON
     #[argh(switch)]
     json: bool,
@@ -142,9 +162,12 @@ struct StatsCmd {
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "fsck")]
 struct FsckCmd {
-    /// store directory
+    /// store directory (opened directly; no server may hold it open)
     #[argh(option)]
-    store: PathBuf,
+    store: Option<PathBuf>,
+    /// a running server's control socket or host:port (instead of --store)
+    #[argh(option)]
+    server: Option<String>,
     /// re-hash every stored block
     #[argh(switch)]
     verify: bool,
@@ -171,6 +194,59 @@ fn open_store(path: &PathBuf, block_size: Option<u32>, algorithm: Option<Fingerp
     }
     Store::open(path, StoreOptions { block_size, algorithm, ..Default::default() })
         .with_context(|| format!("opening the store at {} (is a server holding it open?)", path.display()))
+}
+
+/// Where a command works: a store directory it opens itself, or a running server.
+enum Target {
+    Store(PathBuf),
+    Server(String),
+}
+
+fn target(store: &Option<PathBuf>, server: &Option<String>) -> Result<Target> {
+    match (store, server) {
+        (Some(p), None) => Ok(Target::Store(p.clone())),
+        (None, Some(s)) => Ok(Target::Server(s.clone())),
+        (None, None) => bail!("give --store DIR (a store no server holds open) or --server CONTROL (a running server)"),
+        (Some(_), Some(_)) => bail!("give --store or --server, not both"),
+    }
+}
+
+/// A disk as the server lists it.
+fn server_disk(server: &mut ControlClient, name: &str) -> Result<serde_json::Value> {
+    let disks = server.call("disk.list", json!({}))?;
+    disks
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["name"] == name))
+        .cloned()
+        .with_context(|| format!("disk {name:?} not found"))
+}
+
+/// The NBD URI of a disk's export at a server (its Unix socket if it has one).
+fn export_uri(server: &mut ControlClient, disk: &str) -> Result<String> {
+    let info = server.call("server.info", json!({}))?;
+    let uris: Vec<String> = info["addresses"]["nbd"].as_array().context("server.info")?.iter().filter_map(|u| u.as_str().map(str::to_string)).collect();
+    let pick = uris.iter().find(|u| u.starts_with("nbd+unix")).or_else(|| uris.first()).context("the server has no NBD listener")?;
+    Ok(match pick.strip_prefix("nbd+unix:///") {
+        // nbd+unix:///?socket=PATH -> nbd+unix:///DISK?socket=PATH
+        Some(rest) => format!("nbd+unix:///{disk}{}", &rest[rest.find('?').unwrap_or(rest.len())..]),
+        None => format!("{}/{disk}", pick.trim_end_matches('/')),
+    })
+}
+
+fn report_import(c: &ImportCmd, format: &str, bytes: u64, secs: f64, stats: &cas_store::DiskStats) -> Result<()> {
+    if c.json {
+        print_json(&serde_json::json!({
+            "disk": c.name, "format": format, "bytes": bytes, "seconds": secs,
+            "allocated_bytes": stats.allocated_bytes, "exclusive_bytes": stats.exclusive_bytes,
+            "shared_bytes": stats.shared_bytes,
+        }))
+    } else {
+        println!(
+            "imported {} ({format}, {}) into {} in {secs:.1} s: {} allocated, {} shared with other blocks",
+            c.file.display(), format_size(bytes), c.name, format_size(stats.allocated_bytes), format_size(stats.shared_bytes)
+        );
+        Ok(())
+    }
 }
 
 fn bytes_bar(len: u64, hidden: bool, what: &str) -> ProgressBar {
@@ -204,8 +280,15 @@ fn run(cas: Cas) -> Result<()> {
     match cas.command {
         Command::Create(c) => {
             let size = parse_size(&c.size).map_err(anyhow::Error::msg)?;
-            let store = open_store(&c.store, c.block_size, c.algorithm, true)?;
-            let info = store.create_disk(&c.name, size)?;
+            let info: cas_store::DiskInfo = match target(&c.store, &c.server)? {
+                Target::Store(path) => open_store(&path, c.block_size, c.algorithm, true)?.create_disk(&c.name, size)?,
+                Target::Server(addr) => {
+                    if c.block_size.is_some() || c.algorithm.is_some() {
+                        bail!("--block-size and --algorithm apply to a new store, not to a running server");
+                    }
+                    serde_json::from_value(ControlClient::connect(&addr)?.call("disk.create", json!({"name": c.name, "size": size}))?)?
+                }
+            };
             if c.json {
                 print_json(&info)?;
             } else {
@@ -213,59 +296,113 @@ fn run(cas: Cas) -> Result<()> {
             }
         }
         Command::Import(c) => {
-            let raw = image::open_raw(&c.file)?;
-            let store = open_store(&c.store, c.block_size, c.algorithm, true)?;
-            let disk = match store.disk(&c.name) {
-                Ok(d) => d,
-                Err(cas_store::StoreError::DiskNotFound(_)) => store.create_disk(&c.name, raw.virtual_size.div_ceil(512) * 512)?,
-                Err(e) => return Err(e.into()),
-            };
-            let bar = bytes_bar(raw.virtual_size, c.json, "import");
             let started = std::time::Instant::now();
-            let bytes = image::import_raw(&store, disk.id, &raw.path, |done| bar.set_position(done))?;
-            bar.finish_and_clear();
-            let secs = started.elapsed().as_secs_f64();
-            let stats = store.disk_stats(&c.name)?;
-            if c.json {
-                print_json(&serde_json::json!({
-                    "disk": disk.name, "format": raw.format, "bytes": bytes, "seconds": secs,
-                    "allocated_bytes": stats.allocated_bytes, "exclusive_bytes": stats.exclusive_bytes,
-                    "shared_bytes": stats.shared_bytes,
-                }))?;
-            } else {
-                println!(
-                    "imported {} ({}, {}) into {} in {secs:.1} s: {} allocated, {} shared with other blocks",
-                    c.file.display(), raw.format, format_size(bytes), disk.name,
-                    format_size(stats.allocated_bytes), format_size(stats.shared_bytes)
-                );
+            match target(&c.store, &c.server)? {
+                Target::Store(path) => {
+                    let raw = image::open_raw(&c.file)?;
+                    let store = open_store(&path, c.block_size, c.algorithm, true)?;
+                    let disk = match store.disk(&c.name) {
+                        Ok(d) => d,
+                        Err(cas_store::StoreError::DiskNotFound(_)) => store.create_disk(&c.name, raw.virtual_size.div_ceil(512) * 512)?,
+                        Err(e) => return Err(e.into()),
+                    };
+                    let bar = bytes_bar(raw.virtual_size, c.json, "import");
+                    let bytes = image::import_raw(&store, disk.id, &raw.path, |done| bar.set_position(done))?;
+                    bar.finish_and_clear();
+                    let stats = store.disk_stats(&c.name)?;
+                    report_import(&c, &raw.format, bytes, started.elapsed().as_secs_f64(), &stats)?;
+                }
+                Target::Server(addr) => {
+                    if c.block_size.is_some() || c.algorithm.is_some() {
+                        bail!("--block-size and --algorithm apply to a new store, not to a running server");
+                    }
+                    let (format, size) = image::probe(&c.file)?;
+                    let mut server = ControlClient::connect(&addr)?;
+                    let disks = server.call("disk.list", json!({}))?;
+                    if !disks.as_array().is_some_and(|d| d.iter().any(|d| d["name"] == c.name.as_str())) {
+                        server.call("disk.create", json!({"name": c.name, "size": size.div_ceil(512) * 512}))?;
+                    }
+                    let uri = export_uri(&mut server, &c.name)?;
+                    // qemu-img writes through the export: any format it reads, parallel and
+                    // out-of-order requests, zero ranges as WRITE_ZEROES (free in the store).
+                    let status = std::process::Command::new("qemu-img")
+                        .args(["convert", "-n", "-W", "-m", "16", "-f", &format, "-O", "raw"])
+                        .args(if c.json { vec![] } else { vec!["-p"] })
+                        .arg(&c.file)
+                        .arg(&uri)
+                        .status()
+                        .context("running qemu-img (install qemu-utils)")?;
+                    if !status.success() {
+                        bail!("qemu-img convert into {uri} failed");
+                    }
+                    let stats: serde_json::Value = server.call("disk.stats", json!({"name": c.name}))?;
+                    let stats: cas_store::DiskStats = serde_json::from_value(stats["disks"][0].clone())?;
+                    report_import(&c, &format, size, started.elapsed().as_secs_f64(), &stats)?;
+                }
             }
         }
         Command::Export(c) => {
-            let store = open_store(&c.store, None, None, false)?;
-            let disk = store.disk(&c.name)?;
-            let bar = bytes_bar(disk.size, c.json, "export");
-            let bytes = image::export_raw(&store, disk.id, &c.file, |done| bar.set_position(done))?;
-            bar.finish_and_clear();
+            let bytes = match target(&c.store, &c.server)? {
+                Target::Store(path) => {
+                    let store = open_store(&path, None, None, false)?;
+                    let disk = store.disk(&c.name)?;
+                    let bar = bytes_bar(disk.size, c.json, "export");
+                    let bytes = image::export_raw(&store, disk.id, &c.file, |done| bar.set_position(done))?;
+                    bar.finish_and_clear();
+                    bytes
+                }
+                Target::Server(addr) => {
+                    let mut server = ControlClient::connect(&addr)?;
+                    let disk = server_disk(&mut server, &c.name)?;
+                    let uri = export_uri(&mut server, &c.name)?;
+                    let status = std::process::Command::new("qemu-img")
+                        .args(["convert", "-f", "raw", "-O", "raw"])
+                        .args(if c.json { vec![] } else { vec!["-p"] })
+                        .arg(&uri)
+                        .arg(&c.file)
+                        .status()
+                        .context("running qemu-img (install qemu-utils)")?;
+                    if !status.success() {
+                        bail!("qemu-img convert from {uri} failed");
+                    }
+                    disk["size"].as_u64().unwrap_or(0)
+                }
+            };
             if c.json {
-                print_json(&serde_json::json!({ "disk": disk.name, "file": c.file, "bytes": bytes }))?;
+                print_json(&serde_json::json!({ "disk": c.name, "file": c.file, "bytes": bytes }))?;
             } else {
-                println!("exported {} ({}) to {}", disk.name, format_size(bytes), c.file.display());
+                println!("exported {} ({}) to {}", c.name, format_size(bytes), c.file.display());
             }
         }
         Command::Ls(c) => {
-            let store = open_store(&c.store, None, None, false)?;
-            let disks = store.list_disks()?;
+            let disks: Vec<(String, u64)> = match target(&c.store, &c.server)? {
+                Target::Store(path) => open_store(&path, None, None, false)?.list_disks()?.into_iter().map(|d| (d.name, d.size)).collect(),
+                Target::Server(addr) => ControlClient::connect(&addr)?
+                    .call("disk.list", json!({}))?
+                    .as_array()
+                    .context("disk.list")?
+                    .iter()
+                    .map(|d| (d["name"].as_str().unwrap_or_default().to_string(), d["size"].as_u64().unwrap_or(0)))
+                    .collect(),
+            };
             if c.json {
-                print_json(&disks)?;
+                print_json(&disks.iter().map(|(n, s)| json!({"name": n, "size": s})).collect::<Vec<_>>())?;
             } else {
-                let rows: Vec<Vec<String>> = disks.iter().map(|d| vec![d.name.clone(), format_size(d.size), d.size.to_string()]).collect();
+                let rows: Vec<Vec<String>> = disks.iter().map(|(n, s)| vec![n.clone(), format_size(*s), s.to_string()]).collect();
                 print!("{}", table::render(&["disk", "size", "bytes"], &rows));
             }
         }
         Command::Rm(c) => {
-            let store = open_store(&c.store, None, None, false)?;
-            store.delete_disk(&c.name)?;
-            store.flush()?;
+            match target(&c.store, &c.server)? {
+                Target::Store(path) => {
+                    let store = open_store(&path, None, None, false)?;
+                    store.delete_disk(&c.name)?;
+                    store.flush()?;
+                }
+                Target::Server(addr) => {
+                    ControlClient::connect(&addr)?.call("disk.delete", json!({"name": c.name}))?;
+                }
+            }
             if c.json {
                 print_json(&serde_json::json!({ "deleted": c.name }))?;
             } else {
@@ -273,13 +410,21 @@ fn run(cas: Cas) -> Result<()> {
             }
         }
         Command::Stats(c) => {
-            let store = open_store(&c.store, None, None, false)?;
-            let names: Vec<String> = match &c.name {
-                Some(n) => vec![n.clone()],
-                None => store.list_disks()?.into_iter().map(|d| d.name).collect(),
+            let (total, disks): (cas_store::StoreStats, Vec<cas_store::DiskStats>) = match target(&c.store, &c.server)? {
+                Target::Store(path) => {
+                    let store = open_store(&path, None, None, false)?;
+                    let names: Vec<String> = match &c.name {
+                        Some(n) => vec![n.clone()],
+                        None => store.list_disks()?.into_iter().map(|d| d.name).collect(),
+                    };
+                    let disks = names.iter().map(|n| store.disk_stats(n)).collect::<Result<Vec<_>, _>>()?;
+                    (store.stats()?, disks)
+                }
+                Target::Server(addr) => {
+                    let v = ControlClient::connect(&addr)?.call("disk.stats", json!({"name": c.name}))?;
+                    (serde_json::from_value(v["store"].clone())?, serde_json::from_value(v["disks"].clone())?)
+                }
             };
-            let disks = names.iter().map(|n| store.disk_stats(n)).collect::<Result<Vec<_>, _>>()?;
-            let total = store.stats()?;
             if c.json {
                 print_json(&serde_json::json!({ "store": total, "disks": disks }))?;
             } else {
@@ -298,8 +443,10 @@ fn run(cas: Cas) -> Result<()> {
             }
         }
         Command::Fsck(c) => {
-            let store = open_store(&c.store, None, None, false)?;
-            let report = store.fsck(c.verify)?;
+            let report: cas_store::FsckReport = match target(&c.store, &c.server)? {
+                Target::Store(path) => open_store(&path, None, None, false)?.fsck(c.verify)?,
+                Target::Server(addr) => serde_json::from_value(ControlClient::connect(&addr)?.call("store.fsck", json!({"verify": c.verify}))?)?,
+            };
             if c.json {
                 print_json(&report)?;
             } else {
