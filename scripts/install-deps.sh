@@ -16,6 +16,8 @@ packages=(
   e2fsprogs        # mke2fs -d, test-images/
   rsync zstd       # peers and compression reference in the benchmark
   iproute2         # network namespaces for the emulated WAN
+  librados-dev     # cas-rados links librados (Ceph 16)
+  ceph-mon ceph-osd ceph-common  # scripts/ceph-cluster.sh: the throwaway one-node cluster
 )
 
 missing=()

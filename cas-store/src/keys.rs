@@ -49,3 +49,13 @@ pub(crate) fn deleting_key(disk: DiskId) -> Vec<u8> {
     k.extend_from_slice(&disk.0.to_be_bytes());
     k
 }
+
+/// Prefix of an intent: an operation on an external pool that may not have completed (a claim
+/// before its map batch commits, a release after). Reconciled at open.
+pub(crate) const PENDING_PREFIX: &[u8] = b"pool-pending/";
+
+pub(crate) fn pending_key(fp: &Fingerprint) -> Vec<u8> {
+    let mut k = PENDING_PREFIX.to_vec();
+    k.extend_from_slice(&fp.0);
+    k
+}

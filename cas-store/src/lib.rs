@@ -11,11 +11,19 @@
 //! meta           "config"                              {"format_version","block_size","algorithm"}
 //!                "next-disk-id"                        u64 LE
 //!                "deleting/" ++ disk id (u64 BE)       (empty): a delete to finish after a crash
+//!                "pool-pending/" ++ fingerprint        (empty): an external pool operation that
+//!                                                      may not have completed (see `pool`)
 //! disks          disk name                             {"id","size"}
 //! maps           disk id (u64 BE) ++ block (u64 BE)    fingerprint (16 bytes)
 //! refs           fingerprint                           reference count (u64 LE)
 //! blocks         fingerprint                           block bytes (RocksDB compresses them)
 //! ```
+//!
+//! Blocks sit behind the [`BlockPool`] trait: by default in the `blocks` column family
+//! ([`LocalPool`]); or in an external pool that the stores of many servers share (Ceph RADOS,
+//! in the `cas-rados` crate), the `blocks` column family then unused and `refs` counting this
+//! store's own map entries. The config records which (`"blocks": {"kind", "location",
+//! "holder"}`, format version 2), and reopening with another pool is refused.
 //!
 //! An absent map entry reads as zeros: zero blocks are never stored, and block status reports
 //! them as holes. A map change and the reference-count changes it causes are one atomic
@@ -30,10 +38,14 @@ pub mod engine;
 mod error;
 mod fingerprint;
 mod keys;
+pub mod pool;
 mod store;
 
 pub use dirty::DirtyBitmap;
 pub use engine::{KvEngine, RocksTuning};
 pub use error::{Result, StoreError};
 pub use fingerprint::{Fingerprint, FingerprintAlgorithm};
-pub use store::{DiskId, DiskInfo, DiskStats, Extent, FsckReport, MapSnapshot, Store, StoreOptions, StoreStats};
+pub use pool::{BlockPool, LocalPool, MemPool};
+pub use store::{
+    DiskId, DiskInfo, DiskStats, Extent, FsckReport, MapSnapshot, RepairReport, Store, StoreOptions, StoreStats,
+};

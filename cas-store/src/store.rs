@@ -10,12 +10,16 @@
 //! - Locks are taken in that order (layout, blocks, fingerprints), each group in ascending
 //!   index order, so there is no cycle.
 //!
-//! A map entry and the reference-count changes it causes go in one atomic batch. A reader that
-//! holds a block's stripe sees a map entry whose block is stored: the entry itself holds a
-//! reference, and only a writer of the same block (excluded by the stripe) can drop it.
+//! With the local pool, a map entry and the reference-count changes it causes go in one atomic
+//! batch. With an external pool (blocks shared by many stores, see [`crate::pool`]) the store
+//! claims new blocks in the pool before committing the batch and releases dead ones after it,
+//! still under the fingerprint stripes: a crash can leak a reference, never leave a map entry
+//! naming a block that is not stored. A reader that holds a block's stripe sees a map entry
+//! whose block is stored: the entry itself holds a reference, and only a writer of the same
+//! block (excluded by the stripe) can drop it.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -27,6 +31,7 @@ use crate::cache::BlockCache;
 use crate::dirty::DirtyBitmap;
 use crate::engine::{prefix_end, Cf, KvEngine, MemEngine, RocksEngine, RocksTuning, WriteBatch};
 use crate::keys::*;
+use crate::pool::{BlockPool, Claim, Claimed, LocalPool, PoolSettings};
 use crate::{Fingerprint, FingerprintAlgorithm, Result, StoreError};
 
 /// Blocks committed per batch. Bounds lock hold times and batch sizes for large requests; a
@@ -34,7 +39,13 @@ use crate::{Fingerprint, FingerprintAlgorithm, Result, StoreError};
 const CHUNK_BLOCKS: u64 = 256;
 const BLOCK_STRIPES: usize = 1024;
 const FINGERPRINT_STRIPES: usize = 256;
+/// Format of a store whose blocks are in its own engine.
 const FORMAT_VERSION: u32 = 1;
+/// Format of a store whose blocks are in an external pool: builds that predate pools refuse
+/// it rather than open a store whose blocks they cannot see.
+const FORMAT_VERSION_EXTERNAL: u32 = 2;
+/// Fingerprints looked up in the pool per batch by fsck and repair.
+const POOL_BATCH: usize = 1024;
 
 /// How to open a store.
 #[derive(Debug, Clone)]
@@ -47,11 +58,15 @@ pub struct StoreOptions {
     /// Bytes of the hot-block cache in front of the engine (0 disables it).
     pub cache_bytes: usize,
     pub rocks: RocksTuning,
+    /// Where the blocks live. None: in the store's own engine (RocksDB, one machine). Some: an
+    /// external pool shared with other stores (RADOS: see the `cas-rados` crate). The choice
+    /// is recorded when the store is created; reopening with another pool is refused.
+    pub pool: Option<Arc<dyn BlockPool>>,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { block_size: None, algorithm: None, cache_bytes: 64 << 20, rocks: RocksTuning::default() }
+        StoreOptions { block_size: None, algorithm: None, cache_bytes: 64 << 20, rocks: RocksTuning::default(), pool: None }
     }
 }
 
@@ -61,6 +76,49 @@ struct StoreConfig {
     format_version: u32,
     block_size: u32,
     algorithm: FingerprintAlgorithm,
+    /// Absent: blocks in the store's engine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    blocks: Option<BlocksConfig>,
+}
+
+/// The external pool a store keeps its blocks in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct BlocksConfig {
+    /// [`BlockPool::kind`] ("rados").
+    kind: String,
+    /// [`BlockPool::location`] ("rados:POOL/NAMESPACE").
+    location: String,
+    /// The name this store's references carry in the pool.
+    holder: String,
+}
+
+/// A name no other store will have: the holder of a new store's references in a shared pool.
+fn new_holder_name() -> String {
+    static SERIAL: AtomicU64 = AtomicU64::new(0);
+    let mut h = blake3::Hasher::new();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    h.update(&now.as_nanos().to_le_bytes());
+    h.update(&std::process::id().to_le_bytes());
+    h.update(&SERIAL.fetch_add(1, Ordering::Relaxed).to_le_bytes());
+    let marker = 0u8;
+    h.update(&(std::ptr::addr_of!(marker) as usize).to_le_bytes());
+    if let Ok(host) = std::fs::read("/etc/machine-id") {
+        h.update(&host);
+    }
+    format!("store-{}", &h.finalize().to_hex()[..32])
+}
+
+/// What [`Store::repair_references`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepairReport {
+    /// Fingerprints whose references were compared with the pool's.
+    pub checked: u64,
+    /// Leaked references given back to the pool.
+    pub released: u64,
+    /// References this store should have held and took again.
+    pub reacquired: u64,
+    /// Blocks this store maps that the pool no longer has (data lost; fsck lists them).
+    pub lost: u64,
 }
 
 /// A disk's identity inside one store. Ids are never reused, so a stale id cannot reach a
@@ -195,6 +253,9 @@ enum Source<'a> {
 /// is synchronous and may block on the engine, so async callers run it on a blocking pool.
 pub struct Store {
     engine: Arc<dyn KvEngine>,
+    pool: Arc<dyn BlockPool>,
+    /// This store's name in an external pool ("" with the local pool).
+    holder: String,
     block_size: u32,
     algorithm: FingerprintAlgorithm,
     cache: BlockCache,
@@ -209,6 +270,7 @@ impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
             .field("engine", &self.engine)
+            .field("pool", &self.pool.location())
             .field("block_size", &self.block_size)
             .field("algorithm", &self.algorithm)
             .finish()
@@ -243,16 +305,34 @@ impl Store {
 
     /// A store on any engine.
     pub fn with_engine(engine: Arc<dyn KvEngine>, opts: StoreOptions) -> Result<Store> {
+        let pool: Arc<dyn BlockPool> = match &opts.pool {
+            Some(p) if p.is_external() => p.clone(),
+            _ => Arc::new(LocalPool::new(engine.clone())),
+        };
+        let requested_blocks = if pool.is_external() { pool.location() } else { "rocksdb".to_string() };
         let config = match engine.get(Cf::Meta, CONFIG_KEY)? {
             Some(bytes) => {
                 let stored: StoreConfig = serde_json::from_slice(&bytes).map_err(|e| {
                     StoreError::Corrupt(format!("store configuration unreadable (made by a newer or a test build?): {e}"))
                 })?;
-                if stored.format_version != FORMAT_VERSION {
+                let expected_version = if stored.blocks.is_some() { FORMAT_VERSION_EXTERNAL } else { FORMAT_VERSION };
+                if stored.format_version != expected_version {
                     return Err(StoreError::ConfigMismatch {
                         setting: "format version",
                         stored: stored.format_version.to_string(),
-                        requested: FORMAT_VERSION.to_string(),
+                        requested: expected_version.to_string(),
+                    });
+                }
+                let stored_blocks = stored.blocks.as_ref().map_or("rocksdb", |b| b.location.as_str());
+                let same_pool = match &stored.blocks {
+                    None => !pool.is_external(),
+                    Some(b) => pool.is_external() && b.kind == pool.kind() && b.location == pool.location(),
+                };
+                if !same_pool {
+                    return Err(StoreError::ConfigMismatch {
+                        setting: "block pool",
+                        stored: stored_blocks.to_string(),
+                        requested: requested_blocks,
                     });
                 }
                 if let Some(bs) = opts.block_size.filter(|&bs| bs != stored.block_size) {
@@ -278,11 +358,18 @@ impl Store {
                         "block size {block_size} is not a power of two from 512 to 65536"
                     )));
                 }
+                let blocks = pool.is_external().then(|| BlocksConfig {
+                    kind: pool.kind().to_string(),
+                    location: pool.location(),
+                    holder: new_holder_name(),
+                });
                 let config = StoreConfig {
-                    format_version: FORMAT_VERSION,
+                    format_version: if blocks.is_some() { FORMAT_VERSION_EXTERNAL } else { FORMAT_VERSION },
                     block_size,
                     algorithm: opts.algorithm.unwrap_or_default(),
+                    blocks,
                 };
+                pool.attach(&PoolSettings { block_size: config.block_size, algorithm: config.algorithm })?;
                 let mut batch = WriteBatch::new();
                 batch.put(Cf::Meta, CONFIG_KEY, serde_json::to_vec(&config).expect("serialisable"));
                 engine.write(batch)?;
@@ -291,19 +378,41 @@ impl Store {
             }
         };
 
+        pool.attach(&PoolSettings { block_size: config.block_size, algorithm: config.algorithm })?;
         let store = Store {
             cache: BlockCache::new(opts.cache_bytes, config.block_size as usize),
             block_size: config.block_size,
             algorithm: config.algorithm,
             engine,
+            pool,
+            holder: config.blocks.map(|b| b.holder).unwrap_or_default(),
             block_stripes: (0..BLOCK_STRIPES).map(|_| RwLock::new(())).collect(),
             fingerprint_stripes: (0..FINGERPRINT_STRIPES).map(|_| Mutex::new(())).collect(),
             catalog: Mutex::new(()),
             disks: RwLock::new(DiskTable::default()),
         };
         store.load_catalog()?;
+        // Pool operations a crash interrupted first, so that the deletes below start from
+        // references that agree with the counts.
+        store.reconcile_intents()?;
         store.finish_interrupted_deletes()?;
         Ok(store)
+    }
+
+    /// Where the blocks are: "rocksdb" (the store's own engine) or an external pool's location
+    /// ("rados:POOL/NAMESPACE").
+    pub fn block_pool(&self) -> String {
+        if self.pool.is_external() {
+            self.pool.location()
+        } else {
+            "rocksdb".to_string()
+        }
+    }
+
+    /// This store's name in its external pool (None with the local pool): the holder of its
+    /// references, which other stores sharing the pool never touch.
+    pub fn pool_holder(&self) -> Option<&str> {
+        self.pool.is_external().then_some(self.holder.as_str())
     }
 
     fn load_catalog(&self) -> Result<()> {
@@ -706,14 +815,15 @@ impl Store {
         }
     }
 
-    /// Commits new contents of blocks whose current fingerprints are `old` (same order), with
-    /// their reference-count changes, in one batch. The caller holds the blocks' stripes.
-    /// Returns, per update, whether it was applied (an `Existing` target that is not stored is
-    /// not).
-    fn commit(&self, state: &DiskState, updates: Vec<(u64, Target<'_>)>, old: &[Option<Fingerprint>]) -> Result<Vec<bool>> {
-        // Net reference change per fingerprint, and the bytes of fingerprints that may be new.
-        let mut deltas: BTreeMap<Fingerprint, (i64, Option<&[u8]>)> = BTreeMap::new();
-        for ((_, target), old_fp) in updates.iter().zip(old) {
+    /// Net reference change per fingerprint of the given (target, old fingerprint) pairs, and
+    /// the bytes of fingerprints that may be new. Err: two different blocks of one request
+    /// share a fingerprint.
+    #[allow(clippy::type_complexity)]
+    fn plan<'u, 'a: 'u>(
+        entries: impl Iterator<Item = (&'u Target<'a>, &'u Option<Fingerprint>)>,
+    ) -> std::result::Result<BTreeMap<Fingerprint, (i64, Option<&'u [u8]>)>, Fingerprint> {
+        let mut deltas: BTreeMap<Fingerprint, (i64, Option<&'u [u8]>)> = BTreeMap::new();
+        for (target, old_fp) in entries {
             let new_fp = match target {
                 Target::Zero => None,
                 Target::Data { fp, .. } | Target::Existing(fp) => Some(*fp),
@@ -731,28 +841,44 @@ impl Store {
                     let entry = deltas.entry(*fp).or_insert((0, None));
                     entry.0 += 1;
                     match entry.1 {
-                        None => entry.1 = Some(bytes),
-                        Some(seen) if seen != &bytes[..] => return Err(self.collision(*fp)),
+                        None => entry.1 = Some(&bytes[..]),
+                        Some(seen) if seen != &bytes[..] => return Err(*fp),
                         Some(_) => {}
                     }
                 }
             }
         }
+        Ok(deltas)
+    }
 
-        let mut fp_stripes: Vec<usize> = deltas.keys().map(|fp| self.fingerprint_stripe(fp)).collect();
+    /// Commits new contents of blocks whose current fingerprints are `old` (same order), with
+    /// their reference-count changes. The caller holds the blocks' stripes. Returns, per
+    /// update, whether it was applied (an `Existing` target that is not stored is not).
+    ///
+    /// Local pool: one batch holds the map changes, the counts, and the blocks stored and
+    /// deleted. External pool: intents are recorded, new blocks are claimed in the pool, the
+    /// batch (maps, counts, intents of the releases to come) is committed, then blocks whose
+    /// count reached zero are released and their intents cleared; all under the fingerprint
+    /// stripes, so no other writer of this store claims or releases the same block meanwhile.
+    fn commit(&self, state: &DiskState, updates: Vec<(u64, Target<'_>)>, old: &[Option<Fingerprint>]) -> Result<Vec<bool>> {
+        let first_plan = Self::plan(updates.iter().map(|(_, t)| t).zip(old)).map_err(|fp| self.collision(fp))?;
+        if first_plan.is_empty() {
+            return Ok(vec![true; updates.len()]);
+        }
+
+        let mut fp_stripes: Vec<usize> = first_plan.keys().map(|fp| self.fingerprint_stripe(fp)).collect();
         fp_stripes.sort_unstable();
         fp_stripes.dedup();
         let _fp_guards: Vec<_> = fp_stripes.iter().map(|&i| self.fingerprint_stripes[i].lock()).collect();
 
-        let fps: Vec<Fingerprint> = deltas.keys().copied().collect();
-        let counts = self.ref_counts(&fps)?;
+        let fps: Vec<Fingerprint> = first_plan.keys().copied().collect();
+        let counts: HashMap<Fingerprint, u64> = fps.iter().copied().zip(self.ref_counts(&fps)?).collect();
 
-        // A fingerprint that is stored already: compare bytes before sharing the block.
-        let to_verify: Vec<(Fingerprint, &[u8])> = fps
+        // A fingerprint this store holds already: compare bytes before sharing the block.
+        let to_verify: Vec<(Fingerprint, &[u8])> = first_plan
             .iter()
-            .zip(&counts)
-            .filter_map(|(fp, &count)| match deltas[fp].1 {
-                Some(bytes) if count > 0 => Some((*fp, bytes)),
+            .filter_map(|(fp, (_, bytes))| match bytes {
+                Some(bytes) if counts[fp] > 0 => Some((*fp, *bytes)),
                 _ => None,
             })
             .collect();
@@ -765,18 +891,60 @@ impl Store {
             }
         }
 
+        // Blocks new to this store: claim them in the pool.
+        let claims: Vec<(Fingerprint, Claim<'_>)> = first_plan
+            .iter()
+            .filter(|(fp, (delta, _))| counts[*fp] == 0 && *delta > 0)
+            .map(|(fp, (_, bytes))| (*fp, bytes.map_or(Claim::Existing, Claim::Data)))
+            .collect();
+        let external = self.pool.is_external();
         let mut batch = WriteBatch::new();
-        let mut removed = Vec::new();
-        let mut missing_existing = Vec::new();
-        for (fp, &count) in fps.iter().zip(&counts) {
-            let (delta, bytes) = deltas[fp];
-            if count == 0 && delta > 0 && bytes.is_none() {
-                // Only `Existing` targets ask for this fingerprint and it is not stored.
-                missing_existing.push(*fp);
-                continue;
+        if external && !claims.is_empty() {
+            let mut intents = WriteBatch::new();
+            for (fp, _) in &claims {
+                intents.put(Cf::Meta, pending_key(fp), Vec::new());
             }
-            let new = i128::from(count) + i128::from(delta);
+            self.engine.write(intents)?;
+        }
+        let claimed = if claims.is_empty() { Vec::new() } else { self.pool.acquire(&self.holder, &claims, &mut batch)? };
+        let mut taken: Vec<Fingerprint> = Vec::new();
+        let mut missing: HashSet<Fingerprint> = HashSet::new();
+        let mut collided = None;
+        for ((fp, _), outcome) in claims.iter().zip(&claimed) {
+            match outcome {
+                Claimed::Yes => taken.push(*fp),
+                Claimed::Missing => {
+                    missing.insert(*fp);
+                }
+                Claimed::Collision => collided = Some(*fp),
+            }
+        }
+        let claim_fps: Vec<Fingerprint> = claims.iter().map(|(fp, _)| *fp).collect();
+        if let Some(fp) = collided {
+            self.give_back(&taken, &claim_fps);
+            return Err(self.collision(fp));
+        }
+
+        // `Existing` targets whose block is not stored are skipped: plan again without them.
+        // Removing them only removes increments of the missing fingerprints and decrements of
+        // the skipped blocks' old ones, so the claims taken stay needed.
+        let applied: Vec<bool> =
+            updates.iter().map(|(_, t)| !matches!(t, Target::Existing(fp) if missing.contains(fp))).collect();
+        let deltas = if missing.is_empty() {
+            first_plan
+        } else {
+            Self::plan(
+                updates.iter().zip(old).zip(&applied).filter(|(_, &a)| a).map(|(((_, t), o), _)| (t, o)),
+            )
+            .map_err(|fp| self.collision(fp))?
+        };
+
+        let mut releases: Vec<Fingerprint> = Vec::new();
+        for (fp, (delta, _)) in &deltas {
+            let count = counts[fp];
+            let new = i128::from(count) + i128::from(*delta);
             if new < 0 {
+                self.give_back(&taken, &claim_fps);
                 return Err(StoreError::Corrupt(format!("reference count of {fp} would fall below zero")));
             }
             let new = new as u64;
@@ -785,29 +953,28 @@ impl Store {
             }
             if new == 0 {
                 batch.delete(Cf::Refs, fp.0);
-                batch.delete(Cf::Blocks, fp.0);
-                removed.push(*fp);
+                releases.push(*fp);
             } else {
                 batch.put(Cf::Refs, fp.0, encode_count(new));
-                if count == 0 {
-                    batch.put(Cf::Blocks, fp.0, bytes.expect("a new block comes with its bytes").to_vec());
-                }
             }
         }
+        if external {
+            for fp in &claim_fps {
+                batch.delete(Cf::Meta, pending_key(fp));
+            }
+            for fp in &releases {
+                batch.put(Cf::Meta, pending_key(fp), Vec::new());
+            }
+        } else if !releases.is_empty() {
+            self.pool.release(&self.holder, &releases, &mut batch)?;
+        }
 
-        let mut applied = Vec::with_capacity(updates.len());
         let mut changed = Vec::new();
-        for ((block, target), old_fp) in updates.iter().zip(old) {
+        for (((block, target), old_fp), _) in updates.iter().zip(old).zip(&applied).filter(|(_, &a)| a) {
             let new_fp = match target {
                 Target::Zero => None,
-                Target::Data { fp, .. } => Some(*fp),
-                Target::Existing(fp) if missing_existing.contains(fp) => {
-                    applied.push(false);
-                    continue;
-                }
-                Target::Existing(fp) => Some(*fp),
+                Target::Data { fp, .. } | Target::Existing(fp) => Some(*fp),
             };
-            applied.push(true);
             if new_fp == *old_fp {
                 continue;
             }
@@ -818,28 +985,33 @@ impl Store {
             }
             changed.push(*block);
         }
-        if !missing_existing.is_empty() {
-            // Undo the reference changes that the skipped blocks would have made: recompute
-            // without them. Rare (a race with a delete on the destination), so keep it simple.
-            let kept: Vec<(u64, Target<'_>)> = updates
-                .into_iter()
-                .filter(|(_, t)| !matches!(t, Target::Existing(fp) if missing_existing.contains(fp)))
-                .collect();
-            let kept_old: Vec<Option<Fingerprint>> = old
-                .iter()
-                .zip(&applied)
-                .filter(|(_, &a)| a)
-                .map(|(o, _)| *o)
-                .collect();
-            drop(_fp_guards);
-            self.commit(state, kept, &kept_old)?;
-            return Ok(applied);
-        }
         if batch.is_empty() {
             return Ok(applied);
         }
-        self.engine.write(batch)?;
-        for fp in &removed {
+        if let Err(e) = self.engine.write(batch) {
+            self.give_back(&taken, &claim_fps);
+            return Err(e);
+        }
+        if external {
+            // New blocks are likely read soon (a guest reads what it wrote); fetching them back
+            // from the pool would cost a round trip.
+            for fp in &taken {
+                if let Some(bytes) = deltas.get(fp).and_then(|(_, b)| *b) {
+                    self.cache.insert(*fp, Arc::from(bytes));
+                }
+            }
+            if !releases.is_empty() {
+                match self.pool.release(&self.holder, &releases, &mut WriteBatch::new()) {
+                    Ok(()) => self.clear_intents(&releases),
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        blocks = releases.len(),
+                        "releasing references in the block pool failed; they stay recorded and the next open or repair gives them back"
+                    ),
+                }
+            }
+        }
+        for fp in &releases {
             self.cache.remove(fp);
         }
         if !changed.is_empty() {
@@ -850,6 +1022,133 @@ impl Store {
             }
         }
         Ok(applied)
+    }
+
+    /// After a failed commit on an external pool: gives back the references this commit took
+    /// and clears the intents of its claims. What cannot be given back stays recorded.
+    fn give_back(&self, taken: &[Fingerprint], claimed: &[Fingerprint]) {
+        if !self.pool.is_external() || claimed.is_empty() {
+            return;
+        }
+        let released = taken.is_empty() || self.pool.release(&self.holder, taken, &mut WriteBatch::new()).is_ok();
+        if released {
+            self.clear_intents(claimed);
+        } else {
+            tracing::warn!(blocks = taken.len(), "could not give back references after a failed write; the next open or repair does");
+        }
+    }
+
+    fn clear_intents(&self, fps: &[Fingerprint]) {
+        let mut batch = WriteBatch::new();
+        for fp in fps {
+            batch.delete(Cf::Meta, pending_key(fp));
+        }
+        if let Err(e) = self.engine.write(batch) {
+            tracing::warn!(error = %e, "clearing block pool intents failed; the next open reconciles them");
+        }
+    }
+
+    /// Fingerprints with a recorded intent (an external pool operation that may not have
+    /// completed).
+    fn pending_intents(&self) -> Result<Vec<Fingerprint>> {
+        self.engine
+            .scan(Cf::Meta, PENDING_PREFIX, prefix_end(PENDING_PREFIX).as_deref())?
+            .map(|kv| {
+                let (key, _) = kv?;
+                key.get(PENDING_PREFIX.len()..)
+                    .and_then(Fingerprint::from_slice)
+                    .ok_or_else(|| StoreError::Corrupt("bad block pool intent".into()))
+            })
+            .collect()
+    }
+
+    /// Reconciles the intents left by a crash (at open).
+    fn reconcile_intents(&self) -> Result<()> {
+        if !self.pool.is_external() {
+            return Ok(());
+        }
+        let pending = self.pending_intents()?;
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let report = self.reconcile(&pending)?;
+        tracing::info!(?report, "reconciled block pool references an interruption left behind");
+        Ok(())
+    }
+
+    /// Brings this store's references in the pool in line with its counts for `fps`: one
+    /// reference on each block it maps, none on the others. Clears their intents.
+    fn reconcile(&self, fps: &[Fingerprint]) -> Result<RepairReport> {
+        let mut report = RepairReport::default();
+        let mut fps = fps.to_vec();
+        fps.sort_unstable();
+        fps.dedup();
+        for chunk in fps.chunks(POOL_BATCH) {
+            let mut stripes: Vec<usize> = chunk.iter().map(|fp| self.fingerprint_stripe(fp)).collect();
+            stripes.sort_unstable();
+            stripes.dedup();
+            let _guards: Vec<_> = stripes.iter().map(|&i| self.fingerprint_stripes[i].lock()).collect();
+            let counts = self.ref_counts(chunk)?;
+            let have = self.pool.holder_refs(&self.holder, chunk)?;
+            let mut extra: Vec<Fingerprint> = Vec::new();
+            let mut retake: Vec<(Fingerprint, Claim<'_>)> = Vec::new();
+            for ((fp, &count), have) in chunk.iter().zip(&counts).zip(&have) {
+                report.checked += 1;
+                let want = u64::from(count > 0);
+                match *have {
+                    None if want > 0 => {
+                        tracing::error!(fingerprint = %fp, "a block this store maps is missing from the pool");
+                        report.lost += 1;
+                    }
+                    None => {}
+                    Some(h) if h > want => extra.extend(std::iter::repeat_n(*fp, (h - want) as usize)),
+                    Some(h) if h < want => retake.push((*fp, Claim::Existing)),
+                    Some(_) => {}
+                }
+            }
+            if !extra.is_empty() {
+                self.pool.release(&self.holder, &extra, &mut WriteBatch::new())?;
+                report.released += extra.len() as u64;
+            }
+            if !retake.is_empty() {
+                for outcome in self.pool.acquire(&self.holder, &retake, &mut WriteBatch::new())? {
+                    match outcome {
+                        Claimed::Yes => report.reacquired += 1,
+                        _ => report.lost += 1,
+                    }
+                }
+            }
+            let mut batch = WriteBatch::new();
+            for fp in chunk {
+                batch.delete(Cf::Meta, pending_key(fp));
+            }
+            self.engine.write(batch)?;
+        }
+        Ok(report)
+    }
+
+    /// Makes this store's references in an external pool agree with its block maps: finishes
+    /// operations a crash or a lost connection interrupted (recorded as intents), and with
+    /// `scan_pool` also lists the whole pool to find references leaked in ways no intent
+    /// recorded (a reply lost after the pool applied it). Nothing to do with the local pool.
+    /// Safe while the store serves I/O.
+    pub fn repair_references(&self, scan_pool: bool) -> Result<RepairReport> {
+        if !self.pool.is_external() {
+            return Ok(RepairReport::default());
+        }
+        let mut candidates = self.pending_intents()?;
+        if scan_pool {
+            for block in self.pool.scan(&self.holder)? {
+                let block = block?;
+                if block.holder_refs > 0 {
+                    candidates.push(block.fingerprint);
+                }
+            }
+            for kv in self.engine.scan(Cf::Refs, b"", None)? {
+                candidates.push(parse_fingerprint(&kv?.0)?);
+            }
+        }
+        self.reconcile(&candidates)
     }
 
     fn collision(&self, fp: Fingerprint) -> StoreError {
@@ -889,8 +1188,20 @@ impl Store {
         StoreError::Corrupt(format!("block {fp} is mapped but not stored"))
     }
 
-    /// Loads the blocks of `fps` (None stays None), from the cache or the engine in one batch.
+    /// Loads the blocks of `fps` (None stays None), from the cache or the pool in one batch; a
+    /// block that is not stored is an error (it is mapped).
     fn load_blocks(&self, fps: &[Option<Fingerprint>]) -> Result<Vec<Option<Arc<[u8]>>>> {
+        let fetched = self.fetch_blocks(fps)?;
+        for (fp, data) in fps.iter().zip(&fetched) {
+            if let (Some(fp), None) = (fp, data) {
+                return Err(self.missing_block(fp));
+            }
+        }
+        Ok(fetched)
+    }
+
+    /// Like `load_blocks`, but a block that is not stored reads as None.
+    fn fetch_blocks(&self, fps: &[Option<Fingerprint>]) -> Result<Vec<Option<Arc<[u8]>>>> {
         let mut out: Vec<Option<Arc<[u8]>>> = Vec::with_capacity(fps.len());
         let mut misses: Vec<(usize, Fingerprint)> = Vec::new();
         for (i, fp) in fps.iter().enumerate() {
@@ -908,10 +1219,11 @@ impl Store {
         if misses.is_empty() {
             return Ok(out);
         }
-        let keys: Vec<&[u8]> = misses.iter().map(|(_, fp)| &fp.0[..]).collect();
-        let values = self.engine.multi_get(Cf::Blocks, &keys)?;
+        let wanted: Vec<Fingerprint> = misses.iter().map(|(_, fp)| *fp).collect();
+        let values = self.pool.get_many(&wanted)?;
         for ((i, fp), value) in misses.into_iter().zip(values) {
-            let data: Arc<[u8]> = value.ok_or_else(|| self.missing_block(&fp))?.into();
+            let Some(value) = value else { continue };
+            let data: Arc<[u8]> = value.into();
             if data.len() != self.block_size as usize {
                 return Err(StoreError::Corrupt(format!("block {fp} has {} bytes", data.len())));
             }
@@ -961,31 +1273,21 @@ impl Store {
 
     // ----- block-level access (migration) ------------------------------------------------------
 
-    /// For each fingerprint, whether the store holds its block (one batched lookup).
+    /// For each fingerprint, whether the store holds its block (one batched lookup). With an
+    /// external pool: whether the pool holds it, whichever store wrote it, so a migration into
+    /// any server of a datacentre finds the blocks of every server sharing its pool.
     pub fn has_many(&self, fps: &[Fingerprint]) -> Result<Vec<bool>> {
-        let keys: Vec<&[u8]> = fps.iter().map(|fp| &fp.0[..]).collect();
-        Ok(self.engine.multi_get(Cf::Refs, &keys)?.into_iter().map(|v| v.is_some()).collect())
+        self.pool.has_many(fps)
     }
 
     /// A stored block's bytes.
     pub fn get_block(&self, fp: &Fingerprint) -> Result<Option<Arc<[u8]>>> {
-        match self.load_blocks(&[Some(*fp)]) {
-            Ok(mut v) => Ok(v.pop().flatten()),
-            Err(StoreError::Corrupt(_)) if !self.has_many(&[*fp])?[0] => Ok(None),
-            Err(e) => Err(e),
-        }
+        Ok(self.fetch_blocks(&[Some(*fp)])?.pop().flatten())
     }
 
     /// Stored blocks' bytes (None: not stored), in one batched lookup.
     pub fn get_blocks(&self, fps: &[Fingerprint]) -> Result<Vec<Option<Arc<[u8]>>>> {
-        let present = self.has_many(fps)?;
-        let wanted: Vec<Option<Fingerprint>> = fps.iter().zip(&present).map(|(fp, &p)| p.then_some(*fp)).collect();
-        match self.load_blocks(&wanted) {
-            Ok(v) => Ok(v),
-            // A block deleted between the two lookups: fall back to one at a time.
-            Err(StoreError::Corrupt(_)) => fps.iter().map(|fp| self.get_block(fp)).collect(),
-            Err(e) => Err(e),
-        }
+        self.fetch_blocks(&fps.iter().map(|fp| Some(*fp)).collect::<Vec<_>>())
     }
 
     /// The fingerprints mapped at the given blocks of a disk (None: a hole).
@@ -1121,7 +1423,17 @@ impl Store {
     /// Checks that every reference count equals the number of map entries naming it, that
     /// every mapped block is stored, that no block is stored without references, and (with
     /// `verify_data`) that every stored block re-hashes to its key.
+    ///
+    /// With an external pool, "stored" means in the pool, with exactly one reference of this
+    /// store on each block it maps; the whole pool is listed for references of this store on
+    /// blocks it does not map (leaks, which [`Store::repair_references`] gives back), and
+    /// `stored_blocks` and `verified_blocks` count this store's blocks. Other stores' blocks
+    /// are theirs to check.
     pub fn fsck(&self, verify_data: bool) -> Result<FsckReport> {
+        // No delete, resize or rename runs meanwhile (a delete releases references in many
+        // batches; seen half-way it would look like damage). Writes from clients still run:
+        // on a busy store, a problem fsck reports may be a write in flight; check it again.
+        let _catalog = self.catalog.lock();
         let mut report = FsckReport::default();
         let disks: HashMap<DiskId, (String, u64)> = {
             let table = self.disks.read();
@@ -1129,6 +1441,14 @@ impl Store {
         };
         report.disks = disks.len() as u64;
         let bs = u64::from(self.block_size);
+        // Disks being deleted (a delete in progress, or one a crash interrupted) still own
+        // their remaining map entries and the references those hold.
+        let deleting: std::collections::HashSet<DiskId> = self
+            .engine
+            .scan(Cf::Meta, DELETING_PREFIX, prefix_end(DELETING_PREFIX).as_deref())?
+            .filter_map(|kv| kv.ok())
+            .filter_map(|(k, _)| <[u8; 8]>::try_from(&k[DELETING_PREFIX.len()..]).ok().map(|b| DiskId(u64::from_be_bytes(b))))
+            .collect();
         let mut expected: HashMap<Fingerprint, u64> = HashMap::new();
         for kv in self.engine.scan(Cf::Maps, b"", None)? {
             let (k, v) = kv?;
@@ -1136,6 +1456,7 @@ impl Store {
             let (disk, block) = parse_map_key(&k)?;
             let fp = parse_fingerprint(&v)?;
             match disks.get(&disk) {
+                None if deleting.contains(&disk) => {}
                 None => report.problem(format!("map entry of unknown disk #{} block {block}", disk.0)),
                 Some((name, size)) if block >= size.div_ceil(bs) => {
                     report.problem(format!("disk {name:?}: block {block} is past the end"))
@@ -1155,6 +1476,10 @@ impl Store {
         }
         for (fp, want) in expected {
             report.problem(format!("block {fp}: {want} map entries but no reference count"));
+        }
+        if self.pool.is_external() {
+            self.fsck_pool(verify_data, &mut report)?;
+            return Ok(report);
         }
         let mut ref_keys = self.engine.scan(Cf::Refs, b"", None)?.peekable();
         for kv in self.engine.scan(Cf::Blocks, b"", None)? {
@@ -1195,6 +1520,71 @@ impl Store {
             report.problem(format!("block {} has a reference count but is not stored", parse_fingerprint(&rk)?));
         }
         Ok(report)
+    }
+}
+
+impl Store {
+    /// fsck's half for an external pool: this store's references against the pool's.
+    fn fsck_pool(&self, verify_data: bool, report: &mut FsckReport) -> Result<()> {
+        let bs = self.block_size as usize;
+        let mut mine: HashSet<Fingerprint> = HashSet::new();
+        let mut chunk: Vec<Fingerprint> = Vec::with_capacity(POOL_BATCH);
+        let check = |chunk: &mut Vec<Fingerprint>, report: &mut FsckReport| -> Result<()> {
+            if chunk.is_empty() {
+                return Ok(());
+            }
+            let refs = self.pool.holder_refs(&self.holder, chunk)?;
+            for (fp, refs) in chunk.iter().zip(&refs) {
+                match refs {
+                    None => report.problem(format!("block {fp} is mapped but missing from the pool {}", self.pool.location())),
+                    Some(0) => report.problem(format!(
+                        "block {fp}: the pool holds no reference of this store on it (another store's delete could free it; repair takes it again)"
+                    )),
+                    Some(1) => {}
+                    Some(n) => report.problem(format!("block {fp}: this store holds {n} references in the pool, not 1 (leaked; repair gives them back)")),
+                }
+                if refs.is_some() {
+                    report.stored_blocks += 1;
+                }
+            }
+            if verify_data {
+                let datas = self.pool.get_many(chunk)?;
+                for (fp, data) in chunk.iter().zip(datas) {
+                    let Some(data) = data else { continue };
+                    report.verified_blocks += 1;
+                    if data.len() != bs {
+                        report.problem(format!("block {fp} has {} bytes, not {bs}", data.len()));
+                    }
+                    if self.algorithm.fingerprint(&data) != *fp {
+                        report.problem(format!("block {fp}: content does not hash to its fingerprint"));
+                    }
+                }
+            }
+            chunk.clear();
+            Ok(())
+        };
+        for kv in self.engine.scan(Cf::Refs, b"", None)? {
+            let fp = parse_fingerprint(&kv?.0)?;
+            mine.insert(fp);
+            chunk.push(fp);
+            if chunk.len() == POOL_BATCH {
+                check(&mut chunk, report)?;
+            }
+        }
+        check(&mut chunk, report)?;
+        for block in self.pool.scan(&self.holder)? {
+            let block = block?;
+            if block.holder_refs > 0 && !mine.contains(&block.fingerprint) {
+                report.problem(format!(
+                    "block {}: {} leaked reference(s) of this store in the pool (repair gives them back)",
+                    block.fingerprint, block.holder_refs
+                ));
+            }
+        }
+        for fp in self.pending_intents()? {
+            report.problem(format!("block {fp}: a pool operation was interrupted (repair or the next open finishes it)"));
+        }
+        Ok(())
     }
 }
 

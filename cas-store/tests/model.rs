@@ -1,170 +1,61 @@
-//! Property test: random sequences of writes, zeroes, trims, resizes, deletes and snapshots
-//! over several disks that share content, applied to the RocksDB store and to a plain model
-//! (a byte vector per disk). After each sequence the store is reopened, every byte compared,
-//! the space accounting checked against the model, and fsck run.
+//! Property test of the store against a plain model (harness in `common/model.rs`): on
+//! RocksDB with its own blocks (1000 cases), and on an in-memory engine whose blocks are in a
+//! shared in-memory pool with Ceph `cas` semantics, the external-pool path (300 cases).
 
-use std::collections::{BTreeMap, HashSet};
+mod common;
 
-use cas_store::{Store, StoreOptions};
-use proptest::prelude::*;
+use std::sync::Arc;
 
-const BS: u64 = 512;
-const MAX_BLOCKS: u64 = 24;
-const NAMES: [&str; 3] = ["web", "db", "app"];
+use cas_store::engine::MemEngine;
+use cas_store::{MemPool, Store, StoreOptions};
+use common::model::*;
 
-#[derive(Debug, Clone)]
-enum Op {
-    /// Writes pieces of a few shared contents, so disks dedupe against each other.
-    Write { disk: usize, offset: u64, len: u64, content: u8, shift: u8 },
-    Zero { disk: usize, offset: u64, len: u64 },
-    Trim { disk: usize, offset: u64, len: u64 },
-    Resize { disk: usize, blocks: u64 },
-    DeleteAndRecreate { disk: usize, blocks: u64 },
-    /// Takes a snapshot, writes, and checks that the snapshot still shows the earlier map.
-    SnapshotThenWrite { disk: usize, offset: u64, content: u8 },
-    Flush,
+/// An in-memory engine (kept across the reopen) with its blocks in a `MemPool` that a
+/// neighbour store shares: the neighbour's blocks must survive everything the case does.
+struct SharedPoolBackend {
+    engine: Arc<MemEngine>,
+    pool: Arc<MemPool>,
+    neighbour: Store,
+    neighbour_data: Vec<u8>,
 }
 
-fn op() -> impl Strategy<Value = Op> {
-    let disk = 0..NAMES.len();
-    let off = 0..MAX_BLOCKS * BS;
-    prop_oneof![
-        6 => (disk.clone(), off.clone(), 1..4 * BS, 0..4u8, 0..3u8).prop_map(|(disk, offset, len, content, shift)| Op::Write { disk, offset, len, content, shift }),
-        2 => (disk.clone(), off.clone(), 1..6 * BS).prop_map(|(disk, offset, len)| Op::Zero { disk, offset, len }),
-        2 => (disk.clone(), off.clone(), 1..6 * BS).prop_map(|(disk, offset, len)| Op::Trim { disk, offset, len }),
-        1 => (disk.clone(), 1..MAX_BLOCKS).prop_map(|(disk, blocks)| Op::Resize { disk, blocks }),
-        1 => (disk.clone(), 1..MAX_BLOCKS).prop_map(|(disk, blocks)| Op::DeleteAndRecreate { disk, blocks }),
-        1 => (disk.clone(), off, 0..4u8).prop_map(|(disk, offset, content)| Op::SnapshotThenWrite { disk, offset, content }),
-        1 => Just(Op::Flush),
-    ]
-}
-
-/// Content `c` is a fixed pseudo-random stream; `shift` selects where in it a write starts,
-/// so the same blocks recur at different offsets and on different disks.
-fn content(c: u8, shift: u8, len: u64) -> Vec<u8> {
-    if c == 0 {
-        return vec![0; len as usize];
-    }
-    (0..len).map(|i| {
-        let x = (i + u64::from(shift) * BS) as u32;
-        (x.wrapping_mul(2_654_435_761).rotate_left(u32::from(c)) >> 13) as u8
-    }).collect()
-}
-
-struct Model {
-    disks: Vec<Vec<u8>>,
-}
-
-impl Model {
-    /// Clips a range to the disk, as the test only issues in-range requests.
-    fn clip(&self, disk: usize, offset: u64, len: u64) -> Option<(u64, u64)> {
-        let size = self.disks[disk].len() as u64;
-        (offset < size).then(|| (offset, len.min(size - offset)))
-    }
-
-    fn blocks_of(&self, disk: usize) -> Vec<(u64, Vec<u8>)> {
-        self.disks[disk]
-            .chunks(BS as usize)
-            .enumerate()
-            .filter(|(_, b)| b.iter().any(|&x| x != 0))
-            .map(|(i, b)| {
-                let mut full = b.to_vec();
-                full.resize(BS as usize, 0);
-                (i as u64, full)
-            })
-            .collect()
+impl SharedPoolBackend {
+    fn new() -> SharedPoolBackend {
+        let pool = Arc::new(MemPool::new());
+        let opts = StoreOptions { block_size: Some(BS as u32), pool: Some(pool.clone()), ..Default::default() };
+        let neighbour = Store::with_engine(Arc::new(MemEngine::new()), opts).unwrap();
+        let d = neighbour.create_disk("web", 8 * BS).unwrap();
+        // Content 1 at shift 0: blocks the case's disks write too.
+        let neighbour_data: Vec<u8> = (0..8 * BS)
+            .map(|i| ((i as u32).wrapping_mul(2_654_435_761).rotate_left(1) >> 13) as u8)
+            .collect();
+        neighbour.write(d.id, 0, &neighbour_data, false).unwrap();
+        SharedPoolBackend { engine: Arc::new(MemEngine::new()), pool, neighbour, neighbour_data }
     }
 }
 
-fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
-    let dir = tempfile::tempdir().unwrap();
-    let opts = StoreOptions { block_size: Some(BS as u32), cache_bytes: 16 * BS as usize * 16, ..Default::default() };
-    let mut model = Model { disks: vec![vec![0; (8 * BS) as usize]; NAMES.len()] };
-    {
-        let store = Store::open(dir.path(), opts.clone()).unwrap();
-        for name in NAMES {
-            store.create_disk(name, 8 * BS).unwrap();
-        }
-        for op in ops {
-            match op {
-                Op::Write { disk, offset, len, content: c, shift } => {
-                    let Some((offset, len)) = model.clip(disk, offset, len) else { continue };
-                    let data = content(c, shift, len);
-                    let id = store.disk(NAMES[disk]).unwrap().id;
-                    store.write(id, offset, &data, false).unwrap();
-                    model.disks[disk][offset as usize..(offset + len) as usize].copy_from_slice(&data);
-                }
-                Op::Zero { disk, offset, len } | Op::Trim { disk, offset, len } => {
-                    let Some((offset, len)) = model.clip(disk, offset, len) else { continue };
-                    let id = store.disk(NAMES[disk]).unwrap().id;
-                    if matches!(op, Op::Zero { .. }) {
-                        store.write_zeroes(id, offset, len, false).unwrap();
-                    } else {
-                        store.trim(id, offset, len, true).unwrap();
-                    }
-                    model.disks[disk][offset as usize..(offset + len) as usize].fill(0);
-                }
-                Op::Resize { disk, blocks } => {
-                    // Sizes in 512-byte sectors but not always whole blocks of the store: here
-                    // BS is 512, so every size is whole; partial blocks are covered by unit tests.
-                    store.resize_disk(NAMES[disk], blocks * BS).unwrap();
-                    model.disks[disk].resize((blocks * BS) as usize, 0);
-                }
-                Op::DeleteAndRecreate { disk, blocks } => {
-                    store.delete_disk(NAMES[disk]).unwrap();
-                    store.create_disk(NAMES[disk], blocks * BS).unwrap();
-                    model.disks[disk] = vec![0; (blocks * BS) as usize];
-                }
-                Op::SnapshotThenWrite { disk, offset, content: c } => {
-                    let id = store.disk(NAMES[disk]).unwrap().id;
-                    let expected: Vec<(u64, cas_store::Fingerprint)> =
-                        model.blocks_of(disk).into_iter().map(|(b, d)| (b, store.fingerprint(&d))).collect();
-                    let snapshot = store.map_snapshot(id).unwrap();
-                    if let Some((offset, len)) = model.clip(disk, offset, 2 * BS) {
-                        let data = content(c, 1, len);
-                        store.write(id, offset, &data, false).unwrap();
-                        model.disks[disk][offset as usize..(offset + len) as usize].copy_from_slice(&data);
-                    }
-                    let seen: Vec<_> = snapshot.map(|e| e.unwrap()).collect();
-                    prop_assert_eq!(seen, expected);
-                }
-                Op::Flush => store.flush().unwrap(),
-            }
-        }
+impl Backend for SharedPoolBackend {
+    fn open(&self, mut opts: StoreOptions) -> Store {
+        opts.pool = Some(self.pool.clone());
+        Store::with_engine(self.engine.clone(), opts).unwrap()
     }
 
-    // Reopen and compare everything.
-    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
-    let mut distinct: HashSet<Vec<u8>> = HashSet::new();
-    let mut allocated = 0u64;
-    for (i, name) in NAMES.iter().enumerate() {
-        let info = store.disk(name).unwrap();
-        prop_assert_eq!(info.size, model.disks[i].len() as u64);
-        let mut buf = vec![0xa5; model.disks[i].len()];
-        store.read(info.id, 0, &mut buf).unwrap();
-        prop_assert!(buf == model.disks[i], "disk {} differs from the model", name);
-        for (_, block) in model.blocks_of(i) {
-            allocated += BS;
-            distinct.insert(block);
+    fn check(&self, store: &Store, _distinct: u64) -> Result<(), TestCaseError> {
+        prop_assert_eq!(store.block_pool(), "memory");
+        let d = self.neighbour.disk("web").unwrap();
+        let mut buf = vec![0u8; self.neighbour_data.len()];
+        self.neighbour.read(d.id, 0, &mut buf).unwrap();
+        prop_assert!(buf == self.neighbour_data, "the neighbour's disk changed");
+        let report = self.neighbour.fsck(true).unwrap();
+        prop_assert!(report.is_clean(), "neighbour fsck: {:?}", report.problems);
+        // Both stores gone: the pool must be empty (no leaked reference).
+        for disk in store.list_disks().unwrap() {
+            store.delete_disk(&disk.name).unwrap();
         }
-        // Block status agrees with the model: a block is allocated iff it is non-zero.
-        let mut status = BTreeMap::new();
-        for e in store.block_status(info.id, 0, info.size).unwrap() {
-            for b in e.offset / BS..(e.offset + e.length) / BS {
-                status.insert(b, e.allocated);
-            }
-        }
-        let nonzero: HashSet<u64> = model.blocks_of(i).into_iter().map(|(b, _)| b).collect();
-        for (b, allocated) in status {
-            prop_assert_eq!(allocated, nonzero.contains(&b));
-        }
+        self.neighbour.delete_disk("web").unwrap();
+        prop_assert_eq!(self.pool.len(), 0, "blocks left in the pool after every disk was deleted");
+        Ok(())
     }
-    let stats = store.stats().unwrap();
-    prop_assert_eq!(stats.allocated_bytes, allocated);
-    prop_assert_eq!(stats.stored_blocks, distinct.len() as u64, "each distinct block is stored once");
-    let report = store.fsck(true).unwrap();
-    prop_assert!(report.is_clean(), "fsck: {:?}", report.problems);
-    Ok(())
 }
 
 proptest! {
@@ -172,6 +63,14 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 1000, max_shrink_iters: 2000, ..ProptestConfig::default() })]
     #[test]
     fn store_matches_model(ops in proptest::collection::vec(op(), 1..40)) {
-        run(ops)?;
+        run(ops, &RocksBackend(tempfile::tempdir().unwrap()))?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, max_shrink_iters: 2000, ..ProptestConfig::default() })]
+    #[test]
+    fn external_pool_store_matches_model(ops in proptest::collection::vec(op(), 1..40)) {
+        run(ops, &SharedPoolBackend::new())?;
     }
 }

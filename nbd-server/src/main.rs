@@ -64,6 +64,19 @@ struct Args {
     #[argh(option)]
     block_size: Option<u32>,
 
+    /// where a new store keeps its blocks: "rocksdb" (default: in the store directory) or
+    /// "rados:POOL[/NAMESPACE]" (a Ceph pool the datacentre's servers share); fixed at creation
+    #[argh(option, default = "String::from(\"rocksdb\")")]
+    blocks: String,
+
+    /// the Ceph configuration for --blocks rados:... (default /etc/ceph/ceph.conf)
+    #[argh(option)]
+    ceph_conf: Option<PathBuf>,
+
+    /// the Ceph user for --blocks rados:... (default client.admin)
+    #[argh(option)]
+    ceph_user: Option<String>,
+
     /// requests in flight per connection (default 128)
     #[argh(option)]
     max_in_flight: Option<usize>,
@@ -179,7 +192,9 @@ fn tls_config(args: &Args) -> anyhow::Result<Option<TlsConfig>> {
 /// Opens the store, creates the `--disk`s, and registers every disk as an export. All of it
 /// runs before the async runtime starts: RocksDB calls never run on a runtime thread.
 fn open_exports(args: &Args) -> anyhow::Result<(Arc<Store>, Arc<Node>)> {
-    let options = StoreOptions { block_size: args.block_size, ..StoreOptions::default() };
+    let pool = cas_rados::pool_from_spec(&args.blocks, args.ceph_conf.as_deref(), args.ceph_user.as_deref())
+        .with_context(|| format!("block pool {}", args.blocks))?;
+    let options = StoreOptions { block_size: args.block_size, pool, ..StoreOptions::default() };
     let store = Store::open(&args.store, options).with_context(|| format!("opening store {}", args.store.display()))?;
     let store = Arc::new(store);
 

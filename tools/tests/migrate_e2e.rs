@@ -386,3 +386,53 @@ fn cas_works_through_a_running_server() {
     fail(&["ls", "--server", server.ctl(), "--store", "/tmp"], "not both");
     fail(&["create", "x", "--size", "1M", "--server", server.ctl(), "--block-size", "512"], "new store");
 }
+
+/// Two servers of one datacentre keep their blocks in one Ceph pool (issue 8). Needs the
+/// throwaway cluster (`scripts/ceph-cluster.sh start`); test.sh starts it and sets
+/// NBD_CAS_REQUIRE_CEPH=1, which turns a missing cluster into a failure instead of a skip.
+#[test]
+fn two_servers_sharing_a_rados_pool() {
+    let (Ok(conf), pool) = (std::env::var("NBD_CAS_CEPH_CONF"), std::env::var("NBD_CAS_CEPH_POOL").unwrap_or_else(|_| "nbd-cas".into())) else {
+        assert!(std::env::var("NBD_CAS_REQUIRE_CEPH").is_err(), "NBD_CAS_REQUIRE_CEPH is set but NBD_CAS_CEPH_CONF is not");
+        eprintln!("########## SKIPPED two_servers_sharing_a_rados_pool: no Ceph cluster (scripts/ceph-cluster.sh start; eval \"$(scripts/ceph-cluster.sh env)\")");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Each run uses its own RADOS namespace, so runs never see each other's blocks.
+    let ns = format!("e2e-{}-{}", std::process::id(), d.file_name().unwrap().to_string_lossy().replace('.', ""));
+    let blocks = format!("rados:{pool}/{ns}");
+    let args = ["--blocks", blocks.as_str(), "--ceph-conf", conf.as_str(), "--migration-insecure"];
+    let a = Server::start(d, "a", &args);
+    let b = Server::start(d, "b", &[&args[..], &["--migration-listen", "127.0.0.1:0"]].concat());
+    let vm = d.join("vm.raw");
+    let content = image(&vm, 1024, 512, 3, 4);
+    load(&a, "vm", &vm);
+    // A copy of the same VM on B (another tenant's clone): B's store references the same
+    // pool blocks.
+    load(&b, "clone", &vm);
+    a.fsck_clean();
+    b.fsck_clean();
+    // Migrating vm from A to B inside the datacentre: B already has every block in the pool.
+    let out = migrate(&a, &b, "vm", &[]);
+    assert!(out.status.success(), "migrate: {}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["link"]["data_wire_bytes"], 0, "only fingerprints crossed: {}", report["link"]);
+    assert_eq!(report["destination"]["wanted"], 0);
+    let got = d.join("got.raw");
+    run(Command::new("nbdcopy").arg(b.uri("vm")).arg(&got));
+    assert!(std::fs::read(&got).unwrap() == content);
+    // A deletes its copy (it still had vm: the migration kept the source disk); B keeps
+    // reading both of its disks, whose blocks the pool must keep.
+    let left = a.disks();
+    for name in left {
+        a.ok("disk.delete", json!({"name": name}));
+    }
+    assert!(a.disks().is_empty());
+    for name in ["vm", "clone"] {
+        run(Command::new("nbdcopy").arg(b.uri(name)).arg(&got));
+        assert!(std::fs::read(&got).unwrap() == content, "{name} intact on B after A deleted its disks");
+    }
+    a.fsck_clean();
+    b.fsck_clean();
+}
