@@ -38,6 +38,8 @@ use crate::{Fingerprint, FingerprintAlgorithm, Result, StoreError};
 /// request larger than this is not atomic as a whole (NBD does not ask it to be).
 const CHUNK_BLOCKS: u64 = 256;
 const BLOCK_STRIPES: usize = 1024;
+/// Reads of more blocks than this at once bypass filling the hot-block cache.
+const SCAN_BLOCKS: u64 = 32;
 const FINGERPRINT_STRIPES: usize = 256;
 /// Format of a store whose blocks are in its own engine.
 const FORMAT_VERSION: u32 = 1;
@@ -232,6 +234,22 @@ impl DiskState {
 struct DiskTable {
     by_name: HashMap<String, Arc<DiskState>>,
     names: HashMap<DiskId, String>,
+}
+
+/// A block's bytes as a read gets them: from the hot-block cache, or straight from the pool.
+enum BlockBytes {
+    Shared(Arc<[u8]>),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for BlockBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            BlockBytes::Shared(b) => b,
+            BlockBytes::Owned(b) => b,
+        }
+    }
 }
 
 /// What a block becomes in a commit.
@@ -696,7 +714,11 @@ impl Store {
             let stripes = self.stripe_indices(disk, first, chunk_last);
             let _guards: Vec<_> = stripes.iter().map(|&i| self.block_stripes[i].read()).collect();
             let fps = self.map_lookup(disk, first, chunk_last)?;
-            let datas = self.load_blocks(&fps)?;
+            // A large read is a scan (a copy, a backup, a sequential reader): it consults the
+            // hot-block cache but does not fill it, so it neither evicts the hot set nor pays
+            // for an extra copy of every block.
+            let fill_cache = chunk_last - first < SCAN_BLOCKS;
+            let datas = self.read_blocks(&fps, fill_cache)?;
             for (i, data) in datas.iter().enumerate() {
                 let block = first + i as u64;
                 let block_start = block * bs;
@@ -1198,6 +1220,37 @@ impl Store {
             }
         }
         Ok(fetched)
+    }
+
+    /// Like `load_blocks`, for reads: without `fill_cache`, blocks that miss the cache are
+    /// returned as read and not cached.
+    fn read_blocks(&self, fps: &[Option<Fingerprint>], fill_cache: bool) -> Result<Vec<Option<BlockBytes>>> {
+        if fill_cache {
+            return Ok(self.load_blocks(fps)?.into_iter().map(|b| b.map(BlockBytes::Shared)).collect());
+        }
+        let mut out: Vec<Option<BlockBytes>> = Vec::with_capacity(fps.len());
+        let mut misses: Vec<(usize, Fingerprint)> = Vec::new();
+        for (i, fp) in fps.iter().enumerate() {
+            out.push(None);
+            if let Some(fp) = fp {
+                match self.cache.get(fp) {
+                    Some(d) => out[i] = Some(BlockBytes::Shared(d)),
+                    None => misses.push((i, *fp)),
+                }
+            }
+        }
+        if misses.is_empty() {
+            return Ok(out);
+        }
+        let wanted: Vec<Fingerprint> = misses.iter().map(|(_, fp)| *fp).collect();
+        for ((i, fp), value) in misses.into_iter().zip(self.pool.get_many(&wanted)?) {
+            let value = value.ok_or_else(|| self.missing_block(&fp))?;
+            if value.len() != self.block_size as usize {
+                return Err(StoreError::Corrupt(format!("block {fp} has {} bytes", value.len())));
+            }
+            out[i] = Some(BlockBytes::Owned(value));
+        }
+        Ok(out)
     }
 
     /// Like `load_blocks`, but a block that is not stored reads as None.

@@ -332,3 +332,27 @@ fn interrupted_delete_is_finished_at_open() {
     assert_eq!(s.stats().unwrap().stored_blocks, 0);
     assert!(s.fsck(true).unwrap().is_clean());
 }
+
+#[test]
+fn large_reads_bypass_the_cache_and_return_the_same_bytes() {
+    both(4096, |s| {
+        let d = s.create_disk("big", 600 * 4096).unwrap();
+        let mut data = pattern(8, 300 * 4096);
+        data[5000..9000].fill(0);
+        s.write(d.id, 4096 * 100, &data, false).unwrap();
+        // Warm a few blocks into the cache with small reads, then read everything at once
+        // (a scan: cached blocks are used, missing ones come from the pool uncached).
+        let mut small = vec![0u8; 4096];
+        for b in [100u64, 150, 399] {
+            s.read(d.id, b * 4096, &mut small).unwrap();
+        }
+        let mut all = vec![1u8; 600 * 4096];
+        s.read(d.id, 0, &mut all).unwrap();
+        let mut expect = vec![0u8; 600 * 4096];
+        expect[4096 * 100..4096 * 400].copy_from_slice(&data);
+        assert!(all == expect);
+        let mut part = vec![0u8; 200 * 4096 + 7];
+        s.read(d.id, 4096 * 150 + 3, &mut part).unwrap();
+        assert!(part[..] == expect[4096 * 150 + 3..4096 * 350 + 10]);
+    });
+}
