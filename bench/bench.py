@@ -1,0 +1,990 @@
+#!/usr/bin/env python3
+"""The benchmark harness behind bench.sh (see bench/README.md).
+
+Each section writes OUT/sections/<section>.json; report.py merges them into
+OUT/results.json, OUT/RESULTS.md and OUT/plots/*.png. Sections can be re-run alone
+(--only), the others' last results stay.
+
+Every process this harness starts is recorded (RUN/pids) and ended on exit, failures
+included; the emulated WAN (scripts/wan.sh) is torn down on exit; bench.sh's trap repeats
+both as a safety net.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+WAN = os.path.join(REPO, "scripts", "wan.sh")
+SRC_ADDR, DST_ADDR = "10.200.0.1", "10.200.0.2"
+LINK_RATE_BPS = 100e6  # the tbf rate, bits per second
+MiB = 1 << 20
+GiB = 1 << 30
+
+# ---------------------------------------------------------------------------------- configs
+NEIGHBOURS_PAPER = ["bookworm-minimal", "trixie-minimal"]
+NEIGHBOURS_DC = ["bookworm-minimal", "trixie-minimal", "bookworm-web-b", "bookworm-db-b"]
+MIGRATED = ["bookworm-web", "bookworm-db", "trixie-app", "bookworm-webdb"]
+ALL_IMAGES = NEIGHBOURS_DC + MIGRATED
+
+CONFIGS = {
+    "full": {
+        "scale": "large",
+        "similarity_images": ALL_IMAGES,
+        "similarity_reference": True,
+        "indexing_images": ALL_IMAGES,
+        "migrated": MIGRATED,
+        "hoods": {"paper": NEIGHBOURS_PAPER, "datacentre": NEIGHBOURS_DC},
+        "full_copy": True,
+        "rsync": True,
+        "casync_chunkings": ["default", "4k"],
+        # 4 KiB casync fetches one HTTP request per chunk: tens of minutes per run on large
+        # images, so only where it matters most (the realistic neighbourhood)
+        "casync_4k_hoods": ["datacentre"],
+        "floor_levels": "3",
+        # zstd -19 --long on a GiB of lacking blocks takes minutes: only for the datacentre
+        "floor_levels_hoods": {"datacentre": "3,19L"},
+        "load_images": ["bookworm-db", "bookworm-webdb"],
+        "load_hood": "datacentre",
+        "nbd_image": "bookworm-db",
+        "nbd_bytes": 2 * GiB,
+        "fio_runtime": 30,
+        "store_bench_args": [],
+    },
+    "quick": {
+        "scale": "small",
+        "similarity_images": ["bookworm-minimal", "bookworm-web", "bookworm-web-b"],
+        "similarity_reference": True,
+        "indexing_images": ["bookworm-minimal", "bookworm-web-b", "bookworm-web"],
+        "migrated": ["bookworm-web"],
+        "hoods": {"paper": ["bookworm-minimal"], "datacentre": ["bookworm-minimal", "bookworm-web-b"]},
+        "full_copy": False,
+        "rsync": True,
+        "casync_chunkings": ["default"],
+        "casync_hoods": ["datacentre"],
+        "floor_levels": "3",
+        "load_images": ["bookworm-web"],
+        "load_hood": "datacentre",
+        "nbd_image": "bookworm-web",
+        "nbd_bytes": 256 * MiB,
+        "fio_runtime": 4,
+        "store_bench_args": ["--warm-up-time", "1", "--measurement-time", "2", "--sample-size", "10"],
+    },
+}
+SECTIONS = ["similarity", "indexing", "migration", "downtime", "nbd", "store"]
+
+
+# ---------------------------------------------------------------------------------- plumbing
+class Ctx:
+    def __init__(self, args):
+        self.args = args
+        self.cfg = dict(CONFIGS["quick" if args.quick else "full"])
+        if args.scale:
+            self.cfg["scale"] = args.scale
+        self.bin = args.bin
+        self.out = args.out
+        self.run = args.run_dir
+        self.images_dir = os.path.join(args.images, self.cfg["scale"])
+        self.procs = []
+        self.wan_name = None
+        self.log_path = os.path.join(self.out, "logs", "bench.log")
+        os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
+        os.makedirs(self.run, exist_ok=True)
+        self.logf = open(self.log_path, "a")
+        self.sha_cache = {}
+
+    def log(self, msg):
+        line = "[%s] %s" % (time.strftime("%H:%M:%S"), msg)
+        print(line, file=sys.stderr, flush=True)
+        self.logf.write(line + "\n")
+        self.logf.flush()
+
+    def image(self, name):
+        p = os.path.join(self.images_dir, name + ".raw")
+        if not os.path.exists(p):
+            raise RuntimeError("image %s missing (test-images/build.sh --size-scale %s --only %s)"
+                               % (p, self.cfg["scale"], name))
+        return p
+
+    def exe(self, name):
+        return os.path.join(self.bin, name)
+
+    # -- processes
+    def _record(self, p):
+        self.procs.append(p)
+        with open(os.path.join(self.run, "pids"), "a") as f:
+            f.write("%d\n" % p.pid)
+
+    def start(self, cmd, ns=None, log=None, stdout_pipe=False, env=None):
+        """Starts a long-running process (own process group), recorded for clean-up."""
+        full = self.ns_prefix(ns) + cmd
+        self.log("start: %s" % " ".join(full))
+        logf = open(log or os.path.join(self.out, "logs", "proc-%s.log" % os.path.basename(cmd[0])), "ab")
+        p = subprocess.Popen(full, stdout=subprocess.PIPE if stdout_pipe else logf, stderr=logf,
+                             stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+        p.logfile = logf
+        self._record(p)
+        return p
+
+    def stop(self, p, sig=signal.SIGTERM, timeout=15):
+        if p is None:
+            return None
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait()
+        if p in self.procs:
+            self.procs.remove(p)
+        return p.returncode
+
+    def stop_all(self):
+        for p in list(self.procs):
+            try:
+                self.stop(p, timeout=5)
+            except Exception:
+                pass
+
+    def ns_prefix(self, ns):
+        if ns is None:
+            return []
+        return ["ip", "netns", "exec", "nbdcas-%s-%s" % (self.wan_name, ns)]
+
+    def sh(self, cmd, ns=None, timeout=None, check=True, capture=True, input=None, env=None):
+        """Runs a command to completion; returns (CompletedProcess, seconds)."""
+        full = self.ns_prefix(ns) + cmd
+        self.log("run: %s" % " ".join(full))
+        t0 = time.monotonic()
+        r = subprocess.run(full, stdout=subprocess.PIPE if capture else self.logf,
+                           stderr=subprocess.PIPE if capture else self.logf,
+                           timeout=timeout, input=input, env=env, start_new_session=True)
+        dt = time.monotonic() - t0
+        if check and r.returncode != 0:
+            err = (r.stderr or b"").decode(errors="replace")[-3000:] if capture else "(see log)"
+            raise RuntimeError("%s exited %d: %s" % (" ".join(full), r.returncode, err))
+        return r, dt
+
+    # -- the emulated WAN
+    def wan_up(self):
+        if self.wan_name:
+            return
+        name = "b%d" % (os.getpid() % 10000000)
+        self.sh([WAN, "up", name, "--rate", "100mbit"])
+        self.wan_name = name
+        with open(os.path.join(self.run, "wan"), "w") as f:
+            f.write(name + "\n")
+
+    def wan_down(self):
+        if self.wan_name:
+            subprocess.run([WAN, "down", self.wan_name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.wan_name = None
+
+    def link_bytes(self):
+        r, _ = self.sh([WAN, "counters", self.wan_name])
+        rx, tx = r.stdout.decode().split()
+        return int(rx) + int(tx)
+
+    # -- helpers
+    def image_sha(self, name):
+        if name in self.sha_cache:
+            return self.sha_cache[name]
+        meta = os.path.join(self.images_dir, name + ".json")
+        path = self.image(name)
+        digest = None
+        try:
+            with open(meta) as f:
+                m = json.load(f)
+            if m.get("size_bytes") == os.path.getsize(path) and os.path.getmtime(meta) >= os.path.getmtime(path):
+                digest = m.get("sha256")
+        except (OSError, ValueError):
+            pass
+        if not digest:
+            digest = sha_file(path)
+        self.sha_cache[name] = digest
+        return digest
+
+    def sha_nbd(self, uri, ns=None):
+        """sha256 of an NBD export, read with nbdcopy."""
+        full = self.ns_prefix(ns) + ["nbdcopy", uri, "-"]
+        p = subprocess.Popen(full, stdout=subprocess.PIPE, stderr=self.logf, start_new_session=True)
+        self._record(p)
+        h = hashlib.sha256()
+        while True:
+            b = p.stdout.read(4 * MiB)
+            if not b:
+                break
+            h.update(b)
+        p.wait()
+        self.procs.remove(p)
+        if p.returncode != 0:
+            raise RuntimeError("nbdcopy %s failed" % uri)
+        return h.hexdigest()
+
+
+def sha_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(8 * MiB)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def du_bytes(path):
+    r = subprocess.run(["du", "-s", "--block-size=1", path], stdout=subprocess.PIPE, check=True)
+    return int(r.stdout.split()[0])
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def rss_kib(pid, field="VmRSS"):
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def wait_ready(ctx, p, what, timeout=120):
+    """Reads an nbd-server's stdout until "ready"; returns the lines."""
+    lines, done = [], threading.Event()
+
+    def reader():
+        for raw in p.stdout:
+            line = raw.decode(errors="replace").rstrip("\n")
+            lines.append(line)
+            p.logfile.write(raw)
+            p.logfile.flush()
+            if line.strip() == "ready":
+                done.set()
+        done.set()
+
+    threading.Thread(target=reader, daemon=True).start()
+    if not done.wait(timeout) or "ready" not in [x.strip() for x in lines]:
+        raise RuntimeError("%s did not become ready (exit %s); log %s" % (what, p.poll(), p.logfile.name))
+    return lines
+
+
+def server_pid(ctx, p):
+    """The nbd-server process itself (under `ip netns exec` it is the same pid)."""
+    return p.pid
+
+
+def write_section(ctx, name, data):
+    d = os.path.join(ctx.out, "sections")
+    os.makedirs(d, exist_ok=True)
+    data = dict(data)
+    data["section"] = name
+    data["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    data["mode"] = "quick" if ctx.args.quick else "full"
+    data["scale"] = ctx.cfg["scale"]
+    try:
+        with open("/proc/loadavg") as f:
+            data["loadavg"] = f.read().split()[:3]
+    except OSError:
+        pass
+    tmp = os.path.join(d, name + ".json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, os.path.join(d, name + ".json"))
+
+
+# ---------------------------------------------------------------------------------- stores
+def cas_import(ctx, store, name, image):
+    """Offline import; returns a dict with seconds and peak RSS of the import process."""
+    r, dt = ctx.sh(["/usr/bin/time", "-f", "MAXRSS_KIB=%M", ctx.exe("cas"), "import", name, image,
+                    "--store", store, "--json"])
+    m = re.search(rb"MAXRSS_KIB=(\d+)", r.stderr)
+    out = {"seconds": round(dt, 3), "import_peak_rss_bytes": int(m.group(1)) * 1024 if m else None}
+    try:
+        out["report"] = json.loads(r.stdout.decode())
+    except ValueError:
+        pass
+    return out
+
+
+def cas_stats(ctx, store):
+    r, _ = ctx.sh([ctx.exe("cas"), "stats", "--store", store, "--json"])
+    try:
+        return json.loads(r.stdout.decode())
+    except ValueError:
+        return None
+
+
+def pristine_store(ctx, key, images):
+    """A store holding `images` (disk name = image name), made once per run and copied."""
+    d = os.path.join(ctx.run, "stores", key)
+    if not os.path.exists(os.path.join(d, ".complete")):
+        shutil.rmtree(d, ignore_errors=True)
+        os.makedirs(d)
+        for n in images:
+            cas_import(ctx, d, n, ctx.image(n))
+        open(os.path.join(d, ".complete"), "w").close()
+    return d
+
+
+def copy_store(ctx, src, dst):
+    shutil.rmtree(dst, ignore_errors=True)
+    ctx.sh(["cp", "-a", "--reflink=auto", src, dst])
+    return dst
+
+
+# ---------------------------------------------------------------------------------- 1 similarity
+def section_similarity(ctx):
+    names = ctx.cfg["similarity_images"]
+    paths = [ctx.image(n) for n in names]
+    r, dt = ctx.sh([ctx.exe("cas"), "similarity"] + paths + ["--json"])
+    ours = json.loads(r.stdout.decode())
+    res = {"images": names, "ours": ours, "ours_seconds": round(dt, 2)}
+    if ctx.cfg["similarity_reference"]:
+        r, dt2 = ctx.sh(["/usr/bin/python3", os.path.join(REPO, "test-images", "similarity.py"), "--quiet"] + paths)
+        ref = json.loads(r.stdout.decode())
+        res["reference_seconds"] = round(dt2, 2)
+        res["reference_matrix"] = ref["matrix"]
+        res["reference_any_other"] = ref.get("any_other")
+        # agreement: every (a, b, block size) share
+        mine = {}
+        for p in pairs_of(ours):
+            mine[(stem(p["a"]), stem(p["b"]), int(p["block_size"]))] = float(p["share"])
+        worst = 0.0
+        compared = 0
+        for bs, rows in ref["matrix"].items():
+            for b, row in rows.items():
+                for a, share in row.items():
+                    k = (a, b, int(bs))
+                    if k in mine:
+                        compared += 1
+                        worst = max(worst, abs(mine[k] - share))
+        res["reference_compared_pairs"] = compared
+        res["reference_max_abs_diff"] = worst
+    write_section(ctx, "similarity", res)
+
+
+def stem(p):
+    b = os.path.basename(str(p))
+    return b[:-4] if b.endswith(".raw") else b
+
+
+def pairs_of(ours):
+    if isinstance(ours, dict):
+        for k in ("pairs", "shares"):
+            if k in ours:
+                return ours[k]
+    return ours
+
+
+# ---------------------------------------------------------------------------------- 2 indexing
+def section_indexing(ctx):
+    names = ctx.cfg["indexing_images"]
+    store = os.path.join(ctx.run, "indexing-store")
+    shutil.rmtree(store, ignore_errors=True)
+    steps = []
+    for i, n in enumerate(names):
+        img = ctx.image(n)
+        imp = cas_import(ctx, store, n, img)
+        st = cas_stats(ctx, store)
+        step = {
+            "step": i + 1, "image": n,
+            "image_allocated_bytes": os.stat(img).st_blocks * 512,
+            "import_seconds": imp["seconds"],
+            "import_peak_rss_bytes": imp["import_peak_rss_bytes"],
+            "store_disk_bytes": du_bytes(store),
+            "stats": st,
+        }
+        # server memory with the store as it now is: at ready, and after reading the new disk
+        sock = os.path.join(ctx.run, "idx.sock")
+        p = ctx.start([ctx.exe("nbd-server"), "--store", store, "--unix", sock, "--read-only"],
+                      stdout_pipe=True, log=os.path.join(ctx.out, "logs", "indexing-server.log"))
+        try:
+            wait_ready(ctx, p, "nbd-server (indexing)")
+            time.sleep(0.5)
+            step["server_rss_ready_bytes"] = (rss_kib(p.pid) or 0) * 1024
+            _, rd = ctx.sh(["nbdcopy", "nbd+unix:///%s?socket=%s" % (n, sock), "null:"])
+            step["server_read_seconds"] = round(rd, 3)
+            step["server_rss_after_read_bytes"] = (rss_kib(p.pid) or 0) * 1024
+            step["server_rss_peak_bytes"] = (rss_kib(p.pid, "VmHWM") or 0) * 1024
+        finally:
+            ctx.stop(p)
+        steps.append(step)
+        ctx.log("indexing: +%s in %.1f s, store %.1f MiB" % (n, imp["seconds"], step["store_disk_bytes"] / MiB))
+    write_section(ctx, "indexing", {"steps": steps})
+    shutil.rmtree(store, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------- 3 migration
+def floor(ctx, image, neighbours, hood=None):
+    levels = ctx.cfg.get("floor_levels_hoods", {}).get(hood, ctx.cfg["floor_levels"])
+    if os.environ.get("BENCH_FLOOR_LONG", "1") == "0":
+        levels = ",".join(x for x in levels.split(",") if not x.endswith("L")) or "3"
+    r, dt = ctx.sh(["/usr/bin/python3", os.path.join(HERE, "floor.py"), "--migrated", ctx.image(image),
+                    "--levels", levels] + sum([["--neighbour", ctx.image(n)] for n in neighbours], []))
+    return json.loads(r.stdout.decode())
+
+
+def ours_migration(ctx, image, hood_name, neighbours, load=False):
+    """Our migration over the emulated WAN; returns a result row."""
+    ctx.wan_up()
+    key = "dst-" + ("-".join(neighbours) if neighbours else "empty")
+    src_pristine = pristine_store(ctx, "src-" + image, [image])
+    dst_pristine = pristine_store(ctx, key, neighbours)
+    tag = "%s-%s%s" % (image, hood_name, "-load" if load else "")
+    src = copy_store(ctx, src_pristine, os.path.join(ctx.run, "mig-src"))
+    dst = copy_store(ctx, dst_pristine, os.path.join(ctx.run, "mig-dst"))
+    s_ctl, d_ctl = os.path.join(ctx.run, "src.ctl"), os.path.join(ctx.run, "dst.ctl")
+    s_nbd, d_nbd = os.path.join(ctx.run, "src.nbd"), os.path.join(ctx.run, "dst.nbd")
+    for f in (s_ctl, d_ctl, s_nbd, d_nbd):
+        if os.path.exists(f):
+            os.unlink(f)
+    logdir = os.path.join(ctx.out, "logs")
+    tls = migration_tls(ctx)
+    dsrv = ctx.start([ctx.exe("nbd-server"), "--store", dst, "--unix", d_nbd, "--control", d_ctl,
+                      "--migration-listen", "%s:7700" % DST_ADDR] + tls("dst"), ns="dst", stdout_pipe=True,
+                     log=os.path.join(logdir, "mig-%s-dst.log" % tag))
+    ssrv = ctx.start([ctx.exe("nbd-server"), "--store", src, "--unix", s_nbd, "--control", s_ctl] + tls("src"),
+                     ns="src", stdout_pipe=True, log=os.path.join(logdir, "mig-%s-src.log" % tag))
+    fio = guest = None
+    row = {"tool": "ours", "image": image, "hood": hood_name, "neighbours": neighbours, "load": load}
+    try:
+        wait_ready(ctx, dsrv, "destination nbd-server")
+        wait_ready(ctx, ssrv, "source nbd-server")
+        if load:
+            fio_out = os.path.join(ctx.run, "fio-load.json")
+            iops = int(os.environ.get("BENCH_LOAD_IOPS", "500"))
+            cmd = ["fio", "--name=load", "--ioengine=nbd", "--uri=nbd+unix:///%s?socket=%s" % (image, s_nbd),
+                   "--rw=randwrite", "--bs=4k", "--iodepth=1", "--time_based", "--runtime=3600",
+                   "--output-format=json", "--output=" + fio_out, "--continue_on_error=all"]
+            if iops > 0:
+                cmd.append("--rate_iops=%d" % iops)
+            fio = ctx.start(cmd, log=os.path.join(logdir, "mig-%s-fio.log" % tag))
+            row["load_fio"] = {"rate_iops": iops, "iodepth": 1, "bs": 4096, "rw": "randwrite"}
+            # a guest that follows its disk to the destination: the pause a client sees
+            mirror = os.path.join(ctx.run, "guest-mirror.raw")
+            ctx.sh(["cp", "--sparse=always", ctx.image(image), mirror])
+            gw_stats = os.path.join(ctx.run, "guest-writer.json")
+            if os.path.exists(gw_stats):
+                os.unlink(gw_stats)
+            guest = ctx.start(["/usr/bin/python3", os.path.join(REPO, "scripts", "guest-writer.py"),
+                               "--source", "nbd+unix:///%s?socket=%s" % (image, s_nbd),
+                               "--dest", "nbd+unix:///%s?socket=%s" % (image, d_nbd), "--mirror", mirror,
+                               "--after-switch", "50", "--interval", "0.002", "--timeout", "7200",
+                               "--stats", gw_stats], log=os.path.join(logdir, "mig-%s-guest.log" % tag))
+            time.sleep(3)
+        b0 = ctx.link_bytes()
+        r, dt = ctx.sh([ctx.exe("migrate"), "--source", s_ctl, "--dest", d_ctl, "--disk", image, "--json"],
+                       timeout=7200)
+        b1 = ctx.link_bytes()
+        rep = json.loads(r.stdout.decode())
+        row.update({
+            "link_bytes": b1 - b0, "seconds": round(dt, 3), "report": rep,
+            "downtime_ms": rep.get("downtime_ms"),
+        })
+        if fio is not None:
+            ctx.stop(fio, sig=signal.SIGINT, timeout=30)
+            fio = None
+            try:
+                with open(os.path.join(ctx.run, "fio-load.json")) as f:
+                    txt = f.read()
+                j = json.loads(txt[txt.index("{"):])["jobs"][0]
+                row["load_fio"].update({"achieved_iops": j["write"]["iops"], "errors": j.get("error"),
+                                        "total_err": j.get("total_err"),
+                                        "clat_max_ms": j["write"].get("clat_ns", {}).get("max", 0) / 1e6})
+            except (OSError, ValueError, KeyError, IndexError) as e:
+                row["load_fio"]["parse_error"] = str(e)
+        if guest is not None:
+            try:
+                guest.wait(120)
+                with open(gw_stats) as f:
+                    row["guest_writer"] = json.load(f)
+            except (subprocess.TimeoutExpired, OSError, ValueError) as e:
+                row["guest_writer"] = {"error": str(e)}
+            ctx.stop(guest)
+            guest = None
+        if not load and not ctx.args.no_verify:
+            got = ctx.sha_nbd("nbd+unix:///%s?socket=%s" % (image, d_nbd))
+            row["verified"] = got == ctx.image_sha(image)
+    finally:
+        if fio is not None:
+            ctx.stop(fio, sig=signal.SIGINT, timeout=30)
+        if guest is not None:
+            ctx.stop(guest)
+        ctx.stop(ssrv)
+        ctx.stop(dsrv)
+    return row
+
+
+def migration_tls(ctx):
+    """The migration link's mutual TLS (the production set-up), or plaintext with BENCH_MIGRATION_TLS=0."""
+    if os.environ.get("BENCH_MIGRATION_TLS", "1") == "0":
+        return lambda side: ["--migration-insecure"]
+    d = os.path.join(ctx.run, "certs")
+    if not os.path.exists(os.path.join(d, "dst.pem")):
+        ctx.sh([os.path.join(REPO, "scripts", "make-certs.sh"), d, "src,dst", SRC_ADDR, DST_ADDR])
+    return lambda side: ["--migration-cert", os.path.join(d, side + ".pem"), "--migration-key",
+                         os.path.join(d, side + ".key"), "--migration-ca", os.path.join(d, "ca.pem")]
+
+
+def full_copy(ctx, image):
+    ctx.wan_up()
+    port = 10809
+    srv = ctx.start(["qemu-nbd", "-f", "raw", "-r", "-x", image, "-b", SRC_ADDR, "-p", str(port), "-t",
+                     "--shared=8", ctx.image(image)], ns="src", log=os.path.join(ctx.out, "logs", "fullcopy-qemu-nbd.log"))
+    out = os.path.join(ctx.run, "fullcopy.raw")
+    row = {"tool": "full copy (nbdcopy)", "image": image}
+    try:
+        wait_port(ctx, "src", SRC_ADDR, port)
+        if os.path.exists(out):
+            os.unlink(out)
+        open(out, "w").close()
+        os.truncate(out, os.path.getsize(ctx.image(image)))
+        b0 = ctx.link_bytes()
+        _, dt = ctx.sh(["nbdcopy", "nbd://%s:%d/%s" % (SRC_ADDR, port, image), out], ns="dst", timeout=7200)
+        b1 = ctx.link_bytes()
+        row.update({"link_bytes": b1 - b0, "seconds": round(dt, 3)})
+        if not ctx.args.no_verify:
+            row["verified"] = sha_file(out) == ctx.image_sha(image)
+    finally:
+        ctx.stop(srv)
+        if os.path.exists(out):
+            os.unlink(out)
+    return row
+
+
+def wait_port(ctx, ns, addr, port, timeout=30):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        r = subprocess.run(ctx.ns_prefix(ns) + ["/usr/bin/python3", "-c",
+                           "import socket,sys; s=socket.socket(); s.settimeout(1); s.connect((sys.argv[1], int(sys.argv[2])))",
+                           addr, str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if r.returncode == 0:
+            return
+        time.sleep(0.2)
+    raise RuntimeError("nothing listens on %s:%d in %s" % (addr, port, ns))
+
+
+def rsync_runs(ctx, image, neighbours):
+    """rsync --no-whole-file -z -B4096 from the source, each neighbour as the basis."""
+    ctx.wan_up()
+    port = 8730
+    conf = os.path.join(ctx.run, "rsyncd.conf")
+    with open(conf, "w") as f:
+        f.write("use chroot = no\nread only = yes\n[img]\npath = %s\n" % ctx.images_dir)
+    srv = ctx.start(["rsync", "--daemon", "--no-detach", "--config=" + conf, "--port=%d" % port,
+                     "--address=" + SRC_ADDR], ns="src", log=os.path.join(ctx.out, "logs", "rsyncd.log"))
+    rows = []
+    try:
+        wait_port(ctx, "src", SRC_ADDR, port)
+        ddir = os.path.join(ctx.run, "rsync-dst")
+        os.makedirs(ddir, exist_ok=True)
+        target = os.path.join(ddir, image + ".raw")
+        for n in neighbours:
+            if os.path.exists(target):
+                os.unlink(target)
+            _, prep = ctx.sh(["cp", "--sparse=always", "--reflink=auto", ctx.image(n), target])
+            b0 = ctx.link_bytes()
+            r, dt = ctx.sh(["rsync", "--no-whole-file", "-z", "-B4096", "-I", "--sparse", "--stats",
+                            "rsync://%s:%d/img/%s.raw" % (SRC_ADDR, port, image), target], ns="dst", timeout=7200)
+            b1 = ctx.link_bytes()
+            row = {"tool": "rsync", "image": image, "basis": n, "link_bytes": b1 - b0, "seconds": round(dt, 3),
+                   "prep_seconds": round(prep, 3), "stats": r.stdout.decode(errors="replace")[-1500:]}
+            if not ctx.args.no_verify:
+                row["verified"] = sha_file(target) == ctx.image_sha(image)
+            rows.append(row)
+            ctx.log("rsync %s basis %s: %.1f MiB in %.1f s" % (image, n, row["link_bytes"] / MiB, dt))
+        if os.path.exists(target):
+            os.unlink(target)
+    finally:
+        ctx.stop(srv)
+    return rows
+
+
+
+
+def casync_run(ctx, image, hood_name, neighbours, chunking):
+    """casync make at the source, extract over HTTP at the destination, every neighbour a seed."""
+    ctx.wan_up()
+    port = 8780
+    root = os.path.join(ctx.run, "casync-src")
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(root)
+    chunk_opt = ["--chunk-size=4096"] if chunking == "4k" else []
+    idx = os.path.join(root, "image.caibx")
+    _, make_s = ctx.sh(["casync"] + chunk_opt + ["--store=" + os.path.join(root, "store"), "make", idx,
+                                                 ctx.image(image)], ns="src", timeout=7200)
+    http = ctx.start(["/usr/bin/python3", os.path.join(HERE, "http_server.py"), SRC_ADDR, str(port), root], ns="src",
+                     log=os.path.join(ctx.out, "logs", "casync-http.log"))
+    out = os.path.join(ctx.run, "casync-out.raw")
+    row = {"tool": "casync (%s chunks)" % ("4 KiB" if chunking == "4k" else "default 64 KiB"),
+           "image": image, "hood": hood_name, "neighbours": neighbours, "chunking": chunking,
+           "make_seconds": round(make_s, 3), "store_bytes": du_bytes(os.path.join(root, "store"))}
+    try:
+        wait_port(ctx, "src", SRC_ADDR, port)
+        if os.path.exists(out):
+            os.unlink(out)
+        url = "http://%s:%d" % (SRC_ADDR, port)
+        b0 = ctx.link_bytes()
+        _, dt = ctx.sh(["casync", "--store=" + url + "/store"] + ["--seed=" + ctx.image(n) for n in neighbours]
+                       + ["extract", url + "/image.caibx", out], ns="dst", timeout=7200)
+        b1 = ctx.link_bytes()
+        row.update({"link_bytes": b1 - b0, "extract_seconds": round(dt, 3), "seconds": round(dt + make_s, 3)})
+        if not ctx.args.no_verify:
+            row["verified"] = sha_file(out) == ctx.image_sha(image)
+    finally:
+        ctx.stop(http)
+        shutil.rmtree(root, ignore_errors=True)
+        if os.path.exists(out):
+            os.unlink(out)
+    return row
+
+
+def tool_versions(cmds):
+    out = {}
+    for cmd in cmds:
+        try:
+            r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=10)
+            out[cmd[0]] = (r.stdout.splitlines() or [""])[0].strip()
+        except (OSError, subprocess.SubprocessError):
+            out[cmd[0]] = None
+    return out
+
+
+def section_migration(ctx):
+    cfg = ctx.cfg
+    path = os.path.join(ctx.out, "sections", "migration.json")
+    res = {"link_rate_bps": LINK_RATE_BPS, "hoods": cfg["hoods"], "images": {}, "versions": tool_versions(
+        [["rsync", "--version"], ["casync", "--version"], ["nbdcopy", "--version"], ["qemu-nbd", "--version"],
+         ["zstd", "--version"]]),
+        "migration_tls": os.environ.get("BENCH_MIGRATION_TLS", "1") != "0"}
+    migrated = cfg["migrated"]
+    if os.environ.get("BENCH_MIGRATED"):
+        # re-run some images only: the other images keep their last results (all of an
+        # image's rows are always measured together)
+        migrated = [x for x in os.environ["BENCH_MIGRATED"].split(",") if x]
+        try:
+            with open(path) as f:
+                old = json.load(f)
+            if old.get("mode") == ("quick" if ctx.args.quick else "full") and old.get("scale") == cfg["scale"]:
+                res["images"] = {k: v for k, v in old.get("images", {}).items() if k not in migrated}
+        except (OSError, ValueError):
+            pass
+    for image in migrated:
+        im = {"floor": {}, "ours": {}, "rsync": [], "casync": [], "full_copy": None, "errors": []}
+        res["images"][image] = im
+
+        def attempt(what, fn):
+            try:
+                return fn()
+            except Exception as e:
+                ctx.log("migration %s %s FAILED: %s" % (image, what, e))
+                traceback.print_exc(file=ctx.logf)
+                im["errors"].append({"what": what, "error": str(e)[-2000:]})
+                return None
+
+        # floors
+        im["floor"]["empty"] = attempt("floor empty", lambda: floor(ctx, image, []))
+        for h, nb in cfg["hoods"].items():
+            im["floor"][h] = attempt("floor " + h, lambda h=h, nb=nb: floor(ctx, image, nb, h))
+        # ours
+        im["ours"]["empty"] = attempt("ours empty", lambda: ours_migration(ctx, image, "empty", []))
+        for h, nb in cfg["hoods"].items():
+            im["ours"][h] = attempt("ours " + h, lambda h=h, nb=nb: ours_migration(ctx, image, h, nb))
+        write_section(ctx, "migration", res)
+        # peers
+        if cfg["full_copy"]:
+            im["full_copy"] = attempt("full copy", lambda: full_copy(ctx, image))
+        if cfg["rsync"]:
+            every = []
+            for nb in cfg["hoods"].values():
+                every += [n for n in nb if n not in every]
+            im["rsync"] = attempt("rsync", lambda: rsync_runs(ctx, image, every)) or []
+        if shutil.which("casync"):
+            for h, nb in cfg["hoods"].items():
+                if h not in cfg.get("casync_hoods", cfg["hoods"].keys()):
+                    continue
+                for ch in cfg["casync_chunkings"]:
+                    if ch == "4k" and (h not in cfg.get("casync_4k_hoods", [h])
+                                       or os.environ.get("BENCH_CASYNC_4K", "1") == "0"):
+                        continue
+                    row = attempt("casync %s %s" % (h, ch), lambda h=h, nb=nb, ch=ch: casync_run(ctx, image, h, nb, ch))
+                    if row:
+                        im["casync"].append(row)
+        else:
+            res["casync_missing"] = "casync is not installed (apt-get install casync)"
+        write_section(ctx, "migration", res)
+    ctx.wan_down()
+
+
+# ---------------------------------------------------------------------------------- 4 downtime
+def section_downtime(ctx):
+    cfg = ctx.cfg
+    rows = []
+    hood = cfg["load_hood"]
+    for image in cfg["load_images"]:
+        for load in (False, True):
+            try:
+                rows.append(ours_migration(ctx, image, hood, cfg["hoods"][hood], load=load))
+            except Exception as e:
+                ctx.log("downtime %s load=%s FAILED: %s" % (image, load, e))
+                rows.append({"image": image, "load": load, "error": str(e)[-2000:]})
+            write_section(ctx, "downtime", {"rows": rows})
+    ctx.wan_down()
+    write_section(ctx, "downtime", {"rows": rows})
+
+
+# ---------------------------------------------------------------------------------- 5 NBD data path
+def densify(src, dst, limit):
+    """Writes the non-zero 4 KiB blocks of src, in order, to dst (at most `limit` bytes)."""
+    zero = bytes(4096)
+    n = 0
+    with open(src, "rb") as f, open(dst, "wb") as o:
+        while n < limit:
+            b = f.read(4 * MiB)
+            if not b:
+                break
+            keep = [b[i:i + 4096] for i in range(0, len(b), 4096) if b[i:i + 4096] != zero]
+            data = b"".join(keep)[:limit - n]
+            o.write(data)
+            n += len(data)
+    n -= n % MiB
+    os.truncate(dst, n)
+    return n
+
+
+def fio_nbd(ctx, uri, rw, qd, runtime):
+    out = os.path.join(ctx.run, "fio.json")
+    ctx.sh(["fio", "--name=job", "--ioengine=nbd", "--uri=" + uri, "--rw=" + rw, "--bs=4k",
+            "--iodepth=%d" % qd, "--time_based", "--runtime=%d" % runtime, "--ramp_time=1",
+            "--output-format=json", "--output=" + out], timeout=runtime + 120)
+    with open(out) as f:
+        txt = f.read()
+    j = json.loads(txt[txt.index("{"):])["jobs"][0]
+    side = j["read" if "read" in rw else "write"]
+    return {"iops": side["iops"], "lat_mean_us": side.get("lat_ns", {}).get("mean", 0) / 1000.0,
+            "error": j.get("error")}
+
+
+def section_nbd(ctx):
+    cfg = ctx.cfg
+    work = os.path.join(ctx.run, "nbd")
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    content = os.path.join(work, "data")
+    size = densify(ctx.image(cfg["nbd_image"]), content, cfg["nbd_bytes"])
+    ctx.log("nbd: %d MiB of %s's non-zero blocks as content" % (size // MiB, cfg["nbd_image"]))
+    runtime = cfg["fio_runtime"]
+    results = {}
+    store = os.path.join(work, "store")
+    cas_import(ctx, store, "data", content)
+
+    def measure(name, start, uri_of):
+        procs = start()
+        r = {}
+        try:
+            # sequential read, twice: the first warms the page cache (reported too)
+            _, cold = ctx.sh(["nbdcopy", uri_of("data"), "null:"])
+            _, warm = ctx.sh(["nbdcopy", uri_of("data"), "null:"])
+            r["seq_read_MBps_first"] = size / cold / 1e6
+            r["seq_read_MBps"] = size / warm / 1e6
+            for qd in (1, 32):
+                f = fio_nbd(ctx, uri_of("data"), "randread", qd, runtime)
+                r["randread_qd%d_iops" % qd] = f["iops"]
+                r["randread_qd%d_lat_us" % qd] = f["lat_mean_us"]
+            _, wt = ctx.sh(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", content, uri_of("wr")])
+            r["seq_write_MBps"] = size / wt / 1e6
+            for qd in (1, 32):
+                f = fio_nbd(ctx, uri_of("wr"), "randwrite", qd, runtime)
+                r["randwrite_qd%d_iops" % qd] = f["iops"]
+                r["randwrite_qd%d_lat_us" % qd] = f["lat_mean_us"]
+        finally:
+            for p in procs:
+                ctx.stop(p)
+        results[name] = r
+        ctx.log("nbd %s: %s" % (name, json.dumps({k: round(v, 1) for k, v in r.items()})))
+
+    # ours: the content imported as disk "data", an empty disk "wr" for the writes
+    port = free_port()
+
+    def start_ours():
+        p = ctx.start([ctx.exe("nbd-server"), "--store", store, "--listen", "127.0.0.1:%d" % port,
+                       "--disk", "wr:%d" % size], stdout_pipe=True, log=os.path.join(ctx.out, "logs", "nbd-ours.log"))
+        wait_ready(ctx, p, "nbd-server")
+        return [p]
+    measure("ours", start_ours, lambda e: "nbd://127.0.0.1:%d/%s" % (port, e))
+
+    # the peers serve a copy of the content ("data") and an empty sparse file ("wr")
+    files = os.path.join(work, "files")
+    os.makedirs(files)
+
+    def fresh_files():
+        shutil.copyfile(content, os.path.join(files, "data"))
+        w = os.path.join(files, "wr")
+        if os.path.exists(w):
+            os.unlink(w)
+        open(w, "w").close()
+        os.truncate(w, size)
+
+    # qemu-nbd: one process per export
+    qports = {"data": free_port()}
+    qports["wr"] = free_port()
+    while qports["wr"] == qports["data"]:
+        qports["wr"] = free_port()
+
+    def start_qemu():
+        fresh_files()
+        ps = []
+        for e, pt in qports.items():
+            ps.append(ctx.start(["qemu-nbd", "-f", "raw", "-x", e, "-b", "127.0.0.1", "-p", str(pt), "-t",
+                                 "--shared=16", "--cache=writeback", "--aio=threads", os.path.join(files, e)],
+                                log=os.path.join(ctx.out, "logs", "nbd-qemu.log")))
+        for pt in qports.values():
+            wait_port(ctx, None, "127.0.0.1", pt)
+        return ps
+    measure("qemu-nbd", start_qemu, lambda e: "nbd://127.0.0.1:%d/%s" % (qports[e], e))
+
+    # nbdkit's file plugin in dir= mode: one export per file
+    kport = free_port()
+
+    def start_nbdkit():
+        fresh_files()
+        p = ctx.start(["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(kport), "file", "dir=" + files],
+                      log=os.path.join(ctx.out, "logs", "nbd-nbdkit.log"))
+        wait_port(ctx, None, "127.0.0.1", kport)
+        return [p]
+    measure("nbdkit-file", start_nbdkit, lambda e: "nbd://127.0.0.1:%d/%s" % (kport, e))
+
+    versions = {}
+    for cmd in (["qemu-nbd", "--version"], ["nbdkit", "--version"], ["nbdcopy", "--version"], ["fio", "--version"]):
+        try:
+            versions[cmd[0]] = subprocess.run(cmd, stdout=subprocess.PIPE, text=True).stdout.splitlines()[0]
+        except (OSError, IndexError):
+            pass
+    write_section(ctx, "nbd", {"content_image": cfg["nbd_image"], "content_bytes": size,
+                               "fio_runtime_s": runtime, "results": results, "versions": versions})
+    shutil.rmtree(work, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------- 6 store bench
+def section_store(ctx):
+    cmd = ["cargo", "bench", "-p", "cas-store", "--bench", "store"]
+    if ctx.cfg["store_bench_args"]:
+        cmd += ["--"] + ctx.cfg["store_bench_args"]
+    r = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with open(os.path.join(ctx.out, "logs", "store-bench.log"), "w") as f:
+        f.write(r.stdout)
+    if r.returncode != 0:
+        raise RuntimeError("cargo bench failed (log: %s)" % f.name)
+    write_section(ctx, "store", {"benchmarks": parse_criterion(r.stdout), "command": " ".join(cmd)})
+
+
+UNITS = {"B/s": 1, "KiB/s": 1024, "MiB/s": MiB, "GiB/s": GiB, "elem/s": 1, "Kelem/s": 1e3,
+         "Melem/s": 1e6, "Gelem/s": 1e9, "KB/s": 1e3, "MB/s": 1e6, "GB/s": 1e9}
+TUNITS = {"ps": 1e-12, "ns": 1e-9, "µs": 1e-6, "us": 1e-6, "ms": 1e-3, "s": 1}
+
+
+def parse_criterion(text):
+    out = {}
+    name = None
+    for line in text.splitlines():
+        m = re.match(r"^(\S+)\s+time:\s+\[(\S+) (\S+) (\S+) (\S+) (\S+) (\S+)\]", line)
+        if m:
+            name = m.group(1)
+            out[name] = {"time_s": float(m.group(4)) * TUNITS.get(m.group(5), 1)}
+            continue
+        m = re.match(r"^(\S+)\s*$", line)
+        if m and not line.startswith(" ") and "/" in line:
+            name = m.group(1)
+            out.setdefault(name, {})
+            continue
+        m = re.match(r"^\s+time:\s+\[(\S+) (\S+) (\S+) (\S+) (\S+) (\S+)\]", line)
+        if m and name:
+            out.setdefault(name, {})["time_s"] = float(m.group(3)) * TUNITS.get(m.group(4), 1)
+            continue
+        m = re.match(r"^\s+thrpt:\s+\[(\S+) (\S+) (\S+) (\S+) (\S+) (\S+)\]", line)
+        if m and name:
+            unit = m.group(4)
+            v = float(m.group(3)) * UNITS.get(unit, 1)
+            out.setdefault(name, {})["per_second" if "elem" in unit else "bytes_per_second"] = v
+    return {k: v for k, v in out.items() if v}
+
+
+# ---------------------------------------------------------------------------------- main
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", default=",".join(SECTIONS))
+    ap.add_argument("--scale")
+    ap.add_argument("--bin", required=True)
+    ap.add_argument("--images", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--no-verify", action="store_true")
+    args = ap.parse_args()
+    ctx = Ctx(args)
+    only = [s for s in args.only.split(",") if s]
+    for s in only:
+        if s not in SECTIONS:
+            raise SystemExit("unknown section %s (known: %s)" % (s, ",".join(SECTIONS)))
+
+    def on_signal(sig, frame):
+        raise KeyboardInterrupt("signal %d" % sig)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    failed = []
+    try:
+        for s in SECTIONS:
+            if s not in only:
+                continue
+            ctx.log("=== section %s (%s, %s images)" % (s, "quick" if args.quick else "full", ctx.cfg["scale"]))
+            t0 = time.monotonic()
+            try:
+                globals()["section_" + s](ctx)
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:
+                ctx.log("section %s FAILED: %s" % (s, e))
+                traceback.print_exc(file=ctx.logf)
+                failed.append(s)
+                write_section(ctx, s, {"error": str(e)[-3000:]})
+            finally:
+                ctx.stop_all()
+            ctx.log("=== section %s done in %.0f s" % (s, time.monotonic() - t0))
+    finally:
+        ctx.stop_all()
+        ctx.wan_down()
+    if failed:
+        ctx.log("failed sections: %s" % ", ".join(failed))
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
