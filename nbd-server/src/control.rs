@@ -362,7 +362,6 @@ async fn start_migration(node: &Arc<Node>, req: StartMigration) -> Result<String
         converge_blocks: req.converge_blocks.unwrap_or(defaults.converge_blocks),
         zstd_level: req.zstd_level,
         batch_bytes: defaults.batch_bytes,
-        postcopy_batch_bytes: defaults.postcopy_batch_bytes,
         delete_source: req.delete_source,
         bandwidth_bps: req.bandwidth_bps,
     };
