@@ -309,7 +309,7 @@ def mig_md(s, plots, verdict, targets):
                                   100.0 * (b - app) / app))
                     targets.append(("payload bytes <= 1.05 x floor: %s/%s" % (image, hood), "%.3f x" % ratio(app, f3), app <= 1.05 * f3))
                 targets.append(("time <= 1.1 x bytes/rate + 2 s: %s/%s" % (image, hood),
-                                "%.1f s vs %.1f s" % (t, 1.1 * b * 8 / LINK_BPS + 2), ok_t))
+                                "%.2f s vs %.2f s" % (t, 1.1 * b * 8 / LINK_BPS + 2), ok_t))
                 for label, pb, pt, _, _ in rows:
                     if label.startswith("ours"):
                         continue
