@@ -6,7 +6,7 @@
 #   ./bench.sh --quick          smoke run (small images, a subset of rows, a few minutes)
 #   ./bench.sh --only nbd,migration   re-run these sections, keep the others' last results
 #
-# Sections: similarity, indexing, migration, downtime, nbd, store (the default is all).
+# Sections: similarity, indexing, migration, downtime, nbd, store, rados (the default is all).
 # Full results: bench/results.json, bench/RESULTS.md, bench/plots/*.png, bench/sections/.
 # --quick writes the same under bench/quick/ (so it never overwrites a full run's results).
 # Needs root (network namespaces, tc) and the packages of scripts/install-deps.sh; installs
@@ -50,7 +50,7 @@ if [ -z "$SCALE" ]; then [ "$QUICK" = 1 ] && SCALE=small || SCALE=large; fi
 if [ -z "$OUT" ]; then [ "$QUICK" = 1 ] && OUT="$HERE/bench/quick" || OUT="$HERE/bench"; fi
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-ALL_SECTIONS=similarity,indexing,migration,downtime,nbd,store
+ALL_SECTIONS=similarity,indexing,migration,downtime,nbd,store,rados
 [ -n "$ONLY" ] || ONLY=$ALL_SECTIONS
 log() { printf '[%s] bench.sh: %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
@@ -75,6 +75,9 @@ cleanup() {
             [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && { kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true; }
         done <"$RUN/pids"
     fi
+    # the rados section's Ceph cluster (in the WAN's destination namespace; the WAN's teardown
+    # below would end its daemons too, this also deletes its directory)
+    if [ -f "$RUN/ceph-dir" ]; then "$HERE/scripts/ceph-cluster.sh" stop "$(cat "$RUN/ceph-dir")" >/dev/null 2>&1 || true; fi
     # the emulated WAN of this run
     if [ -f "$RUN/wan" ]; then "$HERE/scripts/wan.sh" down "$(cat "$RUN/wan")" 2>/dev/null || true; fi
     if [ "$KEEP" = 1 ]; then log "kept $RUN"; else rm -rf --one-file-system "$RUN"; fi
@@ -94,6 +97,13 @@ done
 [ -x /usr/bin/time ] || need_pkgs+=(time)
 [ -x /usr/bin/python3 ] || need_pkgs+=(python3)
 /usr/bin/python3 -c 'import matplotlib' 2>/dev/null || need_pkgs+=(python3-matplotlib)
+# the rados section's one-node cluster (scripts/ceph-cluster.sh; scripts/install-deps.sh's set)
+if [[ ",$ONLY," == *,rados,* ]]; then
+    for c in ceph-mon:ceph-mon ceph-osd:ceph-osd ceph:ceph-common rados:ceph-common ceph-authtool:ceph-common \
+             monmaptool:ceph-common; do
+        have_cmd "${c%%:*}" || need_pkgs+=("${c#*:}")
+    done
+fi
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     log "installing ${need_pkgs[*]}"
     export DEBIAN_FRONTEND=noninteractive

@@ -11,6 +11,7 @@ both as a safety net.
 """
 
 import argparse
+import glob
 import hashlib
 import json
 import os
@@ -62,6 +63,14 @@ CONFIGS = {
         "nbd_bytes": 2 * GiB,
         "fio_runtime": 30,
         "store_bench_args": [],
+        # RADOS beside RocksDB: the neighbourhood imported into both (and migrated into), the
+        # migrated image(s), the OSD's memstore bound. The memstore OSD holds every block in
+        # its memory at about 25 KiB of RSS per 4 KiB block: the datacentre neighbourhood of
+        # the large images (about 650 k distinct blocks) would need some 16 GB; the paper one
+        # with bookworm-web's missing blocks ended at 8.5 GB (about 11 minutes for the section).
+        "rados_hood": "paper",
+        "rados_migrated": ["bookworm-web"],
+        "rados_memstore_bytes": 12 * GiB,
     },
     "quick": {
         "scale": "small",
@@ -81,9 +90,12 @@ CONFIGS = {
         "nbd_bytes": 256 * MiB,
         "fio_runtime": 4,
         "store_bench_args": ["--warm-up-time", "1", "--measurement-time", "2", "--sample-size", "10"],
+        "rados_hood": "datacentre",  # about 150 k distinct blocks in RADOS: an OSD of about 3.7 GB
+        "rados_migrated": ["bookworm-web"],
+        "rados_memstore_bytes": 6 * GiB,
     },
 }
-SECTIONS = ["similarity", "indexing", "migration", "downtime", "nbd", "store"]
+SECTIONS = ["similarity", "indexing", "migration", "downtime", "nbd", "store", "rados"]
 
 
 # ---------------------------------------------------------------------------------- plumbing
@@ -452,15 +464,22 @@ def floor(ctx, image, neighbours, hood=None):
     return json.loads(r.stdout.decode())
 
 
-def ours_migration(ctx, image, hood_name, neighbours, load=False):
-    """Our migration over the emulated WAN; returns a result row."""
+def ours_migration(ctx, image, hood_name, neighbours, load=False, dst_store=None, dst_args=(), label=None):
+    """Our migration over the emulated WAN; returns a result row.
+
+    By default the destination is a copy of a store holding `neighbours` (made offline once
+    per run). `dst_store` instead names a store the caller prepared (used in place, e.g. one
+    whose blocks live in RADOS, which cannot be copied), `dst_args` are added to the
+    destination server's command line (e.g. --blocks/--ceph-conf) and `label` to its log
+    names and the row."""
     ctx.wan_up()
-    key = "dst-" + ("-".join(neighbours) if neighbours else "empty")
     src_pristine = pristine_store(ctx, "src-" + image, [image])
-    dst_pristine = pristine_store(ctx, key, neighbours)
-    tag = "%s-%s%s" % (image, hood_name, "-load" if load else "")
+    if dst_store is None:
+        key = "dst-" + ("-".join(neighbours) if neighbours else "empty")
+        dst_pristine = pristine_store(ctx, key, neighbours)
+    tag = "%s-%s%s%s" % (image, hood_name, "-load" if load else "", "-" + label if label else "")
     src = copy_store(ctx, src_pristine, os.path.join(ctx.run, "mig-src"))
-    dst = copy_store(ctx, dst_pristine, os.path.join(ctx.run, "mig-dst"))
+    dst = dst_store if dst_store is not None else copy_store(ctx, dst_pristine, os.path.join(ctx.run, "mig-dst"))
     s_ctl, d_ctl = os.path.join(ctx.run, "src.ctl"), os.path.join(ctx.run, "dst.ctl")
     s_nbd, d_nbd = os.path.join(ctx.run, "src.nbd"), os.path.join(ctx.run, "dst.nbd")
     for f in (s_ctl, d_ctl, s_nbd, d_nbd):
@@ -469,12 +488,14 @@ def ours_migration(ctx, image, hood_name, neighbours, load=False):
     logdir = os.path.join(ctx.out, "logs")
     tls = migration_tls(ctx)
     dsrv = ctx.start([ctx.exe("nbd-server"), "--store", dst, "--unix", d_nbd, "--control", d_ctl,
-                      "--migration-listen", "%s:7700" % DST_ADDR] + tls("dst"), ns="dst", stdout_pipe=True,
+                      "--migration-listen", "%s:7700" % DST_ADDR] + tls("dst") + list(dst_args), ns="dst", stdout_pipe=True,
                      log=os.path.join(logdir, "mig-%s-dst.log" % tag))
     ssrv = ctx.start([ctx.exe("nbd-server"), "--store", src, "--unix", s_nbd, "--control", s_ctl] + tls("src"),
                      ns="src", stdout_pipe=True, log=os.path.join(logdir, "mig-%s-src.log" % tag))
     fio = guest = None
     row = {"tool": "ours", "image": image, "hood": hood_name, "neighbours": neighbours, "load": load}
+    if label:
+        row["label"] = label
     try:
         wait_ready(ctx, dsrv, "destination nbd-server")
         wait_ready(ctx, ssrv, "source nbd-server")
@@ -780,11 +801,11 @@ def densify(src, dst, limit):
     return n
 
 
-def fio_nbd(ctx, uri, rw, qd, runtime):
+def fio_nbd(ctx, uri, rw, qd, runtime, ns=None):
     out = os.path.join(ctx.run, "fio.json")
     ctx.sh(["fio", "--name=job", "--ioengine=nbd", "--uri=" + uri, "--rw=" + rw, "--bs=4k",
             "--iodepth=%d" % qd, "--time_based", "--runtime=%d" % runtime, "--ramp_time=1",
-            "--output-format=json", "--output=" + out], timeout=runtime + 120)
+            "--output-format=json", "--output=" + out], ns=ns, timeout=runtime + 120)
     with open(out) as f:
         txt = f.read()
     j = json.loads(txt[txt.index("{"):])["jobs"][0]
@@ -937,7 +958,238 @@ def parse_criterion(text):
     return {k: v for k, v in out.items() if v}
 
 
+# ---------------------------------------------------------------------------------- 7 RADOS beside RocksDB
+CEPH_CLUSTER = os.path.join(REPO, "scripts", "ceph-cluster.sh")
+CEPH_TOOLS = ["ceph-mon", "ceph-osd", "ceph", "ceph-authtool", "monmaptool", "rados"]
+CEPH_POOL = "nbd-cas"
+
+
+def ceph_start(ctx):
+    """Starts scripts/ceph-cluster.sh's one-node cluster in the WAN's destination namespace.
+
+    Ceph listens on 127.0.0.1 with fixed ports; a destination server inside the namespace
+    cannot reach the host's loopback, so the cluster lives where the servers that use it
+    live. Ports are per namespace, so a cluster on the host (./test.sh's) is neither used
+    nor disturbed, and this one, in the run directory, is always this run's to stop."""
+    d = os.path.join(ctx.run, "ceph")
+    with open(os.path.join(ctx.run, "ceph-dir"), "w") as f:  # for bench.sh's trap
+        f.write(d + "\n")
+    env = dict(os.environ, NBD_CAS_CEPH_POOL=CEPH_POOL,
+               NBD_CAS_CEPH_MEMSTORE_BYTES=str(ctx.cfg["rados_memstore_bytes"]))
+    env.pop("NBD_CAS_CEPH_DIR", None)
+    t0 = time.monotonic()
+    ctx.sh([CEPH_CLUSTER, "start", d], ns="dst", env=env, capture=False, timeout=300)
+    ctx.log("ceph: up in %.1f s (%s, in namespace %s)" % (time.monotonic() - t0, d, ctx.ns_prefix("dst")[-1]))
+    return d
+
+
+def ceph_stop(ctx, d):
+    """Stops the cluster (its daemons by their pid files) and deletes its directory; the
+    Ceph logs are kept under OUT/logs/ceph/."""
+    try:
+        with open(os.path.join(d, "run", "osd.0.pid")) as f:
+            rss = rss_kib(int(f.read().strip()))
+        if rss:
+            ctx.ceph_osd_rss_bytes = rss * 1024
+    except (OSError, ValueError):
+        pass
+    keep = os.path.join(ctx.out, "logs", "ceph")
+    shutil.rmtree(keep, ignore_errors=True)
+    try:
+        shutil.copytree(os.path.join(d, "log"), keep)
+    except OSError:
+        pass
+    r, _ = ctx.sh([CEPH_CLUSTER, "stop", d], capture=False, check=False, timeout=120)
+    left = [f for f in glob.glob(os.path.join(d, "run", "*.pid"))]
+    if r.returncode != 0 or left:
+        ctx.log("ceph: stop failed (exit %d); the WAN's teardown ends what is left in its namespace" % r.returncode)
+    else:
+        os.unlink(os.path.join(ctx.run, "ceph-dir"))
+
+
+def backend_server(ctx, store, blocks_args, name):
+    """An nbd-server in the destination namespace (where the cluster is) on `store`: NBD on a
+    Unix socket (cas import, cas rm) and on 127.0.0.1 there (fio); returns (proc, control, port)."""
+    sock = os.path.join(ctx.run, "%s.nbd" % name)
+    ctl = os.path.join(ctx.run, "%s.ctl" % name)
+    for f in (sock, ctl):
+        if os.path.exists(f):
+            os.unlink(f)
+    p = ctx.start([ctx.exe("nbd-server"), "--store", store, "--unix", sock, "--control", ctl,
+                   "--listen", "127.0.0.1:0"] + blocks_args, ns="dst", stdout_pipe=True,
+                  log=os.path.join(ctx.out, "logs", "%s.log" % name))
+    try:
+        lines = wait_ready(ctx, p, "nbd-server (%s)" % name)
+    except Exception:
+        ctx.stop(p)
+        raise
+    port = next((int(m.group(1)) for m in (re.search(r"listening on nbd://127\.0\.0\.1:(\d+)", x) for x in lines) if m),
+                None)
+    if port is None:
+        ctx.stop(p)
+        raise RuntimeError("nbd-server (%s) printed no TCP address: %s" % (name, lines))
+    return p, ctl, port
+
+
+def server_stored_bytes(ctx, ctl):
+    r, _ = ctx.sh([ctx.exe("cas"), "stats", "--server", ctl, "--json"])
+    return json.loads(r.stdout.decode())["store"]["stored_bytes"]
+
+
+def section_rados(ctx):
+    """Blocks in RADOS beside blocks in RocksDB, in one run: import through a running server,
+    4 KiB random reads through NBD, and a migration over the WAN into each."""
+    cfg = ctx.cfg
+    t_section = time.monotonic()
+    hood = cfg["rados_hood"]
+    neighbours = cfg["hoods"][hood]
+    migrated = cfg["rados_migrated"]
+    runtime = cfg["fio_runtime"]
+    dense_from = neighbours[-1]
+    res = {"hood": hood, "neighbours": neighbours, "migrated": migrated, "fio_runtime_s": runtime,
+           "backends": {}, "errors": [], "migration_tls": os.environ.get("BENCH_MIGRATION_TLS", "1") != "0"}
+    missing = [t for t in CEPH_TOOLS if not shutil.which(t)]
+    if missing:
+        res["skipped"] = ("Ceph is not installed (%s missing): scripts/install-deps.sh installs ceph-mon, "
+                          "ceph-osd and ceph-common" % ", ".join(missing))
+        ctx.log("rados: skipped: " + res["skipped"])
+        write_section(ctx, "rados", res)
+        return
+    r, _ = ctx.sh([ctx.exe("nbd-server"), "--help"], check=False)
+    if b"--blocks" not in r.stdout + r.stderr:
+        res["skipped"] = "this nbd-server has no --blocks option"
+        write_section(ctx, "rados", res)
+        return
+    res["versions"] = tool_versions([["ceph", "--version"], ["fio", "--version"]])
+    namespace = "bench-%d-%d" % (int(time.time()), os.getpid())
+    res["ceph"] = {"cluster": "scripts/ceph-cluster.sh: one monitor, one OSD on memstore, pool size 1, "
+                              "in the destination's network namespace",
+                   "pool": CEPH_POOL, "namespace": namespace, "memstore_bytes": cfg["rados_memstore_bytes"]}
+    work = os.path.join(ctx.run, "rados")
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+
+    def attempt(what, fn):
+        try:
+            return fn()
+        except Exception as e:
+            ctx.log("rados %s FAILED: %s" % (what, e))
+            traceback.print_exc(file=ctx.logf)
+            res["errors"].append({"what": what, "error": str(e)[-2000:]})
+            return None
+
+    ceph_dir = None
+    ctx.wan_up()
+    try:
+        t0 = time.monotonic()
+        ceph_dir = ceph_start(ctx)
+        res["ceph"]["start_seconds"] = round(time.monotonic() - t0, 1)
+        conf = os.path.join(ceph_dir, "ceph.conf")
+        backends = {"rocksdb": ["--blocks", "rocksdb"],
+                    "rados": ["--blocks", "rados:%s/%s" % (CEPH_POOL, namespace), "--ceph-conf", conf]}
+        stores = {b: os.path.join(work, "store-" + b) for b in backends}
+        # The random reads need data at every offset: the non-zero blocks of the last
+        # neighbour, densely packed (as in the nbd section). Every one of its blocks is already
+        # stored (the neighbour is imported first), and the disk is deleted before the
+        # migration, so the destinations hold exactly the neighbourhood.
+        dense = os.path.join(work, "dense.raw")
+        dense_bytes = densify(ctx.image(dense_from), dense, cfg["nbd_bytes"])
+        res["dense"] = {"from": dense_from, "bytes": dense_bytes}
+        for b in backends:
+            res["backends"][b] = {"blocks": backends[b][1], "imports": [], "randread": {}, "migrations": {}}
+        write_section(ctx, "rados", res)
+
+        # 1. import through a running server, the same images into each
+        def imports(b):
+            out = res["backends"][b]["imports"]
+            p, ctl, _ = backend_server(ctx, stores[b], backends[b], "rados-%s-import" % b)
+            try:
+                for n in neighbours + ["dense"]:
+                    path = dense if n == "dense" else ctx.image(n)
+                    before = server_stored_bytes(ctx, ctl)
+                    r, dt = ctx.sh([ctx.exe("cas"), "import", "--server", ctl, "--json", n, path], timeout=7200)
+                    rep = json.loads(r.stdout.decode())
+                    after = server_stored_bytes(ctx, ctl)
+                    row = {"image": n, "seconds": round(dt, 3), "image_bytes": rep.get("bytes"),
+                           "nonzero_bytes": rep.get("allocated_bytes"), "new_stored_bytes": after - before}
+                    out.append(row)
+                    ctx.log("rados: import %s into %s: %.1f s, %.1f MiB/s of non-zero data" % (
+                        n, b, dt, (row["nonzero_bytes"] or 0) / MiB / dt if dt else 0))
+            finally:
+                ctx.stop(p)
+        for b in backends:
+            attempt("import %s" % b, lambda b=b: imports(b))
+            write_section(ctx, "rados", res)
+
+        # 2. 4 KiB random reads of the dense disk through NBD (TCP on the namespace's loopback);
+        # a fresh server per queue depth: its hot-block cache starts empty (cold), then the
+        # same run again (warm)
+        def reads(b, qd):
+            p, ctl, port = backend_server(ctx, stores[b], backends[b], "rados-%s-fio" % b)
+            try:
+                uri = "nbd://127.0.0.1:%d/dense" % port
+                cold = fio_nbd(ctx, uri, "randread", qd, runtime, ns="dst")
+                warm = fio_nbd(ctx, uri, "randread", qd, runtime, ns="dst")
+                res["backends"][b]["randread"]["qd%d" % qd] = {"cold": cold, "warm": warm}
+                ctx.log("rados: randread QD%d on %s: cold %.0f IOPS, warm %.0f IOPS" % (qd, b, cold["iops"], warm["iops"]))
+            finally:
+                ctx.stop(p)
+        for qd in (1, 32):
+            for b in backends:
+                if any(e["what"] == "import %s" % b for e in res["errors"]):
+                    continue
+                attempt("randread QD%d %s" % (qd, b), lambda b=b, qd=qd: reads(b, qd))
+            write_section(ctx, "rados", res)
+
+        def drop_disk(b, disk):
+            p, ctl, _ = backend_server(ctx, stores[b], backends[b], "rados-%s-admin" % b)
+            try:
+                r, dt = ctx.sh([ctx.exe("cas"), "rm", "--server", ctl, disk], timeout=3600)
+                ctx.log("rados: deleted %s on %s in %.1f s" % (disk, b, dt))
+                return round(dt, 3)
+            finally:
+                ctx.stop(p)
+        for b in backends:
+            if not any(e["what"] == "import %s" % b for e in res["errors"]):
+                res["backends"][b]["dense_delete_seconds"] = attempt("delete dense %s" % b, lambda b=b: drop_disk(b, "dense"))
+
+        # 3. the same migration over the WAN into each destination (the neighbourhood imported
+        # above); the source is the usual RocksDB store
+        for i, image in enumerate(migrated):
+            for b in backends:
+                if any(e["what"] in ("import %s" % b, "delete dense %s" % b) for e in res["errors"]):
+                    continue
+                row = attempt("migration %s %s" % (image, b), lambda b=b: ours_migration(
+                    ctx, image, hood, neighbours, dst_store=stores[b], dst_args=backends[b], label="rados-" + b))
+                if row:
+                    res["backends"][b]["migrations"][image] = row
+                    ctx.log("rados: migration %s into %s: %.1f MiB over the link, %.1f s, downtime %s ms" % (
+                        image, b, row["link_bytes"] / MiB, row["seconds"], row.get("downtime_ms")))
+                if i + 1 < len(migrated):  # the next image meets the neighbourhood alone again
+                    attempt("delete %s %s" % (image, b), lambda b=b: drop_disk(b, image))
+                write_section(ctx, "rados", res)
+    except BaseException as e:
+        res["interrupted"] = "%s: %s" % (type(e).__name__, str(e)[-1000:])
+        raise
+    finally:
+        ctx.stop_all()
+        if ceph_dir:
+            ceph_stop(ctx, ceph_dir)
+            res["ceph"]["osd_rss_bytes"] = getattr(ctx, "ceph_osd_rss_bytes", None)
+        ctx.wan_down()
+        shutil.rmtree(work, ignore_errors=True)
+        res["seconds"] = round(time.monotonic() - t_section, 1)
+        write_section(ctx, "rados", res)
+    if res["errors"]:
+        raise PartlyFailed("rados: %d part(s) failed: %s" % (
+            len(res["errors"]), "; ".join("%s: %s" % (e["what"], e["error"][:200]) for e in res["errors"])))
+
+
 # ---------------------------------------------------------------------------------- main
+class PartlyFailed(RuntimeError):
+    """A section that failed in part and has written its section file (errors included)."""
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -974,7 +1226,8 @@ def main():
                 ctx.log("section %s FAILED: %s" % (s, e))
                 traceback.print_exc(file=ctx.logf)
                 failed.append(s)
-                write_section(ctx, s, {"error": str(e)[-3000:]})
+                if not isinstance(e, PartlyFailed):
+                    write_section(ctx, s, {"error": str(e)[-3000:]})
             finally:
                 ctx.stop_all()
             ctx.log("=== section %s done in %.0f s" % (s, time.monotonic() - t0))

@@ -19,7 +19,7 @@ import time
 
 MiB = 1 << 20
 LINK_BPS = 100e6
-SECTION_ORDER = ["similarity", "indexing", "migration", "downtime", "nbd", "store"]
+SECTION_ORDER = ["similarity", "indexing", "migration", "downtime", "nbd", "store", "rados"]
 PEER_TOOLS = ["full copy (nbdcopy)", "rsync", "casync (default 64 KiB chunks)", "casync (4 KiB chunks)"]
 
 
@@ -498,6 +498,136 @@ def store_md(s):
     return "".join(md)
 
 
+def rados_md(s, plots):
+    md = ["## 7. RADOS beside RocksDB (`nbd-server --blocks rados:POOL` and the default `--blocks rocksdb`, same run)\n\n"]
+    if s.get("skipped"):
+        md.append("Not measured: %s.\n" % s["skipped"])
+        return "".join(md)
+    ceph = s.get("ceph", {})
+    dense = s.get("dense", {})
+    dense_b = dense.get("bytes") or 0
+    md.append(
+        "Two stores, one keeping its blocks in RocksDB, one in a RADOS pool (pool `%s`, namespace `%s`, fresh for "
+        "the run) of a one-node Ceph cluster on memstore (`scripts/ceph-cluster.sh`, started for this section inside "
+        "the WAN's destination namespace, where the servers that use it run, and stopped after it; %s). The same "
+        "steps on each, one backend after the other:\n\n"
+        "1. import through a running server (`cas import --server`: qemu-img writes through the NBD export): the "
+        "neighbourhood '%s' (%s), then a dense disk of %s MiB (%s's non-zero blocks packed, so every block is "
+        "already stored);\n"
+        "2. 4 KiB random reads of the dense disk, fio `--ioengine=nbd` on loopback TCP, %d s per run: *cold* is the "
+        "first run on a freshly started server (its 64 MiB hot-block cache and RocksDB's block cache empty; the page "
+        "cache and the OSD's memstore hold the blocks in RAM either way), *warm* the same run again on that server "
+        "(the cache can hold %s of the disk);\n"
+        "3. the dense disk deleted, then the same migration over the emulated WAN (100 Mbit/s, %s) from a RocksDB "
+        "source into each store, its content checked (sha256).\n\n"
+        "'RADOS / RocksDB': below 1 means RADOS is slower for rates (MiB/s, IOPS); above 1 means it takes longer "
+        "or sends more for times and bytes.\n\n" % (
+            ceph.get("pool", "?"), ceph.get("namespace", "?"),
+            "; ".join(v for v in (s.get("versions") or {}).values() if v) or "Ceph",
+            s.get("hood"), ", ".join(s.get("neighbours", [])), mib(dense_b), dense.get("from", "?"),
+            s.get("fio_runtime_s", 0), "%.0f %%" % min(100, 100.0 * 64 * MiB / dense_b) if dense_b else "-",
+            "mutual TLS" if s.get("migration_tls", True) else "plaintext"))
+    be = s.get("backends", {})
+    ro, ra = be.get("rocksdb", {}), be.get("rados", {})
+    rows, plot = [], []
+
+    def add(label, a, b, fmt="%.1f", plot_it=True):
+        r = ratio(b, a)
+        rows.append([label, fnum(a, fmt), fnum(b, fmt), fnum(r, "%.2f")])
+        if plot_it and r:
+            plot.append((label, r))
+
+    def rate(x, key):
+        v, t = x.get(key), x.get("seconds")
+        return v / MiB / t if v is not None and t else None
+
+    imp_a = {x["image"]: x for x in ro.get("imports", [])}
+    imp_b = {x["image"]: x for x in ra.get("imports", [])}
+    names = list(imp_a) + [n for n in imp_b if n not in imp_a]
+    for n in names:
+        a, b = imp_a.get(n, {}), imp_b.get(n, {})
+        any_ = a or b
+        if n == "dense":
+            add("import dense disk (%s MiB, all stored already), MiB/s" % mib(any_.get("nonzero_bytes")),
+                rate(a, "nonzero_bytes"), rate(b, "nonzero_bytes"))
+            continue
+        add("import %s, MiB/s of image size (%s MiB)" % (n, mib(any_.get("image_bytes"))),
+            rate(a, "image_bytes"), rate(b, "image_bytes"))
+        add("import %s, MiB/s of non-zero data (%s MiB, %s MiB new)" % (n, mib(any_.get("nonzero_bytes")),
+                                                                       mib(any_.get("new_stored_bytes"))),
+            rate(a, "nonzero_bytes"), rate(b, "nonzero_bytes"))
+    tot = {}
+    for k, imp in (("a", imp_a), ("b", imp_b)):
+        xs = [x for n, x in imp.items() if n != "dense"]
+        sec = sum(x["seconds"] for x in xs)
+        tot[k] = (sum(x.get("nonzero_bytes") or 0 for x in xs) / MiB / sec if xs and sec else None, sec if xs else None)
+    if len(names) > 2:
+        add("import, the whole neighbourhood, MiB/s of non-zero data", tot["a"][0], tot["b"][0])
+    add("import, the whole neighbourhood, seconds", tot["a"][1], tot["b"][1], plot_it=False)
+    for qd in (1, 32):
+        for temp in ("cold", "warm"):
+            g = lambda x: ((x.get("randread") or {}).get("qd%d" % qd) or {}).get(temp, {}).get("iops")
+            add("4 KiB random read IOPS, QD%d, %s" % (qd, temp), g(ro), g(ra), "%.0f")
+    migs = list(ro.get("migrations", {})) + [m for m in ra.get("migrations", {}) if m not in ro.get("migrations", {})]
+    for m in migs:
+        a, b = ro.get("migrations", {}).get(m, {}), ra.get("migrations", {}).get(m, {})
+        add("migration %s: MiB over the link" % m, a.get("link_bytes") and a["link_bytes"] / MiB,
+            b.get("link_bytes") and b["link_bytes"] / MiB)
+        add("migration %s: wall time, s" % m, a.get("seconds"), b.get("seconds"))
+        add("migration %s: downtime, ms" % m, a.get("downtime_ms"), b.get("downtime_ms"), plot_it=False)
+        dst = lambda x, k: ((x.get("report") or {}).get("destination") or {}).get(k)
+        add("migration %s: blocks mapped from neighbours" % m, dst(a, "neighbour_hits"), dst(b, "neighbour_hits"), "%.0f",
+            plot_it=False)
+        add("migration %s: blocks sent" % m, dst(a, "received_before_switch"), dst(b, "received_before_switch"), "%.0f",
+            plot_it=False)
+        ok = {True: "yes", False: "NO", None: "-"}
+        rows.append(["migration %s: content ok (sha256)" % m, ok[a.get("verified")], ok[b.get("verified")], ""])
+    md.append(table(["figure", "RocksDB", "RADOS", "RADOS / RocksDB"], rows))
+    if s.get("interrupted"):
+        md.append("\nThe run was interrupted (%s): figures missing above were not measured.\n" % s["interrupted"])
+    if s.get("errors"):
+        md.append("\nErrors: %s\n" % "; ".join("%s: %s" % (e["what"], e["error"][:300].replace("\n", " "))
+                                             for e in s["errors"]))
+    if s.get("seconds") is not None:
+        md.append("\nThe section took %.0f s (the cluster started in %s s; the OSD's RSS at the end: %s MiB; load "
+                  "average at the end: %s).\n" % (s["seconds"], ceph.get("start_seconds", "?"),
+                                                  mib(ceph.get("osd_rss_bytes")), " ".join(s.get("loadavg", [])) or "?"))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        if plot:
+            fig, ax = plt.subplots(figsize=(10, 0.35 * len(plot) + 1.8))
+            ys = list(range(len(plot)))[::-1]
+            rates = ["MiB/s" in l or "IOPS" in l for l, _ in plot]
+            # bars from 1 (no difference) to the ratio, on a log scale
+            ax.barh(ys, [r - 1 for _, r in plot], left=1, color=["tab:blue" if x else "tab:orange" for x in rates])
+            ax.set_yticks(ys)
+            ax.set_yticklabels([l for l, _ in plot], fontsize=7)
+            ax.axvline(1, color="grey", linestyle="--")
+            ax.set_xscale("log")
+            lo = min(min(r for _, r in plot), 1) / 1.3
+            hi = max(max(r for _, r in plot), 1) * 1.3
+            ax.set_xlim(lo, hi)
+            ticks = [t for t in (0.1, 0.25, 0.5, 1, 2, 4, 10, 20) if lo <= t <= hi]
+            ax.set_xticks(ticks)
+            ax.set_xticklabels(["%g" % t for t in ticks])
+            ax.minorticks_off()
+            ax.set_xlabel("RADOS / RocksDB")
+            from matplotlib.patches import Patch
+            ax.legend(handles=[Patch(color="tab:blue", label="rate (higher is better)"),
+                               Patch(color="tab:orange", label="time or bytes (lower is better)")], fontsize=7, loc="upper right")
+            ax.set_title("RADOS beside RocksDB, same run")
+            ax.grid(True, axis="x", alpha=.3)
+            fig.tight_layout()
+            fig.savefig(os.path.join(plots, "rados.png"), dpi=110)
+            plt.close(fig)
+            md.append("\n![rados beside rocksdb](plots/rados.png)\n")
+    except ImportError:
+        pass
+    return "".join(md)
+
+
 def verdict_md(verdict, targets):
     md = ["## Where we stand\n\n"]
     if targets:
@@ -571,6 +701,8 @@ def main():
                 body.append(nbd_md(s, plots, verdict))
             elif name == "store":
                 body.append(store_md(s))
+            elif name == "rados":
+                body.append(rados_md(s, plots))
         except Exception as e:  # a malformed section must not hide the others
             body.append("## %s\n\n(report error: %r)\n" % (name, e))
     dt = downtime_md(sections, plots, targets)

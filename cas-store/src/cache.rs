@@ -8,6 +8,9 @@ use parking_lot::Mutex;
 
 use crate::Fingerprint;
 
+/// One shard of the cache: an LRU of blocks by fingerprint behind its own lock.
+type Shard = Mutex<LruCache<Fingerprint, Arc<[u8]>>>;
+
 const SHARDS: usize = 16;
 
 /// An LRU of block contents by fingerprint, bounded in bytes. Blocks are immutable once
@@ -15,19 +18,18 @@ const SHARDS: usize = 16;
 /// by fingerprint so concurrent readers rarely meet on one lock.
 #[derive(Debug)]
 pub struct BlockCache {
-    shards: Option<Vec<Mutex<LruCache<Fingerprint, Arc<[u8]>>>>>,
+    shards: Option<Vec<Shard>>,
 }
 
 impl BlockCache {
     /// A cache holding at most `capacity_bytes` of `block_size`-byte blocks (0 disables it).
     pub fn new(capacity_bytes: usize, block_size: usize) -> BlockCache {
         let per_shard = capacity_bytes / block_size.max(1) / SHARDS;
-        let shards = NonZeroUsize::new(per_shard)
-            .map(|n| (0..SHARDS).map(|_| Mutex::new(LruCache::new(n))).collect());
+        let shards = NonZeroUsize::new(per_shard).map(|n| (0..SHARDS).map(|_| Mutex::new(LruCache::new(n))).collect());
         BlockCache { shards }
     }
 
-    fn shard(&self, fp: &Fingerprint) -> Option<&Mutex<LruCache<Fingerprint, Arc<[u8]>>>> {
+    fn shard(&self, fp: &Fingerprint) -> Option<&Shard> {
         self.shards.as_ref().map(|s| &s[fp.0[0] as usize % SHARDS])
     }
 

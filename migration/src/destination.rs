@@ -3,6 +3,7 @@
 //! through a [`PostCopyDisk`] that fetches missing blocks on demand.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,9 +13,10 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use crate::compress::{decode_frame, Record};
-use crate::protocol::{DestReport, ErrorMessage, Hello, Message, Mode, Run};
+use crate::protocol::{AcceptInfo, DestReport, ErrorMessage, Hello, Message, Mode, Run};
 use crate::report::{MigrationReport, Phase};
 use crate::source::MigrationStatus;
+use crate::state::{MigrationRecord, Stage, StateStore};
 use crate::wire::{exchange_greetings, read_message, write_frame, Frame};
 use crate::{blocking, MigrationError};
 
@@ -24,6 +26,8 @@ pub trait DestHooks: Send + Sync {
     fn switch_over(&self, name: &str, disk: Arc<PostCopyDisk>) -> Result<(), String>;
     /// Every block is local; the export may serve the store's disk directly again.
     fn complete(&self, name: &str);
+    /// A migration arrived (or was restored after a restart): the server lists it.
+    fn registered(&self, _id: &str, _status: Arc<MigrationStatus>) {}
 }
 
 /// How long a read of a block that has not arrived waits for it before failing with EIO.
@@ -58,6 +62,8 @@ struct Incoming {
     arrived: Condvar,
     /// FETCH frames go to the writer through this.
     fetch: mpsc::UnboundedSender<Frame>,
+    /// After the switch-over: what is still missing, kept across a restart.
+    journal: Mutex<Option<PendingJournal>>,
 }
 
 /// The disk as the destination serves it after the switch-over: blocks already local come
@@ -154,32 +160,34 @@ impl PostCopyDisk {
     /// A write-like change of `[offset, offset + len)`: missing blocks the range covers
     /// entirely are dropped from the pending set (the write wins); partially covered ones are
     /// fetched first, since the write keeps part of their old content.
-    fn change(&self, offset: u64, len: u64, apply: impl FnOnce() -> Result<(), StoreError>) -> Result<(), PostCopyError> {
+    fn change(&self, offset: u64, len: u64, fua: bool, apply: impl FnOnce() -> Result<(), StoreError>) -> Result<(), PostCopyError> {
         let bs = self.inner.block_size;
         let blocks = self.blocks(offset, len);
         let end = offset + len;
         let partial = |b: u64| b * bs < offset || (b + 1) * bs > end;
         let guard = self.inner.pending.lock();
         let mut guard = self.wait_local(guard, |p| {
-            let mut fps: Vec<Fingerprint> = blocks
-                .clone()
-                .filter(|&b| partial(b))
-                .filter_map(|b| p.by_block.get(&b).copied())
-                .collect();
+            let mut fps: Vec<Fingerprint> = blocks.clone().filter(|&b| partial(b)).filter_map(|b| p.by_block.get(&b).copied()).collect();
             fps.sort_unstable();
             fps.dedup();
             fps
         })?;
-        let covered: Vec<u64> = if guard.by_block.is_empty() {
-            Vec::new()
-        } else {
-            blocks.filter(|b| guard.by_block.contains_key(b)).collect()
-        };
+        let covered: Vec<u64> = if guard.by_block.is_empty() { Vec::new() } else { blocks.filter(|b| guard.by_block.contains_key(b)).collect() };
         if covered.is_empty() {
             drop(guard);
+            if fua {
+                self.sync_journal()?;
+            }
             return Ok(apply()?);
         }
         // Keep the lock while writing, so no reader sees these blocks neither old nor new.
+        // The journal learns first that these blocks no longer wait for the source, so a
+        // restart never lets a late arrival overwrite this write.
+        if let Some(j) = self.inner.journal.lock().as_mut() {
+            j.note_removed(&covered)
+                .and_then(|_| if fua { j.sync() } else { Ok(()) })
+                .map_err(|e| PostCopyError::Unavailable(format!("post-copy journal: {e}")))?;
+        }
         for b in covered {
             guard.by_block.remove(&b);
         }
@@ -189,21 +197,30 @@ impl PostCopyDisk {
 
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), PostCopyError> {
         let i = &self.inner;
-        self.change(offset, data.len() as u64, || i.store.write(i.disk, offset, data, fua))
+        self.change(offset, data.len() as u64, fua, || i.store.write(i.disk, offset, data, fua))
     }
 
     pub fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), PostCopyError> {
         let i = &self.inner;
-        self.change(offset, len, || i.store.write_zeroes(i.disk, offset, len, fua))
+        self.change(offset, len, fua, || i.store.write_zeroes(i.disk, offset, len, fua))
     }
 
     pub fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), PostCopyError> {
         let i = &self.inner;
-        self.change(offset, len, || i.store.trim(i.disk, offset, len, fua))
+        self.change(offset, len, fua, || i.store.trim(i.disk, offset, len, fua))
     }
 
     pub fn flush(&self) -> Result<(), PostCopyError> {
+        self.sync_journal()?;
         Ok(self.inner.store.flush()?)
+    }
+
+    /// Makes the journal's removals durable before a write that must survive a crash.
+    fn sync_journal(&self) -> Result<(), PostCopyError> {
+        if let Some(j) = self.inner.journal.lock().as_mut() {
+            j.sync().map_err(|e| PostCopyError::Unavailable(format!("post-copy journal: {e}")))?;
+        }
+        Ok(())
     }
 
     /// The store's allocation, with blocks still in flight reported as allocated (they hold
@@ -247,54 +264,507 @@ impl PostCopyDisk {
     }
 }
 
-/// Serves one incoming migration connection to completion. `status` may start as a
-/// placeholder; the source's HELLO fills in the migration's id and disk.
-pub async fn run_destination<S>(store: Arc<Store>, stream: S, hooks: Arc<dyn DestHooks>, status: Arc<MigrationStatus>) -> Result<MigrationReport, MigrationError>
+/// A server's incoming migrations, live and parked, by migration id. A migration outlives
+/// its connections: after a lost link it is parked until the source reconnects (or, before
+/// the switch-over, until `park_timeout` passes or an operator cancels it).
+pub struct Destination {
+    store: Arc<Store>,
+    hooks: Arc<dyn DestHooks>,
+    state: Arc<dyn StateStore>,
+    sessions: Mutex<HashMap<String, Arc<Session>>>,
+    park_timeout: Duration,
+}
+
+impl std::fmt::Debug for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Destination").field("sessions", &self.sessions.lock().keys().collect::<Vec<_>>()).finish()
+    }
+}
+
+/// One incoming migration, across its connections.
+struct Session {
+    hello: Hello,
+    incoming: Arc<Incoming>,
+    /// Frames to the source; the connection of the moment writes them.
+    out: mpsc::UnboundedSender<Frame>,
+    outbound: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Frame>>>,
+    proto: Mutex<Proto>,
+    status: Arc<MigrationStatus>,
+    /// Bumped by each new connection; an older connection stops when it sees the change.
+    generation: AtomicU64,
+    superseded: tokio::sync::Notify,
+    ended: AtomicBool,
+}
+
+/// Where the sequenced stream stands (see the protocol's resume section).
+#[derive(Debug, Default)]
+struct Proto {
+    processed: u64,
+    ended_rounds: Vec<u32>,
+    last_done: Option<u32>,
+    listed_round0: u64,
+    completed: bool,
+    /// Restored after a restart before the switch-over: the place in the rounds is lost.
+    needs_rebuild: bool,
+    /// The sequenced count when SWITCH was applied (kept across a restart).
+    processed_at_switch: u64,
+}
+
+impl Destination {
+    pub fn new(store: Arc<Store>, hooks: Arc<dyn DestHooks>, state: Arc<dyn StateStore>, park_timeout: Duration) -> Arc<Destination> {
+        Arc::new(Destination { store, hooks, state, sessions: Mutex::new(HashMap::new()), park_timeout })
+    }
+
+    pub fn status(&self, id: &str) -> Option<Arc<MigrationStatus>> {
+        self.sessions.lock().get(id).map(|s| s.status.clone())
+    }
+
+    /// After a restart: parks every migration a record names, and deletes partial disks no
+    /// record explains. Call before exporting the store's disks.
+    pub async fn restore(self: &Arc<Self>) -> Result<(), MigrationError> {
+        let records = self.state.load()?;
+        let mut known: HashSet<String> = HashSet::new();
+        for record in records.into_iter().filter(|r| r.role == "destination") {
+            let Some(hello) = record.hello.clone() else {
+                continue;
+            };
+            known.insert(incoming_name(&hello.disk));
+            match self.restore_one(&record, hello).await {
+                Ok(()) => {}
+                Err(e) => {
+                    tracing::error!(id = %record.id, error = %e, "cannot restore an incoming migration");
+                    let _ = self.state.remove(&record.id);
+                }
+            }
+        }
+        let s = self.store.clone();
+        let disks = blocking(move || Ok::<_, MigrationError>(s.list_disks()?)).await?;
+        for disk in disks {
+            if disk.name.ends_with(".incoming") && !known.contains(&disk.name) {
+                tracing::warn!(disk = %disk.name, "removing a partial disk no migration record explains");
+                let s = self.store.clone();
+                blocking(move || Ok::<_, MigrationError>(s.delete_disk(&disk.name)?)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn restore_one(self: &Arc<Self>, record: &MigrationRecord, hello: Hello) -> Result<(), MigrationError> {
+        let switched = record.stage == Stage::Switched;
+        let name = if switched { hello.disk.clone() } else { incoming_name(&hello.disk) };
+        let s = self.store.clone();
+        let n = name.clone();
+        let info = match blocking(move || Ok::<_, MigrationError>(s.disk(&n)?)).await {
+            Ok(i) => i,
+            Err(_) => {
+                tracing::warn!(id = %record.id, disk = %name, "a migration record names a disk that is gone; dropping the record");
+                self.state.remove(&record.id)?;
+                return Ok(());
+            }
+        };
+        let status = MigrationStatus::new(MigrationReport::new(&record.id, &hello.disk, "destination", &record.peer));
+        status.update(|r| {
+            r.disk_bytes = hello.size;
+            r.block_size = hello.block_size;
+            r.cancellable = !switched;
+            r.phase = if switched { Phase::PostCopy } else { Phase::PreCopy };
+        });
+        let mut pending = Pending::default();
+        let mut proto = Proto { needs_rebuild: !switched, ..Default::default() };
+        if switched {
+            let (entries, processed) = PendingJournal::load_from(self.state.as_ref(), &record.id)?;
+            proto.processed = processed;
+            proto.processed_at_switch = processed;
+            // A block whose content is the one it waited for arrived (its journal entry was
+            // lost with the crash); the rest is still missing.
+            let blocks: Vec<u64> = entries.iter().map(|e| e.0).collect();
+            let s = self.store.clone();
+            let id = info.id;
+            let current = blocking(move || Ok::<_, MigrationError>(s.block_fingerprints(id, &blocks)?)).await?;
+            for ((block, fp), now) in entries.into_iter().zip(current) {
+                if now == Some(fp) {
+                    continue;
+                }
+                pending.by_block.insert(block, fp);
+                pending.waiting.entry(fp).or_default().push(block);
+                pending.wanted.insert(fp);
+            }
+            pending.switched = true;
+        }
+        status.interrupt("parked after a restart; waiting for the source to reconnect");
+        let journal = if switched { PendingJournal::open(self.state.as_ref(), &record.id)? } else { None };
+        let session = self.new_session(hello.clone(), info.id, status, pending, proto, journal)?;
+        if switched {
+            let disk = Arc::new(PostCopyDisk { inner: session.incoming.clone() });
+            tracing::warn!(id = %record.id, disk = %hello.disk, missing = disk.missing_blocks(), "serving a migrated disk whose post-copy was interrupted by a restart; missing blocks wait for the source");
+            self.hooks.switch_over(&hello.disk, disk).map_err(MigrationError::Hook)?;
+            if session.incoming.pending.lock().by_block.is_empty() {
+                self.finish(&session, Ok(()));
+                return Ok(());
+            }
+        } else {
+            tracing::warn!(id = %record.id, disk = %hello.disk, "parked an incoming migration after a restart; the source resumes it");
+            self.park_timer(&session);
+        }
+        Ok(())
+    }
+
+    fn new_session(
+        &self,
+        hello: Hello,
+        disk: DiskId,
+        status: Arc<MigrationStatus>,
+        pending: Pending,
+        proto: Proto,
+        journal: Option<PendingJournal>,
+    ) -> Result<Arc<Session>, MigrationError> {
+        let (out_tx, out_rx) = mpsc::unbounded_channel::<Frame>();
+        let incoming = Arc::new(Incoming {
+            store: self.store.clone(),
+            disk,
+            block_size: u64::from(self.store.block_size()),
+            pending: Mutex::new(pending),
+            arrived: Condvar::new(),
+            fetch: out_tx.clone(),
+            journal: Mutex::new(journal),
+        });
+        let session = Arc::new(Session {
+            hello,
+            incoming,
+            out: out_tx,
+            outbound: Arc::new(tokio::sync::Mutex::new(out_rx)),
+            proto: Mutex::new(proto),
+            status,
+            generation: AtomicU64::new(0),
+            superseded: tokio::sync::Notify::new(),
+            ended: AtomicBool::new(false),
+        });
+        self.sessions.lock().insert(session.hello.migration_id.clone(), session.clone());
+        self.hooks.registered(&session.hello.migration_id, session.status.clone());
+        Ok(session)
+    }
+
+    /// Cancels a migration here before its switch-over: the partial disk goes.
+    pub async fn cancel(&self, id: &str) -> Result<(), String> {
+        let session = self.sessions.lock().get(id).cloned().ok_or_else(|| format!("no incoming migration {id:?}"))?;
+        if session.incoming.pending.lock().switched {
+            return Err(format!("migration {id} has switched over: this server serves the disk now"));
+        }
+        session.generation.fetch_add(1, Ordering::SeqCst);
+        session.superseded.notify_waiters();
+        self.fail(&session, &MigrationError::Cancelled).await;
+        Ok(())
+    }
+
+    /// Serves one incoming connection: a new migration, the resumption of a parked one, or a
+    /// plan. `status` tracks a new migration (a resumed one keeps its own).
+    pub async fn serve<S>(self: &Arc<Self>, mut stream: S, status: Arc<MigrationStatus>) -> Result<MigrationReport, MigrationError>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        exchange_greetings(&mut stream, &status.traffic).await?;
+        let hello = match read_message(&mut stream, &status.traffic).await? {
+            Some(Message::Hello(h)) => h,
+            Some(other) => {
+                let err = MigrationError::Unexpected(other.name());
+                refuse(&mut stream, &err.to_string(), &status).await;
+                return Err(err);
+            }
+            None => return Err(MigrationError::Closed),
+        };
+        if let Err(why) = check_hello(&self.store, &hello) {
+            refuse(&mut stream, &why, &status).await;
+            return Err(MigrationError::Refused(why));
+        }
+        if hello.mode == Mode::Plan {
+            status.update(|r| {
+                r.id = hello.migration_id.clone();
+                r.disk = hello.disk.clone();
+            });
+            crate::wire::write_message(&mut stream, &Message::Accept(AcceptInfo::default()), &status.traffic).await?;
+            plan(self.store.clone(), stream, &hello, &status).await?;
+            status.finish(Phase::Done, None);
+            return Ok(status.report());
+        }
+        let existing = self.sessions.lock().get(&hello.migration_id).cloned();
+        let session = match (hello.resume, existing) {
+            (true, Some(s)) => {
+                if s.hello.disk != hello.disk || s.hello.size != hello.size {
+                    let why = format!("migration {} here is of disk {:?} ({} bytes)", hello.migration_id, s.hello.disk, s.hello.size);
+                    refuse(&mut stream, &why, &status).await;
+                    return Err(MigrationError::Refused(why));
+                }
+                s
+            }
+            (true, None) => {
+                let why = format!("no migration {:?} to resume here (it ended, was cancelled, or never started)", hello.migration_id);
+                refuse(&mut stream, &why, &status).await;
+                return Err(MigrationError::Refused(why));
+            }
+            (false, Some(_)) => {
+                let why = format!("migration {:?} is already in progress here", hello.migration_id);
+                refuse(&mut stream, &why, &status).await;
+                return Err(MigrationError::Refused(why));
+            }
+            (false, None) => {
+                if let Err(why) = check_new(&self.store, &hello) {
+                    refuse(&mut stream, &why, &status).await;
+                    return Err(MigrationError::Refused(why));
+                }
+                let s = self.store.clone();
+                let (name, size) = (incoming_name(&hello.disk), hello.size);
+                let info = match blocking(move || Ok::<_, MigrationError>(s.create_disk(&name, size)?)).await {
+                    Ok(i) => i,
+                    Err(e) => {
+                        refuse(&mut stream, &e.to_string(), &status).await;
+                        return Err(e);
+                    }
+                };
+                status.update(|r| {
+                    r.id = hello.migration_id.clone();
+                    r.disk = hello.disk.clone();
+                    r.disk_bytes = hello.size;
+                    r.block_size = hello.block_size;
+                    r.phase = Phase::PreCopy;
+                });
+                let record = MigrationRecord {
+                    id: hello.migration_id.clone(),
+                    role: "destination".into(),
+                    disk: hello.disk.clone(),
+                    peer: status.report().peer,
+                    stage: Stage::PreCopy,
+                    config: None,
+                    hello: Some(hello.clone()),
+                };
+                if let Err(e) = self.state.save(&record) {
+                    tracing::error!(error = %e, "cannot record an incoming migration; a restart would lose it");
+                }
+                tracing::info!(disk = %hello.disk, size = hello.size, id = %hello.migration_id, "receiving a migration");
+                self.new_session(hello.clone(), info.id, status, Pending::default(), Proto::default(), None)?
+            }
+        };
+        if hello.resume {
+            session.status.traffic.reconnects.fetch_add(1, Ordering::Relaxed);
+        }
+        self.attach(session, stream, hello.rebuild).await
+    }
+
+    /// Runs one connection of a session to its end: done, failed, or parked.
+    async fn attach<S>(self: &Arc<Self>, session: Arc<Session>, mut stream: S, rebuild: bool) -> Result<MigrationReport, MigrationError>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        // Take the session from an older connection (a half-dead one may not know yet).
+        let generation = session.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        session.superseded.notify_waiters();
+        let mut out_rx = session.outbound.clone().lock_owned().await;
+        while out_rx.try_recv().is_ok() {}
+        let status = session.status.clone();
+        let info = {
+            let mut proto = session.proto.lock();
+            let switched = session.incoming.pending.lock().switched;
+            let rebuild = !switched && (rebuild || proto.needs_rebuild);
+            if rebuild {
+                let keep_switch = proto.processed_at_switch;
+                *proto = Proto { processed_at_switch: keep_switch, ..Default::default() };
+            }
+            AcceptInfo { processed: proto.processed, switched, rebuild }
+        };
+        crate::wire::write_message(&mut stream, &Message::Accept(info.clone()), &status.traffic).await?;
+        status.link_up();
+        // Everything the source must hear again: what readers wait for, what is missing, and
+        // the answers it may have missed.
+        {
+            let p = session.incoming.pending.lock();
+            let urgent: Vec<Fingerprint> = p.urgent.iter().copied().collect();
+            let wanted: Vec<Fingerprint> = p.wanted.iter().filter(|fp| !p.urgent.contains(fp)).copied().collect();
+            for chunk in urgent.chunks(crate::protocol::MAX_LIST) {
+                let _ = session.out.send(Frame::new(&Message::Fetch(chunk.to_vec())));
+            }
+            for chunk in wanted.chunks(crate::protocol::MAX_LIST) {
+                let _ = session.out.send(Frame::new(&Message::Want(chunk.to_vec())));
+            }
+            let proto = session.proto.lock();
+            if let Some(round) = proto.last_done {
+                let _ = session.out.send(Frame::new(&Message::RoundDone { round }));
+            }
+            if p.switched {
+                let _ = session.out.send(Frame::new(&Message::Switched(p.report.clone())));
+            }
+            if proto.completed {
+                let _ = session.out.send(Frame::new(&Message::Complete(p.report.clone())));
+            }
+        }
+        if info.processed > 0 || info.rebuild || info.switched {
+            tracing::info!(id = %session.hello.migration_id, processed = info.processed, rebuild = info.rebuild, switched = info.switched, "migration resumed");
+        }
+
+        let (mut reader, mut writer) = tokio::io::split(stream);
+        let st = status.clone();
+        let sess = session.clone();
+        let writer_task = tokio::spawn(async move {
+            loop {
+                let superseded = sess.superseded.notified();
+                if sess.generation.load(Ordering::SeqCst) != generation {
+                    break;
+                }
+                let frame = tokio::select! {
+                    f = out_rx.recv() => match f {
+                        Some(f) => f,
+                        None => break,
+                    },
+                    _ = superseded => break,
+                };
+                write_frame(&mut writer, &frame, &st.traffic).await?;
+                if out_rx.is_empty() {
+                    writer.flush().await?;
+                }
+            }
+            writer.flush().await.ok();
+            writer.shutdown().await.ok();
+            drop(out_rx);
+            Ok::<(), MigrationError>(())
+        });
+
+        let result = {
+            let conn = Connection { session: &session, hooks: &self.hooks, state: &self.state };
+            let superseded = async {
+                loop {
+                    let n = session.superseded.notified();
+                    if session.generation.load(Ordering::SeqCst) != generation {
+                        return;
+                    }
+                    n.await;
+                }
+            };
+            tokio::select! {
+                r = conn.run(&mut reader) => r,
+                _ = superseded => Err(MigrationError::Superseded),
+            }
+        };
+        match result {
+            Ok(()) => {
+                let _ = tokio::time::timeout(Duration::from_secs(5), writer_task).await;
+                self.finish(&session, Ok(()));
+                Ok(session.status.report())
+            }
+            Err(MigrationError::Superseded) => {
+                writer_task.abort();
+                Err(MigrationError::Superseded)
+            }
+            Err(e) if is_link_error(&e) => {
+                writer_task.abort();
+                tracing::warn!(id = %session.hello.migration_id, error = %e, "migration link lost; parked until the source reconnects");
+                session.status.link_down(&e.to_string());
+                self.park_timer(&session);
+                Err(e)
+            }
+            Err(e) => {
+                let _ = session.out.send(Frame::new(&Message::Error(ErrorMessage { message: e.to_string() })));
+                let _ = tokio::time::timeout(Duration::from_secs(2), writer_task).await;
+                self.fail(&session, &e).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// A parked migration whose source does not come back within the park timeout: before
+    /// the switch-over it is dropped (the source is still authoritative); once every block
+    /// is here it is done (only BYE was lost); in between it waits, since only the source
+    /// has the missing blocks.
+    fn park_timer(self: &Arc<Self>, session: &Arc<Session>) {
+        let generation = session.generation.load(Ordering::SeqCst);
+        let (this, session) = (self.clone(), session.clone());
+        let timeout = self.park_timeout;
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            if session.generation.load(Ordering::SeqCst) != generation || session.ended.load(Ordering::SeqCst) {
+                return;
+            }
+            if session.proto.lock().completed {
+                this.finish(&session, Ok(()));
+            } else if !session.incoming.pending.lock().switched {
+                tracing::warn!(id = %session.hello.migration_id, "the source did not come back; dropping the partial disk");
+                this.fail(&session, &MigrationError::Refused(format!("the source did not reconnect within {timeout:?}"))).await;
+            }
+        });
+    }
+
+    fn finish(&self, session: &Arc<Session>, _: Result<(), ()>) {
+        if session.ended.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.sessions.lock().remove(&session.hello.migration_id);
+        if let Err(e) = self.state.remove(&session.hello.migration_id) {
+            tracing::warn!(error = %e, "cannot remove a finished migration's record");
+        }
+        PendingJournal::remove(self.state.as_ref(), &session.hello.migration_id);
+        let report = session.incoming.pending.lock().report.clone();
+        session.status.update(|r| {
+            r.destination = report;
+            r.link_state = "closed".into();
+        });
+        session.status.finish(Phase::Done, None);
+    }
+
+    async fn fail(&self, session: &Arc<Session>, e: &MigrationError) {
+        if session.ended.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let switched = {
+            let mut p = session.incoming.pending.lock();
+            p.failed = Some(e.to_string());
+            p.switched
+        };
+        session.incoming.arrived.notify_all();
+        self.sessions.lock().remove(&session.hello.migration_id);
+        if !switched {
+            // The source is still authoritative: drop the partial disk.
+            let s = self.store.clone();
+            let name = incoming_name(&session.hello.disk);
+            if let Err(err) = blocking(move || Ok::<_, MigrationError>(s.delete_disk(&name)?)).await {
+                tracing::error!(error = %err, "cannot delete a partial incoming disk");
+            }
+            let _ = self.state.remove(&session.hello.migration_id);
+            tracing::warn!(disk = %session.hello.disk, error = %e, "migration failed before the switch-over; partial disk removed");
+        } else {
+            // Keep the record: after a restart the disk must still be known as incomplete.
+            tracing::error!(disk = %session.hello.disk, error = %e, "migration failed after the switch-over; missing blocks cannot be read");
+        }
+        let report = session.incoming.pending.lock().report.clone();
+        session.status.update(|r| r.destination = report);
+        let cancelled = matches!(e, MigrationError::Cancelled) || matches!(e, MigrationError::Refused(m) if m.contains("cancelled"));
+        session.status.finish(if cancelled { Phase::Cancelled } else { Phase::Failed }, Some(e.to_string()));
+    }
+}
+
+fn is_link_error(e: &MigrationError) -> bool {
+    matches!(e, MigrationError::Io(_) | MigrationError::Closed)
+}
+
+/// Serves one incoming migration connection to completion with no resume (tests and tools):
+/// a lost link parks nothing anyone will come back for.
+pub async fn run_destination<S>(
+    store: Arc<Store>,
+    stream: S,
+    hooks: Arc<dyn DestHooks>,
+    status: Arc<MigrationStatus>,
+) -> Result<MigrationReport, MigrationError>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let result = serve_connection(store, stream, hooks, status.clone()).await;
+    let dest = Destination::new(store, hooks, Arc::new(crate::state::MemStateStore::default()), Duration::ZERO);
+    let result = dest.serve(stream, status.clone()).await;
     if let Err(e) = &result {
+        let sessions: Vec<Arc<Session>> = dest.sessions.lock().values().cloned().collect();
+        for s in sessions {
+            dest.fail(&s, e).await;
+        }
         if !status.report().is_finished() {
             status.finish(Phase::Failed, Some(e.to_string()));
         }
     }
     result
-}
-
-async fn serve_connection<S>(store: Arc<Store>, mut stream: S, hooks: Arc<dyn DestHooks>, status: Arc<MigrationStatus>) -> Result<MigrationReport, MigrationError>
-where
-    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-{
-    exchange_greetings(&mut stream, &status.traffic).await?;
-    let hello = match read_message(&mut stream, &status.traffic).await? {
-        Some(Message::Hello(h)) => h,
-        Some(other) => {
-            let err = MigrationError::Unexpected(other.name());
-            refuse(&mut stream, &err.to_string(), &status).await;
-            return Err(err);
-        }
-        None => return Err(MigrationError::Closed),
-    };
-    if let Err(why) = check_hello(&store, &hello) {
-        refuse(&mut stream, &why, &status).await;
-        return Err(MigrationError::Refused(why));
-    }
-    status.update(|r| {
-        r.id = hello.migration_id.clone();
-        r.disk = hello.disk.clone();
-        r.disk_bytes = hello.size;
-        r.block_size = hello.block_size;
-    });
-    match hello.mode {
-        Mode::Plan => {
-            crate::wire::write_message(&mut stream, &Message::Accept, &status.traffic).await?;
-            plan(store, stream, &hello, &status).await?;
-            status.finish(Phase::Done, None);
-            Ok(status.report())
-        }
-        Mode::Migrate => receive(store, stream, hello, hooks, status).await,
-    }
 }
 
 fn check_hello(store: &Store, hello: &Hello) -> Result<(), String> {
@@ -304,7 +774,12 @@ fn check_hello(store: &Store, hello: &Hello) -> Result<(), String> {
     if hello.algorithm != store.algorithm().name() {
         return Err(format!("fingerprint algorithm {} differs from this store's {}", hello.algorithm, store.algorithm()));
     }
-    if hello.mode == Mode::Migrate {
+    Ok(())
+}
+
+/// Checks for a new (not resumed) migration.
+fn check_new(store: &Store, hello: &Hello) -> Result<(), String> {
+    {
         if store.disk(&hello.disk).is_ok() {
             return Err(format!("disk {:?} already exists at the destination", hello.disk));
         }
@@ -379,132 +854,72 @@ where
     }
 }
 
-async fn receive<S>(store: Arc<Store>, mut stream: S, hello: Hello, hooks: Arc<dyn DestHooks>, status: Arc<MigrationStatus>) -> Result<MigrationReport, MigrationError>
-where
-    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-{
-    let temp = incoming_name(&hello.disk);
-    let info = {
-        let s = store.clone();
-        let (name, size) = (temp.clone(), hello.size);
-        match blocking(move || Ok::<_, MigrationError>(s.create_disk(&name, size)?)).await {
-            Ok(i) => i,
-            Err(e) => {
-                refuse(&mut stream, &e.to_string(), &status).await;
-                return Err(e);
-            }
-        }
-    };
-    crate::wire::write_message(&mut stream, &Message::Accept, &status.traffic).await?;
-    status.update(|r| r.phase = Phase::PreCopy);
-    tracing::info!(disk = %hello.disk, size = hello.size, "receiving a migration");
-
-    let (mut reader, mut writer) = tokio::io::split(stream);
-    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Frame>();
-    let st = status.clone();
-    let writer_task = tokio::spawn(async move {
-        while let Some(frame) = out_rx.recv().await {
-            write_frame(&mut writer, &frame, &st.traffic).await?;
-            if out_rx.is_empty() {
-                writer.flush().await?;
-            }
-        }
-        writer.shutdown().await.ok();
-        Ok::<(), MigrationError>(())
-    });
-    let incoming = Arc::new(Incoming {
-        store: store.clone(),
-        disk: info.id,
-        block_size: u64::from(store.block_size()),
-        pending: Mutex::new(Pending::default()),
-        arrived: Condvar::new(),
-        fetch: out_tx.clone(),
-    });
-
-    let mut state = Receiver { incoming: incoming.clone(), out: out_tx, ended_rounds: Vec::new(), listed_round0: 0, hello: hello.clone(), completed: false };
-    let result = state.run(&mut reader, &hooks, &status).await;
-    match &result {
-        Ok(()) => {}
-        Err(e) => {
-            let switched = {
-                let mut p = incoming.pending.lock();
-                p.failed = Some(e.to_string());
-                p.switched
-            };
-            incoming.arrived.notify_all();
-            let _ = state.out.send(Frame::new(&Message::Error(ErrorMessage { message: e.to_string() })));
-            if !switched {
-                // The source is still authoritative: drop the partial disk.
-                let s = store.clone();
-                let name = temp.clone();
-                let _ = blocking(move || Ok::<_, MigrationError>(s.delete_disk(&name)?)).await;
-                tracing::warn!(disk = %hello.disk, error = %e, "migration failed before the switch-over; partial disk removed");
-            } else {
-                tracing::error!(disk = %hello.disk, error = %e, "migration link failed after the switch-over; missing blocks cannot be read");
-            }
-        }
-    }
-    drop(state);
-    let _ = tokio::time::timeout(Duration::from_secs(5), writer_task).await;
-    let report = incoming.pending.lock().report.clone();
-    status.update(|r| r.destination = report);
-    match result {
-        Ok(()) => {
-            status.finish(Phase::Done, None);
-            Ok(status.report())
-        }
-        Err(e) => {
-            status.finish(Phase::Failed, Some(e.to_string()));
-            Err(e)
-        }
-    }
+/// One connection's view of a session: applies what the source sends.
+struct Connection<'a> {
+    session: &'a Arc<Session>,
+    hooks: &'a Arc<dyn DestHooks>,
+    state: &'a Arc<dyn StateStore>,
 }
 
-struct Receiver {
-    incoming: Arc<Incoming>,
-    out: mpsc::UnboundedSender<Frame>,
-    ended_rounds: Vec<u32>,
-    listed_round0: u64,
-    hello: Hello,
-    completed: bool,
-}
-
-impl Receiver {
+impl Connection<'_> {
     fn send(&self, msg: Message) -> Result<(), MigrationError> {
-        self.out.send(Frame::new(&msg)).map_err(|_| MigrationError::Closed)
+        self.session.out.send(Frame::new(&msg)).map_err(|_| MigrationError::Closed)
     }
 
-    async fn run<R: AsyncRead + Unpin>(&mut self, reader: &mut R, hooks: &Arc<dyn DestHooks>, status: &Arc<MigrationStatus>) -> Result<(), MigrationError> {
+    fn incoming(&self) -> &Arc<Incoming> {
+        &self.session.incoming
+    }
+
+    /// Counts an applied sequenced message and acknowledges it.
+    fn applied(&self) -> Result<(), MigrationError> {
+        let processed = {
+            let mut proto = self.session.proto.lock();
+            proto.processed += 1;
+            proto.processed
+        };
+        self.send(Message::Ack { processed })
+    }
+
+    async fn run<R: AsyncRead + Unpin>(&self, reader: &mut R) -> Result<(), MigrationError> {
+        let status = &self.session.status;
         loop {
             let msg = read_message(reader, &status.traffic).await?.ok_or(MigrationError::Closed)?;
             match msg {
                 Message::Fingerprints { round, runs } => {
-                    if self.incoming.pending.lock().switched {
+                    if self.incoming().pending.lock().switched {
                         return Err(MigrationError::Unexpected("FINGERPRINTS after SWITCH"));
                     }
                     let want = self.apply_fingerprints(round, runs).await?;
                     if !want.is_empty() {
                         self.send(Message::Want(want))?;
                     }
+                    self.applied()?;
                 }
                 Message::RoundEnd { round, .. } => {
-                    if round == 0 {
-                        let blocks = self.hello.size.div_ceil(u64::from(self.hello.block_size));
-                        self.incoming.pending.lock().report.zero_blocks = blocks.saturating_sub(self.listed_round0);
+                    {
+                        let mut proto = self.session.proto.lock();
+                        if round == 0 {
+                            let blocks = self.session.hello.size.div_ceil(u64::from(self.session.hello.block_size));
+                            self.incoming().pending.lock().report.zero_blocks = blocks.saturating_sub(proto.listed_round0);
+                        }
+                        proto.ended_rounds.push(round);
                     }
-                    self.ended_rounds.push(round);
-                    self.after_progress(hooks)?;
+                    self.applied()?;
+                    self.after_progress()?;
                 }
                 Message::Data { raw_len, frame } => {
                     self.apply_data(raw_len, frame).await?;
-                    self.after_progress(hooks)?;
+                    self.after_progress()?;
                 }
                 Message::Switch => {
-                    self.switch_over(hooks, status).await?;
-                    self.after_progress(hooks)?;
+                    if !self.incoming().pending.lock().switched {
+                        self.switch_over().await?;
+                    }
+                    self.applied()?;
+                    self.after_progress()?;
                 }
                 Message::Bye => {
-                    if !self.completed {
+                    if !self.session.proto.lock().completed {
                         return Err(MigrationError::Unexpected("BYE before COMPLETE"));
                     }
                     return Ok(());
@@ -516,8 +931,9 @@ impl Receiver {
     }
 
     /// Maps what is here, records what is missing; returns the fingerprints to ask for.
-    async fn apply_fingerprints(&mut self, round: u32, runs: Vec<Run>) -> Result<Vec<Fingerprint>, MigrationError> {
-        let blocks = self.hello.size.div_ceil(u64::from(self.hello.block_size));
+    async fn apply_fingerprints(&self, round: u32, runs: Vec<Run>) -> Result<Vec<Fingerprint>, MigrationError> {
+        let hello = &self.session.hello;
+        let blocks = hello.size.div_ceil(u64::from(hello.block_size));
         for run in &runs {
             let (first, n) = match run {
                 Run::Mapped { first, fps } => (*first, fps.len() as u64),
@@ -530,63 +946,195 @@ impl Receiver {
                 }));
             }
         }
-        let inc = self.incoming.clone();
+        let inc = self.incoming().clone();
         let listed: u64 = runs.iter().filter(|r| matches!(r, Run::Mapped { .. })).map(Run::blocks).sum();
         if round == 0 {
-            self.listed_round0 += listed;
+            self.session.proto.lock().listed_round0 += listed;
         }
         blocking(move || apply_fingerprints(&inc, runs)).await
     }
 
-    async fn apply_data(&mut self, raw_len: u32, frame: Vec<u8>) -> Result<(), MigrationError> {
-        let inc = self.incoming.clone();
+    async fn apply_data(&self, raw_len: u32, frame: Vec<u8>) -> Result<(), MigrationError> {
+        let inc = self.incoming().clone();
         blocking(move || {
             let records = decode_frame(raw_len, &frame, inc.block_size as usize)?;
             apply_records(&inc, records)
         })
         .await?;
-        self.incoming.arrived.notify_all();
+        self.incoming().arrived.notify_all();
         Ok(())
     }
 
-    async fn switch_over(&mut self, hooks: &Arc<dyn DestHooks>, status: &Arc<MigrationStatus>) -> Result<(), MigrationError> {
-        let s = self.incoming.store.clone();
-        let (temp, name) = (incoming_name(&self.hello.disk), self.hello.disk.clone());
+    async fn switch_over(&self) -> Result<(), MigrationError> {
+        let session = self.session;
+        let id = session.hello.migration_id.clone();
+        // What is still missing is written down before the disk can be written: after a
+        // restart, it tells blocks still to come from blocks the guest has written since.
+        let processed = session.proto.lock().processed + 1;
+        let entries: Vec<(u64, Fingerprint)> = session.incoming.pending.lock().by_block.iter().map(|(b, fp)| (*b, *fp)).collect();
+        let state = self.state.clone();
+        let journal = {
+            let id = id.clone();
+            blocking(move || PendingJournal::create(state.as_ref(), &id, &entries, processed)).await?
+        };
+        *session.incoming.journal.lock() = journal;
+        let s = session.incoming.store.clone();
+        let (temp, name) = (incoming_name(&session.hello.disk), session.hello.disk.clone());
         blocking(move || Ok::<_, MigrationError>(s.rename_disk(&temp, &name)?)).await?;
+        let record = MigrationRecord {
+            id: id.clone(),
+            role: "destination".into(),
+            disk: session.hello.disk.clone(),
+            peer: session.status.report().peer,
+            stage: Stage::Switched,
+            config: None,
+            hello: Some(session.hello.clone()),
+        };
+        let state = self.state.clone();
+        blocking(move || state.save(&record)).await?;
         let report = {
-            let mut p = self.incoming.pending.lock();
+            let mut p = session.incoming.pending.lock();
             p.switched = true;
             p.report.clone()
         };
-        hooks
-            .switch_over(&self.hello.disk, Arc::new(PostCopyDisk { inner: self.incoming.clone() }))
-            .map_err(MigrationError::Hook)?;
-        let at = status.since_start();
-        status.update(|r| {
+        session.proto.lock().processed_at_switch = processed;
+        self.hooks.switch_over(&session.hello.disk, Arc::new(PostCopyDisk { inner: session.incoming.clone() })).map_err(MigrationError::Hook)?;
+        let at = session.status.since_start();
+        session.status.update(|r| {
             r.phase = Phase::PostCopy;
             r.switch_seconds = Some(at);
+            r.cancellable = false;
         });
-        tracing::info!(disk = %self.hello.disk, missing = self.incoming.pending.lock().by_block.len(), "switched over: serving the disk here");
+        tracing::info!(disk = %session.hello.disk, missing = session.incoming.pending.lock().by_block.len(), "switched over: serving the disk here");
         self.send(Message::Switched(report))
     }
 
     /// Reports finished rounds, and completion after the switch-over.
-    fn after_progress(&mut self, hooks: &Arc<dyn DestHooks>) -> Result<(), MigrationError> {
+    fn after_progress(&self) -> Result<(), MigrationError> {
         let (idle, switched, report) = {
-            let p = self.incoming.pending.lock();
+            let p = self.incoming().pending.lock();
             (p.wanted.is_empty(), p.switched, p.report.clone())
         };
         if !idle {
             return Ok(());
         }
-        for round in std::mem::take(&mut self.ended_rounds) {
+        let (rounds, complete_now) = {
+            let mut proto = self.session.proto.lock();
+            let rounds = std::mem::take(&mut proto.ended_rounds);
+            if let Some(&r) = rounds.last() {
+                proto.last_done = Some(r);
+            }
+            let complete_now = switched && !proto.completed;
+            if complete_now {
+                proto.completed = true;
+            }
+            (rounds, complete_now)
+        };
+        for round in rounds {
             self.send(Message::RoundDone { round })?;
         }
-        if switched && !self.completed {
-            self.completed = true;
-            hooks.complete(&self.hello.disk);
-            tracing::info!(disk = %self.hello.disk, "every block is local");
+        if complete_now {
+            self.hooks.complete(&self.session.hello.disk);
+            tracing::info!(disk = %self.session.hello.disk, "every block is local");
             self.send(Message::Complete(report))?;
+        }
+        Ok(())
+    }
+}
+
+/// After the switch-over, the blocks still missing, and the ones that stopped missing since
+/// (arrived, or overwritten by the guest), as two files beside the migration's record. The
+/// removals file is appended to without a sync; it is synced before any flush or FUA write
+/// of the disk completes, so a write the guest was promised is never undone by a restart.
+#[derive(Debug)]
+pub(crate) struct PendingJournal {
+    removed: std::fs::File,
+    /// Removals appended since the last sync.
+    unsynced: bool,
+}
+
+impl PendingJournal {
+    fn paths(state: &dyn StateStore, id: &str) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+        let dir = state.dir()?;
+        Some((dir.join(format!("{id}.pending")), dir.join(format!("{id}.removed"))))
+    }
+
+    fn create(state: &dyn StateStore, id: &str, entries: &[(u64, Fingerprint)], processed: u64) -> Result<Option<PendingJournal>, MigrationError> {
+        use std::io::Write;
+        let Some((pending, removed)) = Self::paths(state, id) else {
+            return Ok(None);
+        };
+        let mut buf = Vec::with_capacity(8 + entries.len() * 24);
+        buf.extend_from_slice(&processed.to_le_bytes());
+        for (b, fp) in entries {
+            buf.extend_from_slice(&b.to_le_bytes());
+            buf.extend_from_slice(&fp.0);
+        }
+        let tmp = pending.with_extension("pending.tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&buf)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &pending)?;
+        let removed = std::fs::File::create(&removed)?;
+        removed.sync_all()?;
+        if let Some(dir) = state.dir() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(Some(PendingJournal { removed, unsynced: false }))
+    }
+
+    fn open(state: &dyn StateStore, id: &str) -> Result<Option<PendingJournal>, MigrationError> {
+        let Some((_, removed)) = Self::paths(state, id) else {
+            return Ok(None);
+        };
+        let f = std::fs::OpenOptions::new().append(true).create(true).open(removed)?;
+        Ok(Some(PendingJournal { removed: f, unsynced: false }))
+    }
+
+    /// The entries still missing and the sequenced count at the switch-over.
+    fn load_from(state: &dyn StateStore, id: &str) -> Result<(Vec<(u64, Fingerprint)>, u64), MigrationError> {
+        let Some((pending, removed)) = Self::paths(state, id) else {
+            return Err(MigrationError::Hook("post-copy state is not kept for this store".into()));
+        };
+        let buf = std::fs::read(pending)?;
+        if buf.len() < 8 || (buf.len() - 8) % 24 != 0 {
+            return Err(MigrationError::Corrupt("the pending-blocks file is truncated".into()));
+        }
+        let processed = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
+        let gone: HashSet<u64> = match std::fs::read(removed) {
+            Ok(r) => r.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => HashSet::new(),
+            Err(e) => return Err(e.into()),
+        };
+        let entries = buf[8..]
+            .chunks_exact(24)
+            .map(|c| (u64::from_le_bytes(c[..8].try_into().expect("8 bytes")), Fingerprint(c[8..].try_into().expect("16 bytes"))))
+            .filter(|(b, _)| !gone.contains(b))
+            .collect();
+        Ok((entries, processed))
+    }
+
+    fn remove(state: &dyn StateStore, id: &str) {
+        if let Some((pending, removed)) = Self::paths(state, id) {
+            let _ = std::fs::remove_file(pending);
+            let _ = std::fs::remove_file(removed);
+        }
+    }
+
+    fn note_removed(&mut self, blocks: &[u64]) -> std::io::Result<()> {
+        use std::io::Write;
+        let mut buf = Vec::with_capacity(blocks.len() * 8);
+        for b in blocks {
+            buf.extend_from_slice(&b.to_le_bytes());
+        }
+        self.unsynced = true;
+        self.removed.write_all(&buf)
+    }
+
+    fn sync(&mut self) -> std::io::Result<()> {
+        if self.unsynced {
+            self.removed.sync_data()?;
+            self.unsynced = false;
         }
         Ok(())
     }
@@ -695,20 +1243,19 @@ fn apply_records(inc: &Incoming, records: Vec<Record>) -> Result<(), MigrationEr
                 } else {
                     p.report.fetched_background += 1;
                 }
-                let blocks: Vec<u64> = p
-                    .waiting
-                    .remove(&fp)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter(|b| p.by_block.get(b) == Some(&fp))
-                    .collect();
-                let Some((&first, rest)) = blocks.split_first() else { continue };
+                let blocks: Vec<u64> = p.waiting.remove(&fp).unwrap_or_default().into_iter().filter(|b| p.by_block.get(b) == Some(&fp)).collect();
+                let Some((&first, rest)) = blocks.split_first() else {
+                    continue;
+                };
                 // Written while the pending lock is held: a reader waits for the lock rather
                 // than seeing the block neither missing nor written.
                 store.write(inc.disk, first * bs, &data, false)?;
                 if !rest.is_empty() {
                     let entries: Vec<(u64, Fingerprint)> = rest.iter().map(|&b| (b, fp)).collect();
                     store.map_existing(inc.disk, &entries)?;
+                }
+                if let Some(j) = inc.journal.lock().as_mut() {
+                    j.note_removed(&blocks)?;
                 }
                 for b in blocks {
                     p.by_block.remove(&b);

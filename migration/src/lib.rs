@@ -15,15 +15,19 @@
 
 pub mod compress;
 pub mod destination;
+pub mod link;
 pub mod protocol;
 pub mod ratelimit;
 pub mod report;
 pub mod source;
+pub mod state;
 pub mod wire;
 
-pub use destination::{incoming_name, run_destination, DestHooks, PostCopyDisk, PostCopyError};
+pub use destination::{incoming_name, run_destination, DestHooks, Destination, PostCopyDisk, PostCopyError};
+pub use link::{Connector, LinkIo, LinkStream, OneShot};
 pub use report::{MigrationReport, Phase, PlanReport, SwitchAfter};
-pub use source::{run_plan, run_source, MigrationStatus, NoHooks, SourceConfig, SourceHooks};
+pub use source::{run_plan, run_source, run_source_with, MigrationStatus, NoHooks, SourceConfig, SourceHooks};
+pub use state::{FileStateStore, MemStateStore, MigrationRecord, Stage, StateStore};
 
 /// Why a migration failed.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +50,15 @@ pub enum MigrationError {
     Hook(String),
     #[error("cancelled by the operator")]
     Cancelled,
+    /// Internal: the destination asked for a fresh listing; the source starts it over.
+    #[error("the listing starts over")]
+    Restart,
+    /// A newer connection of the same migration took over.
+    #[error("a newer connection took over")]
+    Superseded,
+    /// Internal: a resumed link found the destination already switched.
+    #[error("the destination already switched")]
+    AlreadySwitched(protocol::DestReport),
 }
 
 /// Runs store work on tokio's blocking pool (RocksDB calls never run on a worker thread).

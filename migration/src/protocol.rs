@@ -16,9 +16,10 @@
 //! source                                              destination
 //!   preamble+version  ------------------------------>
 //!                     <------------------------------  preamble+version
-//!   HELLO {disk,size,block_size,algorithm,mode} ---->  checks, creates the incoming disk
-//!                     <------------------------------  ACCEPT | ERROR
+//!   HELLO {id,disk,size,block_size,algorithm,mode} >  checks, creates the incoming disk
+//!                     <------------------------------  ACCEPT {processed:0} | ERROR
 //!   FINGERPRINTS (round 0: the map snapshot) ------->  has_many: hits mapped at once
+//!                     <------------------------------  ACK n (after each sequenced message)
 //!                     <------------------------------  WANT (fingerprints it lacks, once each)
 //!   DATA (zstd frames of block records) ------------>  verify fingerprint, store, map
 //!   ROUND_END 0 ------------------------------------>
@@ -36,23 +37,48 @@
 //! A *plan* (mode `plan`) sends round 0's fingerprints and ROUND_END, and the destination
 //! answers PLAN with what it would need, changing nothing.
 //!
+//! # Resume (a lost link, or a restart of either side)
+//! FINGERPRINTS, ROUND_END, SWITCH and BYE are *sequenced*: the destination counts those it
+//! has applied and acknowledges the count (ACK); the source keeps the unacknowledged ones.
+//! Everything else is regenerated from state, so nothing is lost with a connection:
+//! ```text
+//!   HELLO {same id, resume:true, rebuild} ---------->  finds the parked migration
+//!                     <------------------------------  ACCEPT {processed n, switched, rebuild}
+//!                     <------------------------------  FETCH (every block a reader waits for)
+//!                     <------------------------------  WANT (every fingerprint still missing)
+//!                     <------------------------------  ROUND_DONE / SWITCHED again if already sent
+//!   sequenced messages from n on (or, with rebuild,
+//!   the whole map again with zero runs) ----------->  blocks it holds are not asked for again
+//! ```
+//! Only data in flight when the link dropped crosses twice: what arrived was verified and
+//! stored, and is no longer wanted. A destination restarted before the switch-over has its
+//! partial disk but not its place in the rounds, so it answers `rebuild`; a source restarted
+//! before the switch-over asks for one. A source that gave up reconnecting keeps its state
+//! (`interrupted`) until an operator resumes or cancels it; cancel sends ERROR, on which the
+//! destination deletes its partial disk.
+//!
 //! # State machines
 //! Source: `Hello -> Rounds(k) -> Frozen -> FinalRound -> Switching -> PostCopy -> Done`.
 //! Destination: `Hello -> Receiving -> Switched (post-copy) -> Complete`. Either side sends
 //! ERROR and closes on a violation; a destination that fails before SWITCHED deletes its
-//! partial disk, and the source, still authoritative, thaws its export.
+//! partial disk, and the source, still authoritative, thaws its export. A lost link is not a
+//! violation: both sides keep their state (the destination *parks* it under the migration
+//! id) and the source reconnects with backoff. A source frozen for the switch-over never
+//! thaws once SWITCH may have reached the destination: only the destination can say whether
+//! it switched, so the source waits for it.
 //!
 //! # Version policy
 //! [`VERSION`] changes only when a message changes meaning or layout. Peers must speak the
 //! same version; a mismatch is answered with ERROR naming both versions. New optional JSON
 //! fields and new message types that an older peer never receives do not change it.
+//! Version 2 added resume (ACCEPT's payload, ACK, HELLO's resume fields).
 
 use serde::{Deserialize, Serialize};
 
 use cas_store::Fingerprint;
 
 pub const PREAMBLE: [u8; 8] = *b"CASMIGR\0";
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Preamble and version.
 pub const GREETING_LEN: usize = 10;
 pub const HEADER_LEN: usize = 5;
@@ -96,6 +122,26 @@ pub struct Hello {
     pub block_size: u32,
     pub algorithm: String,
     pub mode: Mode,
+    /// This connection continues migration `migration_id` after a lost link or a restart.
+    #[serde(default)]
+    pub resume: bool,
+    /// The source lost its place (it restarted): it lists the whole disk again, zero runs
+    /// included, and the destination keeps what it already holds.
+    #[serde(default)]
+    pub rebuild: bool,
+}
+
+/// The destination's answer to HELLO: where a resumed migration continues.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcceptInfo {
+    /// Sequenced messages (see [`Message::is_sequenced`]) the destination has applied; the
+    /// source resends those after them.
+    pub processed: u64,
+    /// The destination already serves the disk.
+    pub switched: bool,
+    /// The destination lost its place (it restarted before the switch-over) or the source
+    /// asked for it: the source lists the whole disk again from a fresh snapshot.
+    pub rebuild: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -146,15 +192,30 @@ pub struct DestReport {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Message {
     Hello(Hello),
-    Accept,
-    Fingerprints { round: u32, runs: Vec<Run> },
-    RoundEnd { round: u32, last: bool },
+    Accept(AcceptInfo),
+    /// The destination has applied this many sequenced messages (the source may forget them).
+    Ack {
+        processed: u64,
+    },
+    Fingerprints {
+        round: u32,
+        runs: Vec<Run>,
+    },
+    RoundEnd {
+        round: u32,
+        last: bool,
+    },
     Want(Vec<Fingerprint>),
     Fetch(Vec<Fingerprint>),
     /// A zstd frame of block records (see [`crate::compress`]); `raw_len` is its size
     /// decompressed.
-    Data { raw_len: u32, frame: Vec<u8> },
-    RoundDone { round: u32 },
+    Data {
+        raw_len: u32,
+        frame: Vec<u8>,
+    },
+    RoundDone {
+        round: u32,
+    },
     Switch,
     Switched(DestReport),
     Complete(DestReport),
@@ -178,6 +239,7 @@ mod tag {
     pub const PLAN: u8 = 12;
     pub const ERROR: u8 = 13;
     pub const BYE: u8 = 14;
+    pub const ACK: u8 = 15;
 }
 
 pub fn greeting() -> [u8; GREETING_LEN] {
@@ -205,7 +267,7 @@ pub fn decode_header(h: &[u8; HEADER_LEN]) -> Result<(u8, usize), ProtocolError>
     if len > MAX_PAYLOAD {
         return Err(ProtocolError::TooLarge(len));
     }
-    if !(tag::HELLO..=tag::BYE).contains(&h[0]) {
+    if !(tag::HELLO..=tag::ACK).contains(&h[0]) {
         return Err(ProtocolError::UnknownType(h[0]));
     }
     Ok((h[0], len))
@@ -230,7 +292,14 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             payload = json(h);
             tag::HELLO
         }
-        Message::Accept => tag::ACCEPT,
+        Message::Accept(info) => {
+            payload = json(info);
+            tag::ACCEPT
+        }
+        Message::Ack { processed } => {
+            payload.extend_from_slice(&processed.to_be_bytes());
+            tag::ACK
+        }
         Message::Fingerprints { round, runs } => {
             payload.extend_from_slice(&round.to_be_bytes());
             for run in runs {
@@ -353,7 +422,13 @@ pub fn decode(t: u8, payload: &[u8]) -> Result<Message, ProtocolError> {
     };
     match t {
         tag::HELLO => Ok(Message::Hello(from_json("HELLO", payload)?)),
-        tag::ACCEPT => empty("ACCEPT", Message::Accept),
+        tag::ACCEPT => Ok(Message::Accept(from_json("ACCEPT", payload)?)),
+        tag::ACK => {
+            let mut c = Cursor { buf: payload, what: "ACK" };
+            let processed = c.u64()?;
+            c.done()?;
+            Ok(Message::Ack { processed })
+        }
         tag::FINGERPRINTS => {
             let mut c = Cursor { buf: payload, what: "FINGERPRINTS" };
             let round = c.u32()?;
@@ -420,11 +495,20 @@ pub fn decode(t: u8, payload: &[u8]) -> Result<Message, ProtocolError> {
 }
 
 impl Message {
+    /// Messages from the source that the destination counts and acknowledges: after a lost
+    /// link the source resends those the destination had not applied. Everything else is
+    /// either regenerated from state on resume (WANT, FETCH, DATA, ROUND_DONE, SWITCHED,
+    /// COMPLETE) or belongs to one connection (HELLO, ACCEPT, ERROR).
+    pub fn is_sequenced(&self) -> bool {
+        matches!(self, Message::Fingerprints { .. } | Message::RoundEnd { .. } | Message::Switch | Message::Bye)
+    }
+
     /// Name for logs and errors.
     pub fn name(&self) -> &'static str {
         match self {
             Message::Hello(_) => "HELLO",
-            Message::Accept => "ACCEPT",
+            Message::Accept(_) => "ACCEPT",
+            Message::Ack { .. } => "ACK",
             Message::Fingerprints { .. } => "FINGERPRINTS",
             Message::RoundEnd { .. } => "ROUND_END",
             Message::Want(_) => "WANT",
@@ -462,12 +546,12 @@ mod tests {
             block_size: 4096,
             algorithm: "blake3-128".into(),
             mode: Mode::Migrate,
+            resume: true,
+            rebuild: false,
         }));
-        round_trip(Message::Accept);
-        round_trip(Message::Fingerprints {
-            round: 3,
-            runs: vec![Run::Mapped { first: 7, fps: vec![fp(1), fp(2)] }, Run::Zero { first: 9, count: 100 }],
-        });
+        round_trip(Message::Accept(AcceptInfo { processed: 7, switched: true, rebuild: false }));
+        round_trip(Message::Ack { processed: 1 << 40 });
+        round_trip(Message::Fingerprints { round: 3, runs: vec![Run::Mapped { first: 7, fps: vec![fp(1), fp(2)] }, Run::Zero { first: 9, count: 100 }] });
         round_trip(Message::RoundEnd { round: 2, last: true });
         round_trip(Message::Want(vec![fp(3)]));
         round_trip(Message::Fetch(vec![fp(4), fp(5)]));
@@ -495,6 +579,7 @@ mod tests {
         assert!(decode(tag::ROUND_END, &[0, 0, 0, 1, 2]).is_err());
         assert!(decode(tag::HELLO, b"{not json").is_err());
         assert!(decode(tag::ACCEPT, b"x").is_err());
+        assert!(decode(tag::ACK, &[0, 0, 1]).is_err(), "short ACK");
         assert!(decode(tag::DATA, &[0xff, 0xff, 0xff, 0xff]).is_err(), "huge raw length");
         let mut g = greeting();
         assert!(check_greeting(&g).is_ok());

@@ -19,6 +19,9 @@ pub enum Phase {
     Failed,
     /// Stopped by an operator before the switch-over; the source is untouched.
     Cancelled,
+    /// The link is down and reconnecting gave up (or the server restarted): the state is
+    /// kept; `migrate resume` continues it, `migrate cancel` (before the switch-over) ends it.
+    Interrupted,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -77,6 +80,9 @@ pub struct MigrationReport {
     pub error: Option<String>,
     /// Whether an operator can still cancel it (before the freeze).
     pub cancellable: bool,
+    /// "connecting", "up", or "down: <why>" (the source reconnects with backoff).
+    #[serde(default)]
+    pub link_state: String,
 }
 
 impl MigrationReport {
@@ -103,6 +109,7 @@ impl MigrationReport {
             destination: DestReport::default(),
             error: None,
             cancellable: true,
+            link_state: "connecting".into(),
         }
     }
 

@@ -7,7 +7,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use cas_store::{DiskId, Fingerprint, Store};
 use parking_lot::Mutex;
@@ -15,8 +15,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 
 use crate::compress::{compress, encode_records, LevelController, Record};
-use crate::protocol::{DestReport, Hello, Message, Mode, Run};
+use crate::link::{Backoff, Connector, LinkStream, OneShot};
+use crate::protocol::{DestReport, ErrorMessage, Hello, Message, Mode, Run};
 use crate::report::{MigrationReport, Phase, PlanReport, SwitchAfter};
+use crate::state::{MigrationRecord, Stage, StateStore};
 use crate::wire::{exchange_greetings, read_message, write_frame, Frame, Traffic};
 use crate::{blocking, MigrationError};
 
@@ -46,7 +48,8 @@ impl SourceHooks for NoHooks {
     fn switched(&self, _: &str) {}
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct SourceConfig {
     pub migration_id: String,
     pub switch_after: SwitchAfter,
@@ -62,6 +65,12 @@ pub struct SourceConfig {
     pub delete_source: bool,
     /// Cap on what the source sends, in bits per second (None: as fast as the link goes).
     pub bandwidth_bps: Option<u64>,
+    /// How long the source keeps reconnecting after a lost link before the migration is
+    /// interrupted (0: a lost link fails it).
+    pub reconnect_window_secs: u64,
+    /// Set when a restarted server resumes the migration: where its record said it stood.
+    #[serde(skip)]
+    pub restarted_at: Option<Stage>,
 }
 
 impl Default for SourceConfig {
@@ -75,6 +84,8 @@ impl Default for SourceConfig {
             batch_bytes: 1 << 20,
             delete_source: false,
             bandwidth_bps: None,
+            reconnect_window_secs: 600,
+            restarted_at: None,
         }
     }
 }
@@ -87,6 +98,12 @@ pub struct MigrationStatus {
     started: Instant,
     cancel: tokio::sync::Notify,
     cancel_requested: std::sync::atomic::AtomicBool,
+    /// Wakes a source's link supervisor: retry now (resume, or cancel needs the link).
+    kick: tokio::sync::Notify,
+    /// The phase an interrupted migration returns to when its link is back.
+    phase_before_interrupt: Mutex<Option<Phase>>,
+    /// When the source froze its export (downtime runs from here to SWITCHED).
+    freeze_at: Mutex<Option<Instant>>,
 }
 
 impl MigrationStatus {
@@ -97,6 +114,9 @@ impl MigrationStatus {
             started: Instant::now(),
             cancel: tokio::sync::Notify::new(),
             cancel_requested: std::sync::atomic::AtomicBool::new(false),
+            kick: tokio::sync::Notify::new(),
+            phase_before_interrupt: Mutex::new(None),
+            freeze_at: Mutex::new(None),
         })
     }
 
@@ -116,10 +136,25 @@ impl MigrationStatus {
         self.cancel_requested.store(true, Ordering::SeqCst);
         self.cancel.notify_waiters();
         self.cancel.notify_one();
+        // The destination learns of the cancel over the link: reconnect now if it is down.
+        self.kick.notify_one();
         Ok(())
     }
 
-    fn cancel_requested(&self) -> bool {
+    /// Asks an interrupted source-side migration to reconnect now.
+    pub fn request_resume(&self) -> Result<(), String> {
+        let r = self.report.lock();
+        if r.role != "source" {
+            return Err("resume a migration at its source".into());
+        }
+        if r.is_finished() {
+            return Err(format!("migration {} has already ended ({:?})", r.id, r.phase));
+        }
+        self.kick.notify_one();
+        Ok(())
+    }
+
+    pub fn cancel_requested(&self) -> bool {
         self.cancel_requested.load(Ordering::SeqCst)
     }
 
@@ -143,7 +178,7 @@ impl MigrationStatus {
         r
     }
 
-    pub(crate) fn update(&self, f: impl FnOnce(&mut MigrationReport)) {
+    pub fn update(&self, f: impl FnOnce(&mut MigrationReport)) {
         f(&mut self.report.lock());
     }
 
@@ -160,14 +195,50 @@ impl MigrationStatus {
             r.elapsed_seconds = elapsed;
         });
     }
+
+    /// Marks the migration interrupted (its state kept) until the link is back.
+    pub fn interrupt(&self, why: &str) {
+        let mut r = self.report.lock();
+        if r.is_finished() {
+            return;
+        }
+        if r.phase != Phase::Interrupted {
+            *self.phase_before_interrupt.lock() = Some(r.phase);
+        }
+        r.phase = Phase::Interrupted;
+        r.link_state = format!("down: {why}");
+    }
+
+    pub(crate) fn link_up(&self) {
+        let mut r = self.report.lock();
+        if r.phase == Phase::Interrupted {
+            if let Some(p) = self.phase_before_interrupt.lock().take() {
+                r.phase = p;
+            }
+        }
+        r.link_state = "up".into();
+    }
+
+    pub(crate) fn link_down(&self, why: &str) {
+        self.report.lock().link_state = format!("down: {why}");
+    }
 }
 
-/// Events the reader passes to the main task.
+/// Events the link passes to the main task.
 #[derive(Debug)]
 enum Event {
     RoundDone(u32),
     Switched(DestReport),
     Complete(DestReport),
+    /// The destination asked for (or the source needs) a fresh listing; `epoch` is the
+    /// outbox's new epoch.
+    Rebuild {
+        epoch: u64,
+    },
+    /// The connection dropped; the link reconnects.
+    LinkDown,
+    /// The link cannot go on (the destination refused, or broke the protocol).
+    Fatal(MigrationError),
 }
 
 /// Work for the data sender.
@@ -177,8 +248,130 @@ enum SendWork {
     Fetch(Vec<Fingerprint>),
 }
 
+/// Sequenced frames not yet acknowledged by the destination, numbered from `base`: what the
+/// source resends after a lost link.
+#[derive(Debug)]
+struct Outbox {
+    inner: Mutex<OutboxInner>,
+    changed: tokio::sync::Notify,
+}
+
+#[derive(Debug)]
+struct OutboxInner {
+    base: u64,
+    frames: VecDeque<Frame>,
+    /// Bumped when the listing starts over (a rebuild): pushes of an older epoch fail.
+    epoch: u64,
+    /// Sequence numbers below this were written to some connection already.
+    written: u64,
+    /// A restarted source has no frames to resend: it takes the destination's count as is.
+    adopt: bool,
+}
+
+/// Unacknowledged sequenced frames the source holds at most (about 8 MiB of fingerprints).
+const OUTBOX_FRAMES: usize = 64;
+
+impl Outbox {
+    fn new(adopt: bool) -> Outbox {
+        Outbox { inner: Mutex::new(OutboxInner { base: 0, frames: VecDeque::new(), epoch: 0, written: 0, adopt }), changed: tokio::sync::Notify::new() }
+    }
+
+    fn epoch(&self) -> u64 {
+        self.inner.lock().epoch
+    }
+
+    /// Appends a sequenced message, waiting while the destination is far behind. Fails with
+    /// `Restart` once the listing has started over.
+    async fn push(&self, epoch: u64, msg: &Message) -> Result<u64, MigrationError> {
+        debug_assert!(msg.is_sequenced() || matches!(msg, Message::Error(_)));
+        let frame = Frame::new(msg);
+        loop {
+            let notified = self.changed.notified();
+            {
+                let mut g = self.inner.lock();
+                if g.epoch != epoch {
+                    return Err(MigrationError::Restart);
+                }
+                if g.frames.len() < OUTBOX_FRAMES || matches!(msg, Message::Error(_)) {
+                    g.frames.push_back(frame);
+                    let seq = g.base + g.frames.len() as u64 - 1;
+                    drop(g);
+                    self.changed.notify_waiters();
+                    return Ok(seq);
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// The destination has applied everything below `processed`.
+    fn ack(&self, processed: u64) -> Result<(), MigrationError> {
+        let mut g = self.inner.lock();
+        let end = g.base + g.frames.len() as u64;
+        if processed > end {
+            if !g.adopt {
+                return Err(MigrationError::Protocol(crate::protocol::ProtocolError::Malformed {
+                    what: "ACK",
+                    why: format!("{processed} messages acknowledged, {end} sent"),
+                }));
+            }
+            g.frames.clear();
+            g.base = processed;
+            g.written = g.written.max(processed);
+        }
+        while g.base < processed {
+            g.frames.pop_front();
+            g.base += 1;
+        }
+        g.adopt = false;
+        drop(g);
+        self.changed.notify_waiters();
+        Ok(())
+    }
+
+    /// Starts the listing over: drops every frame and numbers from 0 again.
+    fn restart(&self) -> u64 {
+        let mut g = self.inner.lock();
+        g.epoch += 1;
+        g.frames.clear();
+        g.base = 0;
+        g.written = 0;
+        g.adopt = false;
+        let e = g.epoch;
+        drop(g);
+        self.changed.notify_waiters();
+        e
+    }
+
+    /// The frame numbered `seq`, if it is here; and whether it was written before.
+    fn get(&self, seq: u64) -> Option<(Frame, bool)> {
+        let g = self.inner.lock();
+        let i = seq.checked_sub(g.base)?;
+        g.frames.get(i as usize).map(|f| (f.clone(), seq < g.written))
+    }
+
+    fn mark_written(&self, seq: u64) {
+        let mut g = self.inner.lock();
+        g.written = g.written.max(seq + 1);
+        drop(g);
+        self.changed.notify_waiters();
+    }
+
+    /// Waits until frame `seq` has been written to a connection.
+    async fn wait_written(&self, seq: u64) {
+        loop {
+            let notified = self.changed.notified();
+            if self.inner.lock().written > seq {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
 /// Runs a whole migration of `disk` over `stream` (connected to the destination's migration
-/// listener). Returns the final report; `status` shows progress meanwhile.
+/// listener). A lost link fails the migration: `stream` cannot be reopened. Servers use
+/// [`run_source_with`], which reconnects.
 pub async fn run_source<S>(
     store: Arc<Store>,
     disk: &str,
@@ -190,15 +383,31 @@ pub async fn run_source<S>(
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
+    let config = SourceConfig { reconnect_window_secs: 0, ..config };
+    run_source_with(store, disk, Arc::new(OneShot::new(stream)), config, hooks, status, None).await
+}
+
+/// Runs a whole migration of `disk`, connecting (and after a lost link, reconnecting with
+/// backoff) through `connector`. `state` keeps a record a restarted server resumes from.
+pub async fn run_source_with(
+    store: Arc<Store>,
+    disk: &str,
+    connector: Arc<dyn Connector>,
+    config: SourceConfig,
+    hooks: Arc<dyn SourceHooks>,
+    status: Arc<MigrationStatus>,
+    state: Option<Arc<dyn StateStore>>,
+) -> Result<MigrationReport, MigrationError> {
     let info = store.disk(disk)?;
     status.update(|r| {
         r.switch_after = config.switch_after;
         r.disk_bytes = info.size;
         r.block_size = store.block_size();
     });
-    let mut frozen = false;
-    let mut switched = false;
-    let result = migrate(&store, info.id, disk, stream, &config, &hooks, &status, &mut frozen, &mut switched).await;
+    let mut flags = Flags { frozen: false, switch_sent: false, switched: false };
+    let src =
+        Source { store: store.clone(), disk_id: info.id, disk: disk.to_string(), config: config.clone(), hooks: hooks.clone(), status: status.clone(), state };
+    let result = src.migrate(connector, &mut flags).await;
     match &result {
         Ok(()) => {
             if config.delete_source {
@@ -206,239 +415,592 @@ where
                 let name = disk.to_string();
                 blocking(move || s.delete_disk(&name)).await?;
             }
+            src.forget();
             status.finish(Phase::Done, None);
         }
         Err(e) => {
             let _ = store.dirty_stop(info.id);
-            if frozen && !switched {
+            // Once SWITCH may have reached the destination, only it knows whether it switched:
+            // thawing here could leave two writable copies.
+            if flags.frozen && !flags.switch_sent {
                 hooks.thaw(disk);
             }
-            let phase = if matches!(e, MigrationError::Cancelled) { Phase::Cancelled } else { Phase::Failed };
-            status.finish(phase, Some(e.to_string()));
-            tracing::error!(disk, error = %e, switched, "migration ended without completing");
+            if flags.switch_sent && !flags.switched {
+                tracing::error!(disk, "the link failed during the switch-over; the disk stays frozen here until the migration is resumed");
+                status.interrupt(&e.to_string());
+                status.update(|r| r.error = Some(e.to_string()));
+            } else {
+                if !flags.switched {
+                    src.forget();
+                }
+                let phase = if matches!(e, MigrationError::Cancelled) { Phase::Cancelled } else { Phase::Failed };
+                status.finish(phase, Some(e.to_string()));
+            }
+            tracing::error!(disk, error = %e, switched = flags.switched, "migration ended without completing");
         }
     }
     result.map(|_| status.report())
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn migrate<S>(
-    store: &Arc<Store>,
+struct Flags {
+    frozen: bool,
+    switch_sent: bool,
+    switched: bool,
+}
+
+struct Source {
+    store: Arc<Store>,
     disk_id: DiskId,
-    disk: &str,
-    mut stream: S,
-    config: &SourceConfig,
-    hooks: &Arc<dyn SourceHooks>,
-    status: &Arc<MigrationStatus>,
-    frozen: &mut bool,
-    switched: &mut bool,
-) -> Result<(), MigrationError>
-where
-    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-{
-    exchange_greetings(&mut stream, &status.traffic).await?;
-    let info = store.disk(disk)?;
-    let hello = Hello {
-        migration_id: config.migration_id.clone(),
-        disk: disk.to_string(),
-        size: info.size,
-        block_size: store.block_size(),
-        algorithm: store.algorithm().name().to_string(),
-        mode: Mode::Migrate,
-    };
-    crate::wire::write_message(&mut stream, &Message::Hello(hello), &status.traffic).await?;
-    match read_message(&mut stream, &status.traffic).await? {
-        Some(Message::Accept) => {}
-        Some(Message::Error(e)) => return Err(MigrationError::Refused(e.message)),
-        Some(other) => return Err(MigrationError::Unexpected(other.name())),
-        None => return Err(MigrationError::Closed),
+    disk: String,
+    config: SourceConfig,
+    hooks: Arc<dyn SourceHooks>,
+    status: Arc<MigrationStatus>,
+    state: Option<Arc<dyn StateStore>>,
+}
+
+/// What the main task waits on, and what it sends through.
+struct LinkHandle {
+    outbox: Arc<Outbox>,
+    events: mpsc::UnboundedReceiver<Event>,
+}
+
+impl Source {
+    fn record(&self, stage: Stage) {
+        let Some(state) = &self.state else { return };
+        let peer = self.status.report().peer;
+        let record = MigrationRecord {
+            id: self.config.migration_id.clone(),
+            role: "source".into(),
+            disk: self.disk.clone(),
+            peer,
+            stage,
+            config: Some(self.config.clone()),
+            hello: None,
+        };
+        if let Err(e) = state.save(&record) {
+            tracing::error!(id = %record.id, error = %e, "cannot record the migration's progress; a restart would lose it");
+        }
     }
-    status.update(|r| r.phase = Phase::PreCopy);
 
-    // Dirty tracking starts before the snapshot: a write either is in the snapshot or marks
-    // its block dirty (or both).
-    store.dirty_start(disk_id)?;
-    let snapshot = {
-        let s = store.clone();
-        blocking(move || s.map_snapshot(disk_id)).await?
-    };
+    fn forget(&self) {
+        if let Some(state) = &self.state {
+            if let Err(e) = state.remove(&self.config.migration_id) {
+                tracing::warn!(error = %e, "cannot remove a finished migration's record");
+            }
+        }
+    }
 
-    let (reader, writer) = tokio::io::split(stream);
-    // Fingerprints, control and on-demand data share one FIFO queue, so their order on the
-    // wire is the order they were produced in (a later round must never overtake an earlier
-    // one). Background data has its own queue, written only when the first is empty.
-    let (high_tx, high_rx) = mpsc::channel::<Frame>(64);
-    let (low_tx, low_rx) = mpsc::channel::<Frame>(4);
-    let limiter = config.bandwidth_bps.map(crate::ratelimit::TokenBucket::new);
-    let writer_task = tokio::spawn(run_writer(writer, high_rx, low_rx, status.clone(), limiter));
-    let (event_tx, mut event_rx) = mpsc::unbounded_channel::<Event>();
-    let (work_tx, work_rx) = mpsc::unbounded_channel::<SendWork>();
-    let reader_task = tokio::spawn(run_reader(reader, event_tx, work_tx, status.clone()));
-    let sender_task = tokio::spawn(run_data_sender(store.clone(), work_rx, high_tx.clone(), low_tx.clone(), config.clone(), status.clone()));
-
-    let outcome = async {
-        let pre_switch = async {
-        // Round 0: the whole map.
-        let listed = send_snapshot(snapshot, &high_tx).await?;
-        status.update(|r| {
-            r.rounds = 1;
-            r.round_blocks.push(listed);
-        });
-        send(&high_tx, Message::RoundEnd { round: 0, last: false }).await?;
-        let mut round = 0u32;
-        // Dirty blocks taken by a converged loop that then stopped: the final round lists them.
-        let mut carried: Vec<u64> = Vec::new();
-        if config.switch_after != SwitchAfter::Fingerprints {
-            wait_round(&mut event_rx, round).await?;
-            if config.switch_after == SwitchAfter::Converged {
-                let mut previous = u64::MAX;
-                while round + 1 < config.max_rounds {
-                    let dirty = store.dirty_take(disk_id)?;
-                    let count = dirty.count();
-                    if count <= config.converge_blocks || count >= previous {
-                        carried = dirty.iter().collect();
-                        break;
-                    }
-                    previous = count;
-                    round += 1;
-                    let blocks: Vec<u64> = dirty.iter().collect();
-                    send_dirty_round(store, disk_id, round, &blocks, &high_tx).await?;
-                    status.update(|r| {
-                        r.rounds = round + 1;
-                        r.round_blocks.push(count);
-                    });
-                    send(&high_tx, Message::RoundEnd { round, last: false }).await?;
-                    wait_round(&mut event_rx, round).await?;
+    async fn migrate(&self, connector: Arc<dyn Connector>, flags: &mut Flags) -> Result<(), MigrationError> {
+        let info = self.store.disk(&self.disk)?;
+        let restarted = self.config.restarted_at;
+        let hello = Hello {
+            migration_id: self.config.migration_id.clone(),
+            disk: self.disk.clone(),
+            size: info.size,
+            block_size: self.store.block_size(),
+            algorithm: self.store.algorithm().name().to_string(),
+            mode: Mode::Migrate,
+            resume: restarted.is_some(),
+            rebuild: false,
+        };
+        let outbox = Arc::new(Outbox::new(restarted.is_some()));
+        let (event_tx, events) = mpsc::unbounded_channel();
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let supervisor = LinkSupervisor {
+            connector,
+            hello,
+            ask_rebuild: matches!(restarted, Some(Stage::PreCopy)),
+            outbox: outbox.clone(),
+            events: event_tx,
+            store: self.store.clone(),
+            config: self.config.clone(),
+            status: self.status.clone(),
+            stop: stop_rx,
+            ever_sent: Arc::new(Mutex::new(HashSet::new())),
+            ever_connected: false,
+        };
+        let link_task = tokio::spawn(supervisor.run());
+        let mut link = LinkHandle { outbox, events };
+        let result = self.drive(&mut link, flags).await;
+        if matches!(result, Err(MigrationError::Cancelled)) {
+            // Tell the destination, so it deletes its partial disk; give it a few seconds
+            // (the link may be down: then its operator cancels there, or it times out).
+            let epoch = link.outbox.epoch();
+            if let Ok(seq) = link.outbox.push(epoch, &Message::Error(ErrorMessage { message: "cancelled by the operator at the source".into() })).await {
+                self.status.kick.notify_one();
+                if tokio::time::timeout(Duration::from_secs(10), link.outbox.wait_written(seq)).await.is_err() {
+                    tracing::warn!("could not tell the destination about the cancel; its partial disk stays until it is cancelled there");
+                } else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
         }
+        let _ = stop_tx.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(10), link_task).await;
+        result
+    }
 
-        Ok::<_, MigrationError>((round, carried))
-        };
-        // Until the freeze, an operator may cancel: the source stays authoritative.
-        let (mut round, carried) = tokio::select! {
-            r = pre_switch => r?,
-            _ = status.cancelled() => return Err(MigrationError::Cancelled),
-        };
-        if status.cancel_requested() {
-            return Err(MigrationError::Cancelled);
+    async fn drive(&self, link: &mut LinkHandle, flags: &mut Flags) -> Result<(), MigrationError> {
+        let mut stage = self.config.restarted_at.unwrap_or(Stage::PreCopy);
+        let mut rebuild = stage != Stage::Switched && self.config.restarted_at.is_some();
+        if stage == Stage::SwitchingOver {
+            // Restarted while frozen: the disk was never exported again, and SWITCH may have
+            // arrived before the restart.
+            flags.frozen = true;
+            flags.switch_sent = true;
+            self.status.update(|r| r.cancellable = false);
         }
-        status.update(|r| r.cancellable = false);
+        self.record(stage);
+        if stage != Stage::Switched {
+            let report = loop {
+                let epoch = link.outbox.epoch();
+                match self.pre_switch(link, epoch, rebuild, flags).await {
+                    Ok(r) => break r,
+                    Err(MigrationError::Restart) => {
+                        tracing::info!(disk = %self.disk, "listing the disk again for the destination");
+                        rebuild = true;
+                    }
+                    Err(MigrationError::AlreadySwitched(r)) => break r,
+                    Err(e) => return Err(e),
+                }
+            };
+            flags.switched = true;
+            stage = Stage::Switched;
+            self.record(stage);
+            self.hooks.switched(&self.disk);
+            let at = self.status.since_start();
+            self.status.update(|r| {
+                r.switch_seconds = Some(at);
+                r.phase = Phase::PostCopy;
+                r.cancellable = false;
+                r.destination = report;
+            });
+        } else {
+            flags.frozen = true;
+            flags.switch_sent = true;
+            flags.switched = true;
+            self.hooks.switched(&self.disk);
+            self.status.update(|r| {
+                r.phase = Phase::PostCopy;
+                r.cancellable = false;
+            });
+        }
+        let _ = stage;
 
-        // Switch-over: freeze, final dirty set, SWITCH, wait for SWITCHED.
-        status.update(|r| r.phase = Phase::SwitchingOver);
-        let freeze_start = Instant::now();
-        hooks.freeze(disk).await.map_err(MigrationError::Hook)?;
-        *frozen = true;
+        // Post-copy: serve fetches until the destination has everything.
+        let report = loop {
+            if let Event::Complete(r) = self.next_event(link, u64::MAX).await? {
+                break r;
+            }
+        };
+        self.status.update(|r| r.destination = report);
+        let epoch = link.outbox.epoch();
+        let bye = link.outbox.push(epoch, &Message::Bye).await?;
+        if tokio::time::timeout(Duration::from_secs(30), link.outbox.wait_written(bye)).await.is_err() {
+            tracing::warn!("the destination has every block, but BYE could not be sent");
+        }
+        Ok(())
+    }
+
+    /// Waits for the link's next event. A fatal link error ends the migration; a rebuild
+    /// newer than `epoch` restarts the listing; a lost link only shows in the status.
+    async fn next_event(&self, link: &mut LinkHandle, epoch: u64) -> Result<Event, MigrationError> {
+        loop {
+            match link.events.recv().await {
+                Some(Event::Fatal(e)) => return Err(e),
+                Some(Event::Rebuild { epoch: e }) if e > epoch && epoch != u64::MAX => return Err(MigrationError::Restart),
+                Some(Event::Rebuild { .. }) => {}
+                Some(Event::LinkDown) => {}
+                Some(other) => return Ok(other),
+                None => return Err(MigrationError::Closed),
+            }
+        }
+    }
+
+    async fn wait_round(&self, link: &mut LinkHandle, epoch: u64, round: u32) -> Result<(), MigrationError> {
+        loop {
+            match self.next_event(link, epoch).await? {
+                Event::RoundDone(r) if r == round => return Ok(()),
+                Event::RoundDone(_) => {}
+                Event::Switched(r) => return Err(MigrationError::AlreadySwitched(r)),
+                Event::Complete(_) => return Err(MigrationError::Unexpected("COMPLETE")),
+                _ => {}
+            }
+        }
+    }
+
+    /// Everything up to the destination's SWITCHED: the listing, the dirty rounds, the
+    /// freeze and the final round. Starts over (`Restart`) when the destination asks.
+    async fn pre_switch(&self, link: &mut LinkHandle, epoch: u64, rebuild: bool, flags: &mut Flags) -> Result<DestReport, MigrationError> {
+        let (store, disk_id, config, status) = (&self.store, self.disk_id, &self.config, &self.status);
+        let tracking = !flags.frozen;
+        if tracking {
+            // Dirty tracking starts before the snapshot: a write either is in the snapshot or
+            // marks its block dirty (or both).
+            store.dirty_start(disk_id)?;
+            status.update(|r| r.phase = Phase::PreCopy);
+        }
+        let snapshot = {
+            let s = store.clone();
+            blocking(move || s.map_snapshot(disk_id)).await?
+        };
+        let outbox = link.outbox.clone();
+        let listing = async {
+            let listed = send_snapshot(snapshot, &outbox, epoch, rebuild).await?;
+            status.update(|r| {
+                r.rounds = 1;
+                r.round_blocks = vec![listed];
+            });
+            outbox.push(epoch, &Message::RoundEnd { round: 0, last: false }).await?;
+            Ok::<_, MigrationError>(())
+        };
+        let mut round = 0u32;
+        let mut carried: Vec<u64> = Vec::new();
+        if !flags.frozen {
+            let pre = async {
+                listing.await?;
+                if config.switch_after != SwitchAfter::Fingerprints {
+                    self.wait_round(link, epoch, round).await?;
+                    if config.switch_after == SwitchAfter::Converged {
+                        let mut previous = u64::MAX;
+                        while round + 1 < config.max_rounds {
+                            let dirty = store.dirty_take(disk_id)?;
+                            let count = dirty.count();
+                            if count <= config.converge_blocks || count >= previous {
+                                carried = dirty.iter().collect();
+                                break;
+                            }
+                            previous = count;
+                            round += 1;
+                            let blocks: Vec<u64> = dirty.iter().collect();
+                            send_dirty_round(store, disk_id, round, &blocks, &link.outbox, epoch).await?;
+                            status.update(|r| {
+                                r.rounds = round + 1;
+                                r.round_blocks.push(count);
+                            });
+                            link.outbox.push(epoch, &Message::RoundEnd { round, last: false }).await?;
+                            self.wait_round(link, epoch, round).await?;
+                        }
+                    }
+                }
+                Ok::<_, MigrationError>(())
+            };
+            // Until the freeze, an operator may cancel: the source stays authoritative.
+            tokio::select! {
+                r = pre => r?,
+                _ = status.cancelled() => return Err(MigrationError::Cancelled),
+            }
+            if status.cancel_requested() {
+                return Err(MigrationError::Cancelled);
+            }
+            status.update(|r| {
+                r.cancellable = false;
+                r.phase = Phase::SwitchingOver;
+            });
+            // A restart from here on keeps the disk frozen until the destination says.
+            self.record(Stage::SwitchingOver);
+            let freeze_start = Instant::now();
+            self.hooks.freeze(&self.disk).await.map_err(MigrationError::Hook)?;
+            flags.frozen = true;
+            self.freeze_started(freeze_start);
+        } else {
+            listing.await?;
+        }
+
+        // Switch-over: the final dirty set, SWITCH, then wait for SWITCHED.
         round += 1;
-        let dirty = store.dirty_take(disk_id)?;
-        store.dirty_stop(disk_id)?;
-        let mut blocks: Vec<u64> = dirty.iter().collect();
+        let mut blocks: Vec<u64> = Vec::new();
+        if tracking {
+            blocks = store.dirty_take(disk_id)?.iter().collect();
+            store.dirty_stop(disk_id)?;
+        }
         if !carried.is_empty() {
             blocks.extend(carried);
             blocks.sort_unstable();
             blocks.dedup();
         }
-        send_dirty_round(store, disk_id, round, &blocks, &high_tx).await?;
-        send(&high_tx, Message::RoundEnd { round, last: true }).await?;
-        send(&high_tx, Message::Switch).await?;
+        send_dirty_round(store, disk_id, round, &blocks, &link.outbox, epoch).await?;
+        link.outbox.push(epoch, &Message::RoundEnd { round, last: true }).await?;
+        flags.switch_sent = true;
+        link.outbox.push(epoch, &Message::Switch).await?;
         let report = loop {
-            match event_rx.recv().await {
-                Some(Event::Switched(r)) => break r,
-                Some(Event::RoundDone(_)) => {}
-                Some(Event::Complete(_)) => return Err(MigrationError::Unexpected("COMPLETE")),
-                None => return Err(MigrationError::Closed),
+            match self.next_event(link, epoch).await? {
+                Event::Switched(r) => break r,
+                Event::Complete(_) => return Err(MigrationError::Unexpected("COMPLETE")),
+                _ => {}
             }
         };
-        *switched = true;
-        hooks.switched(disk);
-        let downtime = freeze_start.elapsed();
-        let at = status.since_start();
+        let downtime = self.freeze_elapsed();
         status.update(|r| {
             r.rounds = round + 1;
             r.round_blocks.push(blocks.len() as u64);
-            r.downtime_ms = Some(downtime.as_secs_f64() * 1000.0);
-            r.switch_seconds = Some(at);
-            r.phase = Phase::PostCopy;
-            r.destination = report;
+            r.downtime_ms = downtime.map(|d| d.as_secs_f64() * 1000.0);
         });
-        tracing::info!(disk, downtime_ms = downtime.as_secs_f64() * 1000.0, "switched over");
+        tracing::info!(disk = %self.disk, downtime_ms = downtime.map(|d| d.as_secs_f64() * 1000.0), "switched over");
+        Ok(report)
+    }
 
-        // Post-copy: serve fetches until the destination has everything.
-        let report = loop {
-            match event_rx.recv().await {
-                Some(Event::Complete(r)) => break r,
-                Some(_) => {}
-                None => return Err(MigrationError::Closed),
+    fn freeze_started(&self, at: Instant) {
+        self.status.freeze_at.lock().replace(at);
+    }
+
+    fn freeze_elapsed(&self) -> Option<Duration> {
+        self.status.freeze_at.lock().map(|t| t.elapsed())
+    }
+}
+/// Owns the connection: connects (again after a lost link, with backoff), resumes where the
+/// destination stands, and runs the reader, writer and data sender of each connection.
+struct LinkSupervisor {
+    connector: Arc<dyn Connector>,
+    hello: Hello,
+    /// The first HELLO asks for a fresh listing (a restarted source lost its dirty bitmap).
+    ask_rebuild: bool,
+    outbox: Arc<Outbox>,
+    events: mpsc::UnboundedSender<Event>,
+    store: Arc<Store>,
+    config: SourceConfig,
+    status: Arc<MigrationStatus>,
+    stop: tokio::sync::watch::Receiver<bool>,
+    /// Every fingerprint sent on any connection (to count what a lost link made us resend).
+    ever_sent: Arc<Mutex<HashSet<Fingerprint>>>,
+    /// A connection was accepted once (later failures are lost links, not a bad address).
+    ever_connected: bool,
+}
+
+enum SessionEnd {
+    Stopped,
+    Lost(MigrationError),
+    Fatal(MigrationError),
+}
+
+impl LinkSupervisor {
+    fn stopping(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    async fn run(mut self) {
+        let mut first = true;
+        loop {
+            let Some(stream) = self.connect().await else {
+                return;
+            };
+            if !first {
+                self.status.traffic.reconnects.fetch_add(1, Ordering::Relaxed);
+            }
+            match self.session(stream, first).await {
+                (SessionEnd::Stopped, _) => return,
+                (SessionEnd::Fatal(e), _) => {
+                    let _ = self.events.send(Event::Fatal(e));
+                    return;
+                }
+                (SessionEnd::Lost(e), accepted) => {
+                    if self.stopping() {
+                        return;
+                    }
+                    tracing::warn!(error = %e, "migration link lost; reconnecting");
+                    self.status.link_down(&e.to_string());
+                    let _ = self.events.send(Event::LinkDown);
+                    if accepted {
+                        self.ever_connected = true;
+                        first = false;
+                        self.ask_rebuild = false;
+                        self.hello.resume = true;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Connects, retrying with backoff; past the reconnect window the migration is
+    /// interrupted until an operator resumes it (or it is stopped). None when stopped.
+    async fn connect(&mut self) -> Option<LinkStream> {
+        let mut backoff = Backoff::default();
+        let mut since = Instant::now();
+        let window = Duration::from_secs(self.config.reconnect_window_secs);
+        loop {
+            if self.stopping() {
+                return None;
+            }
+            let attempt = tokio::select! {
+                r = tokio::time::timeout(Duration::from_secs(30), self.connector.connect()) => r,
+                _ = self.stop.changed() => return None,
+            };
+            let err = match attempt {
+                Ok(Ok(s)) => return Some(s),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "connecting timed out".to_string(),
+            };
+            tracing::warn!(error = %err, "cannot reach the destination");
+            self.status.link_down(&err);
+            if window.is_zero() || (!self.hello.resume && self.status.traffic.reconnects.load(Ordering::Relaxed) == 0 && !self.ever_connected) {
+                // No reconnecting (a one-shot link), or a new migration whose destination
+                // cannot be reached at all: fail now.
+                let _ = self.events.send(Event::Fatal(MigrationError::Io(std::io::Error::new(std::io::ErrorKind::NotConnected, err))));
+                return None;
+            }
+            if since.elapsed() >= window {
+                tracing::error!(window_secs = window.as_secs(), "gave up reconnecting; the migration is interrupted until it is resumed");
+                self.status.interrupt(&err);
+                tokio::select! {
+                    _ = self.status.kick.notified() => {}
+                    _ = self.stop.changed() => return None,
+                }
+                backoff = Backoff::default();
+                since = Instant::now();
+                continue;
+            }
+            let delay = backoff.next_delay();
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.status.kick.notified() => {}
+                _ = self.stop.changed() => return None,
+            }
+        }
+    }
+
+    /// One connection; also says whether the destination accepted it.
+    async fn session(&mut self, mut stream: LinkStream, first: bool) -> (SessionEnd, bool) {
+        let traffic = &self.status.traffic;
+        let handshake = async {
+            exchange_greetings(&mut stream, traffic).await?;
+            let hello = Hello { rebuild: self.ask_rebuild, ..self.hello.clone() };
+            crate::wire::write_message(&mut stream, &Message::Hello(hello), traffic).await?;
+            match read_message(&mut stream, traffic).await? {
+                Some(Message::Accept(info)) => Ok(info),
+                Some(Message::Error(e)) => Err(MigrationError::Refused(e.message)),
+                Some(other) => Err(MigrationError::Unexpected(other.name())),
+                None => Err(MigrationError::Closed),
             }
         };
-        status.update(|r| r.destination = report);
-        send(&high_tx, Message::Bye).await?;
-        Ok::<(), MigrationError>(())
-    }
-    .await;
+        let info = match tokio::time::timeout(Duration::from_secs(60), handshake).await {
+            Ok(Ok(info)) => info,
+            // A destination that refuses the very first connection of a new migration is
+            // not a lost link: fail at once. A resumed one may be restarting: retry.
+            Ok(Err(e)) if is_link_error(&e) && (!first || self.hello.resume) => return (SessionEnd::Lost(e), false),
+            Ok(Err(e)) => return (SessionEnd::Fatal(e), false),
+            Err(_) => return (SessionEnd::Lost(MigrationError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out"))), false),
+        };
+        let cursor = if info.rebuild {
+            let epoch = self.outbox.restart();
+            let _ = self.events.send(Event::Rebuild { epoch });
+            0
+        } else {
+            if let Err(e) = self.outbox.ack(info.processed) {
+                return (SessionEnd::Fatal(e), true);
+            }
+            info.processed
+        };
+        if !first {
+            tracing::info!(processed = info.processed, switched = info.switched, rebuild = info.rebuild, "migration link resumed");
+        }
+        self.status.link_up();
 
-    drop(high_tx);
-    drop(low_tx);
-    sender_task.abort();
-    if outcome.is_err() {
+        let (reader, writer) = tokio::io::split(stream);
+        let (urgent_tx, urgent_rx) = mpsc::channel::<DataFrame>(16);
+        let (low_tx, low_rx) = mpsc::channel::<DataFrame>(4);
+        let (work_tx, work_rx) = mpsc::unbounded_channel::<SendWork>();
+        let limiter = self.config.bandwidth_bps.map(crate::ratelimit::TokenBucket::new);
+        let mut writer_task =
+            tokio::spawn(run_writer(writer, self.outbox.clone(), cursor, urgent_rx, low_rx, self.status.clone(), limiter, self.ever_sent.clone()));
+        let mut reader_task = tokio::spawn(run_reader(reader, self.events.clone(), work_tx, self.outbox.clone(), self.status.clone()));
+        let sender_task = tokio::spawn(run_data_sender(self.store.clone(), work_rx, urgent_tx, low_tx, self.config.clone(), self.status.clone()));
+        let mut writer_done = false;
+        let end = tokio::select! {
+            r = &mut reader_task => match r {
+                Ok(Ok(())) if self.stopping() => SessionEnd::Stopped,
+                Ok(Ok(())) => SessionEnd::Lost(MigrationError::Closed),
+                Ok(Err(e)) if is_link_error(&e) => SessionEnd::Lost(e),
+                Ok(Err(e)) => SessionEnd::Fatal(e),
+                Err(_) => SessionEnd::Lost(MigrationError::Closed),
+            },
+            w = &mut writer_task => {
+                writer_done = true;
+                match w {
+                Ok(Ok(())) if self.stopping() => SessionEnd::Stopped,
+                Ok(Ok(())) => SessionEnd::Lost(MigrationError::Closed),
+                Ok(Err(e)) if is_link_error(&e) => SessionEnd::Lost(e),
+                Ok(Err(e)) => SessionEnd::Fatal(e),
+                Err(_) => SessionEnd::Lost(MigrationError::Closed),
+                }
+            }
+            _ = self.stop.changed() => SessionEnd::Stopped,
+        };
+        if matches!(end, SessionEnd::Stopped) && !writer_done {
+            // Let the writer finish what is queued (BYE, ERROR) before closing.
+            let _ = tokio::time::timeout(Duration::from_millis(500), &mut writer_task).await;
+        }
+        sender_task.abort();
         reader_task.abort();
         writer_task.abort();
-        return outcome;
+        (end, true)
     }
-    // Let the writer drain (BYE) before the connection closes.
-    match writer_task.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(e),
-        Err(_) => return Err(MigrationError::Closed),
+}
+
+/// Errors that a new connection may cure. A TLS alert (the peer refused our certificate, or
+/// sent garbage) is not one of them.
+fn is_link_error(e: &MigrationError) -> bool {
+    match e {
+        MigrationError::Io(io) => io.kind() != std::io::ErrorKind::InvalidData,
+        MigrationError::Closed => true,
+        _ => false,
     }
-    reader_task.abort();
-    Ok(())
 }
 
 async fn send(tx: &mpsc::Sender<Frame>, msg: Message) -> Result<(), MigrationError> {
     tx.send(Frame::new(&msg)).await.map_err(|_| MigrationError::Closed)
 }
 
-async fn wait_round(events: &mut mpsc::UnboundedReceiver<Event>, round: u32) -> Result<(), MigrationError> {
-    loop {
-        match events.recv().await {
-            Some(Event::RoundDone(r)) if r == round => return Ok(()),
-            Some(Event::RoundDone(_)) => {}
-            Some(Event::Switched(_)) => return Err(MigrationError::Unexpected("SWITCHED")),
-            Some(Event::Complete(_)) => return Err(MigrationError::Unexpected("COMPLETE")),
-            None => return Err(MigrationError::Closed),
-        }
-    }
+/// The next frame's worth of a map snapshot (read on the blocking pool; the snapshot moves
+/// there and back).
+async fn next_batch(mut snapshot: cas_store::MapSnapshot) -> Result<(Vec<(u64, Fingerprint)>, cas_store::MapSnapshot), MigrationError> {
+    blocking(move || {
+        let batch = snapshot.next_batch(FINGERPRINTS_PER_FRAME);
+        batch.map(|b| (b, snapshot))
+    })
+    .await
 }
 
-/// Streams a map snapshot as FINGERPRINTS frames of consecutive-block runs.
-async fn send_snapshot(mut snapshot: cas_store::MapSnapshot, tx: &mpsc::Sender<Frame>) -> Result<u64, MigrationError> {
+/// Streams a map snapshot as FINGERPRINTS frames of consecutive-block runs. With `gaps`, the
+/// blocks between mapped ones are listed as zero runs (a destination that already holds
+/// part of the disk must clear blocks the source no longer has).
+async fn send_snapshot(mut snapshot: cas_store::MapSnapshot, outbox: &Outbox, epoch: u64, gaps: bool) -> Result<u64, MigrationError> {
     let mut listed = 0u64;
+    let mut next_block = 0u64;
+    let blocks = snapshot.disk_size().div_ceil(u64::from(snapshot.block_size()));
     loop {
-        let (batch, snap) = blocking(move || {
-            let batch = snapshot.next_batch(FINGERPRINTS_PER_FRAME);
-            batch.map(|b| (b, snapshot))
-        })
-        .await?;
+        let (batch, snap) = next_batch(snapshot).await?;
         snapshot = snap;
         if batch.is_empty() {
+            if gaps && next_block < blocks {
+                let runs = vec![Run::Zero { first: next_block, count: blocks - next_block }];
+                outbox.push(epoch, &Message::Fingerprints { round: 0, runs }).await?;
+            }
             return Ok(listed);
         }
         listed += batch.len() as u64;
-        let runs = runs_of(batch.into_iter().map(|(b, fp)| (b, Some(fp))));
-        send(tx, Message::Fingerprints { round: 0, runs }).await?;
+        let mut runs = Vec::with_capacity(batch.len() / 8 + 2);
+        for (block, fp) in batch {
+            if gaps && block > next_block {
+                runs.push(Run::Zero { first: next_block, count: block - next_block });
+            }
+            next_block = block + 1;
+            match runs.last_mut() {
+                Some(Run::Mapped { first, fps }) if *first + fps.len() as u64 == block => fps.push(fp),
+                _ => runs.push(Run::Mapped { first: block, fps: vec![fp] }),
+            }
+        }
+        outbox.push(epoch, &Message::Fingerprints { round: 0, runs }).await?;
     }
 }
 
 /// Lists the current content of dirty blocks (zero runs for blocks that read as zeros).
-async fn send_dirty_round(store: &Arc<Store>, disk: DiskId, round: u32, blocks: &[u64], tx: &mpsc::Sender<Frame>) -> Result<(), MigrationError> {
+async fn send_dirty_round(store: &Arc<Store>, disk: DiskId, round: u32, blocks: &[u64], outbox: &Outbox, epoch: u64) -> Result<(), MigrationError> {
     for chunk in blocks.chunks(FINGERPRINTS_PER_FRAME) {
         let s = store.clone();
         let owned = chunk.to_vec();
         let fps = blocking(move || s.block_fingerprints(disk, &owned)).await?;
         let runs = runs_of(chunk.iter().copied().zip(fps));
-        send(tx, Message::Fingerprints { round, runs }).await?;
+        outbox.push(epoch, &Message::Fingerprints { round, runs }).await?;
     }
     Ok(())
 }
@@ -461,6 +1023,7 @@ async fn run_reader<R: AsyncRead + Unpin>(
     mut reader: R,
     events: mpsc::UnboundedSender<Event>,
     work: mpsc::UnboundedSender<SendWork>,
+    outbox: Arc<Outbox>,
     status: Arc<MigrationStatus>,
 ) -> Result<(), MigrationError> {
     loop {
@@ -473,6 +1036,10 @@ async fn run_reader<R: AsyncRead + Unpin>(
             }
         };
         let sent = match msg {
+            Message::Ack { processed } => {
+                outbox.ack(processed)?;
+                true
+            }
             Message::Want(fps) => {
                 status.update(|r| r.blocks_wanted += fps.len() as u64);
                 work.send(SendWork::Want(fps)).is_ok()
@@ -497,26 +1064,64 @@ async fn run_reader<R: AsyncRead + Unpin>(
     }
 }
 
-/// Writes frames: control and on-demand data first, then fingerprints and background data.
+/// A DATA frame and the blocks in it (to count what a lost link makes cross twice).
+#[derive(Debug)]
+struct DataFrame {
+    frame: Frame,
+    fps: Vec<Fingerprint>,
+    record_bytes: u64,
+}
+
+/// Writes frames: on-demand data first, then the sequenced frames from `cursor` on, then
+/// background data.
+#[allow(clippy::too_many_arguments)]
 async fn run_writer<W: AsyncWrite + Unpin>(
     mut writer: W,
-    mut high: mpsc::Receiver<Frame>,
-    mut low: mpsc::Receiver<Frame>,
+    outbox: Arc<Outbox>,
+    mut cursor: u64,
+    mut urgent: mpsc::Receiver<DataFrame>,
+    mut low: mpsc::Receiver<DataFrame>,
     status: Arc<MigrationStatus>,
     mut limiter: Option<crate::ratelimit::TokenBucket>,
+    ever_sent: Arc<Mutex<HashSet<Fingerprint>>>,
 ) -> Result<(), MigrationError> {
     use tokio::io::AsyncWriteExt;
     loop {
-        let frame = tokio::select! {
-            biased;
-            f = high.recv() => match f {
-                Some(f) => f,
-                None => break,
-            },
-            Some(f) = low.recv() => f,
+        let notified = outbox.changed.notified();
+        let mut sequenced = None;
+        let mut data = None;
+        let frame = if let Ok(d) = urgent.try_recv() {
+            let f = d.frame.clone();
+            data = Some(d);
+            f
+        } else if let Some((f, again)) = outbox.get(cursor) {
+            if again {
+                status.traffic.replayed.fetch_add(f.len() as u64, Ordering::Relaxed);
+            }
+            sequenced = Some(cursor);
+            cursor += 1;
+            f
+        } else if let Ok(d) = low.try_recv() {
+            let f = d.frame.clone();
+            data = Some(d);
+            f
+        } else {
+            writer.flush().await?;
+            let d = tokio::select! {
+                biased;
+                d = urgent.recv() => match d {
+                    Some(d) => d,
+                    None => return Ok(()),
+                },
+                _ = notified => continue,
+                Some(d) = low.recv() => d,
+            };
+            let f = d.frame.clone();
+            data = Some(d);
+            f
         };
-        // The cap applies to every frame, so on-demand data, which the queues put first,
-        // stays first under the cap.
+        // The cap applies to every frame, so on-demand data, which goes first, stays first
+        // under the cap.
         if let Some(bucket) = limiter.as_mut() {
             let wait = bucket.charge(frame.len());
             if !wait.is_zero() {
@@ -525,22 +1130,30 @@ async fn run_writer<W: AsyncWrite + Unpin>(
             }
         }
         write_frame(&mut writer, &frame, &status.traffic).await?;
-        if high.is_empty() && low.is_empty() {
-            writer.flush().await?;
+        if let Some(d) = data {
+            let mut ever = ever_sent.lock();
+            let again = d.fps.iter().filter(|fp| !ever.insert(**fp)).count() as u64;
+            if again > 0 {
+                let per = d.record_bytes / d.fps.len().max(1) as u64;
+                status.traffic.resent_raw.fetch_add(again * per, Ordering::Relaxed);
+            }
+        }
+        if let Some(seq) = sequenced {
+            if urgent.is_empty() && low.is_empty() {
+                writer.flush().await?;
+            }
+            outbox.mark_written(seq);
         }
     }
-    writer.flush().await?;
-    writer.shutdown().await.ok();
-    Ok(())
 }
 
 /// Sends DATA frames for wanted blocks: on-demand fetches go first, in small frames, on the
-/// high-priority queue; the background queue fills larger frames.
+/// urgent queue; the background queue fills larger frames.
 async fn run_data_sender(
     store: Arc<Store>,
     mut work: mpsc::UnboundedReceiver<SendWork>,
-    high: mpsc::Sender<Frame>,
-    low: mpsc::Sender<Frame>,
+    high: mpsc::Sender<DataFrame>,
+    low: mpsc::Sender<DataFrame>,
     config: SourceConfig,
     status: Arc<MigrationStatus>,
 ) {
@@ -599,10 +1212,10 @@ async fn run_data_sender(
             encode_records(&records, &mut raw);
             let started = Instant::now();
             let frame = compress(&raw, lvl);
-            Ok::<_, MigrationError>((raw.len(), frame, started.elapsed(), records.len(), gone))
+            Ok::<_, MigrationError>((raw.len(), frame, started.elapsed(), batch, gone))
         })
         .await;
-        let (raw_len, frame, compress_time, count, gone) = match built {
+        let (raw_len, frame, compress_time, batch, gone) = match built {
             Ok(v) => v,
             Err(e) => {
                 tracing::error!(error = %e, "reading blocks to send failed");
@@ -610,15 +1223,16 @@ async fn run_data_sender(
             }
         };
         // A block that is gone was not sent; if it is asked for again, try again.
-        for fp in gone {
-            sent.remove(&fp);
+        for fp in &gone {
+            sent.remove(fp);
         }
         status.traffic.data_raw.fetch_add(raw_len as u64, Ordering::Relaxed);
         status.update(|r| {
-            r.blocks_sent += count as u64;
+            r.blocks_sent += (batch.len() - gone.len()) as u64;
             r.zstd_level = lvl;
         });
-        let frame = Frame::new(&Message::Data { raw_len: raw_len as u32, frame });
+        let sent_fps: Vec<Fingerprint> = batch.into_iter().filter(|fp| !gone.contains(fp)).collect();
+        let frame = DataFrame { frame: Frame::new(&Message::Data { raw_len: raw_len as u32, frame }), fps: sent_fps, record_bytes: raw_len as u64 };
         let wait_start = Instant::now();
         let tx = if is_urgent { &high } else { &low };
         if tx.send(frame).await.is_err() {
@@ -631,8 +1245,30 @@ async fn run_data_sender(
     }
 }
 
+/// Streams a map snapshot for a plan (no resume: a plan is cheap to run again).
+async fn send_plan_snapshot(mut snapshot: cas_store::MapSnapshot, tx: &mpsc::Sender<Frame>) -> Result<u64, MigrationError> {
+    let mut listed = 0u64;
+    loop {
+        let (batch, snap) = next_batch(snapshot).await?;
+        snapshot = snap;
+        if batch.is_empty() {
+            return Ok(listed);
+        }
+        listed += batch.len() as u64;
+        let runs = runs_of(batch.into_iter().map(|(b, fp)| (b, Some(fp))));
+        send(tx, Message::Fingerprints { round: 0, runs }).await?;
+    }
+}
+
 /// Compares a disk's fingerprints with a destination's store without moving any data.
-pub async fn run_plan<S>(store: Arc<Store>, disk: &str, destination: &str, mut stream: S, link_rate_bps: Option<u64>, zstd_level: i32) -> Result<PlanReport, MigrationError>
+pub async fn run_plan<S>(
+    store: Arc<Store>,
+    disk: &str,
+    destination: &str,
+    mut stream: S,
+    link_rate_bps: Option<u64>,
+    zstd_level: i32,
+) -> Result<PlanReport, MigrationError>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -646,10 +1282,12 @@ where
         block_size: store.block_size(),
         algorithm: store.algorithm().name().to_string(),
         mode: Mode::Plan,
+        resume: false,
+        rebuild: false,
     };
     crate::wire::write_message(&mut stream, &Message::Hello(hello), &traffic).await?;
     match read_message(&mut stream, &traffic).await? {
-        Some(Message::Accept) => {}
+        Some(Message::Accept(_)) => {}
         Some(Message::Error(e)) => return Err(MigrationError::Refused(e.message)),
         Some(other) => return Err(MigrationError::Unexpected(other.name())),
         None => return Err(MigrationError::Closed),
@@ -670,7 +1308,7 @@ where
         writer.flush().await?;
         Ok::<_, MigrationError>(writer)
     });
-    let listed = send_snapshot(snapshot, &tx).await?;
+    let listed = send_plan_snapshot(snapshot, &tx).await?;
     send(&tx, Message::RoundEnd { round: 0, last: true }).await?;
     drop(tx);
     let _writer = writer_task.await.map_err(|_| MigrationError::Closed)??;
@@ -692,11 +1330,7 @@ where
         let mut total = 0u64;
         for chunk in wanted.chunks((1 << 20) / (block_size + 17)) {
             let blocks = s.get_blocks(chunk)?;
-            let records: Vec<Record> = chunk
-                .iter()
-                .zip(blocks)
-                .filter_map(|(fp, b)| b.map(|d| Record::Block { fp: *fp, data: d.to_vec() }))
-                .collect();
+            let records: Vec<Record> = chunk.iter().zip(blocks).filter_map(|(fp, b)| b.map(|d| Record::Block { fp: *fp, data: d.to_vec() })).collect();
             let mut raw = Vec::new();
             encode_records(&records, &mut raw);
             total += (compress(&raw, zstd_level).len() + 9) as u64;

@@ -19,6 +19,12 @@ pub struct Traffic {
     pub data_raw: AtomicU64,
     /// Everything else: greetings, HELLO, round markers, reports.
     pub control: AtomicU64,
+    /// Sequenced frames sent again after a lost link (the destination had not applied them).
+    pub replayed: AtomicU64,
+    /// Block records (uncompressed bytes) sent again after a lost link: they were in flight.
+    pub resent_raw: AtomicU64,
+    /// Connections after the first (reconnections after a lost link or a restart).
+    pub reconnects: AtomicU64,
 }
 
 /// A copy of [`Traffic`] for reports.
@@ -30,6 +36,14 @@ pub struct TrafficReport {
     pub control_bytes: u64,
     /// Everything that crossed the link, both directions.
     pub total_bytes: u64,
+    /// Of those: sequenced frames sent twice, and block records (uncompressed) sent twice,
+    /// because a connection dropped while they were in flight.
+    #[serde(default)]
+    pub replayed_bytes: u64,
+    #[serde(default)]
+    pub resent_raw_bytes: u64,
+    #[serde(default)]
+    pub reconnects: u64,
 }
 
 impl Traffic {
@@ -43,6 +57,9 @@ impl Traffic {
             data_raw_bytes: self.data_raw.load(Ordering::Relaxed),
             control_bytes: c,
             total_bytes: f + d + c,
+            replayed_bytes: self.replayed.load(Ordering::Relaxed),
+            resent_raw_bytes: self.resent_raw.load(Ordering::Relaxed),
+            reconnects: self.reconnects.load(Ordering::Relaxed),
         }
     }
 
@@ -57,10 +74,11 @@ impl Traffic {
     }
 }
 
-/// An encoded frame, ready to write, with what it is for counting.
-#[derive(Debug)]
+/// An encoded frame, ready to write, with what it is for counting. Cloning shares the bytes
+/// (the source keeps unacknowledged frames to resend after a lost link).
+#[derive(Debug, Clone)]
 pub struct Frame {
-    bytes: Vec<u8>,
+    bytes: std::sync::Arc<Vec<u8>>,
     kind: FrameKind,
 }
 
@@ -78,7 +96,7 @@ impl Frame {
             Message::Data { .. } => FrameKind::Data,
             _ => FrameKind::Control,
         };
-        Frame { bytes: protocol::encode(msg), kind }
+        Frame { bytes: std::sync::Arc::new(protocol::encode(msg)), kind }
     }
 
     pub fn len(&self) -> usize {

@@ -1,5 +1,8 @@
 //! Migrations between two in-process stores over a real TCP connection on loopback.
 
+mod common;
+use common::{read_all, WriterFreeze};
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,12 +55,6 @@ fn fill(store: &Store, name: &str, blocks: u64, os: u64, own: u64, vm: u64, dups
     content
 }
 
-fn read_all(store: &Store, name: &str) -> Vec<u8> {
-    let d = store.disk(name).unwrap();
-    let mut buf = vec![0u8; d.size as usize];
-    store.read(d.id, 0, &mut buf).unwrap();
-    buf
-}
 
 #[derive(Default)]
 struct CaptureHooks {
@@ -144,30 +141,6 @@ async fn empty_destination_gets_every_block_once_and_identical_one_gets_none() {
     assert!(report.link.total_bytes < 200 * 20 + 2000, "about 16 bytes per block listed: {:?}", report.link);
 }
 
-/// Freezing stops the writer, as a frozen NBD export would: no new writes, and the one in
-/// flight finishes first (the writer holds the gate shared while it writes).
-struct WriterFreeze {
-    frozen: Arc<AtomicBool>,
-    gate: Arc<parking_lot::RwLock<()>>,
-}
-
-impl SourceHooks for WriterFreeze {
-    fn freeze<'a>(&'a self, _: &'a str) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>> {
-        Box::pin(async move {
-            let (gate, frozen) = (self.gate.clone(), self.frozen.clone());
-            tokio::task::spawn_blocking(move || {
-                let _exclusive = gate.write();
-                frozen.store(true, Ordering::SeqCst);
-            })
-            .await
-            .map_err(|e| e.to_string())
-        })
-    }
-    fn thaw(&self, _: &str) {
-        self.frozen.store(false, Ordering::SeqCst);
-    }
-    fn switched(&self, _: &str) {}
-}
 
 async fn migrate_while_writing(switch_after: SwitchAfter) {
     let dir = tempfile::tempdir().unwrap();
@@ -309,7 +282,13 @@ async fn bad_peers_get_a_clear_error_and_change_nothing() {
             let mut errors = Vec::new();
             for _ in 0..4 {
                 let (conn, peer) = listener.accept().await.unwrap();
-                let r = run_destination(dst.clone(), conn, Arc::new(CaptureHooks::default()), migration::MigrationStatus::new(MigrationReport::new("?", "?", "destination", &peer.to_string()))).await;
+                let r = run_destination(
+                    dst.clone(),
+                    conn,
+                    Arc::new(CaptureHooks::default()),
+                    migration::MigrationStatus::new(MigrationReport::new("?", "?", "destination", &peer.to_string())),
+                )
+                .await;
                 errors.push(r.unwrap_err().to_string());
             }
             errors
@@ -335,6 +314,8 @@ async fn bad_peers_get_a_clear_error_and_change_nothing() {
             block_size: bs,
             algorithm: "blake3-128".into(),
             mode: migration::protocol::Mode::Migrate,
+            resume: false,
+            rebuild: false,
         }))
     };
     for frame in [hello("existing", BS as u32), hello("new", 512)] {

@@ -17,13 +17,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use cas_store::{Store, StoreError};
-use migration::{MigrationReport, MigrationStatus, SourceConfig, SwitchAfter};
+use migration::{Connector, LinkStream, MigrationReport, MigrationStatus, SourceConfig, Stage, SwitchAfter};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream, UnixListener};
 
-use crate::node::{Node, NodeDestHooks, NodeSourceHooks};
+use crate::node::{Node, NodeSourceHooks};
 
 const MAX_LINE: usize = 1 << 20;
 
@@ -165,10 +165,7 @@ fn params<T: for<'de> Deserialize<'de>>(p: Value) -> Result<T, ControlError> {
 /// Runs store work on the blocking pool.
 async fn on_store<T: Send + 'static>(node: &Arc<Node>, f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static) -> Result<T, ControlError> {
     let store = node.store.clone();
-    tokio::task::spawn_blocking(move || f(&store))
-        .await
-        .map_err(|e| ControlError { kind: "failed", message: e.to_string() })?
-        .map_err(ControlError::from)
+    tokio::task::spawn_blocking(move || f(&store)).await.map_err(|e| ControlError { kind: "failed", message: e.to_string() })?.map_err(ControlError::from)
 }
 
 #[derive(Deserialize)]
@@ -210,6 +207,9 @@ struct StartMigration {
     #[serde(default)]
     delete_source: bool,
     bandwidth_bps: Option<u64>,
+    /// Seconds the source keeps reconnecting after a lost link before the migration is
+    /// interrupted (default 600).
+    reconnect_window_secs: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -308,8 +308,12 @@ async fn dispatch(node: &Arc<Node>, method: &str, p: Value) -> ControlResult {
         "migration.list" => Ok(json!(node.migrations())),
         "migration.cancel" => {
             let Id { id } = params(p)?;
-            let status = node.migration_status(&id).ok_or_else(|| ControlError { kind: "not_found", message: format!("no migration {id:?}") })?;
-            status.request_cancel().map_err(|message| ControlError { kind: "invalid", message })?;
+            cancel_migration(node, &id).await?;
+            Ok(json!({}))
+        }
+        "migration.resume" => {
+            let Id { id } = params(p)?;
+            resume_migration(node, &id)?;
             Ok(json!({}))
         }
         "migration.plan" => {
@@ -325,26 +329,33 @@ async fn dispatch(node: &Arc<Node>, method: &str, p: Value) -> ControlResult {
     }
 }
 
-/// A migration link: TLS over TCP, or plain TCP with `--migration-insecure`.
-pub trait LinkIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> LinkIo for T {}
-pub type LinkStream = Box<dyn LinkIo>;
-
 async fn connect(node: &Node, destination: &str) -> Result<LinkStream, ControlError> {
-    let stream = TcpStream::connect(destination)
-        .await
-        .map_err(|e| ControlError { kind: "unreachable", message: format!("connecting to {destination}: {e}") })?;
+    connect_link(node.link_tls.clone(), destination).await.map_err(|e| ControlError { kind: "unreachable", message: e.to_string() })
+}
+
+/// A migration link: TLS over TCP, or plain TCP with `--migration-insecure`.
+async fn connect_link(tls: Option<crate::link_tls::LinkTls>, destination: &str) -> std::io::Result<LinkStream> {
+    let stream = TcpStream::connect(destination).await.map_err(|e| std::io::Error::new(e.kind(), format!("connecting to {destination}: {e}")))?;
     let _ = stream.set_nodelay(true);
-    match &node.link_tls {
+    match tls {
         Some(tls) => {
             let stream = tls
                 .connect(destination, stream)
                 .await
-                .map_err(|e| ControlError { kind: "unreachable", message: format!("TLS with {destination}: {e}") })?;
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::ConnectionRefused, format!("TLS with {destination}: {e}")))?;
             Ok(Box::new(stream))
         }
         None => Ok(Box::new(stream)),
     }
+}
+
+/// Connects to one destination, again after each lost link.
+fn connector(node: &Node, destination: &str) -> Arc<dyn Connector> {
+    let (tls, destination) = (node.link_tls.clone(), destination.to_string());
+    Arc::new(move || {
+        let (tls, destination) = (tls.clone(), destination.clone());
+        async move { connect_link(tls, &destination).await }
+    })
 }
 
 async fn start_migration(node: &Arc<Node>, req: StartMigration) -> Result<String, ControlError> {
@@ -352,8 +363,9 @@ async fn start_migration(node: &Arc<Node>, req: StartMigration) -> Result<String
     if node.migrations().iter().any(|m| m.disk == req.disk && m.role == "source" && !m.is_finished()) {
         return Err(ControlError { kind: "busy", message: format!("disk {:?} is already migrating", req.disk) });
     }
-    let stream = connect(node, &req.destination).await?;
-    let id = node.new_migration_id("out");
+    // Fail fast when the destination cannot be reached at all (a later lost link is retried).
+    let first = connect(node, &req.destination).await?;
+    let id = node.new_migration_id("mig");
     let defaults = SourceConfig::default();
     let config = SourceConfig {
         migration_id: id.clone(),
@@ -364,15 +376,81 @@ async fn start_migration(node: &Arc<Node>, req: StartMigration) -> Result<String
         batch_bytes: defaults.batch_bytes,
         delete_source: req.delete_source,
         bandwidth_bps: req.bandwidth_bps,
+        reconnect_window_secs: req.reconnect_window_secs.unwrap_or(defaults.reconnect_window_secs),
+        restarted_at: None,
     };
     let status = MigrationStatus::new(MigrationReport::new(&id, &req.disk, "source", &req.destination));
     node.register_migration(&id, status.clone());
-    let (node2, disk) = (node.clone(), req.disk.clone());
+    let first = parking_lot::Mutex::new(Some(first));
+    let reconnect = connector(node, &req.destination);
+    let connect_first: Arc<dyn Connector> = Arc::new(FirstThen { first, then: reconnect });
+    spawn_source(node, &req.disk, connect_first, config, status);
+    Ok(id)
+}
+
+/// Uses an already open stream for the first connection, then reconnects.
+struct FirstThen {
+    first: parking_lot::Mutex<Option<LinkStream>>,
+    then: Arc<dyn Connector>,
+}
+
+impl Connector for FirstThen {
+    fn connect(&self) -> migration::link::ConnectFuture<'_> {
+        match self.first.lock().take() {
+            Some(s) => Box::pin(async move { Ok(s) }),
+            None => self.then.connect(),
+        }
+    }
+}
+
+fn spawn_source(node: &Arc<Node>, disk: &str, connector: Arc<dyn Connector>, config: SourceConfig, status: Arc<MigrationStatus>) {
+    let (node2, disk) = (node.clone(), disk.to_string());
     tokio::spawn(async move {
         let hooks = Arc::new(NodeSourceHooks(node2.clone()));
-        let _ = migration::run_source(node2.store.clone(), &disk, stream, config, hooks, status).await;
+        let _ = migration::run_source_with(node2.store.clone(), &disk, connector, config, hooks, status, Some(node2.state.clone())).await;
     });
-    Ok(id)
+}
+
+/// Continues an outgoing migration: reconnect now if its link is down, or restart it if a
+/// restart of this server interrupted it.
+fn resume_migration(node: &Arc<Node>, id: &str) -> Result<(), ControlError> {
+    let status = node.migration_status(id).ok_or_else(|| ControlError { kind: "not_found", message: format!("no migration {id:?}") })?;
+    if let Some(record) = node.take_dormant(id) {
+        restart_source(node, record, status, false);
+        return Ok(());
+    }
+    status.request_resume().map_err(|message| ControlError { kind: "invalid", message })
+}
+
+/// Runs an outgoing migration again from its record after a restart of this server.
+fn restart_source(node: &Arc<Node>, record: migration::MigrationRecord, status: Arc<MigrationStatus>, cancel: bool) {
+    let config = SourceConfig { restarted_at: Some(record.stage), ..record.config.clone().unwrap_or_default() };
+    status.update(|r| r.cancellable = record.stage == Stage::PreCopy);
+    if cancel {
+        let _ = status.request_cancel();
+    }
+    tracing::info!(id = %record.id, disk = %record.disk, stage = ?record.stage, "resuming an outgoing migration after a restart");
+    let connector = connector(node, &record.peer);
+    spawn_source(node, &record.disk, connector, config, status);
+}
+
+async fn cancel_migration(node: &Arc<Node>, id: &str) -> Result<(), ControlError> {
+    let status = node.migration_status(id).ok_or_else(|| ControlError { kind: "not_found", message: format!("no migration {id:?}") })?;
+    let role = status.report().role;
+    if role == "destination" {
+        return node.destination.cancel(id).await.map_err(|message| ControlError { kind: "invalid", message });
+    }
+    if let Some(record) = node.take_dormant(id) {
+        if record.stage != Stage::PreCopy {
+            let message = format!("migration {id} is past its switch-over; resume it instead");
+            node.restore_dormant(record);
+            return Err(ControlError { kind: "invalid", message });
+        }
+        // The source reconnects to tell the destination, which drops its partial disk.
+        restart_source(node, record, status, true);
+        return Ok(());
+    }
+    status.request_cancel().map_err(|message| ControlError { kind: "invalid", message })
 }
 
 /// Accepts migrations sent to this server until `shutdown` completes.
@@ -391,9 +469,9 @@ pub async fn serve_migrations(listener: TcpListener, node: Arc<Node>, shutdown: 
             // The TLS handshake runs in the connection's task, so a slow peer cannot hold up
             // the listener.
             let tls = node.link_tls.clone();
-            let id = node.new_migration_id("in");
-            let status = MigrationStatus::new(MigrationReport::new(&id, "?", "destination", &peer.to_string()));
-            node.register_migration(&id, status.clone());
+            // Tracks the connection until its HELLO names the migration (the destination then
+            // registers the migration under the source's id).
+            let status = MigrationStatus::new(MigrationReport::new("?", "?", "destination", &peer.to_string()));
             let node = node.clone();
             tokio::spawn(async move {
                 let stream: LinkStream = match tls {
@@ -401,20 +479,19 @@ pub async fn serve_migrations(listener: TcpListener, node: Arc<Node>, shutdown: 
                         Ok(Ok(s)) => Box::new(s),
                         Ok(Err(e)) => {
                             tracing::warn!(%peer, error = %e, "migration peer refused: TLS handshake failed");
-                            status.finish(migration::Phase::Failed, Some(format!("TLS: {e}")));
                             return;
                         }
                         Err(_) => {
                             tracing::warn!(%peer, "migration peer refused: TLS handshake timed out");
-                            status.finish(migration::Phase::Failed, Some("TLS handshake timed out".into()));
                             return;
                         }
                     },
                     None => Box::new(stream),
                 };
-                let hooks = Arc::new(NodeDestHooks(node.clone()));
-                if let Err(e) = migration::run_destination(node.store.clone(), stream, hooks, status).await {
-                    tracing::warn!(%peer, error = %e, "incoming migration failed");
+                match node.destination.serve(stream, status).await {
+                    Ok(_) => {}
+                    Err(migration::MigrationError::Superseded) => {}
+                    Err(e) => tracing::warn!(%peer, error = %e, "incoming migration connection ended"),
                 }
             });
         }

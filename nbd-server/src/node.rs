@@ -1,14 +1,15 @@
 //! One storage server's shared state: its store, its exports and its migrations. The control
 //! API and the migration listener work through it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use cas_store::{Store, StoreError};
-use migration::{DestHooks, MigrationReport, MigrationStatus, PostCopyDisk, SourceHooks};
+use migration::{DestHooks, Destination, MigrationRecord, MigrationReport, MigrationStatus, Phase, PostCopyDisk, SourceHooks, Stage, StateStore};
 use parking_lot::{Mutex, RwLock};
 
 use crate::export::{CasDevice, Export, ExportRegistry, PostCopyDevice};
@@ -35,19 +36,54 @@ pub struct Node {
     next_migration: AtomicU64,
     /// Mutual TLS on migration links; None only with `--migration-insecure`.
     pub link_tls: Option<LinkTls>,
+    /// Records of migrations in progress (they survive a restart).
+    pub state: Arc<dyn StateStore>,
+    /// Incoming migrations, live and parked.
+    pub destination: Arc<Destination>,
+    /// Source-side migrations a restart interrupted, waiting for `migration.resume` (or
+    /// `migration.cancel`).
+    dormant: Mutex<BTreeMap<String, MigrationRecord>>,
+    /// Disks this server must not export as ordinary disks: a migration froze or moved them
+    /// (source side), or serves them post-copy (destination side).
+    held: Mutex<HashSet<String>>,
+    /// Distinguishes this run's migration ids from an earlier run's.
+    run_tag: String,
 }
 
+/// How long a destination keeps a parked migration whose source has not come back (before
+/// the switch-over; after it, it waits for the source as long as it takes).
+pub const PARK_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
 impl Node {
-    /// A node over `store`. Disks left half-arrived by a migration that died with an earlier
-    /// run of the server are removed (their source is still authoritative).
-    pub fn new(store: Arc<Store>, exports: Arc<ExportRegistry>, read_only: bool, link_tls: Option<LinkTls>) -> Result<Arc<Node>, StoreError> {
-        for disk in store.list_disks()? {
-            if disk.name.ends_with(".incoming") {
-                tracing::warn!(disk = %disk.name, "removing a partial disk from an interrupted incoming migration");
-                store.delete_disk(&disk.name)?;
+    /// A node over `store`, with migration records in `state`. Call
+    /// [`Node::restore_migrations`] once the runtime runs, before serving.
+    pub fn new(
+        store: Arc<Store>,
+        exports: Arc<ExportRegistry>,
+        read_only: bool,
+        link_tls: Option<LinkTls>,
+        state: Arc<dyn StateStore>,
+    ) -> Result<Arc<Node>, StoreError> {
+        let records = state.load().map_err(|e| StoreError::Engine(format!("reading migration records: {e}")))?;
+        let mut held = HashSet::new();
+        let mut dormant = BTreeMap::new();
+        for r in records {
+            match (r.role.as_str(), r.stage) {
+                ("source", stage) => {
+                    if stage != Stage::PreCopy {
+                        held.insert(r.disk.clone());
+                    }
+                    dormant.insert(r.id.clone(), r);
+                }
+                ("destination", Stage::Switched) => {
+                    held.insert(r.disk.clone());
+                }
+                _ => {}
             }
         }
-        Ok(Arc::new(Node {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        Ok(Arc::new_cyclic(|weak: &Weak<Node>| Node {
+            destination: Destination::new(store.clone(), Arc::new(NodeDestHooks(weak.clone())), state.clone(), PARK_TIMEOUT),
             store,
             exports,
             read_only,
@@ -55,7 +91,47 @@ impl Node {
             migrations: Mutex::new(BTreeMap::new()),
             next_migration: AtomicU64::new(1),
             link_tls,
+            state,
+            dormant: Mutex::new(dormant),
+            held: Mutex::new(held),
+            run_tag: format!("{:x}", (nanos as u64) & 0xffff_ffff),
         }))
+    }
+
+    /// After a restart: parks incoming migrations again (serving switched disks post-copy),
+    /// removes partial disks nothing explains, and lists interrupted outgoing migrations.
+    pub async fn restore_migrations(&self) -> Result<(), migration::MigrationError> {
+        self.destination.restore().await?;
+        for r in self.dormant.lock().values() {
+            let status = MigrationStatus::new(MigrationReport::new(&r.id, &r.disk, "source", &r.peer));
+            status.update(|rep| {
+                rep.cancellable = r.stage == Stage::PreCopy;
+                rep.phase = match r.stage {
+                    Stage::PreCopy => Phase::PreCopy,
+                    Stage::SwitchingOver => Phase::SwitchingOver,
+                    Stage::Switched => Phase::PostCopy,
+                };
+            });
+            status.interrupt("the server restarted; resume or cancel it");
+            tracing::warn!(id = %r.id, disk = %r.disk, stage = ?r.stage, "an outgoing migration was interrupted by a restart: `migrate resume` or `migrate cancel` it");
+            self.migrations.lock().insert(r.id.clone(), status);
+        }
+        Ok(())
+    }
+
+    /// Takes an interrupted outgoing migration's record to resume it.
+    pub fn take_dormant(&self, id: &str) -> Option<MigrationRecord> {
+        self.dormant.lock().remove(id)
+    }
+
+    /// Puts back a record `take_dormant` took.
+    pub fn restore_dormant(&self, record: MigrationRecord) {
+        self.dormant.lock().insert(record.id.clone(), record);
+    }
+
+    /// Whether a disk is held back from ordinary export by a migration.
+    pub fn is_held(&self, disk: &str) -> bool {
+        self.held.lock().contains(disk)
     }
 
     /// Whether a disk name is one this server exports (partial incoming disks are not).
@@ -73,11 +149,11 @@ impl Node {
         Ok(export)
     }
 
-    /// Exports every disk of the store.
+    /// Exports every disk of the store (but those a migration holds).
     pub fn export_all(&self) -> Result<usize, StoreError> {
         let mut n = 0;
         for disk in self.store.list_disks()? {
-            if Self::is_exportable(&disk.name) {
+            if Self::is_exportable(&disk.name) && !self.is_held(&disk.name) {
                 self.export_disk(&disk.name)?;
                 n += 1;
             }
@@ -92,8 +168,10 @@ impl Node {
         }
     }
 
+    /// A migration id unique across this server's restarts (the destination keys parked
+    /// migrations by it).
     pub fn new_migration_id(&self, prefix: &str) -> String {
-        format!("{prefix}-{}", self.next_migration.fetch_add(1, Ordering::Relaxed))
+        format!("{prefix}-{}-{}", self.run_tag, self.next_migration.fetch_add(1, Ordering::Relaxed))
     }
 
     pub fn register_migration(&self, id: &str, status: Arc<MigrationStatus>) {
@@ -136,28 +214,39 @@ impl SourceHooks for NodeSourceHooks {
 
     fn switched(&self, disk: &str) {
         // The destination is authoritative now: reads here would return stale data.
+        self.0.held.lock().insert(disk.to_string());
         self.0.unexport(disk);
     }
 }
 
 /// The destination side's hooks: serve the disk through its post-copy device at the
 /// switch-over, and through the store directly once every block is local.
+/// (Weak: the node owns the destination that holds these hooks.)
 #[derive(Debug)]
-pub struct NodeDestHooks(pub Arc<Node>);
+pub struct NodeDestHooks(pub Weak<Node>);
 
 impl DestHooks for NodeDestHooks {
     fn switch_over(&self, name: &str, disk: Arc<PostCopyDisk>) -> Result<(), String> {
+        let node = self.0.upgrade().ok_or("the server is stopping")?;
         let device = PostCopyDevice::new(name, disk);
-        let export = Arc::new(Export::new(name, Arc::new(device)).with_read_only(self.0.read_only));
-        if let Some(old) = self.0.exports.insert(export) {
+        let export = Arc::new(Export::new(name, Arc::new(device)).with_read_only(node.read_only));
+        if let Some(old) = node.exports.insert(export) {
             old.close();
         }
         Ok(())
     }
 
+    fn registered(&self, id: &str, status: Arc<MigrationStatus>) {
+        if let Some(node) = self.0.upgrade() {
+            node.register_migration(id, status);
+        }
+    }
+
     fn complete(&self, name: &str) {
-        if let Some(export) = self.0.exports.get(name) {
-            match CasDevice::open(self.0.store.clone(), name) {
+        let Some(node) = self.0.upgrade() else { return };
+        node.held.lock().remove(name);
+        if let Some(export) = node.exports.get(name) {
+            match CasDevice::open(node.store.clone(), name) {
                 Ok(device) => {
                     export.replace_device(Arc::new(device));
                 }

@@ -46,6 +46,10 @@ struct Migrate {
     /// cap the link use, e.g. 100mbit (default: no cap)
     #[argh(option)]
     bandwidth: Option<String>,
+    /// seconds the source keeps reconnecting after a lost link before the migration is
+    /// interrupted and waits for `migrate resume` (default 600)
+    #[argh(option)]
+    reconnect_window: Option<u64>,
     /// give up after this many seconds (default: no limit)
     #[argh(option)]
     timeout: Option<u64>,
@@ -60,6 +64,29 @@ enum Sub {
     Plan(PlanCmd),
     Status(StatusCmd),
     Cancel(CancelCmd),
+    Resume(ResumeCmd),
+}
+
+/// Resume a migration whose link gave up or whose server restarted (at its source server),
+/// and follow it to the end.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "resume")]
+struct ResumeCmd {
+    /// control address of the source server
+    #[argh(option)]
+    server: String,
+    /// the migration id
+    #[argh(positional)]
+    id: String,
+    /// return at once instead of following the migration
+    #[argh(switch)]
+    no_wait: bool,
+    /// give up following after this many seconds (default: no limit)
+    #[argh(option)]
+    timeout: Option<u64>,
+    /// print the final report as JSON
+    #[argh(switch)]
+    json: bool,
 }
 
 /// Show migrations at a server (all, or one by id).
@@ -120,6 +147,7 @@ fn main() {
         Some(Sub::Plan(ref p)) => plan(p),
         Some(Sub::Status(ref s)) => status(s),
         Some(Sub::Cancel(ref c)) => cancel(c),
+        Some(Sub::Resume(ref r)) => resume(r),
         None => run(&args),
     };
     if let Err(e) = result {
@@ -216,6 +244,7 @@ fn status(s: &StatusCmd) -> Result<()> {
                 r.disk.clone(),
                 r.role.clone(),
                 format!("{:?}", r.phase),
+                r.link_state.clone(),
                 format!("{}/{}", r.blocks_sent, r.blocks_wanted),
                 format_size(r.link.total_bytes),
                 format!("{:.1} s", r.total_seconds.unwrap_or(r.elapsed_seconds)),
@@ -223,7 +252,7 @@ fn status(s: &StatusCmd) -> Result<()> {
             ]
         })
         .collect();
-    print!("{}", table::render(&["id", "disk", "role", "phase", "blocks", "link", "time", "error"], &rows));
+    print!("{}", table::render(&["id", "disk", "role", "phase", "link", "blocks", "bytes", "time", "error"], &rows));
     Ok(())
 }
 
@@ -253,7 +282,6 @@ fn run(args: &Migrate) -> Result<()> {
     let mut src = ControlClient::connect(source)?;
     let mut dst = ControlClient::connect(dest)?;
     let addr = migration_address(&mut dst)?;
-    let started = Instant::now();
     let v = src.call(
         "migration.start",
         json!({
@@ -261,21 +289,54 @@ fn run(args: &Migrate) -> Result<()> {
             "zstd_level": args.zstd_level, "max_rounds": args.max_rounds,
             "converge_blocks": args.converge_blocks, "delete_source": args.delete_source,
             "bandwidth_bps": args.bandwidth.as_deref().map(parse_rate).transpose()?,
+            "reconnect_window_secs": args.reconnect_window,
         }),
     )?;
     let id = v["id"].as_str().context("no migration id")?.to_string();
-    let hidden = args.json;
+    follow(&mut src, &id, dest, args.json, args.timeout)
+}
+
+fn resume(r: &ResumeCmd) -> Result<()> {
+    let mut server = ControlClient::connect(&r.server)?;
+    server.call("migration.resume", json!({"id": r.id}))?;
+    if r.no_wait {
+        let report: MigrationReport = serde_json::from_value(server.call("migration.status", json!({"id": r.id}))?)?;
+        if r.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            println!("migration {} of {}: resuming ({:?}, link {})", report.id, report.disk, report.phase, report.link_state);
+        }
+        return Ok(());
+    }
+    let peer = server.call("migration.status", json!({"id": r.id}))?["peer"].as_str().unwrap_or("the destination").to_string();
+    follow(&mut server, &r.id, &peer, r.json, r.timeout)
+}
+
+/// Shows a migration's progress at its source until it ends; fails unless it is done.
+fn follow(src: &mut ControlClient, id: &str, dest: &str, hidden: bool, timeout: Option<u64>) -> Result<()> {
+    let started = Instant::now();
+    let mut link_was_up = true;
     let mut bar: Option<(Phase, ProgressBar)> = None;
     let mut announced_switch = false;
     let report = loop {
         let r: MigrationReport = serde_json::from_value(src.call("migration.status", json!({"id": id}))?)?;
         if !hidden {
+            let up = r.link_state == "up" || r.link_state == "connecting";
+            if up != link_was_up {
+                link_was_up = up;
+                let line = if up { "link back: resuming where it stopped".to_string() } else { format!("link lost ({}); reconnecting", r.link_state) };
+                match &bar {
+                    Some((_, b)) => b.println(line),
+                    None => eprintln!("{line}"),
+                }
+            }
             show_progress(&mut bar, &r);
             if r.downtime_ms.is_some() && !announced_switch {
                 announced_switch = true;
                 let line = format!(
-                    "switched over after {:.2} s: {disk} is now served by {dest} (downtime {:.1} ms)",
+                    "switched over after {:.2} s: {} is now served by {dest} (downtime {:.1} ms)",
                     r.switch_seconds.unwrap_or_default(),
+                    r.disk,
                     r.downtime_ms.unwrap_or_default()
                 );
                 match &bar {
@@ -287,7 +348,7 @@ fn run(args: &Migrate) -> Result<()> {
         if r.is_finished() {
             break r;
         }
-        if let Some(t) = args.timeout {
+        if let Some(t) = timeout {
             if started.elapsed() > Duration::from_secs(t) {
                 bail!("migration {id} still running after {t} s (phase {:?})", r.phase);
             }
@@ -297,7 +358,7 @@ fn run(args: &Migrate) -> Result<()> {
     if let Some((_, b)) = bar.take() {
         b.finish_and_clear();
     }
-    if args.json {
+    if hidden {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_report(&report);
@@ -314,6 +375,7 @@ fn show_progress(bar: &mut Option<(Phase, ProgressBar)>, r: &MigrationReport) {
         Phase::PreCopy => "pre-copy",
         Phase::SwitchingOver => "switch-over",
         Phase::PostCopy => "post-copy",
+        Phase::Interrupted => "interrupted",
         Phase::Done | Phase::Failed | Phase::Cancelled => return,
     };
     if bar.as_ref().map(|(p, _)| *p) != Some(r.phase) {
@@ -321,11 +383,7 @@ fn show_progress(bar: &mut Option<(Phase, ProgressBar)>, r: &MigrationReport) {
             b.finish();
         }
         let b = ProgressBar::new(1);
-        b.set_style(
-            ProgressStyle::with_template("{prefix:>11} [{bar:30}] {pos}/{len} blocks  {msg}")
-                .expect("template")
-                .progress_chars("=> "),
-        );
+        b.set_style(ProgressStyle::with_template("{prefix:>11} [{bar:30}] {pos}/{len} blocks  {msg}").expect("template").progress_chars("=> "));
         b.set_prefix(phase_name);
         *bar = Some((r.phase, b));
     }
@@ -336,13 +394,7 @@ fn show_progress(bar: &mut Option<(Phase, ProgressBar)>, r: &MigrationReport) {
     let remaining = r.blocks_wanted.saturating_sub(r.blocks_sent) as f64 * r.block_size as f64;
     let ratio = if r.link.data_raw_bytes > 0 { r.link.data_wire_bytes as f64 / r.link.data_raw_bytes as f64 } else { 1.0 };
     let eta = if rate > 0.0 { remaining * ratio / rate } else { 0.0 };
-    b.set_message(format!(
-        "{} over the link, {}/s, eta {:.0} s, zstd {}",
-        format_size(r.link.total_bytes),
-        format_size(rate as u64),
-        eta,
-        r.zstd_level
-    ));
+    b.set_message(format!("{} over the link, {}/s, eta {:.0} s, zstd {}", format_size(r.link.total_bytes), format_size(rate as u64), eta, r.zstd_level));
 }
 
 fn print_report(r: &MigrationReport) {
@@ -359,7 +411,18 @@ fn print_report(r: &MigrationReport) {
         vec!["link: block data raw".into(), format_size(l.data_raw_bytes)],
         vec!["link: block data compressed".into(), format!("{} (zstd level {})", format_size(l.data_wire_bytes), r.zstd_level)],
         vec!["link: control".into(), format_size(l.control_bytes)],
-        vec!["link: total".into(), format!("{} = {:.1}% of the disk's allocated bytes", format_size(l.total_bytes), 100.0 * l.total_bytes as f64 / ((d.blocks_listed.max(1)) * bs) as f64)],
+        vec![
+            "link: reconnections".into(),
+            format!("{} ({} of block data and {} of fingerprints sent twice)", l.reconnects, format_size(l.resent_raw_bytes), format_size(l.replayed_bytes)),
+        ],
+        vec![
+            "link: total".into(),
+            format!(
+                "{} = {:.1}% of the disk's allocated bytes",
+                format_size(l.total_bytes),
+                100.0 * l.total_bytes as f64 / ((d.blocks_listed.max(1)) * bs) as f64
+            ),
+        ],
         vec!["blocks: from neighbours".into(), d.neighbour_hits.to_string()],
         vec!["blocks: zero".into(), d.zero_blocks.to_string()],
         vec!["blocks: duplicates within the disk".into(), d.duplicates.to_string()],
