@@ -47,6 +47,9 @@ struct Pending {
     received: HashSet<Fingerprint>,
     /// Fingerprints asked for on demand (a read or a partial write waits for them).
     urgent: HashSet<Fingerprint>,
+    /// Missing content that deferred rounds listed (`Hello::defer_dirty`): asked for at the
+    /// switch-over, if a block still needs it then.
+    deferred: HashSet<Fingerprint>,
     switched: bool,
     failed: Option<String>,
     report: DestReport,
@@ -889,7 +892,8 @@ impl Connection<'_> {
                     if self.incoming().pending.lock().switched {
                         return Err(MigrationError::Unexpected("FINGERPRINTS after SWITCH"));
                     }
-                    let want = self.apply_fingerprints(round, runs).await?;
+                    let defer = round > 0 && self.session.hello.defer_dirty;
+                    let want = self.apply_fingerprints(round, runs, defer).await?;
                     if !want.is_empty() {
                         self.send(Message::Want(want))?;
                     }
@@ -931,7 +935,7 @@ impl Connection<'_> {
     }
 
     /// Maps what is here, records what is missing; returns the fingerprints to ask for.
-    async fn apply_fingerprints(&self, round: u32, runs: Vec<Run>) -> Result<Vec<Fingerprint>, MigrationError> {
+    async fn apply_fingerprints(&self, round: u32, runs: Vec<Run>, defer: bool) -> Result<Vec<Fingerprint>, MigrationError> {
         let hello = &self.session.hello;
         let blocks = hello.size.div_ceil(u64::from(hello.block_size));
         for run in &runs {
@@ -951,7 +955,7 @@ impl Connection<'_> {
         if round == 0 {
             self.session.proto.lock().listed_round0 += listed;
         }
-        blocking(move || apply_fingerprints(&inc, runs)).await
+        blocking(move || apply_fingerprints(&inc, runs, defer)).await
     }
 
     async fn apply_data(&self, raw_len: u32, frame: Vec<u8>) -> Result<(), MigrationError> {
@@ -992,10 +996,18 @@ impl Connection<'_> {
         };
         let state = self.state.clone();
         blocking(move || state.save(&record)).await?;
-        let report = {
+        let (report, deferred) = {
             let mut p = session.incoming.pending.lock();
             p.switched = true;
-            p.report.clone()
+            // What deferred rounds left is asked for now, once, for the blocks that still
+            // need it (a later round may have listed other content for them since).
+            let deferred: Vec<Fingerprint> = std::mem::take(&mut p.deferred)
+                .into_iter()
+                .filter(|fp| p.waiting.get(fp).is_some_and(|blocks| blocks.iter().any(|b| p.by_block.get(b) == Some(fp))))
+                .collect();
+            p.report.wanted += deferred.len() as u64;
+            p.wanted.extend(deferred.iter().copied());
+            (p.report.clone(), deferred)
         };
         session.proto.lock().processed_at_switch = processed;
         self.hooks.switch_over(&session.hello.disk, Arc::new(PostCopyDisk { inner: session.incoming.clone() })).map_err(MigrationError::Hook)?;
@@ -1006,7 +1018,11 @@ impl Connection<'_> {
             r.cancellable = false;
         });
         tracing::info!(disk = %session.hello.disk, missing = session.incoming.pending.lock().by_block.len(), "switched over: serving the disk here");
-        self.send(Message::Switched(report))
+        self.send(Message::Switched(report))?;
+        for chunk in deferred.chunks(crate::protocol::MAX_LIST) {
+            self.send(Message::Want(chunk.to_vec()))?;
+        }
+        Ok(())
     }
 
     /// Reports finished rounds, and completion after the switch-over.
@@ -1140,7 +1156,8 @@ impl PendingJournal {
     }
 }
 
-fn apply_fingerprints(inc: &Incoming, runs: Vec<Run>) -> Result<Vec<Fingerprint>, MigrationError> {
+/// `defer`: missing content is recorded for the switch-over instead of asked for now.
+fn apply_fingerprints(inc: &Incoming, runs: Vec<Run>, defer: bool) -> Result<Vec<Fingerprint>, MigrationError> {
     let store = &inc.store;
     let mut entries: Vec<(u64, Fingerprint)> = Vec::new();
     let mut zero_runs: Vec<(u64, u64)> = Vec::new();
@@ -1192,6 +1209,14 @@ fn apply_fingerprints(inc: &Incoming, runs: Vec<Run>) -> Result<Vec<Fingerprint>
                 p.report.neighbour_hits += 1;
             }
             to_map.push((block, fp));
+        } else if p.deferred.contains(&fp) {
+            p.report.duplicates += 1;
+            p.by_block.insert(block, fp);
+            p.waiting.entry(fp).or_default().push(block);
+        } else if defer {
+            p.deferred.insert(fp);
+            p.by_block.insert(block, fp);
+            p.waiting.entry(fp).or_default().push(block);
         } else {
             p.report.wanted += 1;
             p.wanted.insert(fp);

@@ -24,16 +24,24 @@
 //!   DATA (zstd frames of block records) ------------>  verify fingerprint, store, map
 //!   ROUND_END 0 ------------------------------------>
 //!                     <------------------------------  ROUND_DONE 0 (everything wanted arrived)
-//!   FINGERPRINTS/ROUND_END (dirty rounds) ---------->  ... (as round 0)
-//!   [source export frozen]
+//!   FINGERPRINTS/ROUND_END (dirty rounds) ---------->  ... (as round 0; with defer_dirty,
+//!                     <------------------------------  ROUND_DONE k   only mapped: no WANT)
+//!   [source export frozen; background DATA held]
 //!   FINGERPRINTS (final dirty blocks), ROUND_END last
 //!   SWITCH ----------------------------------------->  export becomes writable (post-copy)
 //!                     <------------------------------  SWITCHED {report}
+//!                     <------------------------------  WANT (what deferred rounds left)
 //!                     <------------------------------  FETCH (a read needs these now)
 //!   DATA (on-demand ahead of background) ----------->
 //!                     <------------------------------  COMPLETE {report}: every block local
 //!   BYE -------------------------------------------->  [source releases its disk]
 //! ```
+//! The switch-over's pause is the final listing's round trip, so everything before the freeze
+//! works to keep that listing small and the link empty: dirty rounds repeat while the dirty
+//! set shrinks (with `defer_dirty` they carry fingerprints only, so they take milliseconds),
+//! and from the freeze until SWITCH is written the source sends no background DATA (a deep
+//! queue on a WAN link would otherwise hold SWITCH behind megabytes of data).
+//!
 //! A *plan* (mode `plan`) sends round 0's fingerprints and ROUND_END, and the destination
 //! answers PLAN with what it would need, changing nothing.
 //!
@@ -129,6 +137,14 @@ pub struct Hello {
     /// included, and the destination keeps what it already holds.
     #[serde(default)]
     pub rebuild: bool,
+    /// Rounds after round 0 (the final one included) are listings only: the destination maps
+    /// what it already holds and leaves the rest missing until the switch-over, when it asks
+    /// for it as post-copy. A block rewritten while the VM runs then crosses once, with its
+    /// last content, and the source can repeat cheap rounds until the listing left for the
+    /// freeze is small. A destination that predates this field asks at once, which is still
+    /// correct (the rounds then wait for the data).
+    #[serde(default)]
+    pub defer_dirty: bool,
 }
 
 /// The destination's answer to HELLO: where a resumed migration continues.
@@ -548,6 +564,7 @@ mod tests {
             mode: Mode::Migrate,
             resume: true,
             rebuild: false,
+            defer_dirty: true,
         }));
         round_trip(Message::Accept(AcceptInfo { processed: 7, switched: true, rebuild: false }));
         round_trip(Message::Ack { processed: 1 << 40 });

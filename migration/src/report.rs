@@ -31,10 +31,13 @@ pub enum SwitchAfter {
     /// post-copy. Shortest time at the source; the destination depends longest on the link.
     Fingerprints,
     /// Switch after one pre-copy pass (the published design): the bulk moves while the VM
-    /// runs at the source; only blocks written during that pass come post-copy.
+    /// runs at the source; only blocks written during that pass come post-copy, each once
+    /// with its content at the freeze. Listing-only dirty rounds (no data) repeat while the
+    /// dirty set shrinks, so the listing left for the freeze is small.
     #[default]
     Precopy,
-    /// Repeat dirty rounds until the dirty set is small or stops shrinking, then switch.
+    /// Repeat dirty rounds, each with its data, until the dirty set is small or stops
+    /// shrinking, then switch: least left for post-copy, but rewritten blocks cross again.
     Converged,
 }
 

@@ -254,6 +254,8 @@ enum SendWork {
 struct Outbox {
     inner: Mutex<OutboxInner>,
     changed: tokio::sync::Notify,
+    /// Set while background DATA must wait (the switch-over).
+    hold: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug)]
@@ -268,12 +270,38 @@ struct OutboxInner {
     adopt: bool,
 }
 
+/// Keeps background DATA off the link while it lives (see [`Outbox::hold_background`]).
+#[derive(Debug)]
+struct BackgroundHold(Arc<Outbox>);
+
+impl Drop for BackgroundHold {
+    fn drop(&mut self) {
+        self.0.hold.store(false, Ordering::SeqCst);
+        self.0.changed.notify_waiters();
+    }
+}
+
 /// Unacknowledged sequenced frames the source holds at most (about 8 MiB of fingerprints).
 const OUTBOX_FRAMES: usize = 64;
 
 impl Outbox {
     fn new(adopt: bool) -> Outbox {
-        Outbox { inner: Mutex::new(OutboxInner { base: 0, frames: VecDeque::new(), epoch: 0, written: 0, adopt }), changed: tokio::sync::Notify::new() }
+        Outbox {
+            inner: Mutex::new(OutboxInner { base: 0, frames: VecDeque::new(), epoch: 0, written: 0, adopt }),
+            changed: tokio::sync::Notify::new(),
+            hold: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Holds background DATA back until the returned guard is dropped; sequenced frames and
+    /// on-demand data still go.
+    fn hold_background(self: &Arc<Self>) -> BackgroundHold {
+        self.hold.store(true, Ordering::SeqCst);
+        BackgroundHold(self.clone())
+    }
+
+    fn background_held(&self) -> bool {
+        self.hold.load(Ordering::SeqCst)
     }
 
     fn epoch(&self) -> u64 {
@@ -502,6 +530,9 @@ impl Source {
             mode: Mode::Migrate,
             resume: restarted.is_some(),
             rebuild: false,
+            // Converged mode wants the dirty data before the switch-over; the others leave
+            // it for post-copy, so their dirty rounds only list.
+            defer_dirty: self.config.switch_after != SwitchAfter::Converged,
         };
         let outbox = Arc::new(Outbox::new(restarted.is_some()));
         let (event_tx, events) = mpsc::unbounded_channel();
@@ -656,31 +687,34 @@ impl Source {
         };
         let mut round = 0u32;
         let mut carried: Vec<u64> = Vec::new();
+        let mut hold: Option<BackgroundHold> = None;
         if !flags.frozen {
             let pre = async {
                 listing.await?;
                 if config.switch_after != SwitchAfter::Fingerprints {
                     self.wait_round(link, epoch, round).await?;
-                    if config.switch_after == SwitchAfter::Converged {
-                        let mut previous = u64::MAX;
-                        while round + 1 < config.max_rounds {
-                            let dirty = store.dirty_take(disk_id)?;
-                            let count = dirty.count();
-                            if count <= config.converge_blocks || count >= previous {
-                                carried = dirty.iter().collect();
-                                break;
-                            }
-                            previous = count;
-                            round += 1;
-                            let blocks: Vec<u64> = dirty.iter().collect();
-                            send_dirty_round(store, disk_id, round, &blocks, &link.outbox, epoch).await?;
-                            status.update(|r| {
-                                r.rounds = round + 1;
-                                r.round_blocks.push(count);
-                            });
-                            link.outbox.push(epoch, &Message::RoundEnd { round, last: false }).await?;
-                            self.wait_round(link, epoch, round).await?;
+                    // Dirty rounds while the set shrinks, so that little is left to list
+                    // inside the freeze. In converged mode each round waits for its data; in
+                    // precopy mode the destination defers the data to post-copy
+                    // (`defer_dirty`), so a round is a listing and takes milliseconds.
+                    let mut previous = u64::MAX;
+                    while round + 1 < config.max_rounds {
+                        let dirty = store.dirty_take(disk_id)?;
+                        let count = dirty.count();
+                        if count <= config.converge_blocks || count >= previous {
+                            carried = dirty.iter().collect();
+                            break;
                         }
+                        previous = count;
+                        round += 1;
+                        let blocks: Vec<u64> = dirty.iter().collect();
+                        send_dirty_round(store, disk_id, round, &blocks, &link.outbox, epoch).await?;
+                        status.update(|r| {
+                            r.rounds = round + 1;
+                            r.round_blocks.push(count);
+                        });
+                        link.outbox.push(epoch, &Message::RoundEnd { round, last: false }).await?;
+                        self.wait_round(link, epoch, round).await?;
                     }
                 }
                 Ok::<_, MigrationError>(())
@@ -699,6 +733,9 @@ impl Source {
             });
             // A restart from here on keeps the disk frozen until the destination says.
             self.record(Stage::SwitchingOver);
+            // From the freeze until SWITCH is written, no background data enters the link:
+            // SWITCH must not wait behind it in the link's queue.
+            hold = Some(link.outbox.hold_background());
             let freeze_start = Instant::now();
             self.hooks.freeze(&self.disk).await.map_err(MigrationError::Hook)?;
             flags.frozen = true;
@@ -723,6 +760,8 @@ impl Source {
         link.outbox.push(epoch, &Message::RoundEnd { round, last: true }).await?;
         flags.switch_sent = true;
         link.outbox.push(epoch, &Message::Switch).await?;
+        // The writer sends sequenced frames before background data, so SWITCH goes first.
+        drop(hold);
         let report = loop {
             match self.next_event(link, epoch).await? {
                 Event::Switched(r) => break r,
@@ -1101,12 +1140,13 @@ async fn run_writer<W: AsyncWrite + Unpin>(
             sequenced = Some(cursor);
             cursor += 1;
             f
-        } else if let Ok(d) = low.try_recv() {
+        } else if let Some(d) = if outbox.background_held() { None } else { low.try_recv().ok() } {
             let f = d.frame.clone();
             data = Some(d);
             f
         } else {
             writer.flush().await?;
+            let held = outbox.background_held();
             let d = tokio::select! {
                 biased;
                 d = urgent.recv() => match d {
@@ -1114,7 +1154,7 @@ async fn run_writer<W: AsyncWrite + Unpin>(
                     None => return Ok(()),
                 },
                 _ = notified => continue,
-                Some(d) = low.recv() => d,
+                Some(d) = low.recv(), if !held => d,
             };
             let f = d.frame.clone();
             data = Some(d);
@@ -1284,6 +1324,7 @@ where
         mode: Mode::Plan,
         resume: false,
         rebuild: false,
+        defer_dirty: false,
     };
     crate::wire::write_message(&mut stream, &Message::Hello(hello), &traffic).await?;
     match read_message(&mut stream, &traffic).await? {
@@ -1376,5 +1417,32 @@ mod tests {
                 Run::Mapped { first: 7, fps: vec![fp(7).unwrap()] },
             ]
         );
+    }
+
+    /// The switch-over's hold: background DATA queued before the freeze goes out only after
+    /// the sequenced frames pushed while held (the final listing, SWITCH).
+    #[tokio::test]
+    async fn held_background_data_goes_after_switch() {
+        let outbox = Arc::new(Outbox::new(false));
+        let (_urgent_tx, urgent_rx) = mpsc::channel(4);
+        let (low_tx, low_rx) = mpsc::channel(4);
+        let status = MigrationStatus::new(MigrationReport::new("t", "vm", "source", "peer"));
+        let (ours, mut theirs) = tokio::io::duplex(1 << 20);
+        let hold = outbox.hold_background();
+        let data = Message::Data { raw_len: 3, frame: vec![1, 2, 3] };
+        low_tx.send(DataFrame { frame: Frame::new(&data), fps: vec![Fingerprint([9; 16])], record_bytes: 3 }).await.unwrap();
+        let writer = tokio::spawn(run_writer(ours, outbox.clone(), 0, urgent_rx, low_rx, status.clone(), None, Default::default()));
+        let traffic = Traffic::default();
+        let nothing = tokio::time::timeout(Duration::from_millis(100), read_message(&mut theirs, &traffic)).await;
+        assert!(nothing.is_err(), "nothing goes out while only held data is queued: {nothing:?}");
+        outbox.push(0, &Message::RoundEnd { round: 1, last: true }).await.unwrap();
+        outbox.push(0, &Message::Switch).await.unwrap();
+        drop(hold);
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            got.push(read_message(&mut theirs, &traffic).await.unwrap().unwrap());
+        }
+        assert_eq!(got, vec![Message::RoundEnd { round: 1, last: true }, Message::Switch, data]);
+        writer.abort();
     }
 }

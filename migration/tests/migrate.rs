@@ -1,7 +1,7 @@
 //! Migrations between two in-process stores over a real TCP connection on loopback.
 
 mod common;
-use common::{read_all, WriterFreeze};
+use common::{guest_writer, read_all};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -148,35 +148,15 @@ async fn migrate_while_writing(switch_after: SwitchAfter) {
     let dst = rocks_store(&dir.path().join("dst"));
     fill(&src, "vm", 1024, 600, 300, 1, 0);
     fill(&dst, "fresh-install", 1024, 600, 0, 3, 0);
-    let frozen = Arc::new(AtomicBool::new(false));
-    let writes = Arc::new(AtomicU64::new(0));
-    let gate = Arc::new(parking_lot::RwLock::new(()));
-    let writer = {
-        let (src, frozen, writes, gate) = (src.clone(), frozen.clone(), writes.clone(), gate.clone());
-        std::thread::spawn(move || {
-            let id = src.disk("vm").unwrap().id;
-            let mut i = 0u64;
-            // A guest doing unaligned writes all over its disk until the export freezes.
-            loop {
-                let _shared = gate.read();
-                if frozen.load(Ordering::SeqCst) {
-                    break;
-                }
-                let block = (i * 7919) % 1024;
-                let data = own_block(50 + i % 13, i);
-                src.write(id, block * BS as u64 + 100, &data[..3000], false).unwrap();
-                writes.fetch_add(1, Ordering::SeqCst);
-                i += 1;
-                drop(_shared);
-                std::thread::sleep(Duration::from_micros(200));
-            }
-        })
-    };
+    // A guest doing unaligned writes all over its disk until the export freezes.
+    let (freeze, writer) = guest_writer(src.clone(), "vm", Duration::from_micros(200), |s, id, i| {
+        let block = (i * 7919) % 1024;
+        s.write(id, block * BS as u64 + 100, &own_block(50 + i % 13, i)[..3000], false).unwrap();
+    });
     let hooks = Arc::new(CaptureHooks::default());
     let config = SourceConfig { switch_after, ..Default::default() };
-    let (report, _) = migrate(src.clone(), dst.clone(), "vm", config, Arc::new(WriterFreeze { frozen: frozen.clone(), gate }), hooks.clone()).await;
-    writer.join().unwrap();
-    assert!(writes.load(Ordering::SeqCst) > 0);
+    let (report, _) = migrate(src.clone(), dst.clone(), "vm", config, Arc::new(freeze), hooks.clone()).await;
+    assert!(writer.join().unwrap() > 0);
     // The source is frozen: its content is the content at the freeze.
     let at_freeze = read_all(&src, "vm");
     assert_eq!(read_all(&dst, "vm"), at_freeze, "{switch_after:?}: destination equals the source at the freeze");
@@ -316,6 +296,7 @@ async fn bad_peers_get_a_clear_error_and_change_nothing() {
             mode: migration::protocol::Mode::Migrate,
             resume: false,
             rebuild: false,
+            defer_dirty: false,
         }))
     };
     for frame in [hello("existing", BS as u32), hello("new", 512)] {

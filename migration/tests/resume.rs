@@ -4,7 +4,7 @@
 //! what can be in flight at a cut.
 
 mod common;
-use common::{read_all, WriterFreeze};
+use common::{guest_writer, read_all};
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -68,6 +68,9 @@ type Rule = Box<dyn FnMut(u8, u64) -> Cut + Send>;
 struct Proxy {
     addr: SocketAddr,
     cuts: Arc<AtomicU64>,
+    /// Every frame from the source, in order: its type and the first 4 bytes of its
+    /// payload (a FINGERPRINTS frame's round).
+    log: Arc<Mutex<Vec<(u8, u32)>>>,
 }
 
 /// A TCP proxy to `upstream` that parses the source's frames and cuts as `rule` says.
@@ -77,7 +80,8 @@ async fn proxy(upstream: SocketAddr, rule: Rule) -> Proxy {
     let cuts = Arc::new(AtomicU64::new(0));
     let rule = Arc::new(Mutex::new(rule));
     let counts = Arc::new(Mutex::new([0u64; 256]));
-    let c = cuts.clone();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (c, frames) = (cuts.clone(), log.clone());
     tokio::spawn(async move {
         loop {
             let Ok((client, _)) = listener.accept().await else {
@@ -86,7 +90,7 @@ async fn proxy(upstream: SocketAddr, rule: Rule) -> Proxy {
             let Ok(server) = TcpStream::connect(upstream).await else {
                 continue;
             };
-            let (rule, counts, cuts) = (rule.clone(), counts.clone(), c.clone());
+            let (rule, counts, cuts, frames) = (rule.clone(), counts.clone(), c.clone(), frames.clone());
             tokio::spawn(async move {
                 let (mut cr, mut cw) = client.into_split();
                 let (mut sr, mut sw) = server.into_split();
@@ -104,6 +108,8 @@ async fn proxy(upstream: SocketAddr, rule: Rule) -> Proxy {
                         let mut payload = vec![0u8; len];
                         cr.read_exact(&mut payload).await?;
                         let t = header[0];
+                        let head = payload.get(..4).map_or(0, |h| u32::from_be_bytes(h.try_into().unwrap()));
+                        frames.lock().push((t, head));
                         let n = {
                             let mut c = counts.lock();
                             c[t as usize] += 1;
@@ -131,7 +137,7 @@ async fn proxy(upstream: SocketAddr, rule: Rule) -> Proxy {
             });
         }
     });
-    Proxy { addr, cuts }
+    Proxy { addr, cuts, log }
 }
 
 #[derive(Default)]
@@ -189,6 +195,7 @@ struct Outcome {
     source: MigrationReport,
     destination: MigrationReport,
     cuts: u64,
+    frames: Vec<(u8, u32)>,
 }
 
 async fn run(src: Arc<Store>, dst: Arc<Store>, config: SourceConfig, src_hooks: Arc<dyn SourceHooks>, dst_hooks: Arc<Hooks>, rule: Rule) -> Outcome {
@@ -213,7 +220,8 @@ async fn run(src: Arc<Store>, dst: Arc<Store>, config: SourceConfig, src_hooks: 
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    Outcome { source, destination: dst_status.report(), cuts: p.cuts.load(Ordering::SeqCst) }
+    let frames = p.log.lock().clone();
+    Outcome { source, destination: dst_status.report(), cuts: p.cuts.load(Ordering::SeqCst), frames }
 }
 
 /// What can be in flight when a connection drops: the source's queued DATA frames (4 of
@@ -318,27 +326,10 @@ async fn cut_during_dirty_rounds_while_the_guest_writes() {
     let (src, dst) = (store(), store());
     fill(&src, "vm", 2048, 1024, 1024, 3);
     fill(&dst, "neighbour", 0, 1024, 0, 1);
-    let frozen = Arc::new(AtomicBool::new(false));
-    let gate = Arc::new(parking_lot::RwLock::new(()));
-    let writer = {
-        let (src, frozen, gate) = (src.clone(), frozen.clone(), gate.clone());
-        std::thread::spawn(move || {
-            let id = src.disk("vm").unwrap().id;
-            let mut i = 0u64;
-            loop {
-                let _shared = gate.read();
-                if frozen.load(Ordering::SeqCst) {
-                    return i;
-                }
-                let block = (i * 7919) % 4096;
-                let data = [(i % 251) as u8 + 1; 3000];
-                src.write(id, block * BS as u64 + 100, &data, false).unwrap();
-                i += 1;
-                drop(_shared);
-                std::thread::sleep(Duration::from_micros(300));
-            }
-        })
-    };
+    let (freeze, writer) = guest_writer(src.clone(), "vm", Duration::from_micros(300), |s, id, i| {
+        let block = (i * 7919) % 4096;
+        s.write(id, block * BS as u64 + 100, &[(i % 251) as u8 + 1; 3000], false).unwrap();
+    });
     // Converged rounds; the connection drops in round 0's data, at the second round's
     // listing, and at its end.
     let config = SourceConfig { switch_after: SwitchAfter::Converged, converge_blocks: 8, bandwidth_bps: Some(300_000_000), ..Default::default() };
@@ -349,7 +340,7 @@ async fn cut_during_dirty_rounds_while_the_guest_writes() {
         _ => Cut::No,
     });
     let hooks = Arc::new(Hooks::default());
-    let o = run(src.clone(), dst.clone(), config, Arc::new(WriterFreeze { frozen, gate }), hooks, rule).await;
+    let o = run(src.clone(), dst.clone(), config, Arc::new(freeze), hooks, rule).await;
     let writes = writer.join().unwrap();
     assert!(writes > 0);
     assert_eq!(read_all(&dst, "vm"), read_all(&src, "vm"), "the destination equals the source at the freeze");
@@ -406,4 +397,35 @@ async fn a_source_that_cannot_reconnect_is_interrupted_and_resumes_when_asked() 
     let report = tokio::time::timeout(Duration::from_secs(60), run).await.unwrap().unwrap().unwrap();
     assert_eq!(report.phase, migration::Phase::Done);
     assert_eq!(read_all(&dst, "vm"), content);
+}
+
+/// Precopy mode's dirty rounds are listings only (`defer_dirty`): no DATA crosses from the
+/// first dirty round to SWITCH, the rounds repeat while the dirty set shrinks, and every
+/// block still missing at the switch-over crosses after it, with its content at the freeze.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn precopy_dirty_rounds_list_only_and_their_data_follows_the_switch() {
+    let (src, dst) = (store(), store());
+    fill(&src, "vm", 2048, 1024, 30_000, 9);
+    fill(&dst, "neighbour", 0, 1024, 0, 1);
+    // A guest writing new content into the region that was zero, until the freeze.
+    let (freeze, writer) = guest_writer(src.clone(), "vm", Duration::from_micros(200), |s, id, i| {
+        let mut b = [0u8; BS];
+        b[..8].copy_from_slice(&(i + 1).to_le_bytes());
+        b[8] = 0xd7;
+        s.write(id, (3072 + (i * 7) % 30_000) * BS as u64, &b, false).unwrap();
+    });
+    let config = SourceConfig { switch_after: SwitchAfter::Precopy, converge_blocks: 4, bandwidth_bps: Some(50_000_000), ..Default::default() };
+    let o = run(src.clone(), dst.clone(), config, Arc::new(freeze), Arc::new(Hooks::default()), Box::new(|_, _| Cut::No)).await;
+    let writes = writer.join().unwrap();
+    assert_eq!(read_all(&dst, "vm"), read_all(&src, "vm"), "the destination equals the source at the freeze");
+    assert!(dst.fsck(true).unwrap().is_clean());
+    let rounds = &o.source.round_blocks;
+    assert!(rounds.len() >= 3, "round 0, at least one dirty round, the final one: {rounds:?} after {writes} writes");
+    let first_dirty = o.frames.iter().position(|&(t, r)| t == FINGERPRINTS && r == 1).expect("a dirty round was listed");
+    let switch = o.frames.iter().position(|&(t, _)| t == SWITCH).expect("SWITCH was sent");
+    let data_inside = o.frames[first_dirty..switch].iter().filter(|&&(t, _)| t == DATA).count();
+    assert_eq!(data_inside, 0, "DATA frames during the listing-only rounds");
+    let d = &o.source.destination;
+    assert!(d.fetched_background + d.fetched_on_demand > 0, "dirty blocks crossed after the switch-over: {d:?}");
+    assert!(*rounds.last().unwrap() <= rounds[1], "the final listing is no larger than the first dirty round: {rounds:?}");
 }

@@ -2,8 +2,9 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use cas_store::Store;
+use cas_store::{DiskId, Store};
 use migration::SourceHooks;
 
 /// A disk's whole content.
@@ -37,4 +38,36 @@ impl SourceHooks for WriterFreeze {
         self.frozen.store(false, Ordering::SeqCst);
     }
     fn switched(&self, _: &str) {}
+}
+
+/// A guest on the source's disk `disk`: `write(store, disk, i)` makes its i-th write, then it
+/// pauses, until the export freezes. Returns the hooks that freeze it and the thread, which
+/// ends with the number of writes made.
+pub fn guest_writer(
+    store: Arc<Store>,
+    disk: &str,
+    pause: Duration,
+    write: impl Fn(&Store, DiskId, u64) + Send + 'static,
+) -> (WriterFreeze, std::thread::JoinHandle<u64>) {
+    let frozen = Arc::new(AtomicBool::new(false));
+    let gate = Arc::new(parking_lot::RwLock::new(()));
+    let id = store.disk(disk).unwrap().id;
+    let (f, g) = (frozen.clone(), gate.clone());
+    let thread = std::thread::spawn(move || {
+        let mut i = 0u64;
+        loop {
+            {
+                let _shared = g.read();
+                if f.load(Ordering::SeqCst) {
+                    return i;
+                }
+                write(&store, id, i);
+                i += 1;
+            }
+            if !pause.is_zero() {
+                std::thread::sleep(pause);
+            }
+        }
+    });
+    (WriterFreeze { frozen, gate }, thread)
 }

@@ -27,14 +27,15 @@ struct Migrate {
     /// the disk to move
     #[argh(option)]
     disk: Option<String>,
-    /// when to switch over: fingerprints, precopy (default: one pre-copy pass, then
-    /// post-copy for what changed meanwhile) or converged
+    /// when to switch over: fingerprints, precopy (default: one pre-copy pass and
+    /// listing-only dirty rounds, then post-copy for what changed meanwhile) or converged
+    /// (dirty rounds with their data)
     #[argh(option, default = "migration::SwitchAfter::Precopy")]
     switch_after: migration::SwitchAfter,
     /// a fixed zstd level (default: adapt to the link)
     #[argh(option)]
     zstd_level: Option<i32>,
-    /// dirty rounds at most with --switch-after converged (default 8)
+    /// rounds at most, round 0 included, before the freeze (default 8)
     #[argh(option)]
     max_rounds: Option<u32>,
     /// a dirty set of at most this many blocks counts as converged (default 256)
