@@ -355,6 +355,19 @@ impl Destination {
     async fn restore_one(self: &Arc<Self>, record: &MigrationRecord, hello: Hello) -> Result<(), MigrationError> {
         let switched = record.stage == Stage::Switched;
         let name = if switched { hello.disk.clone() } else { incoming_name(&hello.disk) };
+        if switched {
+            // Stopped between recording the switch-over and renaming the disk: rename it now.
+            let s = self.store.clone();
+            let (temp, real) = (incoming_name(&hello.disk), hello.disk.clone());
+            blocking(move || {
+                if s.disk(&real).is_err() && s.disk(&temp).is_ok() {
+                    tracing::warn!(disk = %real, "finishing a switch-over that a restart interrupted");
+                    s.rename_disk(&temp, &real)?;
+                }
+                Ok::<_, MigrationError>(())
+            })
+            .await?;
+        }
         let s = self.store.clone();
         let n = name.clone();
         let info = match blocking(move || Ok::<_, MigrationError>(s.disk(&n)?)).await {
@@ -982,9 +995,9 @@ impl Connection<'_> {
             blocking(move || PendingJournal::create(state.as_ref(), &id, &entries, processed)).await?
         };
         *session.incoming.journal.lock() = journal;
-        let s = session.incoming.store.clone();
-        let (temp, name) = (incoming_name(&session.hello.disk), session.hello.disk.clone());
-        blocking(move || Ok::<_, MigrationError>(s.rename_disk(&temp, &name)?)).await?;
+        // The record says Switched before the disk takes its real name: a restart in between
+        // finishes the rename (see `restore_one`), so a partial disk never shows under the
+        // real name without the list of what it still lacks.
         let record = MigrationRecord {
             id: id.clone(),
             role: "destination".into(),
@@ -996,6 +1009,9 @@ impl Connection<'_> {
         };
         let state = self.state.clone();
         blocking(move || state.save(&record)).await?;
+        let s = session.incoming.store.clone();
+        let (temp, name) = (incoming_name(&session.hello.disk), session.hello.disk.clone());
+        blocking(move || Ok::<_, MigrationError>(s.rename_disk(&temp, &name)?)).await?;
         let (report, deferred) = {
             let mut p = session.incoming.pending.lock();
             p.switched = true;

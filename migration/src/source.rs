@@ -493,8 +493,9 @@ struct LinkHandle {
 }
 
 impl Source {
-    fn record(&self, stage: Stage) {
-        let Some(state) = &self.state else { return };
+    /// Saves where the migration stands (two fsyncs: on the blocking pool).
+    async fn record(&self, stage: Stage) {
+        let Some(state) = self.state.clone() else { return };
         let peer = self.status.report().peer;
         let record = MigrationRecord {
             id: self.config.migration_id.clone(),
@@ -505,8 +506,9 @@ impl Source {
             config: Some(self.config.clone()),
             hello: None,
         };
-        if let Err(e) = state.save(&record) {
-            tracing::error!(id = %record.id, error = %e, "cannot record the migration's progress; a restart would lose it");
+        let id = record.id.clone();
+        if let Err(e) = blocking(move || state.save(&record)).await {
+            tracing::error!(id = %id, error = %e, "cannot record the migration's progress; a restart would lose it");
         }
     }
 
@@ -581,7 +583,7 @@ impl Source {
             flags.switch_sent = true;
             self.status.update(|r| r.cancellable = false);
         }
-        self.record(stage);
+        self.record(stage).await;
         if stage != Stage::Switched {
             let report = loop {
                 let epoch = link.outbox.epoch();
@@ -597,8 +599,11 @@ impl Source {
             };
             flags.switched = true;
             stage = Stage::Switched;
-            self.record(stage);
+            // The guest follows its disk as soon as this export closes, so that comes first;
+            // a restart before the record below still finds `SwitchingOver`, which never
+            // exports the disk again either.
             self.hooks.switched(&self.disk);
+            self.record(stage).await;
             let at = self.status.since_start();
             self.status.update(|r| {
                 r.switch_seconds = Some(at);
@@ -732,7 +737,7 @@ impl Source {
                 r.phase = Phase::SwitchingOver;
             });
             // A restart from here on keeps the disk frozen until the destination says.
-            self.record(Stage::SwitchingOver);
+            self.record(Stage::SwitchingOver).await;
             // From the freeze until SWITCH is written, no background data enters the link:
             // SWITCH must not wait behind it in the link's queue.
             hold = Some(link.outbox.hold_background());
