@@ -699,6 +699,18 @@ def tool_versions(cmds):
     return out
 
 
+def git_commit():
+    """HEAD's short hash, with '+' when the work tree has uncommitted changes to tracked files."""
+    try:
+        head = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":!bench"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True).stdout.strip()
+        return head + ("+" if dirty else "") if head else None
+    except OSError:
+        return None
+
+
 def section_migration(ctx):
     cfg = ctx.cfg
     path = os.path.join(ctx.out, "sections", "migration.json")
@@ -719,7 +731,10 @@ def section_migration(ctx):
         except (OSError, ValueError):
             pass
     for image in migrated:
-        im = {"floor": {}, "ours": {}, "rsync": [], "casync": [], "full_copy": None, "errors": []}
+        im = {"floor": {}, "ours": {}, "rsync": [], "casync": [], "full_copy": None, "errors": [],
+              # images re-run alone (BENCH_MIGRATED) keep the others' rows: each says when
+              # and from which commit it was measured
+              "measured": {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": git_commit()}}
         res["images"][image] = im
 
         def attempt(what, fn):

@@ -270,6 +270,10 @@ def mig_md(s, plots, verdict, targets):
             ours = next((r for r in rows if r[0] == "ours (neighbours)"), None)
             o = im.get("ours", {}).get(hood)
             md.append("### %s, neighbourhood '%s' (destination holds %s)\n\n" % (image, hood, ", ".join(nb)))
+            meas = im.get("measured")
+            if meas:
+                md.append("Measured %s at commit %s%s.\n\n" % (meas.get("at", "?"), meas.get("commit", "?"),
+                                                               " (%s)" % meas["note"] if meas.get("note") else ""))
             if fl:
                 md.append("Floor: %s MiB lacking (%d of %d non-zero blocks), zstd -3 %s MiB%s, fingerprint list "
                           "%s MiB; floor with an empty destination %s MiB.\n\n" % (
@@ -380,12 +384,14 @@ def downtime_md(sections, plots, targets):
     md = ["## 4. Downtime (switch-over pause reported by `migrate`)\n\n",
           "Targets: <= 50 ms idle, <= 200 ms under 4 KiB random writes (fio on the migrating disk at the source). "
           "Under load a guest (scripts/guest-writer.py, a 4 KiB write every 2 ms) also writes and follows its disk to the "
-          "destination; its longest gap between two acknowledged writes is the pause a client sees (it includes "
-          "reconnecting).\n\n"]
+          "destination. 'guest's switch pause' is the gap a client sees across the switch-over: from its last write "
+          "acknowledged at the source to its first at the destination (it includes noticing the switch and "
+          "reconnecting). 'longest pause' is its longest gap between two acknowledged writes anywhere in the run "
+          "(under load, a write can also stall at the source while the migration competes with fio for 2 cores).\n\n"]
     trs = []
     for r in rows:
         if "error" in r:
-            trs.append([r.get("image"), r.get("hood", "-"), "yes" if r.get("load") else "no", "error", "", "", "", r["_from"],
+            trs.append([r.get("image"), r.get("hood", "-"), "yes" if r.get("load") else "no", "error", "", "", "", "", r["_from"],
                         r["error"][:200]])
             continue
         d = r.get("downtime_ms")
@@ -397,13 +403,14 @@ def downtime_md(sections, plots, targets):
                                                                      lf.get("achieved_iops") or 0, lf.get("total_err"))
         gw = r.get("guest_writer") or {}
         trs.append([r["image"], r.get("hood"), "yes" if r.get("load") else "no", fnum(d, "%.1f"),
+                    fnum((gw.get("switch_trace") or {}).get("first_dest_write_ms"), "%.0f"),
                     fnum(gw.get("longest_pause_ms"), "%.0f"),
                     fnum((r.get("report") or {}).get("switch_seconds"), "%.1f"),
                     "yes" if d is not None and d <= lim else "NO", r["_from"], note])
         if d is not None:
             targets.append(("downtime <= %d ms (%s, %s, %s)" % (lim, r["image"], r.get("hood"), "load" if r.get("load") else "idle"),
                             "%.1f ms" % d, d <= lim))
-    md.append(table(["image", "neighbourhood", "under load", "downtime ms", "guest's longest pause ms", "switch at s",
+    md.append(table(["image", "neighbourhood", "under load", "downtime ms", "guest's switch pause ms", "guest's longest pause ms", "switch at s",
                      "target met", "section", "note"], trs))
     try:
         import matplotlib

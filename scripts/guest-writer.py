@@ -58,6 +58,11 @@ def main():
     longest_pause = 0.0
     pending = None
     last_ok = time.monotonic()
+    # The switch-over as the guest lived it, in ms after its last write at the source: the
+    # first refusal (frozen), the source letting go, the destination connected, the first
+    # write there acknowledged.
+    switch_trace = {}
+    last_at_source = None
     while True:
         if pending is None:
             off = rng.randrange(blocks) * 4096
@@ -72,17 +77,23 @@ def main():
         except nbd.Error as e:
             if switched_at is None and e.errno == errno.EPERM:
                 # Frozen for the switch-over: the write was not done; try again shortly.
+                if refused == 0 and last_at_source is not None:
+                    switch_trace["first_refused_ms"] = round((time.monotonic() - last_at_source) * 1000, 1)
                 refused += 1
                 time.sleep(0.001)
                 continue
             if switched_at is None:
                 # The source let go of the disk: follow it to the destination.
+                if last_at_source is not None:
+                    switch_trace["source_gone_ms"] = round((time.monotonic() - last_at_source) * 1000, 1)
                 try:
                     h.shutdown()
                 except nbd.Error:
                     pass
                 h = connect(args.dest, deadline)
                 switched_at = time.monotonic()
+                if last_at_source is not None:
+                    switch_trace["dest_connected_ms"] = round((switched_at - last_at_source) * 1000, 1)
                 continue
             raise
         now = time.monotonic()
@@ -93,7 +104,10 @@ def main():
         pending = None
         if switched_at is None:
             at_source += 1
+            last_at_source = now
         else:
+            if at_dest == 0 and last_at_source is not None:
+                switch_trace["first_dest_write_ms"] = round((now - last_at_source) * 1000, 1)
             at_dest += 1
             if at_dest >= args.after_switch:
                 break
@@ -104,7 +118,8 @@ def main():
     h.shutdown()
     mirror.close()
     summary = {"writes_at_source": at_source, "writes_at_destination": at_dest,
-               "refused_while_frozen": refused, "longest_pause_ms": round(longest_pause * 1000, 1)}
+               "refused_while_frozen": refused, "longest_pause_ms": round(longest_pause * 1000, 1),
+               "switch_trace": switch_trace}
     if args.stats:
         with open(args.stats, "w") as f:
             json.dump(summary, f)
