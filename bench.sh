@@ -115,8 +115,8 @@ fi
 # ------------------------------------------------------------------ build
 TARGET=${CARGO_TARGET_DIR:-/var/tmp/nbd-cas-target}
 if [ "$BUILD" = 1 ]; then
-    log "cargo build --release --workspace"
-    cargo build --release --workspace >&2
+    log "cargo build --release --workspace --all-targets"
+    cargo build --release --workspace --all-targets >&2
 fi
 # a snapshot of the binaries: a rebuild in the shared target directory during a long run
 # must not change what is measured half-way

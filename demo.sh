@@ -16,7 +16,8 @@ scale=small
 [ "${1:-}" = "--large" ] && scale=large
 
 scripts/install-deps.sh
-cargo build --release --workspace
+# The same build as ./test.sh (all targets: one feature set, so nothing compiles twice).
+cargo build --release --workspace --all-targets
 bin=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release
 
 echo "== building (or reusing) the VM images ($scale)"

@@ -3,7 +3,8 @@
 
 Writes random 4 KiB blocks (some compressible, some not) to the source export, mirrors every
 acknowledged write into a local file, follows the disk to the destination export at the
-switch-over (a frozen export refuses writes with EPERM; a switched one is closed), writes a
+switch-over (a frozen export holds writes; once the disk has moved, the source answers
+ESHUTDOWN and the guest reconnects to the destination), writes a
 few more there, flushes, and exits. At the end the destination must equal the mirror.
 
 Runs with Debian's python3-libnbd: /usr/bin/python3 scripts/guest-writer.py ...
@@ -76,7 +77,8 @@ def main():
             h.pwrite(data, off)
         except nbd.Error as e:
             if switched_at is None and e.errno == errno.EPERM:
-                # Frozen for the switch-over: the write was not done; try again shortly.
+                # A server that refuses writes while frozen (older behaviour): the write was
+                # not done; try again shortly.
                 if refused == 0 and last_at_source is not None:
                     switch_trace["first_refused_ms"] = round((time.monotonic() - last_at_source) * 1000, 1)
                 refused += 1

@@ -180,13 +180,7 @@ fn bench(backend: &Backend, bytes: usize, threads: usize) {
     row(
         name,
         &format!("migrate {} MiB into a second server", bytes >> 20),
-        format!(
-            "{:8.1} MiB/s  ({:.2} s; {} blocks mapped, {} MiB of blocks copied)",
-            mib_s(bytes as u64, t),
-            t.as_secs_f64(),
-            mapped,
-            (copied * BS) >> 20
-        ),
+        format!("{:8.1} MiB/s  ({:.2} s; {} blocks mapped, {} MiB of blocks copied)", mib_s(bytes as u64, t), t.as_secs_f64(), mapped, (copied * BS) >> 20),
     );
 
     // Delete on A (B keeps every block), then on B (the blocks go).
@@ -196,11 +190,7 @@ fn bench(backend: &Backend, bytes: usize, threads: usize) {
     let started = Instant::now();
     b.delete_disk("vm").unwrap();
     let tb = started.elapsed();
-    row(
-        name,
-        "delete the source disk / the last disk using the blocks",
-        format!("{:8.2} s / {:.2} s", ta.as_secs_f64(), tb.as_secs_f64()),
-    );
+    row(name, "delete the source disk / the last disk using the blocks", format!("{:8.2} s / {:.2} s", ta.as_secs_f64(), tb.as_secs_f64()));
 }
 
 fn main() {

@@ -27,30 +27,13 @@ extern "C" {
     pub fn rados_ioctx_set_namespace(io: rados_ioctx_t, nspace: *const c_char);
     pub fn rados_ioctx_get_id(io: rados_ioctx_t) -> i64;
 
-    pub fn rados_aio_create_completion2(
-        cb_arg: *mut c_void,
-        cb_complete: rados_callback_t,
-        pc: *mut rados_completion_t,
-    ) -> c_int;
+    pub fn rados_aio_create_completion2(cb_arg: *mut c_void, cb_complete: rados_callback_t, pc: *mut rados_completion_t) -> c_int;
     pub fn rados_aio_wait_for_complete(c: rados_completion_t) -> c_int;
     pub fn rados_aio_get_return_value(c: rados_completion_t) -> c_int;
     pub fn rados_aio_release(c: rados_completion_t);
 
-    pub fn rados_aio_stat(
-        io: rados_ioctx_t,
-        o: *const c_char,
-        completion: rados_completion_t,
-        psize: *mut u64,
-        pmtime: *mut time_t,
-    ) -> c_int;
-    pub fn rados_aio_read(
-        io: rados_ioctx_t,
-        oid: *const c_char,
-        completion: rados_completion_t,
-        buf: *mut c_char,
-        len: size_t,
-        off: u64,
-    ) -> c_int;
+    pub fn rados_aio_stat(io: rados_ioctx_t, o: *const c_char, completion: rados_completion_t, psize: *mut u64, pmtime: *mut time_t) -> c_int;
+    pub fn rados_aio_read(io: rados_ioctx_t, oid: *const c_char, completion: rados_completion_t, buf: *mut c_char, len: size_t, off: u64) -> c_int;
     pub fn rados_aio_exec(
         io: rados_ioctx_t,
         o: *const c_char,
@@ -62,14 +45,8 @@ extern "C" {
         buf: *mut c_char,
         out_len: size_t,
     ) -> c_int;
-    pub fn rados_aio_getxattr(
-        io: rados_ioctx_t,
-        o: *const c_char,
-        completion: rados_completion_t,
-        name: *const c_char,
-        buf: *mut c_char,
-        len: size_t,
-    ) -> c_int;
+    pub fn rados_aio_getxattr(io: rados_ioctx_t, o: *const c_char, completion: rados_completion_t, name: *const c_char, buf: *mut c_char, len: size_t)
+        -> c_int;
 
     pub fn rados_read(io: rados_ioctx_t, oid: *const c_char, buf: *mut c_char, len: size_t, off: u64) -> c_int;
 
@@ -77,13 +54,7 @@ extern "C" {
     pub fn rados_release_write_op(write_op: rados_write_op_t);
     pub fn rados_write_op_create(write_op: rados_write_op_t, exclusive: c_int, category: *const c_char);
     pub fn rados_write_op_write_full(write_op: rados_write_op_t, buffer: *const c_char, len: size_t);
-    pub fn rados_write_op_operate(
-        write_op: rados_write_op_t,
-        io: rados_ioctx_t,
-        oid: *const c_char,
-        mtime: *mut time_t,
-        flags: c_int,
-    ) -> c_int;
+    pub fn rados_write_op_operate(write_op: rados_write_op_t, io: rados_ioctx_t, oid: *const c_char, mtime: *mut time_t, flags: c_int) -> c_int;
 
     pub fn rados_nobjects_list_open(io: rados_ioctx_t, ctx: *mut rados_list_ctx_t) -> c_int;
     pub fn rados_nobjects_list_next2(

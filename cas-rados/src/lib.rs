@@ -218,11 +218,7 @@ pub struct RadosPool {
 
 impl std::fmt::Debug for RadosPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RadosPool")
-            .field("pool", &self.inner.opts.pool)
-            .field("namespace", &self.inner.opts.namespace)
-            .field("fsid", &self.inner.fsid)
-            .finish()
+        f.debug_struct("RadosPool").field("pool", &self.inner.opts.pool).field("namespace", &self.inner.opts.namespace).field("fsid", &self.inner.fsid).finish()
     }
 }
 
@@ -238,14 +234,7 @@ impl RadosPool {
     /// does not exist.
     pub fn connect(opts: &RadosOptions) -> Result<RadosPool> {
         let fail = |what: &str, r: i32| {
-            StoreError::Engine(format!(
-                "RADOS: {what} ({}; conf {}, pool {}, user {}): {}",
-                r,
-                opts.conf.display(),
-                opts.pool,
-                opts.user,
-                errno_text(r)
-            ))
+            StoreError::Engine(format!("RADOS: {what} ({}; conf {}, pool {}, user {}): {}", r, opts.conf.display(), opts.pool, opts.user, errno_text(r)))
         };
         if !opts.conf.exists() {
             return Err(StoreError::InvalidArgument(format!("Ceph configuration {} not found", opts.conf.display())));
@@ -293,10 +282,7 @@ impl RadosPool {
         // SAFETY: a connected handle; valid out-pointer.
         let r = unsafe { ffi::rados_ioctx_create(cluster, pool.as_ptr(), &mut handles.io) };
         if r == -libc::ENOENT {
-            return Err(StoreError::InvalidArgument(format!(
-                "RADOS pool {:?} does not exist (create it: ceph osd pool create {})",
-                opts.pool, opts.pool
-            )));
+            return Err(StoreError::InvalidArgument(format!("RADOS pool {:?} does not exist (create it: ceph osd pool create {})", opts.pool, opts.pool)));
         }
         if r < 0 {
             return Err(fail("opening the pool", r));
@@ -308,9 +294,7 @@ impl RadosPool {
             ffi::rados_ioctx_get_id(handles.io)
         };
         tracing::info!(pool = %opts.pool, namespace = %opts.namespace, %fsid, "connected to the RADOS block pool");
-        Ok(RadosPool {
-            inner: Arc::new(Inner { handles, opts: opts.clone(), pool_id, fsid, block_size: AtomicU32::new(65536) }),
-        })
+        Ok(RadosPool { inner: Arc::new(Inner { handles, opts: opts.clone(), pool_id, fsid, block_size: AtomicU32::new(65536) }) })
     }
 
     /// The cluster's fsid.
@@ -392,17 +376,7 @@ impl Inner {
                 // SAFETY: the strings and `input` are copied by librados at submission; `out`
                 // has out_len 0 so nothing is written to it.
                 let r = unsafe {
-                    ffi::rados_aio_exec(
-                        io,
-                        name.as_ptr(),
-                        c,
-                        CLASS.as_ptr(),
-                        method.as_ptr(),
-                        input.as_ptr().cast(),
-                        input.len(),
-                        out.as_mut_ptr().cast(),
-                        0,
-                    )
+                    ffi::rados_aio_exec(io, name.as_ptr(), c, CLASS.as_ptr(), method.as_ptr(), input.as_ptr().cast(), input.len(), out.as_mut_ptr().cast(), 0)
                 };
                 (r, ())
             })?
@@ -508,8 +482,8 @@ impl BlockPool for RadosPool {
             if n < 0 {
                 return Err(inner.error("reading the pool settings", None, n));
             }
-            let stored: SettingsRecord = serde_json::from_slice(&buf[..n as usize])
-                .map_err(|e| StoreError::Corrupt(format!("pool settings object {SETTINGS_OBJECT}: {e}")))?;
+            let stored: SettingsRecord =
+                serde_json::from_slice(&buf[..n as usize]).map_err(|e| StoreError::Corrupt(format!("pool settings object {SETTINGS_OBJECT}: {e}")))?;
             if stored != record {
                 return Err(StoreError::ConfigMismatch {
                     setting: "pool settings (block size, algorithm) of",
@@ -564,17 +538,7 @@ impl BlockPool for RadosPool {
             let mut out = [0u8; 8];
             // SAFETY: as in exec_many.
             let r = unsafe {
-                ffi::rados_aio_exec(
-                    io,
-                    name.as_ptr(),
-                    c,
-                    CLASS.as_ptr(),
-                    method.as_ptr(),
-                    input.as_ptr().cast(),
-                    input.len(),
-                    out.as_mut_ptr().cast(),
-                    0,
-                )
+                ffi::rados_aio_exec(io, name.as_ptr(), c, CLASS.as_ptr(), method.as_ptr(), input.as_ptr().cast(), input.len(), out.as_mut_ptr().cast(), 0)
             };
             (r, ())
         })?;
@@ -595,8 +559,7 @@ impl BlockPool for RadosPool {
             out.push(outcome);
         }
         if let Some(e) = first_error {
-            let taken: Vec<Fingerprint> =
-                claims.iter().zip(&out).filter(|(_, o)| **o == Claimed::Yes).map(|((fp, _), _)| *fp).collect();
+            let taken: Vec<Fingerprint> = claims.iter().zip(&out).filter(|(_, o)| **o == Claimed::Yes).map(|((fp, _), _)| *fp).collect();
             if let Err(e2) = inner.put_refs(holder, &taken) {
                 tracing::warn!(error = %e2, "could not give back references after a failed claim");
             }
@@ -666,13 +629,7 @@ impl BlockPool for RadosPool {
         if r < 0 {
             return Err(self.inner.error("listing the pool", None, r));
         }
-        Ok(Box::new(RadosScan {
-            inner: self.inner.clone(),
-            ctx: ListCtx(ctx),
-            holder: holder.to_string(),
-            ready: VecDeque::new(),
-            done: false,
-        }))
+        Ok(Box::new(RadosScan { inner: self.inner.clone(), ctx: ListCtx(ctx), holder: holder.to_string(), ready: VecDeque::new(), done: false }))
     }
 }
 

@@ -15,11 +15,7 @@ use cas_store::{Fingerprint, FingerprintAlgorithm, Store, StoreError, StoreOptio
 use common::*;
 
 fn store(dir: &std::path::Path, pool: &RadosPool, block_size: u32) -> Store {
-    Store::open(
-        dir,
-        StoreOptions { block_size: Some(block_size), pool: Some(Arc::new(pool.clone())), ..Default::default() },
-    )
-    .unwrap()
+    Store::open(dir, StoreOptions { block_size: Some(block_size), pool: Some(Arc::new(pool.clone())), ..Default::default() }).unwrap()
 }
 
 fn assert_clean(s: &Store) {
@@ -201,12 +197,7 @@ fn collisions_are_refused_by_the_osd() {
     let weak = |dir: &std::path::Path| {
         Store::open(
             dir,
-            StoreOptions {
-                block_size: Some(512),
-                algorithm: Some(FingerprintAlgorithm::TestWeak),
-                pool: Some(Arc::new(connect(&opts))),
-                ..Default::default()
-            },
+            StoreOptions { block_size: Some(512), algorithm: Some(FingerprintAlgorithm::TestWeak), pool: Some(Arc::new(connect(&opts))), ..Default::default() },
         )
         .unwrap()
     };
@@ -242,11 +233,7 @@ fn settings_and_pool_choice_are_checked() {
     assert!(matches!(err, StoreError::ConfigMismatch { .. }), "{err}");
     // Another store with another block size cannot join the pool.
     let dir2 = tempfile::tempdir().unwrap();
-    let err = Store::open(
-        dir2.path(),
-        StoreOptions { block_size: Some(512), pool: Some(Arc::new(connect(&opts))), ..Default::default() },
-    )
-    .unwrap_err();
+    let err = Store::open(dir2.path(), StoreOptions { block_size: Some(512), pool: Some(Arc::new(connect(&opts))), ..Default::default() }).unwrap_err();
     assert!(err.to_string().contains("4096"), "{err}");
     // A RocksDB store refuses the pool.
     let dir3 = tempfile::tempdir().unwrap();

@@ -32,8 +32,7 @@ fn algorithms() -> [(FingerprintAlgorithm, &'static str); 2] {
 }
 
 fn open(dir: &std::path::Path, algorithm: FingerprintAlgorithm, cache_bytes: usize) -> Store {
-    Store::open(dir, StoreOptions { block_size: Some(BS as u32), algorithm: Some(algorithm), cache_bytes, ..Default::default() })
-        .expect("open store")
+    Store::open(dir, StoreOptions { block_size: Some(BS as u32), algorithm: Some(algorithm), cache_bytes, ..Default::default() }).expect("open store")
 }
 
 fn fingerprint_only(c: &mut Criterion) {

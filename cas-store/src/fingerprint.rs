@@ -71,9 +71,7 @@ impl FingerprintAlgorithm {
                 out.copy_from_slice(&hash.as_bytes()[..16]);
                 Fingerprint(out)
             }
-            FingerprintAlgorithm::Xxh3 => {
-                Fingerprint(twox_hash::XxHash3_128::oneshot(data).to_le_bytes())
-            }
+            FingerprintAlgorithm::Xxh3 => Fingerprint(twox_hash::XxHash3_128::oneshot(data).to_le_bytes()),
             #[cfg(feature = "test-util")]
             FingerprintAlgorithm::TestWeak => {
                 let n = data.len().min(16);

@@ -29,8 +29,7 @@ pub(crate) fn parse_map_key(key: &[u8]) -> Result<(DiskId, u64)> {
 }
 
 pub(crate) fn parse_fingerprint(value: &[u8]) -> Result<Fingerprint> {
-    Fingerprint::from_slice(value)
-        .ok_or_else(|| StoreError::Corrupt(format!("fingerprint of {} bytes", value.len())))
+    Fingerprint::from_slice(value).ok_or_else(|| StoreError::Corrupt(format!("fingerprint of {} bytes", value.len())))
 }
 
 pub(crate) fn encode_count(n: u64) -> [u8; 8] {
@@ -38,10 +37,7 @@ pub(crate) fn encode_count(n: u64) -> [u8; 8] {
 }
 
 pub(crate) fn parse_count(value: &[u8]) -> Result<u64> {
-    value
-        .try_into()
-        .map(u64::from_le_bytes)
-        .map_err(|_| StoreError::Corrupt(format!("reference count of {} bytes", value.len())))
+    value.try_into().map(u64::from_le_bytes).map_err(|_| StoreError::Corrupt(format!("reference count of {} bytes", value.len())))
 }
 
 pub(crate) fn deleting_key(disk: DiskId) -> Vec<u8> {

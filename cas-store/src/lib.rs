@@ -46,6 +46,4 @@ pub use engine::{KvEngine, RocksTuning};
 pub use error::{Result, StoreError};
 pub use fingerprint::{Fingerprint, FingerprintAlgorithm};
 pub use pool::{BlockPool, LocalPool, MemPool};
-pub use store::{
-    DiskId, DiskInfo, DiskStats, Extent, FsckReport, MapSnapshot, RepairReport, Store, StoreOptions, StoreStats,
-};
+pub use store::{DiskId, DiskInfo, DiskStats, Extent, FsckReport, MapSnapshot, RepairReport, Store, StoreOptions, StoreStats};

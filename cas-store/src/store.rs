@@ -220,13 +220,7 @@ struct DiskState {
 
 impl DiskState {
     fn new(id: DiskId, size: u64) -> DiskState {
-        DiskState {
-            id,
-            size: AtomicU64::new(size),
-            deleted: AtomicBool::new(false),
-            layout: RwLock::new(()),
-            dirty: Mutex::new(None),
-        }
+        DiskState { id, size: AtomicU64::new(size), deleted: AtomicBool::new(false), layout: RwLock::new(()), dirty: Mutex::new(None) }
     }
 }
 
@@ -255,7 +249,10 @@ impl std::ops::Deref for BlockBytes {
 /// What a block becomes in a commit.
 enum Target<'a> {
     Zero,
-    Data { fp: Fingerprint, bytes: Cow<'a, [u8]> },
+    Data {
+        fp: Fingerprint,
+        bytes: Cow<'a, [u8]>,
+    },
     /// A block already in the store (migration: a neighbour has it); skipped if it is not.
     Existing(Fingerprint),
 }
@@ -298,8 +295,7 @@ impl std::fmt::Debug for Store {
 fn is_zero(data: &[u8]) -> bool {
     // Sixteen bytes at a time; the compiler vectorises the comparison.
     let mut lanes = data.chunks_exact(16);
-    lanes.by_ref().all(|l| u128::from_ne_bytes(l.try_into().expect("16 bytes")) == 0)
-        && lanes.remainder().iter().all(|&b| b == 0)
+    lanes.by_ref().all(|l| u128::from_ne_bytes(l.try_into().expect("16 bytes")) == 0) && lanes.remainder().iter().all(|&b| b == 0)
 }
 
 fn out_of_range(offset: u64, length: u64, size: u64) -> StoreError {
@@ -310,8 +306,7 @@ impl Store {
     /// Opens (creating on first use) a RocksDB store in directory `path`.
     pub fn open(path: impl AsRef<Path>, opts: StoreOptions) -> Result<Store> {
         let path = path.as_ref();
-        std::fs::create_dir_all(path)
-            .map_err(|e| StoreError::Engine(format!("creating {}: {e}", path.display())))?;
+        std::fs::create_dir_all(path).map_err(|e| StoreError::Engine(format!("creating {}: {e}", path.display())))?;
         let engine = RocksEngine::open(path, &opts.rocks)?;
         Store::with_engine(Arc::new(engine), opts)
     }
@@ -330,9 +325,8 @@ impl Store {
         let requested_blocks = if pool.is_external() { pool.location() } else { "rocksdb".to_string() };
         let config = match engine.get(Cf::Meta, CONFIG_KEY)? {
             Some(bytes) => {
-                let stored: StoreConfig = serde_json::from_slice(&bytes).map_err(|e| {
-                    StoreError::Corrupt(format!("store configuration unreadable (made by a newer or a test build?): {e}"))
-                })?;
+                let stored: StoreConfig = serde_json::from_slice(&bytes)
+                    .map_err(|e| StoreError::Corrupt(format!("store configuration unreadable (made by a newer or a test build?): {e}")))?;
                 let expected_version = if stored.blocks.is_some() { FORMAT_VERSION_EXTERNAL } else { FORMAT_VERSION };
                 if stored.format_version != expected_version {
                     return Err(StoreError::ConfigMismatch {
@@ -347,18 +341,10 @@ impl Store {
                     Some(b) => pool.is_external() && b.kind == pool.kind() && b.location == pool.location(),
                 };
                 if !same_pool {
-                    return Err(StoreError::ConfigMismatch {
-                        setting: "block pool",
-                        stored: stored_blocks.to_string(),
-                        requested: requested_blocks,
-                    });
+                    return Err(StoreError::ConfigMismatch { setting: "block pool", stored: stored_blocks.to_string(), requested: requested_blocks });
                 }
                 if let Some(bs) = opts.block_size.filter(|&bs| bs != stored.block_size) {
-                    return Err(StoreError::ConfigMismatch {
-                        setting: "block size",
-                        stored: stored.block_size.to_string(),
-                        requested: bs.to_string(),
-                    });
+                    return Err(StoreError::ConfigMismatch { setting: "block size", stored: stored.block_size.to_string(), requested: bs.to_string() });
                 }
                 if let Some(a) = opts.algorithm.filter(|&a| a != stored.algorithm) {
                     return Err(StoreError::ConfigMismatch {
@@ -372,15 +358,9 @@ impl Store {
             None => {
                 let block_size = opts.block_size.unwrap_or(4096);
                 if !block_size.is_power_of_two() || !(512..=65536).contains(&block_size) {
-                    return Err(StoreError::InvalidArgument(format!(
-                        "block size {block_size} is not a power of two from 512 to 65536"
-                    )));
+                    return Err(StoreError::InvalidArgument(format!("block size {block_size} is not a power of two from 512 to 65536")));
                 }
-                let blocks = pool.is_external().then(|| BlocksConfig {
-                    kind: pool.kind().to_string(),
-                    location: pool.location(),
-                    holder: new_holder_name(),
-                });
+                let blocks = pool.is_external().then(|| BlocksConfig { kind: pool.kind().to_string(), location: pool.location(), holder: new_holder_name() });
                 let config = StoreConfig {
                     format_version: if blocks.is_some() { FORMAT_VERSION_EXTERNAL } else { FORMAT_VERSION },
                     block_size,
@@ -437,10 +417,8 @@ impl Store {
         let mut table = self.disks.write();
         for kv in self.engine.scan(Cf::Disks, b"", None)? {
             let (key, value) = kv?;
-            let name = String::from_utf8(key.to_vec())
-                .map_err(|_| StoreError::Corrupt("disk name is not UTF-8".into()))?;
-            let meta: DiskMeta = serde_json::from_slice(&value)
-                .map_err(|e| StoreError::Corrupt(format!("metadata of disk {name:?}: {e}")))?;
+            let name = String::from_utf8(key.to_vec()).map_err(|_| StoreError::Corrupt("disk name is not UTF-8".into()))?;
+            let meta: DiskMeta = serde_json::from_slice(&value).map_err(|e| StoreError::Corrupt(format!("metadata of disk {name:?}: {e}")))?;
             let state = Arc::new(DiskState::new(DiskId(meta.id), meta.size));
             table.names.insert(state.id, name.clone());
             table.by_name.insert(name, state);
@@ -494,15 +472,11 @@ impl Store {
     // ----- catalogue -------------------------------------------------------------------------
 
     fn validate_name(name: &str) -> Result<()> {
-        let ok = !name.is_empty()
-            && name.len() <= 255
-            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:@+".contains(&b));
+        let ok = !name.is_empty() && name.len() <= 255 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:@+".contains(&b));
         if ok {
             Ok(())
         } else {
-            Err(StoreError::InvalidArgument(format!(
-                "disk name {name:?}: use 1 to 255 characters from A-Z a-z 0-9 - _ . : @ +"
-            )))
+            Err(StoreError::InvalidArgument(format!("disk name {name:?}: use 1 to 255 characters from A-Z a-z 0-9 - _ . : @ +")))
         }
     }
 
@@ -548,23 +522,15 @@ impl Store {
     /// All disks, sorted by name.
     pub fn list_disks(&self) -> Result<Vec<DiskInfo>> {
         let table = self.disks.read();
-        let mut disks: Vec<DiskInfo> = table
-            .by_name
-            .iter()
-            .map(|(name, s)| DiskInfo { id: s.id, name: name.clone(), size: s.size.load(Ordering::Acquire) })
-            .collect();
+        let mut disks: Vec<DiskInfo> =
+            table.by_name.iter().map(|(name, s)| DiskInfo { id: s.id, name: name.clone(), size: s.size.load(Ordering::Acquire) }).collect();
         disks.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(disks)
     }
 
     fn state(&self, disk: DiskId) -> Result<Arc<DiskState>> {
         let table = self.disks.read();
-        table
-            .names
-            .get(&disk)
-            .and_then(|name| table.by_name.get(name))
-            .cloned()
-            .ok_or_else(|| StoreError::DiskNotFound(format!("#{}", disk.0)))
+        table.names.get(&disk).and_then(|name| table.by_name.get(name)).cloned().ok_or_else(|| StoreError::DiskNotFound(format!("#{}", disk.0)))
     }
 
     pub fn disk_size(&self, disk: DiskId) -> Result<u64> {
@@ -950,15 +916,11 @@ impl Store {
         // `Existing` targets whose block is not stored are skipped: plan again without them.
         // Removing them only removes increments of the missing fingerprints and decrements of
         // the skipped blocks' old ones, so the claims taken stay needed.
-        let applied: Vec<bool> =
-            updates.iter().map(|(_, t)| !matches!(t, Target::Existing(fp) if missing.contains(fp))).collect();
+        let applied: Vec<bool> = updates.iter().map(|(_, t)| !matches!(t, Target::Existing(fp) if missing.contains(fp))).collect();
         let deltas = if missing.is_empty() {
             first_plan
         } else {
-            Self::plan(
-                updates.iter().zip(old).zip(&applied).filter(|(_, &a)| a).map(|(((_, t), o), _)| (t, o)),
-            )
-            .map_err(|fp| self.collision(fp))?
+            Self::plan(updates.iter().zip(old).zip(&applied).filter(|(_, &a)| a).map(|(((_, t), o), _)| (t, o))).map_err(|fp| self.collision(fp))?
         };
 
         let mut releases: Vec<Fingerprint> = Vec::new();
@@ -1077,9 +1039,7 @@ impl Store {
             .scan(Cf::Meta, PENDING_PREFIX, prefix_end(PENDING_PREFIX).as_deref())?
             .map(|kv| {
                 let (key, _) = kv?;
-                key.get(PENDING_PREFIX.len()..)
-                    .and_then(Fingerprint::from_slice)
-                    .ok_or_else(|| StoreError::Corrupt("bad block pool intent".into()))
+                key.get(PENDING_PREFIX.len()..).and_then(Fingerprint::from_slice).ok_or_else(|| StoreError::Corrupt("bad block pool intent".into()))
             })
             .collect()
     }
@@ -1184,22 +1144,14 @@ impl Store {
 
     fn ref_counts(&self, fps: &[Fingerprint]) -> Result<Vec<u64>> {
         let keys: Vec<&[u8]> = fps.iter().map(|fp| &fp.0[..]).collect();
-        self.engine
-            .multi_get(Cf::Refs, &keys)?
-            .into_iter()
-            .map(|v| v.map_or(Ok(0), |v| parse_count(&v)))
-            .collect()
+        self.engine.multi_get(Cf::Refs, &keys)?.into_iter().map(|v| v.map_or(Ok(0), |v| parse_count(&v))).collect()
     }
 
     /// The fingerprints mapped at blocks `first..=last` of a disk (None: a hole).
     fn map_lookup(&self, disk: DiskId, first: u64, last: u64) -> Result<Vec<Option<Fingerprint>>> {
         let keys: Vec<[u8; 16]> = (first..=last).map(|b| map_key(disk, b)).collect();
         let refs: Vec<&[u8]> = keys.iter().map(|k| &k[..]).collect();
-        self.engine
-            .multi_get(Cf::Maps, &refs)?
-            .into_iter()
-            .map(|v| v.map(|v| parse_fingerprint(&v)).transpose())
-            .collect()
+        self.engine.multi_get(Cf::Maps, &refs)?.into_iter().map(|v| v.map(|v| parse_fingerprint(&v)).transpose()).collect()
     }
 
     fn load_block(&self, fp: &Fingerprint) -> Result<Arc<[u8]>> {
@@ -1347,11 +1299,7 @@ impl Store {
     pub fn block_fingerprints(&self, disk: DiskId, blocks: &[u64]) -> Result<Vec<Option<Fingerprint>>> {
         let keys: Vec<[u8; 16]> = blocks.iter().map(|&b| map_key(disk, b)).collect();
         let refs: Vec<&[u8]> = keys.iter().map(|k| &k[..]).collect();
-        self.engine
-            .multi_get(Cf::Maps, &refs)?
-            .into_iter()
-            .map(|v| v.map(|v| parse_fingerprint(&v)).transpose())
-            .collect()
+        self.engine.multi_get(Cf::Maps, &refs)?.into_iter().map(|v| v.map(|v| parse_fingerprint(&v)).transpose()).collect()
     }
 
     /// Maps blocks of a disk to blocks the store already holds (no data moves: a neighbour
@@ -1406,9 +1354,7 @@ impl Store {
     pub fn dirty_take(&self, disk: DiskId) -> Result<DirtyBitmap> {
         let state = self.io_state(disk)?;
         let mut dirty = state.dirty.lock();
-        let current = dirty
-            .as_mut()
-            .ok_or_else(|| StoreError::InvalidArgument(format!("disk #{} is not tracking dirty blocks", disk.0)))?;
+        let current = dirty.as_mut().ok_or_else(|| StoreError::InvalidArgument(format!("disk #{} is not tracking dirty blocks", disk.0)))?;
         let fresh = DirtyBitmap::new(current.blocks());
         Ok(std::mem::replace(current, fresh))
     }
@@ -1511,9 +1457,7 @@ impl Store {
             match disks.get(&disk) {
                 None if deleting.contains(&disk) => {}
                 None => report.problem(format!("map entry of unknown disk #{} block {block}", disk.0)),
-                Some((name, size)) if block >= size.div_ceil(bs) => {
-                    report.problem(format!("disk {name:?}: block {block} is past the end"))
-                }
+                Some((name, size)) if block >= size.div_ceil(bs) => report.problem(format!("disk {name:?}: block {block} is past the end")),
                 Some(_) => {}
             }
             *expected.entry(fp).or_default() += 1;

@@ -26,9 +26,7 @@ impl SharedPoolBackend {
         let neighbour = Store::with_engine(Arc::new(MemEngine::new()), opts).unwrap();
         let d = neighbour.create_disk("web", 8 * BS).unwrap();
         // Content 1 at shift 0: blocks the case's disks write too.
-        let neighbour_data: Vec<u8> = (0..8 * BS)
-            .map(|i| ((i as u32).wrapping_mul(2_654_435_761).rotate_left(1) >> 13) as u8)
-            .collect();
+        let neighbour_data: Vec<u8> = (0..8 * BS).map(|i| ((i as u32).wrapping_mul(2_654_435_761).rotate_left(1) >> 13) as u8).collect();
         neighbour.write(d.id, 0, &neighbour_data, false).unwrap();
         SharedPoolBackend { engine: Arc::new(MemEngine::new()), pool, neighbour, neighbour_data }
     }

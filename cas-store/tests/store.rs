@@ -65,10 +65,7 @@ fn zero_blocks_are_holes_and_status_reports_them() {
         s.trim(d.id, 5 * 4096 + 10, 4096 - 10, false).unwrap(); // partial: stays allocated
         let ext = s.block_status(d.id, 0, 10 * 4096).unwrap();
         let runs: Vec<(u64, u64, bool)> = ext.iter().map(|e| (e.offset, e.length, e.allocated)).collect();
-        assert_eq!(
-            runs,
-            vec![(0, 4096, true), (4096, 8192, false), (12288, 5 * 4096, true), (8 * 4096, 2 * 4096, false)]
-        );
+        assert_eq!(runs, vec![(0, 4096, true), (4096, 8192, false), (12288, 5 * 4096, true), (8 * 4096, 2 * 4096, false)]);
         let clipped = s.block_status(d.id, 100, 4096).unwrap();
         assert_eq!(clipped[0].offset, 100);
         assert_eq!(clipped.iter().map(|e| e.length).sum::<u64>(), 4096);

@@ -11,7 +11,7 @@
 //! See [`protocol`] for the wire format, the message diagram, the state machines and the
 //! version policy. The crate knows nothing of NBD: a server plugs in through
 //! [`source::SourceHooks`] and [`destination::DestHooks`], and serves a
-//! [`destination::PostCopyDisk`] after the switch-over.
+//! [`destination::MigratingDisk`] (standby before the switch-over, post-copy after it).
 
 pub mod compress;
 pub mod destination;
@@ -23,10 +23,10 @@ pub mod source;
 pub mod state;
 pub mod wire;
 
-pub use destination::{incoming_name, run_destination, DestHooks, Destination, PostCopyDisk, PostCopyError};
+pub use destination::{incoming_name, run_destination, DestHooks, Destination, MigratingDisk, PostCopyError};
 pub use link::{Connector, LinkIo, LinkStream, OneShot};
 pub use report::{MigrationReport, Phase, PlanReport, SwitchAfter};
-pub use source::{run_plan, run_source, run_source_with, MigrationStatus, NoHooks, SourceConfig, SourceHooks};
+pub use source::{run_plan, run_source, run_source_with, MigrationStatus, NoHooks, RequestError, SourceConfig, SourceHooks};
 pub use state::{FileStateStore, MemStateStore, MigrationRecord, Stage, StateStore};
 
 /// Why a migration failed.

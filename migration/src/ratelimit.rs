@@ -39,8 +39,8 @@ mod tests {
     #[test]
     fn long_run_rate_is_the_configured_one() {
         let mut b = TokenBucket::new(8_000_000); // 1 MB/s
-        // Charges made at (almost) one instant: each wait is the time until the balance is
-        // back to zero, so the last one is when 10 MB - 100 kB may have been sent.
+                                                 // Charges made at (almost) one instant: each wait is the time until the balance is
+                                                 // back to zero, so the last one is when 10 MB - 100 kB may have been sent.
         let mut last = Duration::ZERO;
         for _ in 0..101 {
             last = b.charge(100_000);

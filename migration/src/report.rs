@@ -39,6 +39,10 @@ pub enum SwitchAfter {
     /// Repeat dirty rounds, each with its data, until the dirty set is small or stops
     /// shrinking, then switch: least left for post-copy, but rewritten blocks cross again.
     Converged,
+    /// Pre-copy as `precopy`, then listing-only dirty rounds (every half second) keep the
+    /// dirty set small until `migrate switch` (the hypervisor's migration hook, when it
+    /// pauses the VM) asks for the switch-over.
+    Manual,
 }
 
 impl std::str::FromStr for SwitchAfter {
@@ -48,7 +52,8 @@ impl std::str::FromStr for SwitchAfter {
             "fingerprints" => Ok(SwitchAfter::Fingerprints),
             "precopy" => Ok(SwitchAfter::Precopy),
             "converged" => Ok(SwitchAfter::Converged),
-            _ => Err(format!("--switch-after {s:?}: use fingerprints, precopy or converged")),
+            "manual" => Ok(SwitchAfter::Manual),
+            _ => Err(format!("--switch-after {s:?}: use fingerprints, precopy, converged or manual")),
         }
     }
 }
@@ -66,8 +71,11 @@ pub struct MigrationReport {
     pub block_size: u32,
     /// Fingerprint rounds sent (round 0 is the whole map; the last is the final dirty set).
     pub rounds: u32,
-    /// Blocks listed in each round.
+    /// Blocks listed in each round (the first 32 rounds).
     pub round_blocks: Vec<u64>,
+    /// Blocks listed inside the freeze (the final round).
+    #[serde(default)]
+    pub final_round_blocks: Option<u64>,
     /// Distinct blocks the destination asked for, and data records sent so far.
     pub blocks_wanted: u64,
     pub blocks_sent: u64,
@@ -83,6 +91,11 @@ pub struct MigrationReport {
     pub error: Option<String>,
     /// Whether an operator can still cancel it (before the freeze).
     pub cancellable: bool,
+    /// The pre-copy pass is done and the source keeps the dirty set small: a switch-over now
+    /// (`migrate switch`) leaves little for post-copy. A switch asked for earlier is taken as
+    /// soon as every fingerprint has been listed.
+    #[serde(default)]
+    pub ready_to_switch: bool,
     /// "connecting", "up", or "down: <why>" (the source reconnects with backoff).
     #[serde(default)]
     pub link_state: String,
@@ -101,6 +114,7 @@ impl MigrationReport {
             block_size: 0,
             rounds: 0,
             round_blocks: Vec::new(),
+            final_round_blocks: None,
             blocks_wanted: 0,
             blocks_sent: 0,
             zstd_level: 0,
@@ -112,6 +126,7 @@ impl MigrationReport {
             destination: DestReport::default(),
             error: None,
             cancellable: true,
+            ready_to_switch: false,
             link_state: "connecting".into(),
         }
     }

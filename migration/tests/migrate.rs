@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cas_store::{Store, StoreOptions};
-use migration::{run_destination, run_source, DestHooks, MigrationReport, NoHooks, PostCopyDisk, SourceConfig, SourceHooks, SwitchAfter};
+use migration::{run_destination, run_source, DestHooks, MigratingDisk, MigrationReport, NoHooks, SourceConfig, SourceHooks, SwitchAfter};
 use parking_lot::Mutex;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -55,15 +55,14 @@ fn fill(store: &Store, name: &str, blocks: u64, os: u64, own: u64, vm: u64, dups
     content
 }
 
-
 #[derive(Default)]
 struct CaptureHooks {
-    disk: Mutex<Option<Arc<PostCopyDisk>>>,
+    disk: Mutex<Option<Arc<MigratingDisk>>>,
     completed: AtomicBool,
 }
 
 impl DestHooks for CaptureHooks {
-    fn switch_over(&self, _name: &str, disk: Arc<PostCopyDisk>) -> Result<(), String> {
+    fn attach(&self, _name: &str, disk: Arc<MigratingDisk>) -> Result<(), String> {
         *self.disk.lock() = Some(disk);
         Ok(())
     }
@@ -141,7 +140,6 @@ async fn empty_destination_gets_every_block_once_and_identical_one_gets_none() {
     assert!(report.link.total_bytes < 200 * 20 + 2000, "about 16 bytes per block listed: {:?}", report.link);
 }
 
-
 async fn migrate_while_writing(switch_after: SwitchAfter) {
     let dir = tempfile::tempdir().unwrap();
     let src = rocks_store(&dir.path().join("src"));
@@ -189,13 +187,19 @@ async fn writes_with_switch_after_fingerprints() {
 
 /// Reads the whole disk through the post-copy device as soon as it is switched over.
 struct ReadAtSwitch {
+    disk: Mutex<Option<Arc<MigratingDisk>>>,
     src_content: Vec<u8>,
     ok: AtomicBool,
     missing_at_switch: AtomicU64,
 }
 
 impl DestHooks for ReadAtSwitch {
-    fn switch_over(&self, _name: &str, disk: Arc<PostCopyDisk>) -> Result<(), String> {
+    fn attach(&self, _name: &str, disk: Arc<MigratingDisk>) -> Result<(), String> {
+        *self.disk.lock() = Some(disk);
+        Ok(())
+    }
+    fn switched(&self, _name: &str) {
+        let disk = self.disk.lock().clone().expect("attached before the switch-over");
         self.missing_at_switch.store(disk.missing_blocks() as u64, Ordering::SeqCst);
         let expected = self.src_content.clone();
         // A reader on another thread (the NBD server's blocking pool), so the migration
@@ -217,7 +221,6 @@ impl DestHooks for ReadAtSwitch {
         });
         POSTCOPY_OK.lock().push(ok);
         let _ = &self.ok;
-        Ok(())
     }
     fn complete(&self, _: &str) {}
 }
@@ -228,7 +231,8 @@ static POSTCOPY_OK: Mutex<Vec<Arc<AtomicBool>>> = Mutex::new(Vec::new());
 async fn reads_of_blocks_not_yet_arrived_fetch_them_on_demand() {
     let (src, dst) = (store(), store());
     let content = fill(&src, "vm", 2048, 200, 1800, 1, 0);
-    let hooks = Arc::new(ReadAtSwitch { src_content: content.clone(), ok: AtomicBool::new(false), missing_at_switch: AtomicU64::new(0) });
+    let hooks =
+        Arc::new(ReadAtSwitch { disk: Mutex::new(None), src_content: content.clone(), ok: AtomicBool::new(false), missing_at_switch: AtomicU64::new(0) });
     // Small frames so the background transfer takes many steps.
     let config = SourceConfig { switch_after: SwitchAfter::Fingerprints, batch_bytes: 16 * BS, ..Default::default() };
     let (report, _) = migrate(src.clone(), dst.clone(), "vm", config, Arc::new(NoHooks), hooks.clone()).await;
@@ -297,6 +301,7 @@ async fn bad_peers_get_a_clear_error_and_change_nothing() {
             resume: false,
             rebuild: false,
             defer_dirty: false,
+            read_through: false,
         }))
     };
     for frame in [hello("existing", BS as u32), hello("new", 512)] {

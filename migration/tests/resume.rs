@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use cas_store::{Store, StoreOptions};
 use migration::{
-    DestHooks, Destination, LinkStream, MemStateStore, MigrationReport, MigrationStatus, NoHooks, PostCopyDisk, SourceConfig, SourceHooks, SwitchAfter,
+    DestHooks, Destination, LinkStream, MemStateStore, MigratingDisk, MigrationReport, MigrationStatus, NoHooks, SourceConfig, SourceHooks, SwitchAfter,
 };
 use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -50,7 +50,6 @@ fn fill(store: &Store, name: &str, random_blocks: usize, shared_blocks: usize, z
     store.write(d.id, 0, &content, false).unwrap();
     content
 }
-
 
 /// When to cut: called for each frame from the source with its type and how many frames of
 /// that type went before it (on every connection).
@@ -142,7 +141,7 @@ async fn proxy(upstream: SocketAddr, rule: Rule) -> Proxy {
 
 #[derive(Default)]
 struct Hooks {
-    disk: Mutex<Option<Arc<PostCopyDisk>>>,
+    disk: Mutex<Option<Arc<MigratingDisk>>>,
     status: Mutex<Option<Arc<MigrationStatus>>>,
     /// Read the whole disk through the post-copy device right after the switch-over.
     read_at_switch: Option<Vec<u8>>,
@@ -150,8 +149,12 @@ struct Hooks {
 }
 
 impl DestHooks for Hooks {
-    fn switch_over(&self, _name: &str, disk: Arc<PostCopyDisk>) -> Result<(), String> {
-        *self.disk.lock() = Some(disk.clone());
+    fn attach(&self, _name: &str, disk: Arc<MigratingDisk>) -> Result<(), String> {
+        *self.disk.lock() = Some(disk);
+        Ok(())
+    }
+    fn switched(&self, _name: &str) {
+        let disk = self.disk.lock().clone().expect("attached before the switch-over");
         if let Some(expected) = self.read_at_switch.clone() {
             let ok = self.read_ok.clone();
             std::thread::spawn(move || {
@@ -166,7 +169,6 @@ impl DestHooks for Hooks {
                 ok.store(buf == expected, Ordering::SeqCst);
             });
         }
-        Ok(())
     }
     fn complete(&self, _name: &str) {}
     fn registered(&self, _id: &str, status: Arc<MigrationStatus>) {
@@ -180,7 +182,9 @@ async fn serve_destination(dest: Arc<Destination>) -> SocketAddr {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((conn, peer)) = listener.accept().await else { return };
+            let Ok((conn, peer)) = listener.accept().await else {
+                return;
+            };
             let dest = dest.clone();
             tokio::spawn(async move {
                 let status = MigrationStatus::new(MigrationReport::new("?", "?", "destination", &peer.to_string()));
@@ -320,7 +324,6 @@ async fn cut_during_post_copy_while_a_reader_waits() {
     assert!(d.fetched_on_demand + d.fetched_background >= 3072, "{d:?}");
 }
 
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cut_during_dirty_rounds_while_the_guest_writes() {
     let (src, dst) = (store(), store());
@@ -353,7 +356,8 @@ async fn cut_during_dirty_rounds_while_the_guest_writes() {
 async fn a_source_that_cannot_reconnect_is_interrupted_and_resumes_when_asked() {
     let (src, dst) = (store(), store());
     let content = fill(&src, "vm", 2048, 0, 0, 5);
-    let dest_addr = serve_destination(Destination::new(dst.clone(), Arc::new(Hooks::default()), Arc::new(MemStateStore::default()), Duration::from_secs(120))).await;
+    let dest_addr =
+        serve_destination(Destination::new(dst.clone(), Arc::new(Hooks::default()), Arc::new(MemStateStore::default()), Duration::from_secs(120))).await;
     // The "network" is down (connections refused) while `down` is set, after a first cut.
     let down = Arc::new(AtomicBool::new(false));
     let d = down.clone();

@@ -45,7 +45,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, trace, warn, Instrument};
 
 use crate::buffer::{is_all_zero, PooledBuf};
-use crate::export::{BlockDevice, DeviceError, DeviceResult, Export, Op};
+use crate::export::{BlockDevice, DeviceError, DeviceResult, Export, Op, WriteRefused, FREEZE_HOLD_LIMIT};
 use crate::proto::consts::*;
 use crate::proto::handshake::{
     encode_export_name_reply, encode_info_block_size, encode_info_export, encode_info_string, encode_option_error,
@@ -730,6 +730,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> RequestReader<'_, S> {
             let message = if self.export.is_closed() { "export was closed" } else { "server is shutting down" };
             return self.refuse(&h, slot, Rejection { errno: Errno::Shutdown, message }).await;
         }
+        if self.export.is_moved() && h.command != CMD_FLUSH {
+            // The disk lives on another server now. FLUSH still reaches the device below: the
+            // source's copy is made durable (the destination may still fetch from it), and the
+            // hypervisor completing its own migration needs that flush to succeed.
+            return self.refuse(&h, slot, Rejection { errno: Errno::Shutdown, message: MOVED }).await;
+        }
         let device = self.export.device();
         let policy = RequestPolicy {
             export_size: device.size(),
@@ -763,12 +769,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> RequestReader<'_, S> {
                 // If the client vanishes or stalls mid-payload this fails and the connection
                 // ends; nothing of the partial write reaches the device.
                 buf.fill_from(&mut self.rd, self.shared.config.payload_stall_timeout).await?;
-                // Admit the write only now, so a stalled client cannot hold up `freeze`.
-                let guard = match self.export.begin_write() {
+                // Admit the write only now, so a stalled client cannot hold up `freeze`. A
+                // frozen export holds it here (the switch-over takes milliseconds).
+                let guard = match self.export.admit_write(FREEZE_HOLD_LIMIT).await {
                     Ok(guard) => guard,
-                    Err(errno) => {
+                    Err(refused) => {
                         self.export.stats().record_rejected();
-                        self.send(error_frame(handle, errno, "export is frozen", self.structured), slot);
+                        let r = rejection(refused);
+                        self.send(error_frame(handle, r.errno, r.message, self.structured), slot);
                         return Ok(());
                     }
                 };
@@ -783,8 +791,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> RequestReader<'_, S> {
                     let rejection = Rejection { errno: Errno::NotSup, message: "fast zeroing is not supported" };
                     return self.refuse(&h, slot, rejection).await;
                 }
-                let Ok(guard) = self.export.begin_write() else {
-                    return self.refuse(&h, slot, Rejection { errno: Errno::Perm, message: "export is frozen" }).await;
+                let guard = match self.export.admit_write(FREEZE_HOLD_LIMIT).await {
+                    Ok(guard) => guard,
+                    Err(refused) => return self.refuse(&h, slot, rejection(refused)).await,
                 };
                 self.spawn(handle, slot, Op::WriteZeroes, length.into(), move || {
                     let result = device.write_zeroes(offset, length.into(), fua, no_hole);
@@ -793,8 +802,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> RequestReader<'_, S> {
                 });
             }
             Request::Trim { offset, length, fua } => {
-                let Ok(guard) = self.export.begin_write() else {
-                    return self.refuse(&h, slot, Rejection { errno: Errno::Perm, message: "export is frozen" }).await;
+                let guard = match self.export.admit_write(FREEZE_HOLD_LIMIT).await {
+                    Ok(guard) => guard,
+                    Err(refused) => return self.refuse(&h, slot, rejection(refused)).await,
                 };
                 self.spawn(handle, slot, Op::Trim, length.into(), move || {
                     let result = device.trim(offset, length.into(), fua);
@@ -856,6 +866,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> RequestReader<'_, S> {
             let _ = tx.send(Outgoing { frame, _slot: slot });
         });
     }
+}
+
+/// What a request at an export whose disk moved is told (with `ESHUTDOWN`).
+const MOVED: &str = "the disk moved to another server (live migration); reconnect there";
+
+fn rejection(refused: WriteRefused) -> Rejection {
+    let message = match refused {
+        WriteRefused::Moved => MOVED,
+        WriteRefused::Closed => "export was closed",
+        WriteRefused::HeldTooLong => "the export stayed frozen too long (a stuck migration switch-over)",
+    };
+    Rejection { errno: refused.errno(), message }
 }
 
 /// The reply to a successful READ whose data is in `buf` after the reserved prefix.

@@ -163,9 +163,15 @@ fn params<T: for<'de> Deserialize<'de>>(p: Value) -> Result<T, ControlError> {
 }
 
 /// Runs store work on the blocking pool.
-async fn on_store<T: Send + 'static>(node: &Arc<Node>, f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static) -> Result<T, ControlError> {
+async fn on_store<T: Send + 'static>(
+    node: &Arc<Node>,
+    f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ControlError> {
     let store = node.store.clone();
-    tokio::task::spawn_blocking(move || f(&store)).await.map_err(|e| ControlError { kind: "failed", message: e.to_string() })?.map_err(ControlError::from)
+    tokio::task::spawn_blocking(move || f(&store))
+        .await
+        .map_err(|e| ControlError { kind: "failed", message: e.to_string() })?
+        .map_err(ControlError::from)
 }
 
 #[derive(Deserialize)]
@@ -291,10 +297,16 @@ async fn dispatch(node: &Arc<Node>, method: &str, p: Value) -> ControlResult {
         "export.stats" => {
             let OptName { name } = params(p)?;
             let exports = match name {
-                Some(n) => vec![node.exports.get(&n).ok_or_else(|| ControlError { kind: "not_found", message: format!("no export {n:?}") })?],
+                Some(n) => vec![node
+                    .exports
+                    .get(&n)
+                    .ok_or_else(|| ControlError { kind: "not_found", message: format!("no export {n:?}") })?],
                 None => node.exports.list(),
             };
-            Ok(json!(exports.iter().map(|e| json!({"name": e.name(), "stats": e.stats().snapshot()})).collect::<Vec<_>>()))
+            Ok(json!(exports
+                .iter()
+                .map(|e| json!({"name": e.name(), "stats": e.stats().snapshot()}))
+                .collect::<Vec<_>>()))
         }
         "migration.start" => {
             let req: StartMigration = params(p)?;
@@ -303,13 +315,20 @@ async fn dispatch(node: &Arc<Node>, method: &str, p: Value) -> ControlResult {
         }
         "migration.status" => {
             let Id { id } = params(p)?;
-            node.migration(&id).map(|r| json!(r)).ok_or_else(|| ControlError { kind: "not_found", message: format!("no migration {id:?}") })
+            node.migration(&id)
+                .map(|r| json!(r))
+                .ok_or_else(|| ControlError { kind: "not_found", message: format!("no migration {id:?}") })
         }
         "migration.list" => Ok(json!(node.migrations())),
         "migration.cancel" => {
             let Id { id } = params(p)?;
             cancel_migration(node, &id).await?;
             Ok(json!({}))
+        }
+        "migration.switch" => {
+            let Id { id } = params(p)?;
+            let report = switch_migration(node, &id).await?;
+            Ok(json!(report))
         }
         "migration.resume" => {
             let Id { id } = params(p)?;
@@ -320,9 +339,16 @@ async fn dispatch(node: &Arc<Node>, method: &str, p: Value) -> ControlResult {
             let req: Plan = params(p)?;
             node.store.disk(&req.disk)?;
             let stream = connect(node, &req.destination).await?;
-            let report = migration::run_plan(node.store.clone(), &req.disk, &req.destination, stream, req.link_rate_bps, req.zstd_level.unwrap_or(3))
-                .await
-                .map_err(|e| ControlError { kind: "failed", message: e.to_string() })?;
+            let report = migration::run_plan(
+                node.store.clone(),
+                &req.disk,
+                &req.destination,
+                stream,
+                req.link_rate_bps,
+                req.zstd_level.unwrap_or(3),
+            )
+            .await
+            .map_err(|e| ControlError { kind: "failed", message: e.to_string() })?;
             Ok(json!(report))
         }
         other => Err(ControlError { kind: "unknown_method", message: format!("unknown method {other:?}") }),
@@ -330,19 +356,22 @@ async fn dispatch(node: &Arc<Node>, method: &str, p: Value) -> ControlResult {
 }
 
 async fn connect(node: &Node, destination: &str) -> Result<LinkStream, ControlError> {
-    connect_link(node.link_tls.clone(), destination).await.map_err(|e| ControlError { kind: "unreachable", message: e.to_string() })
+    connect_link(node.link_tls.clone(), destination)
+        .await
+        .map_err(|e| ControlError { kind: "unreachable", message: e.to_string() })
 }
 
 /// A migration link: TLS over TCP, or plain TCP with `--migration-insecure`.
 async fn connect_link(tls: Option<crate::link_tls::LinkTls>, destination: &str) -> std::io::Result<LinkStream> {
-    let stream = TcpStream::connect(destination).await.map_err(|e| std::io::Error::new(e.kind(), format!("connecting to {destination}: {e}")))?;
+    let stream = TcpStream::connect(destination)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("connecting to {destination}: {e}")))?;
     let _ = stream.set_nodelay(true);
     match tls {
         Some(tls) => {
-            let stream = tls
-                .connect(destination, stream)
-                .await
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::ConnectionRefused, format!("TLS with {destination}: {e}")))?;
+            let stream = tls.connect(destination, stream).await.map_err(|e| {
+                std::io::Error::new(std::io::ErrorKind::ConnectionRefused, format!("TLS with {destination}: {e}"))
+            })?;
             Ok(Box::new(stream))
         }
         None => Ok(Box::new(stream)),
@@ -403,23 +432,40 @@ impl Connector for FirstThen {
     }
 }
 
-fn spawn_source(node: &Arc<Node>, disk: &str, connector: Arc<dyn Connector>, config: SourceConfig, status: Arc<MigrationStatus>) {
+fn spawn_source(
+    node: &Arc<Node>,
+    disk: &str,
+    connector: Arc<dyn Connector>,
+    config: SourceConfig,
+    status: Arc<MigrationStatus>,
+) {
     let (node2, disk) = (node.clone(), disk.to_string());
     tokio::spawn(async move {
         let hooks = Arc::new(NodeSourceHooks(node2.clone()));
-        let _ = migration::run_source_with(node2.store.clone(), &disk, connector, config, hooks, status, Some(node2.state.clone())).await;
+        let _ = migration::run_source_with(
+            node2.store.clone(),
+            &disk,
+            connector,
+            config,
+            hooks,
+            status,
+            Some(node2.state.clone()),
+        )
+        .await;
     });
 }
 
 /// Continues an outgoing migration: reconnect now if its link is down, or restart it if a
 /// restart of this server interrupted it.
 fn resume_migration(node: &Arc<Node>, id: &str) -> Result<(), ControlError> {
-    let status = node.migration_status(id).ok_or_else(|| ControlError { kind: "not_found", message: format!("no migration {id:?}") })?;
+    let status = node
+        .migration_status(id)
+        .ok_or_else(|| ControlError { kind: "not_found", message: format!("no migration {id:?}") })?;
     if let Some(record) = node.take_dormant(id) {
         restart_source(node, record, status, false);
         return Ok(());
     }
-    status.request_resume().map_err(|message| ControlError { kind: "invalid", message })
+    status.request_resume().map_err(refused)
 }
 
 /// Runs an outgoing migration again from its record after a restart of this server.
@@ -435,7 +481,9 @@ fn restart_source(node: &Arc<Node>, record: migration::MigrationRecord, status: 
 }
 
 async fn cancel_migration(node: &Arc<Node>, id: &str) -> Result<(), ControlError> {
-    let status = node.migration_status(id).ok_or_else(|| ControlError { kind: "not_found", message: format!("no migration {id:?}") })?;
+    let status = node
+        .migration_status(id)
+        .ok_or_else(|| ControlError { kind: "not_found", message: format!("no migration {id:?}") })?;
     let role = status.report().role;
     if role == "destination" {
         return node.destination.cancel(id).await.map_err(|message| ControlError { kind: "invalid", message });
@@ -450,7 +498,32 @@ async fn cancel_migration(node: &Arc<Node>, id: &str) -> Result<(), ControlError
         restart_source(node, record, status, true);
         return Ok(());
     }
-    status.request_cancel().map_err(|message| ControlError { kind: "invalid", message })
+    status.request_cancel().map_err(refused)
+}
+
+fn refused(e: migration::RequestError) -> ControlError {
+    ControlError { kind: "invalid", message: e.to_string() }
+}
+
+/// How long `migration.switch` waits for the destination to serve the disk.
+const SWITCH_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// The switch-over on command (the hypervisor's hook when it pauses the VM): freezes the
+/// source export, sends the final listing and SWITCH, and returns once the destination
+/// serves the disk, with the downtime in the report.
+async fn switch_migration(node: &Arc<Node>, id: &str) -> Result<MigrationReport, ControlError> {
+    let status = node
+        .migration_status(id)
+        .ok_or_else(|| ControlError { kind: "not_found", message: format!("no migration {id:?}") })?;
+    status.request_switch().map_err(refused)?;
+    match tokio::time::timeout(SWITCH_WAIT, status.wait_switched()).await {
+        Ok(Ok(report)) => Ok(report),
+        Ok(Err(e)) => Err(ControlError { kind: "failed", message: e.to_string() }),
+        Err(_) => Err(ControlError {
+            kind: "failed",
+            message: format!("migration {id} has not switched over after {SWITCH_WAIT:?}; see `migrate status`"),
+        }),
+    }
 }
 
 /// Accepts migrations sent to this server until `shutdown` completes.
@@ -475,17 +548,19 @@ pub async fn serve_migrations(listener: TcpListener, node: Arc<Node>, shutdown: 
             let node = node.clone();
             tokio::spawn(async move {
                 let stream: LinkStream = match tls {
-                    Some(tls) => match tokio::time::timeout(std::time::Duration::from_secs(30), tls.accept(stream)).await {
-                        Ok(Ok(s)) => Box::new(s),
-                        Ok(Err(e)) => {
-                            tracing::warn!(%peer, error = %e, "migration peer refused: TLS handshake failed");
-                            return;
+                    Some(tls) => {
+                        match tokio::time::timeout(std::time::Duration::from_secs(30), tls.accept(stream)).await {
+                            Ok(Ok(s)) => Box::new(s),
+                            Ok(Err(e)) => {
+                                tracing::warn!(%peer, error = %e, "migration peer refused: TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::warn!(%peer, "migration peer refused: TLS handshake timed out");
+                                return;
+                            }
                         }
-                        Err(_) => {
-                            tracing::warn!(%peer, "migration peer refused: TLS handshake timed out");
-                            return;
-                        }
-                    },
+                    }
                     None => Box::new(stream),
                 };
                 match node.destination.serve(stream, status).await {

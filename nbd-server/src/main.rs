@@ -157,7 +157,10 @@ fn parse_size(s: &str) -> Result<u64, String> {
 fn main() -> ExitCode {
     let args: Args = argh::from_env();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
@@ -189,8 +192,8 @@ fn tls_config(args: &Args) -> anyhow::Result<Option<TlsConfig>> {
 /// Opens the store, creates the `--disk`s, and registers every disk as an export. All of it
 /// runs before the async runtime starts: RocksDB calls never run on a runtime thread.
 fn open_exports(args: &Args) -> anyhow::Result<(Arc<Store>, Arc<Node>)> {
-    let pool =
-        cas_rados::pool_from_spec(&args.blocks, args.ceph_conf.as_deref(), args.ceph_user.as_deref()).with_context(|| format!("block pool {}", args.blocks))?;
+    let pool = cas_rados::pool_from_spec(&args.blocks, args.ceph_conf.as_deref(), args.ceph_user.as_deref())
+        .with_context(|| format!("block pool {}", args.blocks))?;
     let options = StoreOptions { block_size: args.block_size, pool, ..StoreOptions::default() };
     let store = Store::open(&args.store, options).with_context(|| format!("opening store {}", args.store.display()))?;
     let store = Arc::new(store);
@@ -211,15 +214,20 @@ fn open_exports(args: &Args) -> anyhow::Result<(Arc<Store>, Arc<Node>)> {
     let registry = Arc::new(ExportRegistry::new());
     // Migration records live beside the store's data, so they move and vanish with it.
     let records = args.store.join("migrations");
-    let state = migration::FileStateStore::open(&records).with_context(|| format!("migration records in {}", records.display()))?;
+    let state = migration::FileStateStore::open(&records)
+        .with_context(|| format!("migration records in {}", records.display()))?;
     let node = Node::new(Arc::clone(&store), Arc::clone(&registry), args.read_only, link_tls(args)?, Arc::new(state))?;
     node.export_all()?;
-    let disks: Vec<_> = store.list_disks()?.into_iter().filter(|d| Node::is_exportable(&d.name) && !node.is_held(&d.name)).collect();
+    let disks: Vec<_> =
+        store.list_disks()?.into_iter().filter(|d| Node::is_exportable(&d.name) && !node.is_held(&d.name)).collect();
     for disk in &disks {
         info!(export = %disk.name, size = disk.size, read_only = args.read_only, "export");
     }
-    let default =
-        args.default_export.clone().or_else(|| args.disk.first().map(|d| d.name.clone())).or_else(|| (disks.len() == 1).then(|| disks[0].name.clone()));
+    let default = args
+        .default_export
+        .clone()
+        .or_else(|| args.disk.first().map(|d| d.name.clone()))
+        .or_else(|| (disks.len() == 1).then(|| disks[0].name.clone()));
     if let Some(name) = &default {
         if registry.get(name).is_none() {
             bail!("default export {name:?} is not a disk of the store");
@@ -271,13 +279,18 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
         let mut control = Vec::new();
         if let Some(path) = &args.control {
-            control.push(ControlListener::bind_unix(path.clone()).with_context(|| format!("control socket {}", path.display()))?);
+            control.push(
+                ControlListener::bind_unix(path.clone())
+                    .with_context(|| format!("control socket {}", path.display()))?,
+            );
         }
         for addr in &args.control_listen {
             control.push(ControlListener::bind_tcp(addr).await.with_context(|| format!("control on {addr}"))?);
         }
         let migration_listener = match &args.migration_listen {
-            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("migrations on {addr}"))?),
+            Some(addr) => {
+                Some(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("migrations on {addr}"))?)
+            }
             None => None,
         };
         {
@@ -329,7 +342,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             let _ = stop_tx.send(true);
         });
         let control_task = tokio::spawn(serve_control(control, Arc::clone(&node), stopped()));
-        let migration_task = migration_listener.map(|l| tokio::spawn(serve_migrations(l, Arc::clone(&node), stopped())));
+        let migration_task =
+            migration_listener.map(|l| tokio::spawn(serve_migrations(l, Arc::clone(&node), stopped())));
         serve(listeners, Arc::clone(&registry), config, stopped()).await;
         let _ = control_task.await;
         if let Some(t) = migration_task {

@@ -9,10 +9,13 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use cas_store::{Store, StoreError};
-use migration::{DestHooks, Destination, MigrationRecord, MigrationReport, MigrationStatus, Phase, PostCopyDisk, SourceHooks, Stage, StateStore};
+use migration::{
+    DestHooks, Destination, MigratingDisk, MigrationRecord, MigrationReport, MigrationStatus, Phase, SourceHooks,
+    Stage, StateStore,
+};
 use parking_lot::{Mutex, RwLock};
 
-use crate::export::{CasDevice, Export, ExportRegistry, PostCopyDevice};
+use crate::export::{CasDevice, Export, ExportRegistry, MigratingDevice};
 use crate::link_tls::LinkTls;
 
 /// Addresses a server listens on, as the control API reports them.
@@ -81,9 +84,15 @@ impl Node {
                 _ => {}
             }
         }
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         Ok(Arc::new_cyclic(|weak: &Weak<Node>| Node {
-            destination: Destination::new(store.clone(), Arc::new(NodeDestHooks(weak.clone())), state.clone(), PARK_TIMEOUT),
+            destination: Destination::new(
+                store.clone(),
+                Arc::new(NodeDestHooks(weak.clone())),
+                state.clone(),
+                PARK_TIMEOUT,
+            ),
             store,
             exports,
             read_only,
@@ -213,27 +222,45 @@ impl SourceHooks for NodeSourceHooks {
     }
 
     fn switched(&self, disk: &str) {
-        // The destination is authoritative now: reads here would return stale data.
+        // The destination is authoritative now: no new client may open the disk here (reads
+        // would be stale). Connected clients stay: their FLUSH still succeeds and everything
+        // else is told the disk moved, so a hypervisor completing its own migration can
+        // flush its drives and quit cleanly.
         self.0.held.lock().insert(disk.to_string());
-        self.0.unexport(disk);
+        if let Some(export) = self.0.exports.remove(disk) {
+            export.mark_moved();
+        }
     }
 }
 
-/// The destination side's hooks: serve the disk through its post-copy device at the
-/// switch-over, and through the store directly once every block is local.
+/// The destination side's hooks: serve an arriving disk under its real name from the moment
+/// the migration arrives (standby, then post-copy: [`MigratingDevice`]), and through the
+/// store directly once every block is local.
 /// (Weak: the node owns the destination that holds these hooks.)
 #[derive(Debug)]
 pub struct NodeDestHooks(pub Weak<Node>);
 
 impl DestHooks for NodeDestHooks {
-    fn switch_over(&self, name: &str, disk: Arc<PostCopyDisk>) -> Result<(), String> {
+    fn attach(&self, name: &str, disk: Arc<MigratingDisk>) -> Result<(), String> {
         let node = self.0.upgrade().ok_or("the server is stopping")?;
-        let device = PostCopyDevice::new(name, disk);
+        let standby = disk.is_standby();
+        let device = MigratingDevice::new(name, disk);
         let export = Arc::new(Export::new(name, Arc::new(device)).with_read_only(node.read_only));
+        node.held.lock().insert(name.to_string());
         if let Some(old) = node.exports.insert(export) {
             old.close();
         }
+        if standby {
+            tracing::info!(disk = name, "standby export: the destination host may attach it; reads come from the source, writes wait for the switch-over");
+        }
         Ok(())
+    }
+
+    fn abandoned(&self, name: &str) {
+        let Some(node) = self.0.upgrade() else { return };
+        node.held.lock().remove(name);
+        node.unexport(name);
+        tracing::info!(disk = name, "the migration ended before the switch-over: standby export removed");
     }
 
     fn registered(&self, id: &str, status: Arc<MigrationStatus>) {

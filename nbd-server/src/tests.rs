@@ -508,25 +508,37 @@ async fn read_only_frozen_and_closed_exports() {
     assert_eq!(w.simple_reply().await, (1, 1));
     f.export.set_read_only(false);
 
-    // Frozen: writes get EPERM, reads work; thawed: writes work again.
+    // Frozen: reads work, writes are held (not refused) until the export thaws.
     f.export.freeze().await;
-    w.request(CMD_WRITE, 0, 2, 0, 512, &[1u8; 512]).await;
-    assert_eq!(w.simple_reply().await, (1, 2));
-    w.request(CMD_WRITE_ZEROES, 0, 3, 0, 512, &[]).await;
-    assert_eq!(w.simple_reply().await, (1, 3));
-    w.request(CMD_READ, 0, 4, 0, 512, &[]).await;
-    assert_eq!(w.simple_reply().await, (0, 4));
+    w.request(CMD_READ, 0, 2, 0, 512, &[]).await;
+    assert_eq!(w.simple_reply().await, (0, 2));
     let mut buf = [0u8; 512];
     w.io.read_exact(&mut buf).await.unwrap();
     assert!(buf.iter().all(|&b| b == 0));
+    w.request(CMD_WRITE, 0, 3, 0, 512, &[1u8; 512]).await;
+    let held = tokio::time::timeout(std::time::Duration::from_millis(200), w.simple_reply()).await;
+    assert!(held.is_err(), "a write to a frozen export is held, not answered: {held:?}");
     f.export.thaw();
+    assert_eq!(w.simple_reply().await, (0, 3));
+    w.request(CMD_WRITE_ZEROES, 0, 4, 0, 512, &[]).await;
+    assert_eq!(w.simple_reply().await, (0, 4));
+
+    // Moved (a migration switched over): a held write is told the disk moved (ESHUTDOWN), so
+    // are reads; FLUSH still succeeds (a hypervisor completing its migration flushes).
+    f.export.freeze().await;
     w.request(CMD_WRITE, 0, 5, 0, 512, &[1u8; 512]).await;
-    assert_eq!(w.simple_reply().await, (0, 5));
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    f.export.mark_moved();
+    assert_eq!(w.simple_reply().await, (108, 5));
+    w.request(CMD_READ, 0, 6, 0, 512, &[]).await;
+    assert_eq!(w.simple_reply().await, (108, 6));
+    w.request(CMD_FLUSH, 0, 7, 0, 0, &[]).await;
+    assert_eq!(w.simple_reply().await, (0, 7));
 
     // Closed: ESHUTDOWN, and new clients no longer see it.
     f.export.close();
-    w.request(CMD_READ, 0, 6, 0, 512, &[]).await;
-    assert_eq!(w.simple_reply().await, (108, 6));
+    w.request(CMD_READ, 0, 8, 0, 512, &[]).await;
+    assert_eq!(w.simple_reply().await, (108, 8));
     let mut n = Client::connect(&f.server);
     n.handshake().await;
     assert_eq!(n.option_final(OPT_GO, &encode_info_request("disk", &[])).await, REP_ERR_UNKNOWN);

@@ -1,8 +1,8 @@
 //! A client of a server's control API (JSON lines over a Unix socket or TCP).
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};

@@ -54,11 +54,7 @@ pub fn probe(path: &Path) -> Result<(String, u64)> {
     if !meta.is_file() {
         bail!("{} is not a regular file", path.display());
     }
-    let info = Command::new("qemu-img")
-        .args(["info", "--output=json"])
-        .arg(path)
-        .output()
-        .context("running qemu-img (install qemu-utils)")?;
+    let info = Command::new("qemu-img").args(["info", "--output=json"]).arg(path).output().context("running qemu-img (install qemu-utils)")?;
     if !info.status.success() {
         bail!("qemu-img cannot read {}: {}", path.display(), String::from_utf8_lossy(&info.stderr).trim());
     }
@@ -77,12 +73,8 @@ pub fn open_raw(path: &Path) -> Result<RawImage> {
         return Ok(RawImage { path: path.to_path_buf(), format, virtual_size: meta.len(), _converted: None });
     }
     let tmp = tempfile::Builder::new().prefix("cas-import-").suffix(".raw").tempfile_in(std::env::temp_dir())?.into_temp_path();
-    let status = Command::new("qemu-img")
-        .args(["convert", "-q", "-f", &format, "-O", "raw"])
-        .arg(path)
-        .arg(&tmp)
-        .status()
-        .context("running qemu-img convert")?;
+    let status =
+        Command::new("qemu-img").args(["convert", "-q", "-f", &format, "-O", "raw"]).arg(path).arg(&tmp).status().context("running qemu-img convert")?;
     if !status.success() {
         bail!("qemu-img convert of {} ({format}) failed", path.display());
     }

@@ -110,11 +110,7 @@ pub fn pairwise(images: &[ImageBlocks]) -> Vec<PairShare> {
                     continue;
                 }
                 let total = b.nonzero_blocks(i);
-                let common: u64 = b.counts[i]
-                    .iter()
-                    .filter(|(h, _)| sets[ai].contains(h))
-                    .map(|(_, &c)| u64::from(c))
-                    .sum();
+                let common: u64 = b.counts[i].iter().filter(|(h, _)| sets[ai].contains(h)).map(|(_, &c)| u64::from(c)).sum();
                 out.push(PairShare {
                     a: a.name.clone(),
                     b: b.name.clone(),

@@ -146,8 +146,7 @@ mod tests {
         engine.write(b).unwrap();
         let keys: Vec<Vec<u8>> = scan.map(|kv| kv.unwrap().0.to_vec()).collect();
         assert_eq!(keys, vec![vec![1, 1], vec![1, 2]]);
-        let now: Vec<Vec<u8>> =
-            engine.scan(Cf::Maps, &[1], None).unwrap().map(|kv| kv.unwrap().0.to_vec()).collect();
+        let now: Vec<Vec<u8>> = engine.scan(Cf::Maps, &[1], None).unwrap().map(|kv| kv.unwrap().0.to_vec()).collect();
         assert_eq!(now, vec![vec![1, 2], vec![1, 3], vec![2, 0]]);
         engine.sync().unwrap();
     }

@@ -3,10 +3,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType,
-    DBRawIteratorWithThreadMode, Options, ReadOptions, DB,
-};
+use rocksdb::{BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, DBRawIteratorWithThreadMode, Options, ReadOptions, DB};
 
 use super::{BatchOp, Cf, KvEngine, KvPair, ScanIter, WriteBatch};
 use crate::{Result, StoreError};

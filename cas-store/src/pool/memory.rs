@@ -81,13 +81,7 @@ impl BlockPool for MemPool {
         match &*recorded {
             None => *recorded = Some(settings.clone()),
             Some(s) if s == settings => {}
-            Some(s) => {
-                return Err(StoreError::ConfigMismatch {
-                    setting: "pool settings",
-                    stored: format!("{s:?}"),
-                    requested: format!("{settings:?}"),
-                })
-            }
+            Some(s) => return Err(StoreError::ConfigMismatch { setting: "pool settings", stored: format!("{s:?}"), requested: format!("{settings:?}") }),
         }
         Ok(())
     }
@@ -152,10 +146,7 @@ impl BlockPool for MemPool {
 
     fn holder_refs(&self, holder: &str, fps: &[Fingerprint]) -> Result<Vec<Option<u64>>> {
         let blocks = self.blocks.lock();
-        Ok(fps
-            .iter()
-            .map(|fp| blocks.get(fp).map(|(_, hs)| hs.iter().filter(|h| *h == holder).count() as u64))
-            .collect())
+        Ok(fps.iter().map(|fp| blocks.get(fp).map(|(_, hs)| hs.iter().filter(|h| *h == holder).count() as u64)).collect())
     }
 
     fn scan(&self, holder: &str) -> Result<PoolScan> {
@@ -163,11 +154,7 @@ impl BlockPool for MemPool {
         let items: Vec<Result<PoolBlock>> = blocks
             .iter()
             .map(|(fp, (_, hs))| {
-                Ok(PoolBlock {
-                    fingerprint: *fp,
-                    holder_refs: hs.iter().filter(|h| *h == holder).count() as u64,
-                    total_refs: hs.len() as u64,
-                })
+                Ok(PoolBlock { fingerprint: *fp, holder_refs: hs.iter().filter(|h| *h == holder).count() as u64, total_refs: hs.len() as u64 })
             })
             .collect();
         Ok(Box::new(items.into_iter()))

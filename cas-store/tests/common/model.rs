@@ -17,13 +17,37 @@ const NAMES: [&str; 3] = ["web", "db", "app"];
 #[derive(Debug, Clone)]
 pub enum Op {
     /// Writes pieces of a few shared contents, so disks dedupe against each other.
-    Write { disk: usize, offset: u64, len: u64, content: u8, shift: u8 },
-    Zero { disk: usize, offset: u64, len: u64 },
-    Trim { disk: usize, offset: u64, len: u64 },
-    Resize { disk: usize, blocks: u64 },
-    DeleteAndRecreate { disk: usize, blocks: u64 },
+    Write {
+        disk: usize,
+        offset: u64,
+        len: u64,
+        content: u8,
+        shift: u8,
+    },
+    Zero {
+        disk: usize,
+        offset: u64,
+        len: u64,
+    },
+    Trim {
+        disk: usize,
+        offset: u64,
+        len: u64,
+    },
+    Resize {
+        disk: usize,
+        blocks: u64,
+    },
+    DeleteAndRecreate {
+        disk: usize,
+        blocks: u64,
+    },
     /// Takes a snapshot, writes, and checks that the snapshot still shows the earlier map.
-    SnapshotThenWrite { disk: usize, offset: u64, content: u8 },
+    SnapshotThenWrite {
+        disk: usize,
+        offset: u64,
+        content: u8,
+    },
     Flush,
 }
 
@@ -47,10 +71,12 @@ fn content(c: u8, shift: u8, len: u64) -> Vec<u8> {
     if c == 0 {
         return vec![0; len as usize];
     }
-    (0..len).map(|i| {
-        let x = (i + u64::from(shift) * BS) as u32;
-        (x.wrapping_mul(2_654_435_761).rotate_left(u32::from(c)) >> 13) as u8
-    }).collect()
+    (0..len)
+        .map(|i| {
+            let x = (i + u64::from(shift) * BS) as u32;
+            (x.wrapping_mul(2_654_435_761).rotate_left(u32::from(c)) >> 13) as u8
+        })
+        .collect()
 }
 
 struct Model {
@@ -138,8 +164,7 @@ pub fn run(ops: Vec<Op>, backend: &dyn Backend) -> Result<(), TestCaseError> {
                 }
                 Op::SnapshotThenWrite { disk, offset, content: c } => {
                     let id = store.disk(NAMES[disk]).unwrap().id;
-                    let expected: Vec<(u64, cas_store::Fingerprint)> =
-                        model.blocks_of(disk).into_iter().map(|(b, d)| (b, store.fingerprint(&d))).collect();
+                    let expected: Vec<(u64, cas_store::Fingerprint)> = model.blocks_of(disk).into_iter().map(|(b, d)| (b, store.fingerprint(&d))).collect();
                     let snapshot = store.map_snapshot(id).unwrap();
                     if let Some((offset, len)) = model.clip(disk, offset, 2 * BS) {
                         let data = content(c, 1, len);
@@ -187,4 +212,3 @@ pub fn run(ops: Vec<Op>, backend: &dyn Backend) -> Result<(), TestCaseError> {
     prop_assert!(report.is_clean(), "fsck: {:?}", report.problems);
     backend.check(&store, distinct.len() as u64)
 }
-

@@ -1,4 +1,6 @@
 //! Helpers shared by the migration test files.
+// Each test binary uses a part of these helpers.
+#![allow(dead_code)]
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -14,7 +14,7 @@
 mod cas;
 mod memory;
 #[cfg(feature = "cas")]
-mod postcopy;
+mod migrating;
 mod registry;
 mod stats;
 
@@ -27,9 +27,9 @@ use tokio::sync::Notify;
 
 #[cfg(feature = "cas")]
 pub use cas::CasDevice;
-#[cfg(feature = "cas")]
-pub use postcopy::PostCopyDevice;
 pub use memory::MemDevice;
+#[cfg(feature = "cas")]
+pub use migrating::MigratingDevice;
 pub use registry::ExportRegistry;
 pub use stats::{ExportStats, Op, OpSnapshot, StatsSnapshot};
 
@@ -161,8 +161,12 @@ const FROZEN: u64 = 1 << 63;
 /// are immediate and visible to existing connections on their next request:
 /// * [`set_read_only`](Export::set_read_only): writes get `EPERM` (clients that negotiated
 ///   while writable were told it was writable; clients negotiating later see READ_ONLY);
-/// * [`freeze`](Export::freeze) / [`thaw`](Export::thaw): new writes get `EPERM`, and
+/// * [`freeze`](Export::freeze) / [`thaw`](Export::thaw): new writes are *held* (not
+///   refused: a running guest must not see an I/O error because its disk is moving), and
 ///   `freeze` waits for writes already running to finish (the migration switch-over);
+/// * [`mark_moved`](Export::mark_moved): the disk now lives on another server; held and new
+///   reads and writes get `ESHUTDOWN` saying so, FLUSH still succeeds (QEMU flushes its drives
+///   when it completes its own migration and when it quits, and fails if that flush fails);
 /// * [`replace_device`](Export::replace_device): requests from then on go to the new device;
 /// * [`close`](Export::close): every request gets `ESHUTDOWN` (the client then disconnects);
 ///   negotiation no longer offers the export.
@@ -178,7 +182,36 @@ pub struct Export {
     orphaned_writes: AtomicU64,
     orphans_done: Notify,
     closed: AtomicBool,
+    /// The disk moved to another server (a migration's switch-over).
+    moved: AtomicBool,
+    /// Wakes writes held by a freeze (thaw, move or close).
+    unfrozen: Notify,
     stats: ExportStats,
+}
+
+/// How long a write waits at a frozen export before it fails with `EIO`. A switch-over holds
+/// writes for milliseconds; a hold this long means the migration is stuck, and the guest is
+/// better told than left waiting.
+pub const FREEZE_HOLD_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Why a write was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum WriteRefused {
+    #[error("the disk moved to another server (migration)")]
+    Moved,
+    #[error("the export was closed")]
+    Closed,
+    #[error("the export stayed frozen for longer than the hold limit")]
+    HeldTooLong,
+}
+
+impl WriteRefused {
+    pub fn errno(self) -> Errno {
+        match self {
+            WriteRefused::Moved | WriteRefused::Closed => Errno::Shutdown,
+            WriteRefused::HeldTooLong => Errno::Io,
+        }
+    }
 }
 
 impl Export {
@@ -194,6 +227,8 @@ impl Export {
             orphaned_writes: AtomicU64::new(0),
             orphans_done: Notify::new(),
             closed: AtomicBool::new(false),
+            moved: AtomicBool::new(false),
+            unfrozen: Notify::new(),
             stats: ExportStats::default(),
         }
     }
@@ -244,9 +279,11 @@ impl Export {
         self.read_only.store(read_only, Ordering::SeqCst);
     }
 
-    /// Refuses new writes (WRITE, WRITE_ZEROES, TRIM get `EPERM`) and waits until the writes
-    /// already admitted have finished. When it returns, the device sees no more writes until
-    /// [`thaw`](Export::thaw). Reads, FLUSH and BLOCK_STATUS keep working.
+    /// Holds new writes (WRITE, WRITE_ZEROES, TRIM wait in [`admit_write`]) and waits until
+    /// the writes already admitted have finished. When it returns, the device sees no more
+    /// writes until [`thaw`](Export::thaw). Reads, FLUSH and BLOCK_STATUS keep working.
+    ///
+    /// [`admit_write`]: Export::admit_write
     pub async fn freeze(&self) {
         self.write_gate.fetch_or(FROZEN, Ordering::SeqCst);
         loop {
@@ -261,9 +298,22 @@ impl Export {
         }
     }
 
-    /// Accepts writes again.
+    /// Accepts writes again; held writes go ahead.
     pub fn thaw(&self) {
         self.write_gate.fetch_and(!FROZEN, Ordering::SeqCst);
+        self.unfrozen.notify_waiters();
+    }
+
+    /// The disk now lives on another server: held and later writes and reads get
+    /// `ESHUTDOWN`; FLUSH still reaches the device. Stays frozen.
+    pub fn mark_moved(&self) {
+        self.write_gate.fetch_or(FROZEN, Ordering::SeqCst);
+        self.moved.store(true, Ordering::SeqCst);
+        self.unfrozen.notify_waiters();
+    }
+
+    pub fn is_moved(&self) -> bool {
+        self.moved.load(Ordering::SeqCst)
     }
 
     pub fn is_frozen(&self) -> bool {
@@ -279,6 +329,7 @@ impl Export {
     /// Usually paired with [`ExportRegistry::remove`].
     pub fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
+        self.unfrozen.notify_waiters();
     }
 
     pub fn is_closed(&self) -> bool {
@@ -326,17 +377,34 @@ impl Export {
         }
     }
 
-    /// Admits one write, unless the export is frozen. The guard counts it as in flight.
-    pub(crate) fn begin_write(self: &Arc<Self>) -> Result<WriteGuard, Errno> {
-        // Increment first, then look at the bit: a concurrent `freeze` either sees this write
-        // counted or this write sees the bit (no window where neither happens).
-        let previous = self.write_gate.fetch_add(1, Ordering::SeqCst);
-        let guard = WriteGuard { export: Arc::clone(self) };
-        if previous & FROZEN != 0 {
+    /// Admits one write; while the export is frozen, waits (at most `limit`) for it to
+    /// thaw. The guard counts the write as in flight.
+    pub(crate) async fn admit_write(self: &Arc<Self>, limit: std::time::Duration) -> Result<WriteGuard, WriteRefused> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let unfrozen = self.unfrozen.notified();
+            tokio::pin!(unfrozen);
+            // Registered before the check, so a thaw between the check and the wait counts.
+            unfrozen.as_mut().enable();
+            // Increment first, then look at the bit: a concurrent `freeze` either sees this
+            // write counted or this write sees the bit (no window where neither happens).
+            let previous = self.write_gate.fetch_add(1, Ordering::SeqCst);
+            let guard = WriteGuard { export: Arc::clone(self) };
+            if previous & FROZEN == 0 {
+                return Ok(guard);
+            }
+            // Not admitted: uncount it (which may let `freeze` finish) and wait.
             drop(guard);
-            return Err(Errno::Perm);
+            if self.is_moved() {
+                return Err(WriteRefused::Moved);
+            }
+            if self.is_closed() {
+                return Err(WriteRefused::Closed);
+            }
+            if tokio::time::timeout_at(deadline, unfrozen).await.is_err() {
+                return Err(WriteRefused::HeldTooLong);
+            }
         }
-        Ok(guard)
     }
 }
 
@@ -401,8 +469,8 @@ mod tests {
     #[tokio::test]
     async fn freeze_waits_for_writes_in_flight() {
         let e = export();
-        let w1 = e.begin_write().unwrap();
-        let w2 = e.begin_write().unwrap();
+        let w1 = e.admit_write(Duration::ZERO).await.unwrap();
+        let w2 = e.admit_write(Duration::ZERO).await.unwrap();
         assert_eq!(e.writes_in_flight(), 2);
 
         let frozen = {
@@ -412,8 +480,13 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(e.is_frozen());
         assert!(!frozen.is_finished());
-        // New writes are refused while frozen.
-        assert_eq!(e.begin_write().unwrap_err(), Errno::Perm);
+        // New writes are held while frozen (and not counted as in flight).
+        let held = {
+            let e = e.clone();
+            tokio::spawn(async move { e.admit_write(Duration::from_secs(10)).await.map(drop) })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!held.is_finished());
         assert_eq!(e.writes_in_flight(), 2);
         drop(w1);
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -424,7 +497,26 @@ mod tests {
 
         e.thaw();
         assert!(!e.is_frozen());
-        assert!(e.begin_write().is_ok());
+        // The held write goes ahead.
+        tokio::time::timeout(Duration::from_secs(5), held).await.unwrap().unwrap().unwrap();
+        assert!(e.admit_write(Duration::ZERO).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_move_fails_held_writes_and_a_long_freeze_fails_with_eio() {
+        let e = export();
+        e.freeze().await;
+        assert_eq!(e.admit_write(Duration::from_millis(30)).await.unwrap_err(), WriteRefused::HeldTooLong);
+        let held = {
+            let e = e.clone();
+            tokio::spawn(async move { e.admit_write(Duration::from_secs(10)).await.map(drop) })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        e.mark_moved();
+        let refused = tokio::time::timeout(Duration::from_secs(5), held).await.unwrap().unwrap().unwrap_err();
+        assert_eq!(refused, WriteRefused::Moved);
+        assert_eq!(refused.errno(), Errno::Shutdown);
+        assert_eq!(e.writes_in_flight(), 0);
     }
 
     #[tokio::test]

@@ -6,10 +6,10 @@ use anyhow::{bail, Context, Result};
 use argh::FromArgs;
 use cas_store::{FingerprintAlgorithm, Store, StoreOptions};
 use indicatif::{ProgressBar, ProgressStyle};
-use tools::similarity::{pairwise, scan_image, PAPER_BLOCK_SIZES};
-use tools::size::{format_size, parse_size};
 use serde_json::json;
 use tools::control::ControlClient;
+use tools::similarity::{pairwise, scan_image, PAPER_BLOCK_SIZES};
+use tools::size::{format_size, parse_size};
 use tools::{image, table};
 
 /// Manage the disks of a content-addressed block store.
@@ -214,11 +214,7 @@ fn target(store: &Option<PathBuf>, server: &Option<String>) -> Result<Target> {
 /// A disk as the server lists it.
 fn server_disk(server: &mut ControlClient, name: &str) -> Result<serde_json::Value> {
     let disks = server.call("disk.list", json!({}))?;
-    disks
-        .as_array()
-        .and_then(|d| d.iter().find(|d| d["name"] == name))
-        .cloned()
-        .with_context(|| format!("disk {name:?} not found"))
+    disks.as_array().and_then(|d| d.iter().find(|d| d["name"] == name)).cloned().with_context(|| format!("disk {name:?} not found"))
 }
 
 /// The NBD URI of a disk's export at a server (its Unix socket if it has one).
@@ -243,7 +239,11 @@ fn report_import(c: &ImportCmd, format: &str, bytes: u64, secs: f64, stats: &cas
     } else {
         println!(
             "imported {} ({format}, {}) into {} in {secs:.1} s: {} allocated, {} shared with other blocks",
-            c.file.display(), format_size(bytes), c.name, format_size(stats.allocated_bytes), format_size(stats.shared_bytes)
+            c.file.display(),
+            format_size(bytes),
+            c.name,
+            format_size(stats.allocated_bytes),
+            format_size(stats.shared_bytes)
         );
         Ok(())
     }
@@ -255,9 +255,7 @@ fn bytes_bar(len: u64, hidden: bool, what: &str) -> ProgressBar {
     }
     let bar = ProgressBar::new(len);
     bar.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}").expect("valid template").progress_chars("=> "),
     );
     bar.set_message(what.to_string());
     bar
@@ -430,13 +428,20 @@ fn run(cas: Cas) -> Result<()> {
             } else {
                 let rows: Vec<Vec<String>> = disks
                     .iter()
-                    .map(|d| vec![d.name.clone(), format_size(d.size), format_size(d.allocated_bytes), format_size(d.shared_bytes), format_size(d.exclusive_bytes)])
+                    .map(|d| {
+                        vec![d.name.clone(), format_size(d.size), format_size(d.allocated_bytes), format_size(d.shared_bytes), format_size(d.exclusive_bytes)]
+                    })
                     .collect();
                 print!("{}", table::render(&["disk", "size", "allocated", "shared", "exclusive"], &rows));
                 println!(
                     "store: {} disks, {} logical, {} allocated, {} stored in {} blocks of {} ({}), dedupe {:.2}x{}",
-                    total.disks, format_size(total.logical_bytes), format_size(total.allocated_bytes),
-                    format_size(total.stored_bytes), total.stored_blocks, total.block_size, total.algorithm,
+                    total.disks,
+                    format_size(total.logical_bytes),
+                    format_size(total.allocated_bytes),
+                    format_size(total.stored_bytes),
+                    total.stored_blocks,
+                    total.block_size,
+                    total.algorithm,
                     total.dedupe_ratio,
                     total.engine_bytes.map(|b| format!(", {} on disk", format_size(b))).unwrap_or_default()
                 );
@@ -455,7 +460,10 @@ fn run(cas: Cas) -> Result<()> {
                 }
                 println!(
                     "fsck: {} disks, {} map entries, {} stored blocks, {} verified: {}",
-                    report.disks, report.map_entries, report.stored_blocks, report.verified_blocks,
+                    report.disks,
+                    report.map_entries,
+                    report.stored_blocks,
+                    report.verified_blocks,
                     if report.is_clean() { "clean".to_string() } else { format!("{} problems", report.problem_count) }
                 );
             }
@@ -492,7 +500,9 @@ fn run(cas: Cas) -> Result<()> {
             bar.finish_and_clear();
             let cells = pairwise(&scanned);
             if c.json {
-                print_json(&serde_json::json!({ "block_sizes": PAPER_BLOCK_SIZES, "images": scanned.iter().map(|s| &s.name).collect::<Vec<_>>(), "pairs": cells }))?;
+                print_json(
+                    &serde_json::json!({ "block_sizes": PAPER_BLOCK_SIZES, "images": scanned.iter().map(|s| &s.name).collect::<Vec<_>>(), "pairs": cells }),
+                )?;
             } else {
                 for &bs in &PAPER_BLOCK_SIZES {
                     println!("block size {bs}: share of the row image's non-zero blocks found in the column image");

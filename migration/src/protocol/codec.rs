@@ -1,244 +1,10 @@
-//! The migration wire protocol: a pure codec, no I/O.
-//!
-//! # Connection
-//! The source server connects to the destination server's migration listener. Both send an
-//! 8-byte preamble `CASMIGR\0` and a big-endian u16 protocol version, then frames:
-//!
-//! ```text
-//! frame   = type (u8) | payload length (u32 BE) | payload
-//! ```
-//!
-//! A payload longer than [`MAX_PAYLOAD`] is refused before anything is allocated for it.
-//! Control messages carry JSON (unknown fields are ignored); bulk messages are binary.
-//!
-//! # Message diagram (one migration)
-//! ```text
-//! source                                              destination
-//!   preamble+version  ------------------------------>
-//!                     <------------------------------  preamble+version
-//!   HELLO {id,disk,size,block_size,algorithm,mode} >  checks, creates the incoming disk
-//!                     <------------------------------  ACCEPT {processed:0} | ERROR
-//!   FINGERPRINTS (round 0: the map snapshot) ------->  has_many: hits mapped at once
-//!                     <------------------------------  ACK n (after each sequenced message)
-//!                     <------------------------------  WANT (fingerprints it lacks, once each)
-//!   DATA (zstd frames of block records) ------------>  verify fingerprint, store, map
-//!   ROUND_END 0 ------------------------------------>
-//!                     <------------------------------  ROUND_DONE 0 (everything wanted arrived)
-//!   FINGERPRINTS/ROUND_END (dirty rounds) ---------->  ... (as round 0; with defer_dirty,
-//!                     <------------------------------  ROUND_DONE k   only mapped: no WANT)
-//!   [source export frozen; background DATA held]
-//!   FINGERPRINTS (final dirty blocks), ROUND_END last
-//!   SWITCH ----------------------------------------->  export becomes writable (post-copy)
-//!                     <------------------------------  SWITCHED {report}
-//!                     <------------------------------  WANT (what deferred rounds left)
-//!                     <------------------------------  FETCH (a read needs these now)
-//!   DATA (on-demand ahead of background) ----------->
-//!                     <------------------------------  COMPLETE {report}: every block local
-//!   BYE -------------------------------------------->  [source releases its disk]
-//! ```
-//! The switch-over's pause is the final listing's round trip, so everything before the freeze
-//! works to keep that listing small and the link empty: dirty rounds repeat while the dirty
-//! set shrinks (with `defer_dirty` they carry fingerprints only, so they take milliseconds),
-//! and from the freeze until SWITCH is written the source sends no background DATA (a deep
-//! queue on a WAN link would otherwise hold SWITCH behind megabytes of data).
-//!
-//! A *plan* (mode `plan`) sends round 0's fingerprints and ROUND_END, and the destination
-//! answers PLAN with what it would need, changing nothing.
-//!
-//! # Resume (a lost link, or a restart of either side)
-//! FINGERPRINTS, ROUND_END, SWITCH and BYE are *sequenced*: the destination counts those it
-//! has applied and acknowledges the count (ACK); the source keeps the unacknowledged ones.
-//! Everything else is regenerated from state, so nothing is lost with a connection:
-//! ```text
-//!   HELLO {same id, resume:true, rebuild} ---------->  finds the parked migration
-//!                     <------------------------------  ACCEPT {processed n, switched, rebuild}
-//!                     <------------------------------  FETCH (every block a reader waits for)
-//!                     <------------------------------  WANT (every fingerprint still missing)
-//!                     <------------------------------  ROUND_DONE / SWITCHED again if already sent
-//!   sequenced messages from n on (or, with rebuild,
-//!   the whole map again with zero runs) ----------->  blocks it holds are not asked for again
-//! ```
-//! Only data in flight when the link dropped crosses twice: what arrived was verified and
-//! stored, and is no longer wanted. A destination restarted before the switch-over has its
-//! partial disk but not its place in the rounds, so it answers `rebuild`; a source restarted
-//! before the switch-over asks for one. A source that gave up reconnecting keeps its state
-//! (`interrupted`) until an operator resumes or cancels it; cancel sends ERROR, on which the
-//! destination deletes its partial disk.
-//!
-//! # State machines
-//! Source: `Hello -> Rounds(k) -> Frozen -> FinalRound -> Switching -> PostCopy -> Done`.
-//! Destination: `Hello -> Receiving -> Switched (post-copy) -> Complete`. Either side sends
-//! ERROR and closes on a violation; a destination that fails before SWITCHED deletes its
-//! partial disk, and the source, still authoritative, thaws its export. A lost link is not a
-//! violation: both sides keep their state (the destination *parks* it under the migration
-//! id) and the source reconnects with backoff. A source frozen for the switch-over never
-//! thaws once SWITCH may have reached the destination: only the destination can say whether
-//! it switched, so the source waits for it.
-//!
-//! # Version policy
-//! [`VERSION`] changes only when a message changes meaning or layout. Peers must speak the
-//! same version; a mismatch is answered with ERROR naming both versions. New optional JSON
-//! fields and new message types that an older peer never receives do not change it.
-//! Version 2 added resume (ACCEPT's payload, ACK, HELLO's resume fields).
+//! The codec: frames to messages and back, refusing bad input before allocating for it.
 
 use serde::{Deserialize, Serialize};
 
 use cas_store::Fingerprint;
 
-pub const PREAMBLE: [u8; 8] = *b"CASMIGR\0";
-pub const VERSION: u16 = 2;
-/// Preamble and version.
-pub const GREETING_LEN: usize = 10;
-pub const HEADER_LEN: usize = 5;
-/// Largest frame payload (a DATA frame holds at most a few MiB of compressed blocks).
-pub const MAX_PAYLOAD: usize = 16 << 20;
-/// Largest decompressed DATA payload.
-pub const MAX_RAW_DATA: usize = 16 << 20;
-/// Most fingerprints in one WANT or FETCH frame, and entries in one FINGERPRINTS frame.
-pub const MAX_LIST: usize = 1 << 18;
-
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ProtocolError {
-    #[error("not a migration peer (bad preamble)")]
-    BadPreamble,
-    #[error("peer speaks migration protocol version {peer}, this server speaks {ours}")]
-    Version { peer: u16, ours: u16 },
-    #[error("frame of {0} bytes is larger than the limit")]
-    TooLarge(usize),
-    #[error("unknown message type {0}")]
-    UnknownType(u8),
-    #[error("malformed {what}: {why}")]
-    Malformed { what: &'static str, why: String },
-}
-
-fn malformed(what: &'static str, why: impl Into<String>) -> ProtocolError {
-    ProtocolError::Malformed { what, why: why.into() }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    Migrate,
-    Plan,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Hello {
-    pub migration_id: String,
-    pub disk: String,
-    pub size: u64,
-    pub block_size: u32,
-    pub algorithm: String,
-    pub mode: Mode,
-    /// This connection continues migration `migration_id` after a lost link or a restart.
-    #[serde(default)]
-    pub resume: bool,
-    /// The source lost its place (it restarted): it lists the whole disk again, zero runs
-    /// included, and the destination keeps what it already holds.
-    #[serde(default)]
-    pub rebuild: bool,
-    /// Rounds after round 0 (the final one included) are listings only: the destination maps
-    /// what it already holds and leaves the rest missing until the switch-over, when it asks
-    /// for it as post-copy. A block rewritten while the VM runs then crosses once, with its
-    /// last content, and the source can repeat cheap rounds until the listing left for the
-    /// freeze is small. A destination that predates this field asks at once, which is still
-    /// correct (the rounds then wait for the data).
-    #[serde(default)]
-    pub defer_dirty: bool,
-}
-
-/// The destination's answer to HELLO: where a resumed migration continues.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AcceptInfo {
-    /// Sequenced messages (see [`Message::is_sequenced`]) the destination has applied; the
-    /// source resends those after them.
-    pub processed: u64,
-    /// The destination already serves the disk.
-    pub switched: bool,
-    /// The destination lost its place (it restarted before the switch-over) or the source
-    /// asked for it: the source lists the whole disk again from a fresh snapshot.
-    pub rebuild: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ErrorMessage {
-    pub message: String,
-}
-
-/// A run of consecutive blocks in a FINGERPRINTS frame.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Run {
-    /// Blocks `first..first + fps.len()` hold these fingerprints.
-    Mapped { first: u64, fps: Vec<Fingerprint> },
-    /// Blocks `first..first + count` read as zeros.
-    Zero { first: u64, count: u64 },
-}
-
-impl Run {
-    pub fn blocks(&self) -> u64 {
-        match self {
-            Run::Mapped { fps, .. } => fps.len() as u64,
-            Run::Zero { count, .. } => *count,
-        }
-    }
-}
-
-/// What the destination reports about itself (in SWITCHED, COMPLETE and PLAN).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DestReport {
-    /// Blocks the source listed as allocated.
-    pub blocks_listed: u64,
-    /// Blocks whose content the destination already had from other disks.
-    pub neighbour_hits: u64,
-    /// Blocks whose content occurs earlier in the same disk (crossed once).
-    pub duplicates: u64,
-    /// Blocks that read as zeros (never cross).
-    pub zero_blocks: u64,
-    /// Distinct fingerprints the destination asked for.
-    pub wanted: u64,
-    /// Distinct blocks received before the switch-over, on demand after it, in the
-    /// background after it.
-    pub received_before_switch: u64,
-    pub fetched_on_demand: u64,
-    pub fetched_background: u64,
-    /// Fingerprints the source no longer had (the block changed; a later round resent it).
-    pub gone: u64,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum Message {
-    Hello(Hello),
-    Accept(AcceptInfo),
-    /// The destination has applied this many sequenced messages (the source may forget them).
-    Ack {
-        processed: u64,
-    },
-    Fingerprints {
-        round: u32,
-        runs: Vec<Run>,
-    },
-    RoundEnd {
-        round: u32,
-        last: bool,
-    },
-    Want(Vec<Fingerprint>),
-    Fetch(Vec<Fingerprint>),
-    /// A zstd frame of block records (see [`crate::compress`]); `raw_len` is its size
-    /// decompressed.
-    Data {
-        raw_len: u32,
-        frame: Vec<u8>,
-    },
-    RoundDone {
-        round: u32,
-    },
-    Switch,
-    Switched(DestReport),
-    Complete(DestReport),
-    Plan(DestReport),
-    Error(ErrorMessage),
-    Bye,
-}
+use super::*;
 
 mod tag {
     pub const HELLO: u8 = 1;
@@ -256,6 +22,8 @@ mod tag {
     pub const ERROR: u8 = 13;
     pub const BYE: u8 = 14;
     pub const ACK: u8 = 15;
+    pub const READ: u8 = 16;
+    pub const READ_DATA: u8 = 17;
 }
 
 pub fn greeting() -> [u8; GREETING_LEN] {
@@ -283,7 +51,7 @@ pub fn decode_header(h: &[u8; HEADER_LEN]) -> Result<(u8, usize), ProtocolError>
     if len > MAX_PAYLOAD {
         return Err(ProtocolError::TooLarge(len));
     }
-    if !(tag::HELLO..=tag::ACK).contains(&h[0]) {
+    if !(tag::HELLO..=tag::READ_DATA).contains(&h[0]) {
         return Err(ProtocolError::UnknownType(h[0]));
     }
     Ok((h[0], len))
@@ -375,6 +143,26 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             tag::ERROR
         }
         Message::Bye => tag::BYE,
+        Message::Read { id, offset, length } => {
+            payload.extend_from_slice(&id.to_be_bytes());
+            payload.extend_from_slice(&offset.to_be_bytes());
+            payload.extend_from_slice(&length.to_be_bytes());
+            tag::READ
+        }
+        Message::ReadData { id, result } => {
+            payload.extend_from_slice(&id.to_be_bytes());
+            match result {
+                Ok(data) => {
+                    payload.push(0);
+                    payload.extend_from_slice(data);
+                }
+                Err(why) => {
+                    payload.push(1);
+                    payload.extend_from_slice(why.as_bytes());
+                }
+            }
+            tag::READ_DATA
+        }
     };
     let mut frame = Vec::with_capacity(HEADER_LEN + payload.len());
     frame.push(t);
@@ -506,38 +294,27 @@ pub fn decode(t: u8, payload: &[u8]) -> Result<Message, ProtocolError> {
         tag::PLAN => Ok(Message::Plan(from_json("PLAN", payload)?)),
         tag::ERROR => Ok(Message::Error(from_json("ERROR", payload)?)),
         tag::BYE => empty("BYE", Message::Bye),
-        other => Err(ProtocolError::UnknownType(other)),
-    }
-}
-
-impl Message {
-    /// Messages from the source that the destination counts and acknowledges: after a lost
-    /// link the source resends those the destination had not applied. Everything else is
-    /// either regenerated from state on resume (WANT, FETCH, DATA, ROUND_DONE, SWITCHED,
-    /// COMPLETE) or belongs to one connection (HELLO, ACCEPT, ERROR).
-    pub fn is_sequenced(&self) -> bool {
-        matches!(self, Message::Fingerprints { .. } | Message::RoundEnd { .. } | Message::Switch | Message::Bye)
-    }
-
-    /// Name for logs and errors.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Message::Hello(_) => "HELLO",
-            Message::Accept(_) => "ACCEPT",
-            Message::Ack { .. } => "ACK",
-            Message::Fingerprints { .. } => "FINGERPRINTS",
-            Message::RoundEnd { .. } => "ROUND_END",
-            Message::Want(_) => "WANT",
-            Message::Fetch(_) => "FETCH",
-            Message::Data { .. } => "DATA",
-            Message::RoundDone { .. } => "ROUND_DONE",
-            Message::Switch => "SWITCH",
-            Message::Switched(_) => "SWITCHED",
-            Message::Complete(_) => "COMPLETE",
-            Message::Plan(_) => "PLAN",
-            Message::Error(_) => "ERROR",
-            Message::Bye => "BYE",
+        tag::READ => {
+            let mut c = Cursor { buf: payload, what: "READ" };
+            let (id, offset, length) = (c.u64()?, c.u64()?, c.u32()?);
+            c.done()?;
+            if length > MAX_READ {
+                return Err(malformed("READ", format!("{length} bytes is over the limit")));
+            }
+            Ok(Message::Read { id, offset, length })
         }
+        tag::READ_DATA => {
+            let mut c = Cursor { buf: payload, what: "READ_DATA" };
+            let id = c.u64()?;
+            let result = match c.u8()? {
+                0 if c.buf.len() <= MAX_READ as usize => Ok(c.buf.to_vec()),
+                0 => return Err(malformed("READ_DATA", "more data than a READ asks for")),
+                1 => Err(String::from_utf8_lossy(c.buf).into_owned()),
+                k => return Err(malformed("READ_DATA", format!("status {k}"))),
+            };
+            Ok(Message::ReadData { id, result })
+        }
+        other => Err(ProtocolError::UnknownType(other)),
     }
 }
 
@@ -565,6 +342,7 @@ mod tests {
             resume: true,
             rebuild: false,
             defer_dirty: true,
+            read_through: true,
         }));
         round_trip(Message::Accept(AcceptInfo { processed: 7, switched: true, rebuild: false }));
         round_trip(Message::Ack { processed: 1 << 40 });
@@ -580,6 +358,9 @@ mod tests {
         round_trip(Message::Plan(DestReport { wanted: 9, ..Default::default() }));
         round_trip(Message::Error(ErrorMessage { message: "no".into() }));
         round_trip(Message::Bye);
+        round_trip(Message::Read { id: 9, offset: 4096, length: 512 });
+        round_trip(Message::ReadData { id: 9, result: Ok(vec![7; 512]) });
+        round_trip(Message::ReadData { id: 10, result: Err("gone".into()) });
     }
 
     #[test]
@@ -598,6 +379,10 @@ mod tests {
         assert!(decode(tag::ACCEPT, b"x").is_err());
         assert!(decode(tag::ACK, &[0, 0, 1]).is_err(), "short ACK");
         assert!(decode(tag::DATA, &[0xff, 0xff, 0xff, 0xff]).is_err(), "huge raw length");
+        let mut huge_read = vec![0u8; 16];
+        huge_read.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert!(decode(tag::READ, &huge_read).is_err(), "READ over the limit");
+        assert!(decode(tag::READ_DATA, &[0, 0, 0, 0, 0, 0, 0, 1, 5]).is_err(), "bad READ_DATA status");
         let mut g = greeting();
         assert!(check_greeting(&g).is_ok());
         g[9] = 9;

@@ -1,30 +1,34 @@
-//! A migrated disk during post-copy as a [`BlockDevice`].
+//! A disk arriving by migration as a [`BlockDevice`]: standby, then post-copy.
 
 use std::sync::Arc;
 
 use cas_store::StoreError;
-use migration::{PostCopyDisk, PostCopyError};
+use migration::{MigratingDisk, PostCopyError};
 
 use super::{BlockDevice, DeviceError, DeviceResult, Extent};
 
-/// Serves a disk that is still arriving: reads of blocks not here yet wait for them (fetched
-/// from the source ahead of the background transfer). See [`PostCopyDisk`].
+/// Serves a disk that is still arriving. Before the switch-over it is a standby export
+/// (reads answered with the source's current content, writes held until the switch); after
+/// it, reads of blocks not here yet wait for them (fetched from the source ahead of the
+/// background transfer). See [`MigratingDisk`].
 #[derive(Debug)]
-pub struct PostCopyDevice {
+pub struct MigratingDevice {
     name: String,
-    disk: Arc<PostCopyDisk>,
+    disk: Arc<MigratingDisk>,
 }
 
-impl PostCopyDevice {
-    pub fn new(name: &str, disk: Arc<PostCopyDisk>) -> PostCopyDevice {
-        PostCopyDevice { name: name.to_string(), disk }
+impl MigratingDevice {
+    pub fn new(name: &str, disk: Arc<MigratingDisk>) -> MigratingDevice {
+        MigratingDevice { name: name.to_string(), disk }
     }
 
     fn map(&self, write: bool, op: &str, offset: u64, len: u64, e: PostCopyError) -> DeviceError {
         let message = format!("{op} {}@{offset}+{len}: {e}", self.name);
         match e {
             PostCopyError::Store(StoreError::OutOfRange { .. }) if write => DeviceError::NoSpace(message),
-            PostCopyError::Store(StoreError::OutOfRange { .. } | StoreError::InvalidArgument(_)) => DeviceError::InvalidArgument(message),
+            PostCopyError::Store(StoreError::OutOfRange { .. } | StoreError::InvalidArgument(_)) => {
+                DeviceError::InvalidArgument(message)
+            }
             PostCopyError::Store(StoreError::DiskNotFound(_)) => DeviceError::Shutdown(message),
             _ => {
                 tracing::error!(disk = %self.name, "{message}");
@@ -34,7 +38,7 @@ impl PostCopyDevice {
     }
 }
 
-impl BlockDevice for PostCopyDevice {
+impl BlockDevice for MigratingDevice {
     fn size(&self) -> u64 {
         self.disk.size().unwrap_or(0)
     }
@@ -61,7 +65,8 @@ impl BlockDevice for PostCopyDevice {
     }
 
     fn block_status(&self, offset: u64, len: u64) -> DeviceResult<Vec<Extent>> {
-        let extents = self.disk.block_status(offset, len).map_err(|e| self.map(false, "block_status", offset, len, e))?;
+        let extents =
+            self.disk.block_status(offset, len).map_err(|e| self.map(false, "block_status", offset, len, e))?;
         Ok(extents.into_iter().map(|e| Extent { offset: e.offset, length: e.length, allocated: e.allocated }).collect())
     }
 

@@ -1,0 +1,158 @@
+//! Applying listings and block records to the incoming disk.
+
+use std::collections::HashSet;
+
+use cas_store::Fingerprint;
+
+use crate::compress::Record;
+use crate::protocol::Run;
+use crate::MigrationError;
+
+use super::*;
+
+/// `defer`: missing content is recorded for the switch-over instead of asked for now.
+pub(crate) fn apply_fingerprints(inc: &Incoming, runs: Vec<Run>, defer: bool) -> Result<Vec<Fingerprint>, MigrationError> {
+    let store = &inc.store;
+    let mut entries: Vec<(u64, Fingerprint)> = Vec::new();
+    let mut zero_runs: Vec<(u64, u64)> = Vec::new();
+    for run in runs {
+        match run {
+            Run::Mapped { first, fps } => entries.extend(fps.into_iter().enumerate().map(|(i, fp)| (first + i as u64, fp))),
+            Run::Zero { first, count } => zero_runs.push((first, count)),
+        }
+    }
+    let bs = inc.block_size;
+    for (first, count) in zero_runs {
+        {
+            let mut p = inc.pending.lock();
+            for b in first..first + count {
+                p.by_block.remove(&b);
+            }
+        }
+        store.write_zeroes(inc.disk, first * bs, count * bs, false)?;
+    }
+    if entries.is_empty() {
+        return Ok(Vec::new());
+    }
+    // A listed block supersedes whatever it was waiting for.
+    {
+        let mut p = inc.pending.lock();
+        if !p.by_block.is_empty() {
+            for (b, _) in &entries {
+                p.by_block.remove(b);
+            }
+        }
+    }
+    let mut distinct: Vec<Fingerprint> = entries.iter().map(|e| e.1).collect();
+    distinct.sort_unstable();
+    distinct.dedup();
+    let present: HashSet<Fingerprint> = distinct.iter().zip(store.has_many(&distinct)?).filter(|(_, h)| *h).map(|(fp, _)| *fp).collect();
+
+    let mut to_map: Vec<(u64, Fingerprint)> = Vec::new();
+    let mut want: Vec<Fingerprint> = Vec::new();
+    let mut p = inc.pending.lock();
+    for (block, fp) in entries {
+        if p.wanted.contains(&fp) {
+            p.report.duplicates += 1;
+            p.by_block.insert(block, fp);
+            p.waiting.entry(fp).or_default().push(block);
+        } else if present.contains(&fp) {
+            if p.received.contains(&fp) {
+                p.report.duplicates += 1;
+            } else {
+                p.report.neighbour_hits += 1;
+            }
+            to_map.push((block, fp));
+        } else if p.deferred.contains(&fp) {
+            p.report.duplicates += 1;
+            p.by_block.insert(block, fp);
+            p.waiting.entry(fp).or_default().push(block);
+        } else if defer {
+            p.deferred.insert(fp);
+            p.by_block.insert(block, fp);
+            p.waiting.entry(fp).or_default().push(block);
+        } else {
+            p.report.wanted += 1;
+            p.wanted.insert(fp);
+            p.by_block.insert(block, fp);
+            p.waiting.entry(fp).or_default().push(block);
+            want.push(fp);
+        }
+        p.report.blocks_listed += 1;
+    }
+    drop(p);
+    if !to_map.is_empty() {
+        let applied = store.map_existing(inc.disk, &to_map)?;
+        // A block deleted here between the lookup and the mapping (another disk let go of
+        // it): ask for it like any missing block.
+        let mut p = inc.pending.lock();
+        for ((block, fp), ok) in to_map.into_iter().zip(applied) {
+            if !ok {
+                p.by_block.insert(block, fp);
+                p.waiting.entry(fp).or_default().push(block);
+                if p.wanted.insert(fp) {
+                    p.report.wanted += 1;
+                    want.push(fp);
+                }
+            }
+        }
+    }
+    Ok(want)
+}
+
+pub(crate) fn apply_records(inc: &Incoming, records: Vec<Record>) -> Result<(), MigrationError> {
+    let store = &inc.store;
+    let bs = inc.block_size;
+    let mut p = inc.pending.lock();
+    for record in records {
+        match record {
+            Record::Block { fp, data } => {
+                if store.fingerprint(&data) != fp {
+                    return Err(MigrationError::Corrupt(format!("block {fp} arrived with content that does not match")));
+                }
+                if !p.wanted.remove(&fp) {
+                    // Not asked for (or already here): ignore, but do not trust it further.
+                    continue;
+                }
+                p.received.insert(fp);
+                if !p.phase.has_switched() {
+                    p.report.received_before_switch += 1;
+                } else if p.urgent.remove(&fp) {
+                    p.report.fetched_on_demand += 1;
+                } else {
+                    p.report.fetched_background += 1;
+                }
+                let blocks: Vec<u64> = p.waiting.remove(&fp).unwrap_or_default().into_iter().filter(|b| p.by_block.get(b) == Some(&fp)).collect();
+                let Some((&first, rest)) = blocks.split_first() else {
+                    continue;
+                };
+                // Written while the pending lock is held: a reader waits for the lock rather
+                // than seeing the block neither missing nor written.
+                store.write(inc.disk, first * bs, &data, false)?;
+                if !rest.is_empty() {
+                    let entries: Vec<(u64, Fingerprint)> = rest.iter().map(|&b| (b, fp)).collect();
+                    store.map_existing(inc.disk, &entries)?;
+                }
+                if let Some(j) = inc.journal.lock().as_mut() {
+                    j.note_removed(&blocks)?;
+                }
+                for b in blocks {
+                    p.by_block.remove(&b);
+                }
+            }
+            Record::Gone(fp) => {
+                // The source changed every block that had this content; later rounds list
+                // their new content, which supersedes these entries.
+                p.report.gone += 1;
+                p.wanted.remove(&fp);
+                p.urgent.remove(&fp);
+                for b in p.waiting.remove(&fp).unwrap_or_default() {
+                    if p.by_block.get(&b) == Some(&fp) {
+                        p.by_block.remove(&b);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}

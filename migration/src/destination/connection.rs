@@ -1,0 +1,232 @@
+//! One connection of an incoming migration: applies what the source sends.
+
+use std::sync::Arc;
+
+use cas_store::Fingerprint;
+use tokio::io::AsyncRead;
+
+use crate::compress::decode_frame;
+use crate::protocol::{Message, Run};
+use crate::report::Phase;
+use crate::state::{MigrationRecord, Stage, StateStore};
+use crate::wire::{read_message, Frame};
+use crate::{blocking, MigrationError};
+
+use super::*;
+
+/// One connection's view of a session: applies what the source sends.
+pub(crate) struct Connection<'a> {
+    pub(crate) session: &'a Arc<Session>,
+    pub(crate) hooks: &'a Arc<dyn DestHooks>,
+    pub(crate) state: &'a Arc<dyn StateStore>,
+}
+
+impl Connection<'_> {
+    pub(crate) fn send(&self, msg: Message) -> Result<(), MigrationError> {
+        self.session.out.send(Frame::new(&msg)).map_err(|_| MigrationError::Closed)
+    }
+
+    pub(crate) fn incoming(&self) -> &Arc<Incoming> {
+        &self.session.incoming
+    }
+
+    /// Counts an applied sequenced message and acknowledges it.
+    pub(crate) fn applied(&self) -> Result<(), MigrationError> {
+        let processed = {
+            let mut proto = self.session.proto.lock();
+            proto.processed += 1;
+            proto.processed
+        };
+        self.send(Message::Ack { processed })
+    }
+
+    pub(crate) async fn run<R: AsyncRead + Unpin>(&self, reader: &mut R) -> Result<(), MigrationError> {
+        let status = &self.session.status;
+        loop {
+            let msg = read_message(reader, &status.traffic).await?.ok_or(MigrationError::Closed)?;
+            match msg {
+                Message::Fingerprints { round, runs } => {
+                    if self.incoming().pending.lock().phase.has_switched() {
+                        return Err(MigrationError::Unexpected("FINGERPRINTS after SWITCH"));
+                    }
+                    let defer = round > 0 && self.session.hello.defer_dirty;
+                    let want = self.apply_fingerprints(round, runs, defer).await?;
+                    if !want.is_empty() {
+                        self.send(Message::Want(want))?;
+                    }
+                    self.applied()?;
+                }
+                Message::RoundEnd { round, .. } => {
+                    {
+                        let mut proto = self.session.proto.lock();
+                        if round == 0 {
+                            let blocks = self.session.hello.size.div_ceil(u64::from(self.session.hello.block_size));
+                            self.incoming().pending.lock().report.zero_blocks = blocks.saturating_sub(proto.listed_round0);
+                        }
+                        proto.ended_rounds.push(round);
+                    }
+                    self.applied()?;
+                    self.after_progress()?;
+                }
+                Message::Data { raw_len, frame } => {
+                    self.apply_data(raw_len, frame).await?;
+                    self.after_progress()?;
+                }
+                Message::Switch => {
+                    if !self.incoming().pending.lock().phase.has_switched() {
+                        self.switch_over().await?;
+                    }
+                    self.applied()?;
+                    self.after_progress()?;
+                }
+                Message::Bye => {
+                    if !self.session.proto.lock().completed {
+                        return Err(MigrationError::Unexpected("BYE before COMPLETE"));
+                    }
+                    return Ok(());
+                }
+                Message::ReadData { id, result } => self.read_answered(id, result),
+                Message::Error(e) => return Err(MigrationError::Refused(e.message)),
+                other => return Err(MigrationError::Unexpected(other.name())),
+            }
+        }
+    }
+
+    /// Maps what is here, records what is missing; returns the fingerprints to ask for.
+    pub(crate) async fn apply_fingerprints(&self, round: u32, runs: Vec<Run>, defer: bool) -> Result<Vec<Fingerprint>, MigrationError> {
+        let hello = &self.session.hello;
+        let blocks = hello.size.div_ceil(u64::from(hello.block_size));
+        for run in &runs {
+            let (first, n) = match run {
+                Run::Mapped { first, fps } => (*first, fps.len() as u64),
+                Run::Zero { first, count } => (*first, *count),
+            };
+            if first.checked_add(n).is_none_or(|end| end > blocks) {
+                return Err(MigrationError::Protocol(crate::protocol::ProtocolError::Malformed {
+                    what: "FINGERPRINTS",
+                    why: format!("blocks {first}+{n} are past the end of the disk"),
+                }));
+            }
+        }
+        let inc = self.incoming().clone();
+        let listed: u64 = runs.iter().filter(|r| matches!(r, Run::Mapped { .. })).map(Run::blocks).sum();
+        if round == 0 {
+            self.session.proto.lock().listed_round0 += listed;
+        }
+        blocking(move || apply_fingerprints(&inc, runs, defer)).await
+    }
+
+    pub(crate) async fn apply_data(&self, raw_len: u32, frame: Vec<u8>) -> Result<(), MigrationError> {
+        let inc = self.incoming().clone();
+        blocking(move || {
+            let records = decode_frame(raw_len, &frame, inc.block_size as usize)?;
+            apply_records(&inc, records)
+        })
+        .await?;
+        self.incoming().arrived.notify_all();
+        Ok(())
+    }
+
+    pub(crate) async fn switch_over(&self) -> Result<(), MigrationError> {
+        let session = self.session;
+        let id = session.hello.migration_id.clone();
+        // What is still missing is written down before the disk can be written: after a
+        // restart, it tells blocks still to come from blocks the guest has written since.
+        let processed = session.proto.lock().processed + 1;
+        let entries: Vec<(u64, Fingerprint)> = session.incoming.pending.lock().by_block.iter().map(|(b, fp)| (*b, *fp)).collect();
+        let state = self.state.clone();
+        let journal = {
+            let id = id.clone();
+            blocking(move || PendingJournal::create(state.as_ref(), &id, &entries, processed)).await?
+        };
+        *session.incoming.journal.lock() = journal;
+        // The record says Switched before the disk takes its real name: a restart in between
+        // finishes the rename (see `restore_one`), so a partial disk never shows under the
+        // real name without the list of what it still lacks.
+        let record = MigrationRecord {
+            id: id.clone(),
+            role: "destination".into(),
+            disk: session.hello.disk.clone(),
+            peer: session.status.report().peer,
+            stage: Stage::Switched,
+            config: None,
+            hello: Some(session.hello.clone()),
+        };
+        let state = self.state.clone();
+        blocking(move || state.save(&record)).await?;
+        let s = session.incoming.store.clone();
+        let (temp, name) = (incoming_name(&session.hello.disk), session.hello.disk.clone());
+        blocking(move || Ok::<_, MigrationError>(s.rename_disk(&temp, &name)?)).await?;
+        let (report, deferred) = {
+            let mut p = session.incoming.pending.lock();
+            // Requests the standby export holds continue as post-copy requests from here.
+            p.phase = DiskPhase::PostCopy;
+            // What deferred rounds left is asked for now, once, for the blocks that still
+            // need it (a later round may have listed other content for them since).
+            let deferred: Vec<Fingerprint> = std::mem::take(&mut p.deferred)
+                .into_iter()
+                .filter(|fp| p.waiting.get(fp).is_some_and(|blocks| blocks.iter().any(|b| p.by_block.get(b) == Some(fp))))
+                .collect();
+            p.report.wanted += deferred.len() as u64;
+            p.wanted.extend(deferred.iter().copied());
+            (p.report.clone(), deferred)
+        };
+        session.incoming.arrived.notify_all();
+        session.proto.lock().processed_at_switch = processed;
+        self.hooks.switched(&session.hello.disk);
+        let at = session.status.since_start();
+        session.status.update(|r| {
+            r.phase = Phase::PostCopy;
+            r.switch_seconds = Some(at);
+            r.cancellable = false;
+        });
+        tracing::info!(disk = %session.hello.disk, missing = session.incoming.pending.lock().by_block.len(), "switched over: serving the disk here");
+        self.send(Message::Switched(report))?;
+        for chunk in deferred.chunks(crate::protocol::MAX_LIST) {
+            self.send(Message::Want(chunk.to_vec()))?;
+        }
+        Ok(())
+    }
+
+    /// The source answered a standby read (an answer nobody waits for any more is dropped).
+    pub(crate) fn read_answered(&self, id: u64, result: Result<Vec<u8>, String>) {
+        let mut p = self.incoming().pending.lock();
+        if p.reads.asked.remove(&id).is_some() {
+            p.reads.answers.insert(id, result);
+            drop(p);
+            self.incoming().arrived.notify_all();
+        }
+    }
+
+    /// Reports finished rounds, and completion after the switch-over.
+    pub(crate) fn after_progress(&self) -> Result<(), MigrationError> {
+        let (idle, switched, report) = {
+            let p = self.incoming().pending.lock();
+            (p.wanted.is_empty(), p.phase.has_switched(), p.report.clone())
+        };
+        if !idle {
+            return Ok(());
+        }
+        let (rounds, complete_now) = {
+            let mut proto = self.session.proto.lock();
+            let rounds = std::mem::take(&mut proto.ended_rounds);
+            if let Some(&r) = rounds.last() {
+                proto.last_done = Some(r);
+            }
+            let complete_now = switched && !proto.completed;
+            if complete_now {
+                proto.completed = true;
+            }
+            (rounds, complete_now)
+        };
+        for round in rounds {
+            self.send(Message::RoundDone { round })?;
+        }
+        if complete_now {
+            self.hooks.complete(&self.session.hello.disk);
+            tracing::info!(disk = %self.session.hello.disk, "every block is local");
+            self.send(Message::Complete(report))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,539 @@
+//! A server's incoming migrations (live and parked) and their lifecycle.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cas_store::{DiskId, Fingerprint, Store};
+use parking_lot::{Condvar, Mutex};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use crate::protocol::{AcceptInfo, ErrorMessage, Hello, Message, Mode};
+use crate::report::{MigrationReport, Phase};
+use crate::source::MigrationStatus;
+use crate::state::{MigrationRecord, Stage, StateStore};
+use crate::wire::{exchange_greetings, read_message, write_frame, Frame};
+use crate::{blocking, MigrationError};
+
+use super::*;
+
+/// A server's incoming migrations, live and parked, by migration id. A migration outlives
+/// its connections: after a lost link it is parked until the source reconnects (or, before
+/// the switch-over, until `park_timeout` passes or an operator cancels it).
+pub struct Destination {
+    pub(crate) store: Arc<Store>,
+    pub(crate) hooks: Arc<dyn DestHooks>,
+    pub(crate) state: Arc<dyn StateStore>,
+    pub(crate) sessions: Mutex<HashMap<String, Arc<Session>>>,
+    pub(crate) park_timeout: Duration,
+}
+
+impl std::fmt::Debug for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Destination").field("sessions", &self.sessions.lock().keys().collect::<Vec<_>>()).finish()
+    }
+}
+
+/// One incoming migration, across its connections.
+pub(crate) struct Session {
+    pub(crate) hello: Hello,
+    pub(crate) incoming: Arc<Incoming>,
+    /// Frames to the source; the connection of the moment writes them.
+    pub(crate) out: mpsc::UnboundedSender<Frame>,
+    pub(crate) outbound: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Frame>>>,
+    pub(crate) proto: Mutex<Proto>,
+    pub(crate) status: Arc<MigrationStatus>,
+    /// Bumped by each new connection; an older connection stops when it sees the change.
+    pub(crate) generation: AtomicU64,
+    pub(crate) superseded: tokio::sync::Notify,
+    pub(crate) ended: AtomicBool,
+}
+
+/// Where the sequenced stream stands (see the protocol's resume section).
+#[derive(Debug, Default)]
+pub(crate) struct Proto {
+    pub(crate) processed: u64,
+    pub(crate) ended_rounds: Vec<u32>,
+    pub(crate) last_done: Option<u32>,
+    pub(crate) listed_round0: u64,
+    pub(crate) completed: bool,
+    /// Restored after a restart before the switch-over: the place in the rounds is lost.
+    pub(crate) needs_rebuild: bool,
+    /// The sequenced count when SWITCH was applied (kept across a restart).
+    pub(crate) processed_at_switch: u64,
+}
+
+impl Destination {
+    pub fn new(store: Arc<Store>, hooks: Arc<dyn DestHooks>, state: Arc<dyn StateStore>, park_timeout: Duration) -> Arc<Destination> {
+        Arc::new(Destination { store, hooks, state, sessions: Mutex::new(HashMap::new()), park_timeout })
+    }
+
+    pub fn status(&self, id: &str) -> Option<Arc<MigrationStatus>> {
+        self.sessions.lock().get(id).map(|s| s.status.clone())
+    }
+
+    /// After a restart: parks every migration a record names, and deletes partial disks no
+    /// record explains. Call before exporting the store's disks.
+    pub async fn restore(self: &Arc<Self>) -> Result<(), MigrationError> {
+        let state = self.state.clone();
+        let records = blocking(move || state.load()).await?;
+        let mut known: HashSet<String> = HashSet::new();
+        for record in records.into_iter().filter(|r| r.role == "destination") {
+            let Some(hello) = record.hello.clone() else {
+                continue;
+            };
+            known.insert(incoming_name(&hello.disk));
+            match self.restore_one(&record, hello).await {
+                Ok(()) => {}
+                Err(e) => {
+                    tracing::error!(id = %record.id, error = %e, "cannot restore an incoming migration");
+                    let (state, id) = (self.state.clone(), record.id.clone());
+                    let _ = blocking(move || state.remove(&id)).await;
+                }
+            }
+        }
+        let s = self.store.clone();
+        let disks = blocking(move || Ok::<_, MigrationError>(s.list_disks()?)).await?;
+        for disk in disks {
+            if disk.name.ends_with(".incoming") && !known.contains(&disk.name) {
+                tracing::warn!(disk = %disk.name, "removing a partial disk no migration record explains");
+                let s = self.store.clone();
+                blocking(move || Ok::<_, MigrationError>(s.delete_disk(&disk.name)?)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn restore_one(self: &Arc<Self>, record: &MigrationRecord, hello: Hello) -> Result<(), MigrationError> {
+        let switched = record.stage == Stage::Switched;
+        let name = if switched { hello.disk.clone() } else { incoming_name(&hello.disk) };
+        if switched {
+            // Stopped between recording the switch-over and renaming the disk: rename it now.
+            let s = self.store.clone();
+            let (temp, real) = (incoming_name(&hello.disk), hello.disk.clone());
+            blocking(move || {
+                if s.disk(&real).is_err() && s.disk(&temp).is_ok() {
+                    tracing::warn!(disk = %real, "finishing a switch-over that a restart interrupted");
+                    s.rename_disk(&temp, &real)?;
+                }
+                Ok::<_, MigrationError>(())
+            })
+            .await?;
+        }
+        let s = self.store.clone();
+        let n = name.clone();
+        let info = match blocking(move || Ok::<_, MigrationError>(s.disk(&n)?)).await {
+            Ok(i) => i,
+            Err(_) => {
+                tracing::warn!(id = %record.id, disk = %name, "a migration record names a disk that is gone; dropping the record");
+                let (state, id) = (self.state.clone(), record.id.clone());
+                blocking(move || state.remove(&id)).await?;
+                return Ok(());
+            }
+        };
+        let status = MigrationStatus::new(MigrationReport::new(&record.id, &hello.disk, "destination", &record.peer));
+        status.update(|r| {
+            r.disk_bytes = hello.size;
+            r.block_size = hello.block_size;
+            r.cancellable = !switched;
+            r.phase = if switched { Phase::PostCopy } else { Phase::PreCopy };
+        });
+        let mut pending = Pending::new(if switched { DiskPhase::PostCopy } else { DiskPhase::Standby });
+        let mut proto = Proto { needs_rebuild: !switched, ..Default::default() };
+        if switched {
+            let (state, id) = (self.state.clone(), record.id.clone());
+            let (entries, processed) = blocking(move || PendingJournal::load_from(state.as_ref(), &id)).await?;
+            proto.processed = processed;
+            proto.processed_at_switch = processed;
+            // A block whose content is the one it waited for arrived (its journal entry was
+            // lost with the crash); the rest is still missing.
+            let blocks: Vec<u64> = entries.iter().map(|e| e.0).collect();
+            let s = self.store.clone();
+            let id = info.id;
+            let current = blocking(move || Ok::<_, MigrationError>(s.block_fingerprints(id, &blocks)?)).await?;
+            for ((block, fp), now) in entries.into_iter().zip(current) {
+                if now == Some(fp) {
+                    continue;
+                }
+                pending.by_block.insert(block, fp);
+                pending.waiting.entry(fp).or_default().push(block);
+                pending.wanted.insert(fp);
+            }
+        }
+        status.interrupt("parked after a restart; waiting for the source to reconnect");
+        let journal = if switched {
+            let (state, id) = (self.state.clone(), record.id.clone());
+            blocking(move || PendingJournal::open(state.as_ref(), &id)).await?
+        } else {
+            None
+        };
+        let session = self.new_session(hello.clone(), info.id, status, pending, proto, journal)?;
+        if switched {
+            let missing = session.incoming.pending.lock().by_block.len();
+            tracing::warn!(id = %record.id, disk = %hello.disk, missing, "serving a migrated disk whose post-copy was interrupted by a restart; missing blocks wait for the source");
+            self.hooks.switched(&hello.disk);
+            if session.incoming.pending.lock().by_block.is_empty() {
+                self.finish(&session, Ok(()));
+                return Ok(());
+            }
+        } else {
+            tracing::warn!(id = %record.id, disk = %hello.disk, "parked an incoming migration after a restart; the source resumes it");
+            self.park_timer(&session);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn new_session(
+        &self,
+        hello: Hello,
+        disk: DiskId,
+        status: Arc<MigrationStatus>,
+        pending: Pending,
+        proto: Proto,
+        journal: Option<PendingJournal>,
+    ) -> Result<Arc<Session>, MigrationError> {
+        let (out_tx, out_rx) = mpsc::unbounded_channel::<Frame>();
+        let incoming = Arc::new(Incoming {
+            store: self.store.clone(),
+            disk,
+            block_size: u64::from(self.store.block_size()),
+            pending: Mutex::new(pending),
+            arrived: Condvar::new(),
+            fetch: out_tx.clone(),
+            journal: Mutex::new(journal),
+            read_through: hello.read_through,
+        });
+        let session = Arc::new(Session {
+            hello,
+            incoming,
+            out: out_tx,
+            outbound: Arc::new(tokio::sync::Mutex::new(out_rx)),
+            proto: Mutex::new(proto),
+            status,
+            generation: AtomicU64::new(0),
+            superseded: tokio::sync::Notify::new(),
+            ended: AtomicBool::new(false),
+        });
+        self.sessions.lock().insert(session.hello.migration_id.clone(), session.clone());
+        self.hooks.registered(&session.hello.migration_id, session.status.clone());
+        let disk = Arc::new(MigratingDisk { inner: session.incoming.clone() });
+        if let Err(why) = self.hooks.attach(&session.hello.disk, disk) {
+            self.sessions.lock().remove(&session.hello.migration_id);
+            return Err(MigrationError::Hook(why));
+        }
+        Ok(session)
+    }
+
+    /// Cancels a migration here before its switch-over: the partial disk goes.
+    pub async fn cancel(&self, id: &str) -> Result<(), String> {
+        let session = self.sessions.lock().get(id).cloned().ok_or_else(|| format!("no incoming migration {id:?}"))?;
+        if session.incoming.pending.lock().phase.has_switched() {
+            return Err(format!("migration {id} has switched over: this server serves the disk now"));
+        }
+        session.generation.fetch_add(1, Ordering::SeqCst);
+        session.superseded.notify_waiters();
+        self.fail(&session, &MigrationError::Cancelled).await;
+        Ok(())
+    }
+
+    /// Serves one incoming connection: a new migration, the resumption of a parked one, or a
+    /// plan. `status` tracks a new migration (a resumed one keeps its own).
+    pub async fn serve<S>(self: &Arc<Self>, mut stream: S, status: Arc<MigrationStatus>) -> Result<MigrationReport, MigrationError>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        exchange_greetings(&mut stream, &status.traffic).await?;
+        let hello = match read_message(&mut stream, &status.traffic).await? {
+            Some(Message::Hello(h)) => h,
+            Some(other) => {
+                let err = MigrationError::Unexpected(other.name());
+                refuse(&mut stream, &err.to_string(), &status).await;
+                return Err(err);
+            }
+            None => return Err(MigrationError::Closed),
+        };
+        if let Err(why) = check_hello(&self.store, &hello) {
+            refuse(&mut stream, &why, &status).await;
+            return Err(MigrationError::Refused(why));
+        }
+        if hello.mode == Mode::Plan {
+            status.update(|r| {
+                r.id = hello.migration_id.clone();
+                r.disk = hello.disk.clone();
+            });
+            crate::wire::write_message(&mut stream, &Message::Accept(AcceptInfo::default()), &status.traffic).await?;
+            plan(self.store.clone(), stream, &hello, &status).await?;
+            status.finish(Phase::Done, None);
+            return Ok(status.report());
+        }
+        let existing = self.sessions.lock().get(&hello.migration_id).cloned();
+        let session = match (hello.resume, existing) {
+            (true, Some(s)) => {
+                if s.hello.disk != hello.disk || s.hello.size != hello.size {
+                    let why = format!("migration {} here is of disk {:?} ({} bytes)", hello.migration_id, s.hello.disk, s.hello.size);
+                    refuse(&mut stream, &why, &status).await;
+                    return Err(MigrationError::Refused(why));
+                }
+                s
+            }
+            (true, None) => {
+                let why = format!("no migration {:?} to resume here (it ended, was cancelled, or never started)", hello.migration_id);
+                refuse(&mut stream, &why, &status).await;
+                return Err(MigrationError::Refused(why));
+            }
+            (false, Some(_)) => {
+                let why = format!("migration {:?} is already in progress here", hello.migration_id);
+                refuse(&mut stream, &why, &status).await;
+                return Err(MigrationError::Refused(why));
+            }
+            (false, None) => {
+                if let Err(why) = check_new(&self.store, &hello) {
+                    refuse(&mut stream, &why, &status).await;
+                    return Err(MigrationError::Refused(why));
+                }
+                let s = self.store.clone();
+                let (name, size) = (incoming_name(&hello.disk), hello.size);
+                let info = match blocking(move || Ok::<_, MigrationError>(s.create_disk(&name, size)?)).await {
+                    Ok(i) => i,
+                    Err(e) => {
+                        refuse(&mut stream, &e.to_string(), &status).await;
+                        return Err(e);
+                    }
+                };
+                status.update(|r| {
+                    r.id = hello.migration_id.clone();
+                    r.disk = hello.disk.clone();
+                    r.disk_bytes = hello.size;
+                    r.block_size = hello.block_size;
+                    r.phase = Phase::PreCopy;
+                });
+                let record = MigrationRecord {
+                    id: hello.migration_id.clone(),
+                    role: "destination".into(),
+                    disk: hello.disk.clone(),
+                    peer: status.report().peer,
+                    stage: Stage::PreCopy,
+                    config: None,
+                    hello: Some(hello.clone()),
+                };
+                let state = self.state.clone();
+                if let Err(e) = blocking(move || state.save(&record)).await {
+                    tracing::error!(error = %e, "cannot record an incoming migration; a restart would lose it");
+                }
+                tracing::info!(disk = %hello.disk, size = hello.size, id = %hello.migration_id, "receiving a migration");
+                self.new_session(hello.clone(), info.id, status, Pending::new(DiskPhase::Standby), Proto::default(), None)?
+            }
+        };
+        if hello.resume {
+            session.status.traffic.reconnects.fetch_add(1, Ordering::Relaxed);
+        }
+        self.attach(session, stream, hello.rebuild).await
+    }
+
+    /// Runs one connection of a session to its end: done, failed, or parked.
+    pub(crate) async fn attach<S>(self: &Arc<Self>, session: Arc<Session>, mut stream: S, rebuild: bool) -> Result<MigrationReport, MigrationError>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        // Take the session from an older connection (a half-dead one may not know yet).
+        let generation = session.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        session.superseded.notify_waiters();
+        let mut out_rx = session.outbound.clone().lock_owned().await;
+        while out_rx.try_recv().is_ok() {}
+        let status = session.status.clone();
+        let info = {
+            let mut proto = session.proto.lock();
+            let switched = session.incoming.pending.lock().phase.has_switched();
+            let rebuild = !switched && (rebuild || proto.needs_rebuild);
+            if rebuild {
+                let keep_switch = proto.processed_at_switch;
+                *proto = Proto { processed_at_switch: keep_switch, ..Default::default() };
+            }
+            AcceptInfo { processed: proto.processed, switched, rebuild }
+        };
+        crate::wire::write_message(&mut stream, &Message::Accept(info.clone()), &status.traffic).await?;
+        status.link_up();
+        // Everything the source must hear again: what readers wait for, what is missing, and
+        // the answers it may have missed.
+        {
+            let p = session.incoming.pending.lock();
+            let urgent: Vec<Fingerprint> = p.urgent.iter().copied().collect();
+            let wanted: Vec<Fingerprint> = p.wanted.iter().filter(|fp| !p.urgent.contains(fp)).copied().collect();
+            for chunk in urgent.chunks(crate::protocol::MAX_LIST) {
+                let _ = session.out.send(Frame::new(&Message::Fetch(chunk.to_vec())));
+            }
+            for chunk in wanted.chunks(crate::protocol::MAX_LIST) {
+                let _ = session.out.send(Frame::new(&Message::Want(chunk.to_vec())));
+            }
+            // Standby reads still waiting for the source (their ids stay the same; an answer
+            // that comes twice is ignored).
+            for (&id, &(offset, length)) in &p.reads.asked {
+                let _ = session.out.send(Frame::new(&Message::Read { id, offset, length }));
+            }
+            let proto = session.proto.lock();
+            if let Some(round) = proto.last_done {
+                let _ = session.out.send(Frame::new(&Message::RoundDone { round }));
+            }
+            if p.phase.has_switched() {
+                let _ = session.out.send(Frame::new(&Message::Switched(p.report.clone())));
+            }
+            if proto.completed {
+                let _ = session.out.send(Frame::new(&Message::Complete(p.report.clone())));
+            }
+        }
+        if info.processed > 0 || info.rebuild || info.switched {
+            tracing::info!(id = %session.hello.migration_id, processed = info.processed, rebuild = info.rebuild, switched = info.switched, "migration resumed");
+        }
+
+        let (mut reader, mut writer) = tokio::io::split(stream);
+        let st = status.clone();
+        let sess = session.clone();
+        let writer_task = tokio::spawn(async move {
+            loop {
+                let superseded = sess.superseded.notified();
+                if sess.generation.load(Ordering::SeqCst) != generation {
+                    break;
+                }
+                let frame = tokio::select! {
+                    f = out_rx.recv() => match f {
+                        Some(f) => f,
+                        None => break,
+                    },
+                    _ = superseded => break,
+                };
+                write_frame(&mut writer, &frame, &st.traffic).await?;
+                if out_rx.is_empty() {
+                    writer.flush().await?;
+                }
+            }
+            writer.flush().await.ok();
+            writer.shutdown().await.ok();
+            drop(out_rx);
+            Ok::<(), MigrationError>(())
+        });
+
+        let result = {
+            let conn = Connection { session: &session, hooks: &self.hooks, state: &self.state };
+            let superseded = async {
+                loop {
+                    let n = session.superseded.notified();
+                    if session.generation.load(Ordering::SeqCst) != generation {
+                        return;
+                    }
+                    n.await;
+                }
+            };
+            tokio::select! {
+                r = conn.run(&mut reader) => r,
+                _ = superseded => Err(MigrationError::Superseded),
+            }
+        };
+        match result {
+            Ok(()) => {
+                let _ = tokio::time::timeout(Duration::from_secs(5), writer_task).await;
+                self.finish(&session, Ok(()));
+                Ok(session.status.report())
+            }
+            Err(MigrationError::Superseded) => {
+                writer_task.abort();
+                Err(MigrationError::Superseded)
+            }
+            Err(e) if is_link_error(&e) => {
+                writer_task.abort();
+                tracing::warn!(id = %session.hello.migration_id, error = %e, "migration link lost; parked until the source reconnects");
+                session.status.link_down(&e.to_string());
+                self.park_timer(&session);
+                Err(e)
+            }
+            Err(e) => {
+                let _ = session.out.send(Frame::new(&Message::Error(ErrorMessage { message: e.to_string() })));
+                let _ = tokio::time::timeout(Duration::from_secs(2), writer_task).await;
+                self.fail(&session, &e).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// A parked migration whose source does not come back within the park timeout: before
+    /// the switch-over it is dropped (the source is still authoritative); once every block
+    /// is here it is done (only BYE was lost); in between it waits, since only the source
+    /// has the missing blocks.
+    pub(crate) fn park_timer(self: &Arc<Self>, session: &Arc<Session>) {
+        let generation = session.generation.load(Ordering::SeqCst);
+        let (this, session) = (self.clone(), session.clone());
+        let timeout = self.park_timeout;
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            if session.generation.load(Ordering::SeqCst) != generation || session.ended.load(Ordering::SeqCst) {
+                return;
+            }
+            if session.proto.lock().completed {
+                this.finish(&session, Ok(()));
+            } else if !session.incoming.pending.lock().phase.has_switched() {
+                tracing::warn!(id = %session.hello.migration_id, "the source did not come back; dropping the partial disk");
+                this.fail(&session, &MigrationError::Refused(format!("the source did not reconnect within {timeout:?}"))).await;
+            }
+        });
+    }
+
+    pub(crate) fn finish(&self, session: &Arc<Session>, _: Result<(), ()>) {
+        if session.ended.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.sessions.lock().remove(&session.hello.migration_id);
+        // File removals and a directory fsync: on the blocking pool. A crash before they land
+        // leaves a record whose disk has every block, which the next start finishes at once.
+        let (state, id) = (self.state.clone(), session.hello.migration_id.clone());
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = state.remove(&id) {
+                tracing::warn!(error = %e, "cannot remove a finished migration's record");
+            }
+            PendingJournal::remove(state.as_ref(), &id);
+        });
+        let report = session.incoming.pending.lock().report.clone();
+        session.status.update(|r| {
+            r.destination = report;
+            r.link_state = "closed".into();
+        });
+        session.status.finish(Phase::Done, None);
+    }
+
+    pub(crate) async fn fail(&self, session: &Arc<Session>, e: &MigrationError) {
+        if session.ended.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let switched = {
+            let mut p = session.incoming.pending.lock();
+            p.phase = p.phase.failed(e.to_string());
+            p.phase.has_switched()
+        };
+        session.incoming.arrived.notify_all();
+        self.sessions.lock().remove(&session.hello.migration_id);
+        if !switched {
+            // The source is still authoritative: the standby export goes, then the partial
+            // disk.
+            self.hooks.abandoned(&session.hello.disk);
+            let s = self.store.clone();
+            let name = incoming_name(&session.hello.disk);
+            if let Err(err) = blocking(move || Ok::<_, MigrationError>(s.delete_disk(&name)?)).await {
+                tracing::error!(error = %err, "cannot delete a partial incoming disk");
+            }
+            let (state, id) = (self.state.clone(), session.hello.migration_id.clone());
+            let _ = blocking(move || state.remove(&id)).await;
+            tracing::warn!(disk = %session.hello.disk, error = %e, "migration failed before the switch-over; partial disk removed");
+        } else {
+            // Keep the record: after a restart the disk must still be known as incomplete.
+            tracing::error!(disk = %session.hello.disk, error = %e, "migration failed after the switch-over; missing blocks cannot be read");
+        }
+        let report = session.incoming.pending.lock().report.clone();
+        session.status.update(|r| r.destination = report);
+        let cancelled = matches!(e, MigrationError::Cancelled) || matches!(e, MigrationError::Refused(m) if m.contains("cancelled"));
+        session.status.finish(if cancelled { Phase::Cancelled } else { Phase::Failed }, Some(e.to_string()));
+    }
+}
+
+pub(crate) fn is_link_error(e: &MigrationError) -> bool {
+    matches!(e, MigrationError::Io(_) | MigrationError::Closed)
+}

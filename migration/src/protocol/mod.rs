@@ -1,0 +1,320 @@
+//! The migration wire protocol: a pure codec, no I/O.
+//!
+//! # Connection
+//! The source server connects to the destination server's migration listener. Both send an
+//! 8-byte preamble `CASMIGR\0` and a big-endian u16 protocol version, then frames:
+//!
+//! ```text
+//! frame   = type (u8) | payload length (u32 BE) | payload
+//! ```
+//!
+//! A payload longer than [`MAX_PAYLOAD`] is refused before anything is allocated for it.
+//! Control messages carry JSON (unknown fields are ignored); bulk messages are binary.
+//!
+//! # Message diagram (one migration)
+//! ```text
+//! source                                              destination
+//!   preamble+version  ------------------------------>
+//!                     <------------------------------  preamble+version
+//!   HELLO {id,disk,size,block_size,algorithm,mode} >  checks, creates the incoming disk,
+//!                                                      exports it in standby (see below)
+//!                     <------------------------------  ACCEPT {processed:0} | ERROR
+//!   FINGERPRINTS (round 0: the map snapshot) ------->  has_many: hits mapped at once
+//!                     <------------------------------  ACK n (after each sequenced message)
+//!                     <------------------------------  WANT (fingerprints it lacks, once each)
+//!   DATA (zstd frames of block records) ------------>  verify fingerprint, store, map
+//!   ROUND_END 0 ------------------------------------>
+//!                     <------------------------------  ROUND_DONE 0 (everything wanted arrived)
+//!   FINGERPRINTS/ROUND_END (dirty rounds) ---------->  ... (as round 0; with defer_dirty,
+//!                     <------------------------------  ROUND_DONE k   only mapped: no WANT)
+//!                     <------------------------------  READ {id,offset,length} (a standby
+//!   READ_DATA {id, bytes | error} ------------------>   read; any time before SWITCHED)
+//!   [manual: listing-only rounds every 0.5 s until the operator's `switch`]
+//!   [source export frozen (its I/O held); background DATA held]
+//!   FINGERPRINTS (final dirty blocks), ROUND_END last
+//!   SWITCH ----------------------------------------->  export becomes writable (post-copy)
+//!                     <------------------------------  SWITCHED {report}
+//!                     <------------------------------  WANT (what deferred rounds left)
+//!                     <------------------------------  FETCH (a read needs these now)
+//!   DATA (on-demand ahead of background) ----------->
+//!                     <------------------------------  COMPLETE {report}: every block local
+//!   BYE -------------------------------------------->  [source releases its disk]
+//! ```
+//! The switch-over's pause is the final listing's round trip, so everything before the freeze
+//! works to keep that listing small and the link empty: dirty rounds repeat while the dirty
+//! set shrinks (with `defer_dirty` they carry fingerprints only, so they take milliseconds),
+//! and from the freeze until SWITCH is written the source sends no background DATA (a deep
+//! queue on a WAN link would otherwise hold SWITCH behind megabytes of data).
+//!
+//! **Standby.** From HELLO until SWITCH the destination exports the disk under its real name
+//! (a hypervisor opens its disks when it creates the incoming VM, long before the pause):
+//! reads are answered with the source's current content (READ / READ_DATA, at most
+//! [`MAX_READ`] bytes each, resent on a new connection under the same id; only when HELLO has
+//! `read_through`), writes wait for the switch-over and are then applied, FLUSH succeeds at
+//! once (nothing was acknowledged there). Nothing stale is returned and no write is lost.
+//!
+//! **Switch on command.** With `--switch-after manual` the source keeps the dirty set small
+//! with listing-only rounds until an operator (the hypervisor's hook when it pauses the VM)
+//! asks for the switch-over; the messages are those of any other switch-over.
+//!
+//! A *plan* (mode `plan`) sends round 0's fingerprints and ROUND_END, and the destination
+//! answers PLAN with what it would need, changing nothing.
+//!
+//! # Resume (a lost link, or a restart of either side)
+//! FINGERPRINTS, ROUND_END, SWITCH and BYE are *sequenced*: the destination counts those it
+//! has applied and acknowledges the count (ACK); the source keeps the unacknowledged ones.
+//! Everything else is regenerated from state, so nothing is lost with a connection:
+//! ```text
+//!   HELLO {same id, resume:true, rebuild} ---------->  finds the parked migration
+//!                     <------------------------------  ACCEPT {processed n, switched, rebuild}
+//!                     <------------------------------  FETCH (every block a reader waits for)
+//!                     <------------------------------  WANT (every fingerprint still missing)
+//!                     <------------------------------  ROUND_DONE / SWITCHED again if already sent
+//!   sequenced messages from n on (or, with rebuild,
+//!   the whole map again with zero runs) ----------->  blocks it holds are not asked for again
+//! ```
+//! Only data in flight when the link dropped crosses twice: what arrived was verified and
+//! stored, and is no longer wanted. A destination restarted before the switch-over has its
+//! partial disk but not its place in the rounds, so it answers `rebuild`; a source restarted
+//! before the switch-over asks for one. A source that gave up reconnecting keeps its state
+//! (`interrupted`) until an operator resumes or cancels it; cancel sends ERROR, on which the
+//! destination deletes its partial disk.
+//!
+//! # State machines
+//! Source (`source::state::SourceState`): `PreCopy` (listing and rounds; cancellable) ->
+//! `Frozen` (export holds I/O; a failure thaws it) -> `SwitchSent` (SWITCH may have left: never
+//! thaw again) -> `PostCopy` (answers fetches) -> done.
+//! Destination, per disk (`destination::state::DiskPhase`): `Standby` (reads through to the
+//! source, writes held) -> `PostCopy` (serves the disk, fetches what is missing) -> complete;
+//! or `Abandoned` (failed or cancelled before SWITCH: standby requests fail, the partial disk
+//! goes) / `Broken` (link lost for good after SWITCH: missing blocks cannot be read). Either side sends
+//! ERROR and closes on a violation; a destination that fails before SWITCHED deletes its
+//! partial disk, and the source, still authoritative, thaws its export. A lost link is not a
+//! violation: both sides keep their state (the destination *parks* it under the migration
+//! id) and the source reconnects with backoff. A source frozen for the switch-over never
+//! thaws once SWITCH may have reached the destination: only the destination can say whether
+//! it switched, so the source waits for it.
+//!
+//! # Version policy
+//! [`VERSION`] changes only when a message changes meaning or layout. Peers must speak the
+//! same version; a mismatch is answered with ERROR naming both versions. New optional JSON
+//! fields and new message types that an older peer never receives do not change it.
+//! Version 2 added resume (ACCEPT's payload, ACK, HELLO's resume fields). READ and READ_DATA
+//! came later without a version change: a destination sends READ only to a source whose
+//! HELLO says `read_through` (an older source's destination holds standby reads until the
+//! switch-over instead).
+
+mod codec;
+
+pub use codec::{check_greeting, decode, decode_header, encode, greeting};
+
+use serde::{Deserialize, Serialize};
+
+use cas_store::Fingerprint;
+
+pub const PREAMBLE: [u8; 8] = *b"CASMIGR\0";
+pub const VERSION: u16 = 2;
+/// Preamble and version.
+pub const GREETING_LEN: usize = 10;
+pub const HEADER_LEN: usize = 5;
+/// Largest frame payload (a DATA frame holds at most a few MiB of compressed blocks).
+pub const MAX_PAYLOAD: usize = 16 << 20;
+/// Largest decompressed DATA payload.
+pub const MAX_RAW_DATA: usize = 16 << 20;
+/// Most fingerprints in one WANT or FETCH frame, and entries in one FINGERPRINTS frame.
+pub const MAX_LIST: usize = 1 << 18;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProtocolError {
+    #[error("not a migration peer (bad preamble)")]
+    BadPreamble,
+    #[error("peer speaks migration protocol version {peer}, this server speaks {ours}")]
+    Version { peer: u16, ours: u16 },
+    #[error("frame of {0} bytes is larger than the limit")]
+    TooLarge(usize),
+    #[error("unknown message type {0}")]
+    UnknownType(u8),
+    #[error("malformed {what}: {why}")]
+    Malformed { what: &'static str, why: String },
+}
+
+pub(crate) fn malformed(what: &'static str, why: impl Into<String>) -> ProtocolError {
+    ProtocolError::Malformed { what, why: why.into() }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Migrate,
+    Plan,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub migration_id: String,
+    pub disk: String,
+    pub size: u64,
+    pub block_size: u32,
+    pub algorithm: String,
+    pub mode: Mode,
+    /// This connection continues migration `migration_id` after a lost link or a restart.
+    #[serde(default)]
+    pub resume: bool,
+    /// The source lost its place (it restarted): it lists the whole disk again, zero runs
+    /// included, and the destination keeps what it already holds.
+    #[serde(default)]
+    pub rebuild: bool,
+    /// Rounds after round 0 (the final one included) are listings only: the destination maps
+    /// what it already holds and leaves the rest missing until the switch-over, when it asks
+    /// for it as post-copy. A block rewritten while the VM runs then crosses once, with its
+    /// last content, and the source can repeat cheap rounds until the listing left for the
+    /// freeze is small. A destination that predates this field asks at once, which is still
+    /// correct (the rounds then wait for the data).
+    #[serde(default)]
+    pub defer_dirty: bool,
+    /// The source answers READ: before the switch-over the destination serves a *standby*
+    /// export of the disk whose reads are answered with the source's current content.
+    #[serde(default)]
+    pub read_through: bool,
+}
+
+/// The destination's answer to HELLO: where a resumed migration continues.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcceptInfo {
+    /// Sequenced messages (see [`Message::is_sequenced`]) the destination has applied; the
+    /// source resends those after them.
+    pub processed: u64,
+    /// The destination already serves the disk.
+    pub switched: bool,
+    /// The destination lost its place (it restarted before the switch-over) or the source
+    /// asked for it: the source lists the whole disk again from a fresh snapshot.
+    pub rebuild: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorMessage {
+    pub message: String,
+}
+
+/// A run of consecutive blocks in a FINGERPRINTS frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Run {
+    /// Blocks `first..first + fps.len()` hold these fingerprints.
+    Mapped { first: u64, fps: Vec<Fingerprint> },
+    /// Blocks `first..first + count` read as zeros.
+    Zero { first: u64, count: u64 },
+}
+
+impl Run {
+    pub fn blocks(&self) -> u64 {
+        match self {
+            Run::Mapped { fps, .. } => fps.len() as u64,
+            Run::Zero { count, .. } => *count,
+        }
+    }
+}
+
+/// What the destination reports about itself (in SWITCHED, COMPLETE and PLAN).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DestReport {
+    /// Blocks the source listed as allocated.
+    pub blocks_listed: u64,
+    /// Blocks whose content the destination already had from other disks.
+    pub neighbour_hits: u64,
+    /// Blocks whose content occurs earlier in the same disk (crossed once).
+    pub duplicates: u64,
+    /// Blocks that read as zeros (never cross).
+    pub zero_blocks: u64,
+    /// Distinct fingerprints the destination asked for.
+    pub wanted: u64,
+    /// Distinct blocks received before the switch-over, on demand after it, in the
+    /// background after it.
+    pub received_before_switch: u64,
+    pub fetched_on_demand: u64,
+    pub fetched_background: u64,
+    /// Fingerprints the source no longer had (the block changed; a later round resent it).
+    pub gone: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    Hello(Hello),
+    Accept(AcceptInfo),
+    /// The destination has applied this many sequenced messages (the source may forget them).
+    Ack {
+        processed: u64,
+    },
+    Fingerprints {
+        round: u32,
+        runs: Vec<Run>,
+    },
+    RoundEnd {
+        round: u32,
+        last: bool,
+    },
+    Want(Vec<Fingerprint>),
+    Fetch(Vec<Fingerprint>),
+    /// A zstd frame of block records (see [`crate::compress`]); `raw_len` is its size
+    /// decompressed.
+    Data {
+        raw_len: u32,
+        frame: Vec<u8>,
+    },
+    RoundDone {
+        round: u32,
+    },
+    Switch,
+    Switched(DestReport),
+    Complete(DestReport),
+    Plan(DestReport),
+    Error(ErrorMessage),
+    Bye,
+    /// Destination to source, before the switch-over: the standby export needs these bytes
+    /// of the disk as the source has them now (at most [`MAX_READ`] bytes).
+    Read {
+        id: u64,
+        offset: u64,
+        length: u32,
+    },
+    /// Source to destination: the answer to READ `id`.
+    ReadData {
+        id: u64,
+        result: Result<Vec<u8>, String>,
+    },
+}
+
+/// Largest READ (the standby export splits larger reads).
+pub const MAX_READ: u32 = 1 << 20;
+
+impl Message {
+    /// Messages from the source that the destination counts and acknowledges: after a lost
+    /// link the source resends those the destination had not applied. Everything else is
+    /// either regenerated from state on resume (WANT, FETCH, DATA, ROUND_DONE, SWITCHED,
+    /// COMPLETE) or belongs to one connection (HELLO, ACCEPT, ERROR).
+    pub fn is_sequenced(&self) -> bool {
+        matches!(self, Message::Fingerprints { .. } | Message::RoundEnd { .. } | Message::Switch | Message::Bye)
+    }
+
+    /// Name for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "HELLO",
+            Message::Accept(_) => "ACCEPT",
+            Message::Ack { .. } => "ACK",
+            Message::Fingerprints { .. } => "FINGERPRINTS",
+            Message::RoundEnd { .. } => "ROUND_END",
+            Message::Want(_) => "WANT",
+            Message::Fetch(_) => "FETCH",
+            Message::Data { .. } => "DATA",
+            Message::RoundDone { .. } => "ROUND_DONE",
+            Message::Switch => "SWITCH",
+            Message::Switched(_) => "SWITCHED",
+            Message::Complete(_) => "COMPLETE",
+            Message::Plan(_) => "PLAN",
+            Message::Error(_) => "ERROR",
+            Message::Bye => "BYE",
+            Message::Read { .. } => "READ",
+            Message::ReadData { .. } => "READ_DATA",
+        }
+    }
+}

@@ -1,0 +1,332 @@
+//! One connection's reader, writer and data sender.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use cas_store::{DiskId, Fingerprint, Store};
+use parking_lot::Mutex;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+
+use super::*;
+use crate::compress::{compress, encode_records, LevelController, Record};
+use crate::protocol::Message;
+use crate::wire::{read_message, write_frame, Frame};
+use crate::{blocking, MigrationError};
+
+#[derive(Debug)]
+pub(crate) enum SendWork {
+    Want(Vec<Fingerprint>),
+    Fetch(Vec<Fingerprint>),
+}
+
+/// Answers the destination's READs (its standby export, before the switch-over) from the
+/// disk as it is here now, a few at a time, on the urgent queue.
+#[derive(Debug, Clone)]
+pub(crate) struct ReadServer {
+    store: Arc<Store>,
+    disk: DiskId,
+    replies: mpsc::Sender<DataFrame>,
+    /// READs being served at most (each holds up to `MAX_READ` bytes): a destination that
+    /// floods READs waits on its own link instead of growing this server's memory.
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+/// READs served at once.
+const CONCURRENT_READS: usize = 8;
+
+impl ReadServer {
+    pub(crate) fn new(store: Arc<Store>, disk: DiskId, replies: mpsc::Sender<DataFrame>) -> ReadServer {
+        ReadServer { store, disk, replies, permits: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_READS)) }
+    }
+
+    /// Starts answering one READ; waits while `CONCURRENT_READS` are in progress.
+    async fn serve(&self, id: u64, offset: u64, length: u32) {
+        let permit = self.permits.clone().acquire_owned().await.expect("never closed");
+        let (store, disk, replies) = (self.store.clone(), self.disk, self.replies.clone());
+        tokio::spawn(async move {
+            let read = blocking(move || {
+                let mut buf = vec![0u8; length as usize];
+                store.read(disk, offset, &mut buf).map(|()| buf)
+            })
+            .await;
+            let result = read.map_err(|e| e.to_string());
+            if let Err(why) = &result {
+                tracing::warn!(offset, length, error = %why, "cannot answer the destination's read");
+            }
+            let frame = Frame::new(&Message::ReadData { id, result });
+            let _ = replies.send(DataFrame { frame, fps: Vec::new(), record_bytes: 0 }).await;
+            drop(permit);
+        });
+    }
+}
+
+pub(crate) async fn run_reader<R: AsyncRead + Unpin>(
+    mut reader: R,
+    events: mpsc::UnboundedSender<Event>,
+    work: mpsc::UnboundedSender<SendWork>,
+    reads: ReadServer,
+    outbox: Arc<Outbox>,
+    status: Arc<MigrationStatus>,
+) -> Result<(), MigrationError> {
+    loop {
+        let msg = match read_message(&mut reader, &status.traffic).await {
+            Ok(Some(m)) => m,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %e, "migration link read failed");
+                return Err(e);
+            }
+        };
+        let sent = match msg {
+            Message::Ack { processed } => {
+                outbox.ack(processed)?;
+                true
+            }
+            Message::Want(fps) => {
+                status.update(|r| r.blocks_wanted += fps.len() as u64);
+                work.send(SendWork::Want(fps)).is_ok()
+            }
+            Message::Fetch(fps) => work.send(SendWork::Fetch(fps)).is_ok(),
+            Message::Read { id, offset, length } => {
+                reads.serve(id, offset, length).await;
+                true
+            }
+            Message::RoundDone { round } => events.send(Event::RoundDone(round)).is_ok(),
+            Message::Switched(r) => events.send(Event::Switched(r)).is_ok(),
+            Message::Complete(r) => events.send(Event::Complete(r)).is_ok(),
+            Message::Error(e) => {
+                tracing::error!(message = %e.message, "destination reported an error");
+                status.update(|r| r.error = Some(format!("destination: {}", e.message)));
+                return Err(MigrationError::Refused(e.message));
+            }
+            other => {
+                tracing::error!(message = other.name(), "unexpected message from the destination");
+                return Err(MigrationError::Unexpected(other.name()));
+            }
+        };
+        if !sent {
+            return Ok(());
+        }
+    }
+}
+
+/// A DATA frame and the blocks in it (to count what a lost link makes cross twice).
+#[derive(Debug)]
+pub(crate) struct DataFrame {
+    pub(crate) frame: Frame,
+    pub(crate) fps: Vec<Fingerprint>,
+    pub(crate) record_bytes: u64,
+}
+
+/// Writes frames: on-demand data first, then the sequenced frames from `cursor` on, then
+/// background data.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn run_writer<W: AsyncWrite + Unpin>(
+    mut writer: W,
+    outbox: Arc<Outbox>,
+    mut cursor: u64,
+    mut urgent: mpsc::Receiver<DataFrame>,
+    mut low: mpsc::Receiver<DataFrame>,
+    status: Arc<MigrationStatus>,
+    mut limiter: Option<crate::ratelimit::TokenBucket>,
+    ever_sent: Arc<Mutex<HashSet<Fingerprint>>>,
+) -> Result<(), MigrationError> {
+    use tokio::io::AsyncWriteExt;
+    loop {
+        let notified = outbox.changed.notified();
+        let mut sequenced = None;
+        let mut data = None;
+        let frame = if let Ok(d) = urgent.try_recv() {
+            let f = d.frame.clone();
+            data = Some(d);
+            f
+        } else if let Some((f, again)) = outbox.get(cursor) {
+            if again {
+                status.traffic.replayed.fetch_add(f.len() as u64, Ordering::Relaxed);
+            }
+            sequenced = Some(cursor);
+            cursor += 1;
+            f
+        } else if let Some(d) = if outbox.background_held() { None } else { low.try_recv().ok() } {
+            let f = d.frame.clone();
+            data = Some(d);
+            f
+        } else {
+            writer.flush().await?;
+            let held = outbox.background_held();
+            let d = tokio::select! {
+                biased;
+                d = urgent.recv() => match d {
+                    Some(d) => d,
+                    None => return Ok(()),
+                },
+                _ = notified => continue,
+                Some(d) = low.recv(), if !held => d,
+            };
+            let f = d.frame.clone();
+            data = Some(d);
+            f
+        };
+        // The cap applies to every frame, so on-demand data, which goes first, stays first
+        // under the cap.
+        if let Some(bucket) = limiter.as_mut() {
+            let wait = bucket.charge(frame.len());
+            if !wait.is_zero() {
+                writer.flush().await?;
+                tokio::time::sleep(wait).await;
+            }
+        }
+        write_frame(&mut writer, &frame, &status.traffic).await?;
+        if let Some(d) = data {
+            let mut ever = ever_sent.lock();
+            let again = d.fps.iter().filter(|fp| !ever.insert(**fp)).count() as u64;
+            if again > 0 {
+                let per = d.record_bytes / d.fps.len().max(1) as u64;
+                status.traffic.resent_raw.fetch_add(again * per, Ordering::Relaxed);
+            }
+        }
+        if let Some(seq) = sequenced {
+            if urgent.is_empty() && low.is_empty() {
+                writer.flush().await?;
+            }
+            outbox.mark_written(seq);
+        }
+    }
+}
+
+/// Sends DATA frames for wanted blocks: on-demand fetches go first, in small frames, on the
+/// urgent queue; the background queue fills larger frames.
+pub(crate) async fn run_data_sender(
+    store: Arc<Store>,
+    mut work: mpsc::UnboundedReceiver<SendWork>,
+    high: mpsc::Sender<DataFrame>,
+    low: mpsc::Sender<DataFrame>,
+    config: SourceConfig,
+    status: Arc<MigrationStatus>,
+) {
+    let block_size = store.block_size() as usize;
+    let per_batch = (config.batch_bytes / (block_size + 17)).max(1);
+    let mut urgent: VecDeque<Fingerprint> = VecDeque::new();
+    let mut background: VecDeque<Fingerprint> = VecDeque::new();
+    let mut sent: HashSet<Fingerprint> = HashSet::new();
+    let mut level = LevelController::new(config.zstd_level);
+    loop {
+        // Take everything queued, then block for more only when idle.
+        loop {
+            let item = if urgent.is_empty() && background.is_empty() {
+                match work.recv().await {
+                    Some(w) => w,
+                    None => return,
+                }
+            } else {
+                match work.try_recv() {
+                    Ok(w) => w,
+                    Err(_) => break,
+                }
+            };
+            match item {
+                SendWork::Want(fps) => background.extend(fps),
+                SendWork::Fetch(fps) => urgent.extend(fps),
+            }
+        }
+        let is_urgent = !urgent.is_empty();
+        let queue = if is_urgent { &mut urgent } else { &mut background };
+        let mut batch = Vec::with_capacity(per_batch.min(queue.len()));
+        while batch.len() < per_batch {
+            match queue.pop_front() {
+                Some(fp) if sent.insert(fp) => batch.push(fp),
+                Some(_) => {}
+                None => break,
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let s = store.clone();
+        let lvl = level.level();
+        let built = blocking(move || {
+            let blocks = s.get_blocks(&batch)?;
+            let records: Vec<Record> = batch
+                .iter()
+                .zip(blocks)
+                .map(|(fp, b)| match b {
+                    Some(data) => Record::Block { fp: *fp, data: data.to_vec() },
+                    None => Record::Gone(*fp),
+                })
+                .collect();
+            let gone: Vec<Fingerprint> = records.iter().filter_map(|r| if let Record::Gone(fp) = r { Some(*fp) } else { None }).collect();
+            let mut raw = Vec::with_capacity(records.len() * (block_size + 17));
+            encode_records(&records, &mut raw);
+            let started = Instant::now();
+            let frame = compress(&raw, lvl);
+            Ok::<_, MigrationError>((raw.len(), frame, started.elapsed(), batch, gone))
+        })
+        .await;
+        let (raw_len, frame, compress_time, batch, gone) = match built {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(error = %e, "reading blocks to send failed");
+                return;
+            }
+        };
+        // A block that is gone was not sent; if it is asked for again, try again.
+        for fp in &gone {
+            sent.remove(fp);
+        }
+        status.traffic.data_raw.fetch_add(raw_len as u64, Ordering::Relaxed);
+        status.update(|r| {
+            r.blocks_sent += (batch.len() - gone.len()) as u64;
+            r.zstd_level = lvl;
+        });
+        let sent_fps: Vec<Fingerprint> = batch.into_iter().filter(|fp| !gone.contains(fp)).collect();
+        let frame = DataFrame { frame: Frame::new(&Message::Data { raw_len: raw_len as u32, frame }), fps: sent_fps, record_bytes: raw_len as u64 };
+        let wait_start = Instant::now();
+        let tx = if is_urgent { &high } else { &low };
+        if tx.send(frame).await.is_err() {
+            return;
+        }
+        let waited = wait_start.elapsed();
+        if !is_urgent {
+            level.observe(compress_time, waited);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::MigrationReport;
+    use crate::source::outbox::Outbox;
+    use crate::wire::Traffic;
+    use std::time::Duration;
+
+    /// The switch-over's hold: background DATA queued before the freeze goes out only after
+    /// the sequenced frames pushed while held (the final listing, SWITCH).
+    #[tokio::test]
+    pub(crate) async fn held_background_data_goes_after_switch() {
+        let outbox = Arc::new(Outbox::new(false));
+        let (_urgent_tx, urgent_rx) = mpsc::channel(4);
+        let (low_tx, low_rx) = mpsc::channel(4);
+        let status = MigrationStatus::new(MigrationReport::new("t", "vm", "source", "peer"));
+        let (ours, mut theirs) = tokio::io::duplex(1 << 20);
+        let hold = outbox.hold_background();
+        let data = Message::Data { raw_len: 3, frame: vec![1, 2, 3] };
+        low_tx.send(DataFrame { frame: Frame::new(&data), fps: vec![Fingerprint([9; 16])], record_bytes: 3 }).await.unwrap();
+        let writer = tokio::spawn(run_writer(ours, outbox.clone(), 0, urgent_rx, low_rx, status.clone(), None, Default::default()));
+        let traffic = Traffic::default();
+        let nothing = tokio::time::timeout(Duration::from_millis(100), read_message(&mut theirs, &traffic)).await;
+        assert!(nothing.is_err(), "nothing goes out while only held data is queued: {nothing:?}");
+        outbox.push(0, &Message::RoundEnd { round: 1, last: true }).await.unwrap();
+        outbox.push(0, &Message::Switch).await.unwrap();
+        drop(hold);
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            got.push(read_message(&mut theirs, &traffic).await.unwrap().unwrap());
+        }
+        assert_eq!(got, vec![Message::RoundEnd { round: 1, last: true }, Message::Switch, data]);
+        writer.abort();
+    }
+}

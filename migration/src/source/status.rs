@@ -1,0 +1,240 @@
+//! A migration's live state and figures, shared with whoever reports on it, and the
+//! operator's requests to it (cancel, resume, switch).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use crate::report::{MigrationReport, Phase, SwitchAfter};
+use crate::wire::Traffic;
+
+/// Why an operator's request to a migration was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("{what} a migration at its source")]
+    WrongSide { what: &'static str },
+    #[error("migration {id} has already ended ({phase:?})")]
+    Ended { id: String, phase: Phase },
+    #[error("migration {id} is past its switch-over; it can no longer be cancelled")]
+    PastSwitch { id: String },
+    #[error("migration {id} is being cancelled")]
+    Cancelling { id: String },
+    #[error("migration {id} is {phase:?}: its link is down, resume it first")]
+    Interrupted { id: String, phase: Phase },
+    #[error("migration {id} failed during its switch-over: {why}")]
+    SwitchFailed { id: String, why: String },
+}
+
+/// Live state of a migration, shared with whoever reports on it.
+#[derive(Debug)]
+pub struct MigrationStatus {
+    pub traffic: Traffic,
+    pub(crate) report: Mutex<MigrationReport>,
+    pub(crate) started: Instant,
+    pub(crate) cancel: Notify,
+    pub(crate) cancel_requested: AtomicBool,
+    /// Wakes a source's link supervisor: retry now (resume, or cancel needs the link).
+    pub(crate) kick: Notify,
+    /// The phase an interrupted migration returns to when its link is back.
+    pub(crate) phase_before_interrupt: Mutex<Option<Phase>>,
+    /// When the source froze its export (downtime runs from here to SWITCHED).
+    pub(crate) freeze_at: Mutex<Option<Instant>>,
+    /// An operator (the hypervisor's hook) asked for the switch-over.
+    pub(crate) switch_requested: AtomicBool,
+    pub(crate) switch: Notify,
+    /// Wakes whoever waits for the report to change (`wait_switched`).
+    pub(crate) changed: Notify,
+}
+
+impl MigrationStatus {
+    pub fn new(report: MigrationReport) -> Arc<MigrationStatus> {
+        Arc::new(MigrationStatus {
+            traffic: Traffic::default(),
+            report: Mutex::new(report),
+            started: Instant::now(),
+            cancel: Notify::new(),
+            cancel_requested: AtomicBool::new(false),
+            kick: Notify::new(),
+            phase_before_interrupt: Mutex::new(None),
+            freeze_at: Mutex::new(None),
+            switch_requested: AtomicBool::new(false),
+            switch: Notify::new(),
+            changed: Notify::new(),
+        })
+    }
+
+    /// Asks a source-side migration to stop before its switch-over. After the freeze it is
+    /// too late: the destination is (about to be) authoritative.
+    pub fn request_cancel(&self) -> Result<(), RequestError> {
+        let r = self.report.lock();
+        if r.role != "source" {
+            return Err(RequestError::WrongSide { what: "cancel" });
+        }
+        if r.is_finished() {
+            return Err(RequestError::Ended { id: r.id.clone(), phase: r.phase });
+        }
+        if !r.cancellable || self.switch_requested.load(Ordering::SeqCst) {
+            return Err(RequestError::PastSwitch { id: r.id.clone() });
+        }
+        self.cancel_requested.store(true, Ordering::SeqCst);
+        self.cancel.notify_waiters();
+        self.cancel.notify_one();
+        // The destination learns of the cancel over the link: reconnect now if it is down.
+        self.kick.notify_one();
+        Ok(())
+    }
+
+    /// Asks an interrupted source-side migration to reconnect now.
+    pub fn request_resume(&self) -> Result<(), RequestError> {
+        let r = self.report.lock();
+        if r.role != "source" {
+            return Err(RequestError::WrongSide { what: "resume" });
+        }
+        if r.is_finished() {
+            return Err(RequestError::Ended { id: r.id.clone(), phase: r.phase });
+        }
+        self.kick.notify_one();
+        Ok(())
+    }
+
+    /// Asks a source-side migration to switch over now (the VM is paused). Taken as soon
+    /// as every fingerprint has been listed; what has not crossed yet comes post-copy.
+    /// Asking again, or once switched, is not an error: [`wait_switched`] then reports.
+    ///
+    /// [`wait_switched`]: MigrationStatus::wait_switched
+    pub fn request_switch(&self) -> Result<(), RequestError> {
+        let r = self.report.lock();
+        if r.role != "source" {
+            return Err(RequestError::WrongSide { what: "switch" });
+        }
+        if r.switch_seconds.is_some() {
+            return Ok(());
+        }
+        if r.is_finished() {
+            return Err(RequestError::Ended { id: r.id.clone(), phase: r.phase });
+        }
+        if self.cancel_requested() {
+            return Err(RequestError::Cancelling { id: r.id.clone() });
+        }
+        if r.phase == Phase::Interrupted && r.cancellable {
+            return Err(RequestError::Interrupted { id: r.id.clone(), phase: r.phase });
+        }
+        self.switch_requested.store(true, Ordering::SeqCst);
+        drop(r);
+        self.switch.notify_waiters();
+        self.switch.notify_one();
+        Ok(())
+    }
+
+    pub fn switch_requested(&self) -> bool {
+        self.switch_requested.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once a switch-over has been asked for.
+    pub(crate) async fn switch_asked(&self) {
+        loop {
+            let notified = self.switch.notified();
+            if self.switch_requested() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Waits until the destination serves the disk (the report then has `downtime_ms`), or
+    /// the migration fails, is cancelled or loses its link on the way.
+    pub async fn wait_switched(&self) -> Result<MigrationReport, RequestError> {
+        loop {
+            let notified = self.changed.notified();
+            let r = self.report();
+            if r.switch_seconds.is_some() {
+                return Ok(r);
+            }
+            if r.is_finished() || r.phase == Phase::Interrupted {
+                let why = r.error.clone().unwrap_or_else(|| format!("{:?}", r.phase));
+                return Err(RequestError::SwitchFailed { id: r.id, why });
+            }
+            notified.await;
+        }
+    }
+
+    /// Whether this migration switches over only when asked.
+    pub fn is_manual(&self) -> bool {
+        self.report.lock().switch_after == SwitchAfter::Manual
+    }
+
+    pub fn cancel_requested(&self) -> bool {
+        self.cancel_requested.load(Ordering::SeqCst)
+    }
+
+    pub(crate) async fn cancelled(&self) {
+        loop {
+            let notified = self.cancel.notified();
+            if self.cancel_requested() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// A snapshot of the report with the live counters filled in.
+    pub fn report(&self) -> MigrationReport {
+        let mut r = self.report.lock().clone();
+        r.link = self.traffic.report();
+        if r.total_seconds.is_none() {
+            r.elapsed_seconds = self.started.elapsed().as_secs_f64();
+        }
+        r
+    }
+
+    pub fn update(&self, f: impl FnOnce(&mut MigrationReport)) {
+        f(&mut self.report.lock());
+        self.changed.notify_waiters();
+    }
+
+    pub(crate) fn since_start(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    pub fn finish(&self, phase: Phase, error: Option<String>) {
+        let elapsed = self.since_start();
+        self.update(|r| {
+            r.phase = phase;
+            r.error = error;
+            r.total_seconds = Some(elapsed);
+            r.elapsed_seconds = elapsed;
+        });
+    }
+
+    /// Marks the migration interrupted (its state kept) until the link is back.
+    pub fn interrupt(&self, why: &str) {
+        let mut r = self.report.lock();
+        if r.is_finished() {
+            return;
+        }
+        if r.phase != Phase::Interrupted {
+            *self.phase_before_interrupt.lock() = Some(r.phase);
+        }
+        r.phase = Phase::Interrupted;
+        r.link_state = format!("down: {why}");
+        drop(r);
+        self.changed.notify_waiters();
+    }
+
+    pub(crate) fn link_up(&self) {
+        let mut r = self.report.lock();
+        if r.phase == Phase::Interrupted {
+            if let Some(p) = self.phase_before_interrupt.lock().take() {
+                r.phase = p;
+            }
+        }
+        r.link_state = "up".into();
+    }
+
+    pub(crate) fn link_down(&self, why: &str) {
+        self.report.lock().link_state = format!("down: {why}");
+    }
+}
