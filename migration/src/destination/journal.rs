@@ -15,7 +15,9 @@ use crate::MigrationError;
 pub(crate) struct PendingJournal {
     pub(crate) removed: std::fs::File,
     /// Removals appended since the last sync.
-    pub(crate) unsynced: bool,
+    /// Appends so far, and how many of them an fsync has covered.
+    pub(crate) appended: u64,
+    pub(crate) synced: u64,
 }
 
 impl PendingJournal {
@@ -45,7 +47,7 @@ impl PendingJournal {
         if let Some(dir) = state.dir() {
             std::fs::File::open(dir)?.sync_all()?;
         }
-        Ok(Some(PendingJournal { removed, unsynced: false }))
+        Ok(Some(PendingJournal { removed, appended: 0, synced: 0 }))
     }
 
     pub(crate) fn open(state: &dyn StateStore, id: &str) -> Result<Option<PendingJournal>, MigrationError> {
@@ -53,7 +55,7 @@ impl PendingJournal {
             return Ok(None);
         };
         let f = std::fs::OpenOptions::new().append(true).create(true).open(removed)?;
-        Ok(Some(PendingJournal { removed: f, unsynced: false }))
+        Ok(Some(PendingJournal { removed: f, appended: 0, synced: 0 }))
     }
 
     /// The entries still missing and the sequenced count at the switch-over.
@@ -92,15 +94,24 @@ impl PendingJournal {
         for b in blocks {
             buf.extend_from_slice(&b.to_le_bytes());
         }
-        self.unsynced = true;
-        self.removed.write_all(&buf)
+        self.removed.write_all(&buf)?;
+        self.appended += 1;
+        Ok(())
     }
 
-    pub(crate) fn sync(&mut self) -> std::io::Result<()> {
-        if self.unsynced {
-            self.removed.sync_data()?;
-            self.unsynced = false;
+    /// What a sync needs, taken under the journal's lock: a handle to fsync after the lock is
+    /// released (arrivals append under it while the pending lock is held, so an fsync under it
+    /// would stall readers) and the appends it covers; None if every append is synced. Two
+    /// syncs at once both fsync: neither returns before its appends are durable.
+    pub(crate) fn begin_sync(&mut self) -> std::io::Result<Option<(std::fs::File, u64)>> {
+        if self.synced == self.appended {
+            return Ok(None);
         }
-        Ok(())
+        Ok(Some((self.removed.try_clone()?, self.appended)))
+    }
+
+    /// An fsync begun at `covered` appends succeeded.
+    pub(crate) fn synced_to(&mut self, covered: u64) {
+        self.synced = self.synced.max(covered);
     }
 }

@@ -344,9 +344,18 @@ impl MigratingDisk {
     }
 
     /// Makes the journal's removals durable before a write that must survive a crash.
+    /// The fsync runs with no lock held: every removal appended before it is covered.
     pub(crate) fn sync_journal(&self) -> Result<(), PostCopyError> {
-        if let Some(j) = self.inner.journal.lock().as_mut() {
-            j.sync().map_err(|e| PostCopyError::Unavailable(format!("post-copy journal: {e}")))?;
+        let failed = |e: std::io::Error| PostCopyError::Unavailable(format!("post-copy journal: {e}"));
+        let handle = match self.inner.journal.lock().as_mut() {
+            Some(j) => j.begin_sync().map_err(failed)?,
+            None => None,
+        };
+        if let Some((file, covered)) = handle {
+            file.sync_data().map_err(failed)?;
+            if let Some(j) = self.inner.journal.lock().as_mut() {
+                j.synced_to(covered);
+            }
         }
         Ok(())
     }
