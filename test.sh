@@ -11,6 +11,8 @@ if ! scripts/ceph-cluster.sh status >/dev/null 2>&1; then
 fi
 eval "$(scripts/ceph-cluster.sh env)"
 export NBD_CAS_REQUIRE_CEPH=1
+# The VM tests (a QEMU guest moving live, the kernel nbd-client) must run, not skip.
+export NBD_CAS_REQUIRE_QEMU=1
 python3 test-images/test_similarity.py
 cargo build --release --workspace --all-targets
 # nextest runs every test in its own process and ends with one summary line.

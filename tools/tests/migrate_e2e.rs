@@ -1,133 +1,15 @@
 //! Migrations between two real `nbd-server` processes (two datacentres on one machine),
 //! driven by the real `migrate` command, with a real NBD client writing to the disk.
 
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-const MIGRATE: &str = env!("CARGO_BIN_EXE_migrate");
-
-fn nbd_server_bin() -> PathBuf {
-    // Built by `cargo build --workspace` (test.sh does it first); same target directory.
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("nbd-server");
-    assert!(bin.exists(), "{} is missing: run `cargo build --release --workspace` first", bin.display());
-    bin
-}
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-/// A running server; killed when dropped.
-struct Server {
-    child: Child,
-    control: PathBuf,
-    socket: PathBuf,
-    migration: Option<String>,
-    log: PathBuf,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Server {
-    fn start(dir: &Path, name: &str, extra: &[&str]) -> Server {
-        let control = dir.join(format!("{name}.ctl"));
-        let socket = dir.join(format!("{name}.sock"));
-        let log = dir.join(format!("{name}.log"));
-        let mut child = Command::new(nbd_server_bin())
-            .arg("--store")
-            .arg(dir.join(name))
-            .arg("--unix")
-            .arg(&socket)
-            .arg("--control")
-            .arg(&control)
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start nbd-server");
-        let mut migration = None;
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        loop {
-            let line = lines.next().unwrap_or_else(|| panic!("{name} exited: {}", std::fs::read_to_string(&log).unwrap_or_default())).unwrap();
-            if let Some(addr) = line.strip_prefix("migrations on ") {
-                migration = Some(addr.to_string());
-            }
-            if line == "ready" {
-                break;
-            }
-        }
-        Server { child, control, socket, migration, log }
-    }
-
-    fn uri(&self, export: &str) -> String {
-        format!("nbd+unix:///{export}?socket={}", self.socket.display())
-    }
-
-    fn ctl(&self) -> &str {
-        self.control.to_str().unwrap()
-    }
-
-    /// One control API call; panics on a transport failure, returns the reply.
-    fn call(&self, method: &str, params: Value) -> Value {
-        let mut s = std::os::unix::net::UnixStream::connect(&self.control).unwrap();
-        let mut line = serde_json::to_vec(&json!({"id": 1, "method": method, "params": params})).unwrap();
-        line.push(b'\n');
-        s.write_all(&line).unwrap();
-        let mut reply = String::new();
-        BufReader::new(s).read_line(&mut reply).unwrap();
-        serde_json::from_str(&reply).unwrap()
-    }
-
-    fn ok(&self, method: &str, params: Value) -> Value {
-        let r = self.call(method, params);
-        assert_eq!(r["ok"], true, "{method}: {r}\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
-        r["result"].clone()
-    }
-
-    fn disks(&self) -> Vec<String> {
-        self.ok("disk.list", json!({})).as_array().unwrap().iter().map(|d| d["name"].as_str().unwrap().to_string()).collect()
-    }
-
-    fn fsck_clean(&self) {
-        let r = self.ok("store.fsck", json!({"verify": true}));
-        assert_eq!(r["problem_count"], 0, "fsck: {r}");
-    }
-}
-
-fn certs(dir: &Path, names: &str) -> PathBuf {
-    let out = dir.join(format!("certs-{}", names.replace(',', "-")));
-    let st = Command::new(workspace().join("scripts/make-certs.sh")).arg(&out).arg(names).stdout(Stdio::null()).status().unwrap();
-    assert!(st.success());
-    out
-}
-
-fn tls_args(certs: &Path, name: &str) -> Vec<String> {
-    vec![
-        "--migration-cert".into(),
-        certs.join(format!("{name}.pem")).display().to_string(),
-        "--migration-key".into(),
-        certs.join(format!("{name}.key")).display().to_string(),
-        "--migration-ca".into(),
-        certs.join("ca.pem").display().to_string(),
-    ]
-}
-
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().expect("run command");
-    assert!(out.status.success(), "{:?} failed:\n{}\n{}", cmd, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    out
-}
+mod common;
+use common::server::{certs, free_port, load, run, tls_args, wait_for_migration, workspace, Server, MIGRATE};
 
 /// Deterministic content: `os` blocks any VM of that OS has, then blocks of its own.
 fn image(path: &Path, blocks: usize, os: usize, own_seed: u64, zero_every: usize) -> Vec<u8> {
@@ -152,13 +34,6 @@ fn image(path: &Path, blocks: usize, os: usize, own_seed: u64, zero_every: usize
     }
     std::fs::write(path, &data).unwrap();
     data
-}
-
-/// Writes an image into an export of a running server with qemu-img.
-fn load(server: &Server, name: &str, file: &Path) {
-    let size = std::fs::metadata(file).unwrap().len();
-    server.ok("disk.create", json!({"name": name, "size": size}));
-    run(Command::new("qemu-img").args(["convert", "-n", "-f", "raw", "-O", "raw"]).arg(file).arg(server.uri(name)));
 }
 
 fn migrate(src: &Server, dst: &Server, disk: &str, extra: &[&str]) -> Output {
@@ -455,23 +330,6 @@ fn two_servers_sharing_a_rados_pool() {
     b.fsck_clean();
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// Polls a server's migrations until `pred` holds for one of them.
-fn wait_for_migration(server: &Server, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let list = server.ok("migration.list", json!({}));
-        if let Some(m) = list.as_array().unwrap().iter().find(|m| pred(m)) {
-            return m.clone();
-        }
-        assert!(Instant::now() < deadline, "{what}: {list}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Kill -9 of one server in the middle of a migration (before the switch-over, or after it
 /// with `post_copy`), a restart on the same store, and the migration goes on to a byte-exact
 /// disk at the destination.
@@ -539,15 +397,14 @@ fn kill_mid_migration(kill_source: bool, post_copy: bool) {
         // partial disk is kept (not exported).
         let parked = dst.ok("migration.status", json!({"id": id}));
         assert_eq!(parked["role"], "destination", "{parked}");
-        // Before the switch-over the partial disk is kept but not exported; after it, the
-        // disk is served at once, missing blocks waiting for the source.
+        // The disk is exported under its name at once: before the switch-over as a standby
+        // export whose reads come from the source (over the resumed link), after it as the
+        // disk itself, missing blocks waiting for the source.
         let exported = dst.ok("server.info", json!({}))["exports"].as_array().unwrap().iter().any(|e| e == "vm");
-        assert_eq!(exported, post_copy, "{parked}");
-        if post_copy {
-            let early = d.join("early.raw");
-            run(Command::new("nbdcopy").arg(dst.uri("vm")).arg(&early));
-            assert!(std::fs::read(&early).unwrap() == content, "reads while the rest is still on its way");
-        }
+        assert!(exported, "{parked}");
+        let early = d.join("early.raw");
+        run(Command::new("nbdcopy").arg(dst.uri("vm")).arg(&early));
+        assert!(std::fs::read(&early).unwrap() == content, "reads while the rest is still on its way");
         let out = migrate_cmd.wait_with_output().unwrap();
         assert!(out.status.success(), "migrate: {}", String::from_utf8_lossy(&out.stderr));
         let report: Value = serde_json::from_slice(&out.stdout).unwrap();
