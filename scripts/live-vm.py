@@ -14,6 +14,7 @@ The same sequence as tools/tests/vm_live.rs, for a person to watch. Standard lib
 import argparse
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -38,15 +39,22 @@ class Qmp:
                 if time.monotonic() > end:
                     raise SystemExit("live-vm: no QMP socket at %s" % path)
                 time.sleep(0.05)
-        self.rd = self.sock.makefile("r")
+        self.buf = b""
         self.events = []
-        json.loads(self.rd.readline())  # greeting
+        self._read()  # greeting
         self.execute("qmp_capabilities")
 
-    def _read(self):
-        line = self.rd.readline()
-        if not line:
-            raise SystemExit("live-vm: QEMU closed its QMP socket")
+    def _read(self, timeout=None):
+        """The next message, or None if none arrived within `timeout` seconds."""
+        while b"\n" not in self.buf:
+            ready, _, _ = select.select([self.sock], [], [], timeout)
+            if not ready:
+                return None
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise SystemExit("live-vm: QEMU closed its QMP socket")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
         return json.loads(line)
 
     def execute(self, cmd, **args):
@@ -65,22 +73,17 @@ class Qmp:
 
     def wait_migration(self, status, timeout):
         end = time.monotonic() + timeout
-        self.sock.settimeout(1)
-        try:
-            while time.monotonic() < end:
-                for e in self.events:
-                    if e["event"] == "MIGRATION" and e["data"]["status"] in (status, "failed"):
-                        self.events.remove(e)
-                        if e["data"]["status"] == "failed":
-                            raise SystemExit("live-vm: QEMU's migration failed")
-                        return
-                try:
-                    self.events.append(self._read())
-                except socket.timeout:
-                    pass
-            raise SystemExit("live-vm: QEMU's migration never reached %s" % status)
-        finally:
-            self.sock.settimeout(None)
+        while time.monotonic() < end:
+            for e in self.events:
+                if e["event"] == "MIGRATION" and e["data"]["status"] in (status, "failed"):
+                    self.events.remove(e)
+                    if e["data"]["status"] == "failed":
+                        raise SystemExit("live-vm: QEMU's migration failed")
+                    return
+            msg = self._read(timeout=1.0)
+            if msg is not None and "event" in msg:
+                self.events.append(msg)
+        raise SystemExit("live-vm: QEMU's migration never reached %s" % status)
 
 
 class Vm:
@@ -188,7 +191,9 @@ def main():
     b.qmp.execute("migrate-incoming", uri="tcp:127.0.0.1:%d" % port)
 
     log("== QEMU's live migration A -> B with pause-before-switchover")
-    a.qmp.execute("migrate-set-capabilities", capabilities=[{"capability": "pause-before-switchover", "state": True}])
+    # `events`: QEMU reports MIGRATION status changes as events (pre-switchover among them).
+    a.qmp.execute("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True},
+                                                            {"capability": "pause-before-switchover", "state": True}])
     started = time.monotonic()
     a.qmp.execute("migrate", uri="tcp:127.0.0.1:%d" % port)
     a.qmp.wait_migration("pre-switchover", 300)
@@ -227,6 +232,14 @@ def main():
     troubles = a.trouble() + b.trouble()
     if troubles or "GUEST VERIFY OK" not in "\n".join(b.lines()):
         raise SystemExit("live-vm: the guest saw trouble: %s" % troubles)
+    mib = lambda b: "%.1f MiB" % (b / 1048576)
+    d, l = report["destination"], report["link"]
+    log("disk migration: %.2f s in all, switched at %.2f s; rounds %s, %s blocks listed inside the freeze"
+        % (report["total_seconds"], report["switch_seconds"], report["round_blocks"], report.get("final_round_blocks")))
+    log("  over the link: %s in all = fingerprints %s + block data %s (zstd of %s raw) + control %s"
+        % (mib(l["total_bytes"]), mib(l["fingerprint_bytes"]), mib(l["data_wire_bytes"]), mib(l["data_raw_bytes"]), mib(l["control_bytes"])))
+    log("  blocks: %d listed, %d from B's neighbours, %d zero, %d duplicates, %d sent before the switch, %d on demand, %d in the background after it"
+        % (d["blocks_listed"], d["neighbour_hits"], d["zero_blocks"], d["duplicates"], d["received_before_switch"], d["fetched_on_demand"], d["fetched_background"]))
     summary = {"vm_downtime_ms": info.get("downtime"), "disk_downtime_ms": round(switch["downtime_ms"], 1),
                "migrate_switch_ms": round(switch["switch_call_ms"], 1), "disk_link_bytes": report["link"]["total_bytes"],
                "blocks_from_neighbours": report["destination"]["neighbour_hits"],

@@ -613,6 +613,7 @@ impl Store {
     /// Releases every map entry of `state` at block `from` or later, in bounded batches.
     fn release_blocks_from(&self, state: &DiskState, from: u64) -> Result<()> {
         let end = map_key(DiskId(state.id.0), u64::MAX);
+        let mut from = from;
         loop {
             let entries: Vec<(u64, Fingerprint)> = self
                 .engine
@@ -627,6 +628,9 @@ impl Store {
             if entries.is_empty() {
                 return Ok(());
             }
+            // The next scan starts past this chunk: starting again at `from` would walk over
+            // the tombstones of every chunk before it (quadratic on a large disk).
+            from = entries.last().map_or(from, |e| e.0 + 1);
             let old: Vec<Option<Fingerprint>> = entries.iter().map(|e| Some(e.1)).collect();
             let updates = entries.iter().map(|e| (e.0, Target::Zero)).collect();
             self.commit(state, updates, &old)?;
