@@ -52,6 +52,12 @@ pub fn decode_frame(raw_len: u32, frame: &[u8], block_size: usize) -> Result<Vec
     if raw.len() != raw_len {
         return Err(bad(format!("decompressed to {} bytes, {raw_len} announced", raw.len())));
     }
+    parse_records(&raw, block_size)
+}
+
+/// Splits decompressed DATA (or DATA_STREAM) bytes into records of `block_size` bytes.
+pub fn parse_records(raw: &[u8], block_size: usize) -> Result<Vec<Record>, ProtocolError> {
+    let bad = |why: String| ProtocolError::Malformed { what: "DATA", why };
     let mut records = Vec::new();
     let mut rest = &raw[..];
     while !rest.is_empty() {

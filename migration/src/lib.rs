@@ -21,6 +21,7 @@ pub mod ratelimit;
 pub mod report;
 pub mod source;
 pub mod state;
+pub mod stream;
 pub mod wire;
 
 pub use destination::{incoming_name, run_destination, DestHooks, Destination, MigratingDisk, PostCopyError};

@@ -89,6 +89,9 @@ pub struct MigrationReport {
     pub link: TrafficReport,
     pub destination: DestReport,
     pub error: Option<String>,
+    /// Bytes zstd holds for this side's link streams (DATA_STREAM) on the current connection.
+    #[serde(default)]
+    pub link_stream_memory_bytes: u64,
     /// Whether an operator can still cancel it (before the freeze).
     pub cancellable: bool,
     /// The pre-copy pass is done and the source keeps the dirty set small: a switch-over now
@@ -127,6 +130,7 @@ impl MigrationReport {
             error: None,
             cancellable: true,
             ready_to_switch: false,
+            link_stream_memory_bytes: 0,
             link_state: "connecting".into(),
         }
     }

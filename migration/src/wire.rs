@@ -67,7 +67,7 @@ impl Traffic {
         let n = frame_len as u64;
         match msg {
             Message::Fingerprints { .. } | Message::Want(_) | Message::Fetch(_) => &self.fingerprints,
-            Message::Data { .. } => &self.data_wire,
+            Message::Data { .. } | Message::DataStream { .. } => &self.data_wire,
             _ => &self.control,
         }
         .fetch_add(n, Ordering::Relaxed);
@@ -93,7 +93,7 @@ impl Frame {
     pub fn new(msg: &Message) -> Frame {
         let kind = match msg {
             Message::Fingerprints { .. } | Message::Want(_) | Message::Fetch(_) => FrameKind::Fingerprints,
-            Message::Data { .. } => FrameKind::Data,
+            Message::Data { .. } | Message::DataStream { .. } => FrameKind::Data,
             _ => FrameKind::Control,
         };
         Frame { bytes: std::sync::Arc::new(protocol::encode(msg)), kind }

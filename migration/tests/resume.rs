@@ -24,6 +24,9 @@ const BS: usize = 4096;
 const FINGERPRINTS: u8 = 3;
 const ROUND_END: u8 = 4;
 const DATA: u8 = 7;
+/// DATA_STREAM: block data as a piece of the connection's zstd stream. The rules count it as
+/// DATA, so cuts land inside a compression stream.
+const DATA_STREAM: u8 = 18;
 const SWITCH: u8 = 9;
 
 fn store() -> Arc<Store> {
@@ -106,7 +109,7 @@ async fn proxy(upstream: SocketAddr, rule: Rule) -> Proxy {
                         let len = u32::from_be_bytes(header[1..5].try_into().unwrap()) as usize;
                         let mut payload = vec![0u8; len];
                         cr.read_exact(&mut payload).await?;
-                        let t = header[0];
+                        let t = if header[0] == DATA_STREAM { DATA } else { header[0] };
                         let head = payload.get(..4).map_or(0, |h| u32::from_be_bytes(h.try_into().unwrap()));
                         frames.lock().push((t, head));
                         let n = {

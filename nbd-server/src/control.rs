@@ -216,6 +216,8 @@ struct StartMigration {
     /// Seconds the source keeps reconnecting after a lost link before the migration is
     /// interrupted (default 600).
     reconnect_window_secs: Option<u64>,
+    /// Compress block data as one zstd stream per connection (default true).
+    data_stream: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -406,6 +408,7 @@ async fn start_migration(node: &Arc<Node>, req: StartMigration) -> Result<String
         delete_source: req.delete_source,
         bandwidth_bps: req.bandwidth_bps,
         reconnect_window_secs: req.reconnect_window_secs.unwrap_or(defaults.reconnect_window_secs),
+        data_stream: req.data_stream.unwrap_or(defaults.data_stream),
         restarted_at: None,
     };
     let status = MigrationStatus::new(MigrationReport::new(&id, &req.disk, "source", &req.destination));

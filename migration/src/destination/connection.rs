@@ -5,10 +5,13 @@ use std::sync::Arc;
 use cas_store::Fingerprint;
 use tokio::io::AsyncRead;
 
-use crate::compress::decode_frame;
+use parking_lot::Mutex;
+
+use crate::compress::{decode_frame, parse_records};
 use crate::protocol::{Message, Run};
 use crate::report::Phase;
 use crate::state::{MigrationRecord, Stage, StateStore};
+use crate::stream::{StreamDecoder, StreamId};
 use crate::wire::{read_message, Frame};
 use crate::{blocking, MigrationError};
 
@@ -19,6 +22,34 @@ pub(crate) struct Connection<'a> {
     pub(crate) session: &'a Arc<Session>,
     pub(crate) hooks: &'a Arc<dyn DestHooks>,
     pub(crate) state: &'a Arc<dyn StateStore>,
+    /// This connection's zstd streams (DATA_STREAM), when ACCEPT offered them; they start
+    /// afresh with every connection, as the source's do.
+    pub(crate) streams: Option<Arc<Mutex<StreamDecoders>>>,
+}
+
+/// The decoding ends of a connection's two streams, made on their first frame.
+#[derive(Debug, Default)]
+pub(crate) struct StreamDecoders {
+    background: Option<StreamDecoder>,
+    urgent: Option<StreamDecoder>,
+}
+
+impl StreamDecoders {
+    fn decode(&mut self, stream: StreamId, frame: &[u8], raw_len: usize) -> Result<Vec<u8>, MigrationError> {
+        let slot = match stream {
+            StreamId::Background => &mut self.background,
+            StreamId::Urgent => &mut self.urgent,
+        };
+        if slot.is_none() {
+            *slot = Some(StreamDecoder::new(stream).map_err(|e| MigrationError::Hook(e.to_string()))?);
+        }
+        Ok(slot.as_mut().expect("made above").decode(frame, raw_len)?)
+    }
+
+    /// Bytes zstd holds for this connection's streams.
+    pub(crate) fn memory(&self) -> usize {
+        self.background.as_ref().map_or(0, StreamDecoder::memory) + self.urgent.as_ref().map_or(0, StreamDecoder::memory)
+    }
 }
 
 impl Connection<'_> {
@@ -72,6 +103,13 @@ impl Connection<'_> {
                     self.apply_data(raw_len, frame).await?;
                     self.after_progress()?;
                 }
+                Message::DataStream { stream, raw_len, frame } => {
+                    let (Some(streams), Some(id)) = (self.streams.clone(), StreamId::from_u8(stream)) else {
+                        return Err(MigrationError::Unexpected("DATA_STREAM on a connection that did not agree to it"));
+                    };
+                    self.apply_stream(streams, id, raw_len, frame).await?;
+                    self.after_progress()?;
+                }
                 Message::Switch => {
                     if !self.incoming().pending.lock().phase.has_switched() {
                         self.switch_over().await?;
@@ -123,6 +161,24 @@ impl Connection<'_> {
             apply_records(&inc, records)
         })
         .await?;
+        self.incoming().arrived.notify_all();
+        Ok(())
+    }
+
+    /// Decodes the next piece of a stream and applies its records (frames of a connection are
+    /// applied one at a time, in order, which the stream needs).
+    pub(crate) async fn apply_stream(&self, streams: Arc<Mutex<StreamDecoders>>, id: StreamId, raw_len: u32, frame: Vec<u8>) -> Result<(), MigrationError> {
+        let inc = self.incoming().clone();
+        let memory = blocking(move || {
+            let mut s = streams.lock();
+            let raw = s.decode(id, &frame, raw_len as usize)?;
+            let memory = s.memory();
+            drop(s);
+            apply_records(&inc, parse_records(&raw, inc.block_size as usize)?)?;
+            Ok::<_, MigrationError>(memory)
+        })
+        .await?;
+        self.session.status.update(|r| r.link_stream_memory_bytes = memory as u64);
         self.incoming().arrived.notify_all();
         Ok(())
     }

@@ -351,7 +351,7 @@ impl Destination {
                 let keep_switch = proto.processed_at_switch;
                 *proto = Proto { processed_at_switch: keep_switch, ..Default::default() };
             }
-            AcceptInfo { processed: proto.processed, switched, rebuild }
+            AcceptInfo { processed: proto.processed, switched, rebuild, data_stream: session.hello.data_stream }
         };
         crate::wire::write_message(&mut stream, &Message::Accept(info.clone()), &status.traffic).await?;
         status.link_up();
@@ -415,7 +415,8 @@ impl Destination {
         });
 
         let result = {
-            let conn = Connection { session: &session, hooks: &self.hooks, state: &self.state };
+            let streams = session.hello.data_stream.then(|| Arc::new(Mutex::new(StreamDecoders::default())));
+            let conn = Connection { session: &session, hooks: &self.hooks, state: &self.state, streams };
             let superseded = async {
                 loop {
                     let n = session.superseded.notified();

@@ -24,6 +24,7 @@ mod tag {
     pub const ACK: u8 = 15;
     pub const READ: u8 = 16;
     pub const READ_DATA: u8 = 17;
+    pub const DATA_STREAM: u8 = 18;
 }
 
 pub fn greeting() -> [u8; GREETING_LEN] {
@@ -51,7 +52,7 @@ pub fn decode_header(h: &[u8; HEADER_LEN]) -> Result<(u8, usize), ProtocolError>
     if len > MAX_PAYLOAD {
         return Err(ProtocolError::TooLarge(len));
     }
-    if !(tag::HELLO..=tag::READ_DATA).contains(&h[0]) {
+    if !(tag::HELLO..=tag::DATA_STREAM).contains(&h[0]) {
         return Err(ProtocolError::UnknownType(h[0]));
     }
     Ok((h[0], len))
@@ -143,6 +144,13 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             tag::ERROR
         }
         Message::Bye => tag::BYE,
+        Message::DataStream { stream, raw_len, frame } => {
+            payload.reserve(5 + frame.len());
+            payload.push(*stream);
+            payload.extend_from_slice(&raw_len.to_be_bytes());
+            payload.extend_from_slice(frame);
+            tag::DATA_STREAM
+        }
         Message::Read { id, offset, length } => {
             payload.extend_from_slice(&id.to_be_bytes());
             payload.extend_from_slice(&offset.to_be_bytes());
@@ -294,6 +302,18 @@ pub fn decode(t: u8, payload: &[u8]) -> Result<Message, ProtocolError> {
         tag::PLAN => Ok(Message::Plan(from_json("PLAN", payload)?)),
         tag::ERROR => Ok(Message::Error(from_json("ERROR", payload)?)),
         tag::BYE => empty("BYE", Message::Bye),
+        tag::DATA_STREAM => {
+            let mut c = Cursor { buf: payload, what: "DATA_STREAM" };
+            let stream = c.u8()?;
+            if crate::stream::StreamId::from_u8(stream).is_none() {
+                return Err(malformed("DATA_STREAM", format!("stream {stream}")));
+            }
+            let raw_len = c.u32()?;
+            if raw_len as usize > MAX_RAW_DATA {
+                return Err(malformed("DATA_STREAM", format!("{raw_len} bytes decompressed is over the limit")));
+            }
+            Ok(Message::DataStream { stream, raw_len, frame: c.buf.to_vec() })
+        }
         tag::READ => {
             let mut c = Cursor { buf: payload, what: "READ" };
             let (id, offset, length) = (c.u64()?, c.u64()?, c.u32()?);
@@ -343,8 +363,9 @@ mod tests {
             rebuild: false,
             defer_dirty: true,
             read_through: true,
+            data_stream: true,
         }));
-        round_trip(Message::Accept(AcceptInfo { processed: 7, switched: true, rebuild: false }));
+        round_trip(Message::Accept(AcceptInfo { processed: 7, switched: true, rebuild: false, data_stream: true }));
         round_trip(Message::Ack { processed: 1 << 40 });
         round_trip(Message::Fingerprints { round: 3, runs: vec![Run::Mapped { first: 7, fps: vec![fp(1), fp(2)] }, Run::Zero { first: 9, count: 100 }] });
         round_trip(Message::RoundEnd { round: 2, last: true });
@@ -359,6 +380,7 @@ mod tests {
         round_trip(Message::Error(ErrorMessage { message: "no".into() }));
         round_trip(Message::Bye);
         round_trip(Message::Read { id: 9, offset: 4096, length: 512 });
+        round_trip(Message::DataStream { stream: 1, raw_len: 10, frame: vec![4, 5] });
         round_trip(Message::ReadData { id: 9, result: Ok(vec![7; 512]) });
         round_trip(Message::ReadData { id: 10, result: Err("gone".into()) });
     }
@@ -383,6 +405,8 @@ mod tests {
         huge_read.extend_from_slice(&u32::MAX.to_be_bytes());
         assert!(decode(tag::READ, &huge_read).is_err(), "READ over the limit");
         assert!(decode(tag::READ_DATA, &[0, 0, 0, 0, 0, 0, 0, 1, 5]).is_err(), "bad READ_DATA status");
+        assert!(decode(tag::DATA_STREAM, &[2, 0, 0, 0, 1]).is_err(), "unknown stream");
+        assert!(decode(tag::DATA_STREAM, &[0, 0xff, 0xff, 0xff, 0xff]).is_err(), "huge raw length");
         let mut g = greeting();
         assert!(check_greeting(&g).is_ok());
         g[9] = 9;

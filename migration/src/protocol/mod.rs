@@ -23,6 +23,8 @@
 //!                     <------------------------------  ACK n (after each sequenced message)
 //!                     <------------------------------  WANT (fingerprints it lacks, once each)
 //!   DATA (zstd frames of block records) ------------>  verify fingerprint, store, map
+//!     or DATA_STREAM {stream, raw_len} when HELLO and ACCEPT both say `data_stream`: the
+//!     next flushed piece of the connection's background or urgent zstd stream
 //!   ROUND_END 0 ------------------------------------>
 //!                     <------------------------------  ROUND_DONE 0 (everything wanted arrived)
 //!   FINGERPRINTS/ROUND_END (dirty rounds) ---------->  ... (as round 0; with defer_dirty,
@@ -176,6 +178,10 @@ pub struct Hello {
     /// export of the disk whose reads are answered with the source's current content.
     #[serde(default)]
     pub read_through: bool,
+    /// The source can send block data as DATA_STREAM (one zstd stream per connection and
+    /// urgency, see [`crate::stream`]); it does if ACCEPT says the destination can take it.
+    #[serde(default)]
+    pub data_stream: bool,
 }
 
 /// The destination's answer to HELLO: where a resumed migration continues.
@@ -189,6 +195,9 @@ pub struct AcceptInfo {
     /// The destination lost its place (it restarted before the switch-over) or the source
     /// asked for it: the source lists the whole disk again from a fresh snapshot.
     pub rebuild: bool,
+    /// The destination takes DATA_STREAM on this connection (the source offered it).
+    #[serde(default)]
+    pub data_stream: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -260,6 +269,13 @@ pub enum Message {
         raw_len: u32,
         frame: Vec<u8>,
     },
+    /// The next piece of this connection's zstd stream `stream` (0 background, 1 urgent),
+    /// flushed: it decodes to `raw_len` bytes of block records given the pieces before it.
+    DataStream {
+        stream: u8,
+        raw_len: u32,
+        frame: Vec<u8>,
+    },
     RoundDone {
         round: u32,
     },
@@ -306,6 +322,7 @@ impl Message {
             Message::Want(_) => "WANT",
             Message::Fetch(_) => "FETCH",
             Message::Data { .. } => "DATA",
+            Message::DataStream { .. } => "DATA_STREAM",
             Message::RoundDone { .. } => "ROUND_DONE",
             Message::Switch => "SWITCH",
             Message::Switched(_) => "SWITCHED",

@@ -166,6 +166,7 @@ impl Source {
             // it for post-copy, so their dirty rounds only list.
             defer_dirty: self.config.switch_after != SwitchAfter::Converged,
             read_through: true,
+            data_stream: self.config.data_stream,
         };
         let outbox = Arc::new(Outbox::new(restarted.is_some()));
         let (event_tx, events) = mpsc::unbounded_channel();

@@ -71,6 +71,9 @@ pub struct SourceConfig {
     /// How long the source keeps reconnecting after a lost link before the migration is
     /// interrupted (0: a lost link fails it).
     pub reconnect_window_secs: u64,
+    /// Offer DATA_STREAM (one long-window zstd stream per connection); false compresses each
+    /// DATA frame on its own (to measure what the stream gives).
+    pub data_stream: bool,
     /// Set when a restarted server resumes the migration: where its record said it stood.
     #[serde(skip)]
     pub restarted_at: Option<Stage>,
@@ -88,6 +91,7 @@ impl Default for SourceConfig {
             delete_source: false,
             bandwidth_bps: None,
             reconnect_window_secs: 600,
+            data_stream: true,
             restarted_at: None,
         }
     }

@@ -7,9 +7,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 
 use super::*;
-use crate::compress::{compress, encode_records, Record};
+use crate::compress::{encode_records, Record};
 use crate::protocol::{Hello, Message, Mode};
 use crate::report::PlanReport;
+use crate::stream::{StreamEncoder, StreamId};
 use crate::wire::{exchange_greetings, read_message, write_frame, Frame, Traffic};
 use crate::{blocking, MigrationError};
 
@@ -58,6 +59,7 @@ where
         rebuild: false,
         defer_dirty: false,
         read_through: false,
+        data_stream: false,
     };
     crate::wire::write_message(&mut stream, &Message::Hello(hello), &traffic).await?;
     match read_message(&mut stream, &traffic).await? {
@@ -97,17 +99,19 @@ where
         }
     };
     // What the missing blocks would cost on the wire: compress them here, as a migration
-    // would, in batches of the same size.
+    // would, in batches of the same size through one link stream (DATA_STREAM).
     let s = store.clone();
     let block_size = store.block_size() as usize;
     let compressed = blocking(move || {
         let mut total = 0u64;
+        let mut stream = StreamEncoder::new(StreamId::Background, zstd_level).map_err(|e| MigrationError::Hook(e.to_string()))?;
         for chunk in wanted.chunks((1 << 20) / (block_size + 17)) {
             let blocks = s.get_blocks(chunk)?;
             let records: Vec<Record> = chunk.iter().zip(blocks).filter_map(|(fp, b)| b.map(|d| Record::Block { fp: *fp, data: d.to_vec() })).collect();
             let mut raw = Vec::new();
             encode_records(&records, &mut raw);
-            total += (compress(&raw, zstd_level).len() + 9) as u64;
+            // Frame header (5) + stream id (1) + raw length (4).
+            total += (stream.encode(&raw, zstd_level).map_err(|e| MigrationError::Hook(e.to_string()))?.len() + 10) as u64;
         }
         Ok::<_, MigrationError>(total)
     })

@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use super::*;
 use crate::compress::{compress, encode_records, LevelController, Record};
 use crate::protocol::Message;
+use crate::stream::{StreamEncoder, StreamId};
 use crate::wire::{read_message, write_frame, Frame};
 use crate::{blocking, MigrationError};
 
@@ -206,8 +207,12 @@ pub(crate) async fn run_data_sender(
     low: mpsc::Sender<DataFrame>,
     config: SourceConfig,
     status: Arc<MigrationStatus>,
+    streaming: bool,
 ) {
     let block_size = store.block_size() as usize;
+    // With DATA_STREAM, one zstd stream per queue for this connection's lifetime (see
+    // `crate::stream`); made on first use, dropped with the connection.
+    let mut encoders: [Option<StreamEncoder>; 2] = [None, None];
     let per_batch = (config.batch_bytes / (block_size + 17)).max(1);
     let mut urgent: VecDeque<Fingerprint> = VecDeque::new();
     let mut background: VecDeque<Fingerprint> = VecDeque::new();
@@ -247,6 +252,8 @@ pub(crate) async fn run_data_sender(
         }
         let s = store.clone();
         let lvl = level.level();
+        let stream = if is_urgent { StreamId::Urgent } else { StreamId::Background };
+        let mut encoder = if streaming { Some(encoders[stream as usize].take()) } else { None };
         let built = blocking(move || {
             let blocks = s.get_blocks(&batch)?;
             let records: Vec<Record> = batch
@@ -261,28 +268,43 @@ pub(crate) async fn run_data_sender(
             let mut raw = Vec::with_capacity(records.len() * (block_size + 17));
             encode_records(&records, &mut raw);
             let started = Instant::now();
-            let frame = compress(&raw, lvl);
-            Ok::<_, MigrationError>((raw.len(), frame, started.elapsed(), batch, gone))
+            let msg = match encoder.as_mut() {
+                None => Message::Data { raw_len: raw.len() as u32, frame: compress(&raw, lvl) },
+                Some(slot) => {
+                    let enc = match slot {
+                        Some(e) => e,
+                        None => slot.insert(StreamEncoder::new(stream, lvl).map_err(|e| MigrationError::Hook(e.to_string()))?),
+                    };
+                    let frame = enc.encode(&raw, lvl).map_err(|e| MigrationError::Hook(e.to_string()))?;
+                    Message::DataStream { stream: stream as u8, raw_len: raw.len() as u32, frame }
+                }
+            };
+            Ok::<_, MigrationError>((raw.len(), msg, started.elapsed(), batch, gone, encoder))
         })
         .await;
-        let (raw_len, frame, compress_time, batch, gone) = match built {
+        let (raw_len, msg, compress_time, batch, gone, encoder) = match built {
             Ok(v) => v,
             Err(e) => {
                 tracing::error!(error = %e, "reading blocks to send failed");
                 return;
             }
         };
+        if let Some(enc) = encoder {
+            encoders[stream as usize] = enc;
+        }
         // A block that is gone was not sent; if it is asked for again, try again.
         for fp in &gone {
             sent.remove(fp);
         }
         status.traffic.data_raw.fetch_add(raw_len as u64, Ordering::Relaxed);
+        let memory: usize = encoders.iter().flatten().map(StreamEncoder::memory).sum();
         status.update(|r| {
             r.blocks_sent += (batch.len() - gone.len()) as u64;
             r.zstd_level = lvl;
+            r.link_stream_memory_bytes = memory as u64;
         });
         let sent_fps: Vec<Fingerprint> = batch.into_iter().filter(|fp| !gone.contains(fp)).collect();
-        let frame = DataFrame { frame: Frame::new(&Message::Data { raw_len: raw_len as u32, frame }), fps: sent_fps, record_bytes: raw_len as u64 };
+        let frame = DataFrame { frame: Frame::new(&msg), fps: sent_fps, record_bytes: raw_len as u64 };
         let wait_start = Instant::now();
         let tx = if is_urgent { &high } else { &low };
         if tx.send(frame).await.is_err() {

@@ -189,7 +189,15 @@ impl LinkSupervisor {
             tokio::spawn(run_writer(writer, self.outbox.clone(), cursor, urgent_rx, low_rx, self.status.clone(), limiter, self.ever_sent.clone()));
         let reads = ReadServer::new(self.store.clone(), self.disk_id, urgent_tx.clone());
         let mut reader_task = tokio::spawn(run_reader(reader, self.events.clone(), work_tx, reads, self.outbox.clone(), self.status.clone()));
-        let sender_task = tokio::spawn(run_data_sender(self.store.clone(), work_rx, urgent_tx, low_tx, self.config.clone(), self.status.clone()));
+        let sender_task = tokio::spawn(run_data_sender(
+            self.store.clone(),
+            work_rx,
+            urgent_tx,
+            low_tx,
+            self.config.clone(),
+            self.status.clone(),
+            self.hello.data_stream && info.data_stream,
+        ));
         let mut writer_done = false;
         let end = tokio::select! {
             r = &mut reader_task => match r {

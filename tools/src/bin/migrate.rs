@@ -55,6 +55,10 @@ struct Migrate {
     /// give up after this many seconds (default: no limit)
     #[argh(option)]
     timeout: Option<u64>,
+    /// compress each ~1 MiB DATA frame on its own instead of one long-window zstd stream per
+    /// connection (to measure what the stream gives)
+    #[argh(switch)]
+    no_stream: bool,
     /// print the final report as JSON
     #[argh(switch)]
     json: bool,
@@ -334,6 +338,7 @@ fn run(args: &Migrate) -> Result<()> {
             "converge_blocks": args.converge_blocks, "delete_source": args.delete_source,
             "bandwidth_bps": args.bandwidth.as_deref().map(parse_rate).transpose()?,
             "reconnect_window_secs": args.reconnect_window,
+            "data_stream": !args.no_stream,
         }),
     )?;
     let id = v["id"].as_str().context("no migration id")?.to_string();
