@@ -44,6 +44,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info, trace, warn, Instrument};
 
+use crate::admission::Negotiating;
 use crate::buffer::{is_all_zero, PooledBuf};
 use crate::export::{BlockDevice, DeviceError, DeviceResult, Export, Op, WriteRefused, FREEZE_HOLD_LIMIT};
 use crate::proto::consts::*;
@@ -123,20 +124,27 @@ impl ConnLimits {
 
 /// Serves one accepted connection until it ends. Never panics on client input; errors are
 /// logged here.
-pub(crate) async fn run_connection<S>(stream: S, shared: Arc<Shared>)
+pub(crate) async fn run_connection<S>(stream: S, shared: Arc<Shared>, negotiating: Negotiating)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let config = &shared.config;
     let limits = ConnLimits::new(config.max_in_flight_per_connection, config.max_buffered_bytes_per_connection);
     let session = async {
-        let options = tokio::time::timeout(config.handshake_timeout, async {
+        // The deadline was set at accept, shorter the more connections were negotiating.
+        let options = tokio::time::timeout(negotiating.timeout, async {
             Greeting { io: Transport::Plain(stream) }.exchange().await?.haggle(&shared).await
         })
         .await
-        .map_err(|_| ConnError::Refused("handshake timed out".into()))??;
+        .map_err(|_| ConnError::Refused(format!("handshake not finished within {:?}", negotiating.timeout)))??;
         match options {
-            Some(transmission) => transmission.serve(&shared, &limits).await,
+            Some(transmission) => {
+                let _established = shared
+                    .admission
+                    .establish(negotiating)
+                    .map_err(|refusal| ConnError::Refused(refusal.to_string()))?;
+                transmission.serve(&shared, &limits).await
+            }
             None => Ok(()),
         }
     };

@@ -21,6 +21,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod admission;
 mod buffer;
 mod conn;
 #[cfg(feature = "cas")]

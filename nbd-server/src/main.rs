@@ -80,6 +80,21 @@ struct Args {
     /// requests in flight per connection (default 128)
     #[argh(option)]
     max_in_flight: Option<usize>,
+    /// established NBD connections at most (default 1024); a newcomer is refused when they
+    /// are all taken, an established client is never dropped for it
+    #[argh(option)]
+    max_connections: Option<usize>,
+    /// NBD connections still negotiating at most, a budget apart from established ones
+    /// (default 256)
+    #[argh(option)]
+    max_negotiating: Option<usize>,
+    /// NBD connections negotiating from one source address at most (default 64)
+    #[argh(option)]
+    max_negotiating_per_peer: Option<usize>,
+    /// seconds a client has to negotiate while the negotiating budget is empty (default 30);
+    /// the deadline shrinks as it fills, to 1 s when it is nearly full
+    #[argh(option)]
+    handshake_timeout: Option<u64>,
 
     /// export served to clients that ask for the empty name (default: the first --disk, or
     /// the only disk of the store)
@@ -260,6 +275,18 @@ fn run(args: Args) -> anyhow::Result<()> {
     let mut config = ServerConfig { tls: tls_config(&args)?, ..ServerConfig::default() };
     if let Some(n) = args.max_in_flight {
         config.max_in_flight_per_connection = n;
+    }
+    if let Some(n) = args.max_connections {
+        config.max_connections = n;
+    }
+    if let Some(n) = args.max_negotiating {
+        config.max_negotiating = n;
+    }
+    if let Some(n) = args.max_negotiating_per_peer {
+        config.max_negotiating_per_peer = n;
+    }
+    if let Some(secs) = args.handshake_timeout {
+        config.handshake_timeout = std::time::Duration::from_secs(secs);
     }
     let (store, node) = open_exports(&args)?;
     let registry = Arc::clone(&node.exports);

@@ -20,6 +20,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{info, info_span, warn, Instrument};
 
+use crate::admission::{Admission, AdmissionLimits};
 use crate::buffer::BufferPool;
 use crate::conn::run_connection;
 use crate::export::ExportRegistry;
@@ -40,10 +41,17 @@ pub struct ServerConfig {
     pub max_buffered_bytes_per_connection: usize,
     /// READ/WRITE buffer bytes all connections together may hold.
     pub max_buffered_bytes_total: usize,
-    /// Connections beyond this are closed right after accept.
+    /// Established connections (past negotiation). A client that negotiates while this many
+    /// are established is refused; an established one is never dropped for a newcomer.
     pub max_connections: usize,
-    /// Time a client has to finish negotiation (including the TLS handshake).
+    /// Connections still negotiating, a budget of their own (see [`crate::admission`]).
+    pub max_negotiating: usize,
+    /// Connections negotiating from one source address (all Unix-socket clients share one).
+    pub max_negotiating_per_peer: usize,
+    /// Time a client has to finish negotiation (including the TLS handshake) while few others
+    /// negotiate; it shrinks as the negotiating budget fills, down to `min_handshake_timeout`.
     pub handshake_timeout: Duration,
+    pub min_handshake_timeout: Duration,
     /// Longest pause allowed while receiving a WRITE payload (a stalled client holds buffer
     /// budget; after this it is disconnected).
     pub payload_stall_timeout: Duration,
@@ -62,7 +70,10 @@ impl Default for ServerConfig {
             max_buffered_bytes_per_connection: 128 << 20,
             max_buffered_bytes_total: 1 << 30,
             max_connections: 1024,
+            max_negotiating: 256,
+            max_negotiating_per_peer: 64,
             handshake_timeout: Duration::from_secs(30),
+            min_handshake_timeout: Duration::from_secs(1),
             payload_stall_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_millis(500),
             drain_timeout: Duration::from_secs(30),
@@ -83,6 +94,9 @@ impl ServerConfig {
         self.max_buffered_bytes_per_connection =
             self.max_buffered_bytes_per_connection.min(self.max_buffered_bytes_total);
         self.max_connections = self.max_connections.max(1);
+        self.max_negotiating = self.max_negotiating.max(1);
+        self.max_negotiating_per_peer = self.max_negotiating_per_peer.clamp(1, self.max_negotiating);
+        self.min_handshake_timeout = self.min_handshake_timeout.min(self.handshake_timeout);
         self
     }
 }
@@ -153,6 +167,7 @@ pub(crate) struct Shared {
     pub(crate) bytes: Arc<Semaphore>,
     pub(crate) buffers: Arc<BufferPool>,
     pub(crate) shutdown: Arc<ShutdownSignal>,
+    pub(crate) admission: Arc<Admission>,
     connections: AtomicUsize,
     connections_gone: Notify,
 }
@@ -238,6 +253,16 @@ impl Server {
             bytes: Arc::new(Semaphore::new(config.max_buffered_bytes_total)),
             buffers: Arc::new(buffers),
             shutdown: Arc::new(ShutdownSignal::default()),
+            admission: Admission::new(
+                "nbd",
+                AdmissionLimits {
+                    max_negotiating: config.max_negotiating,
+                    max_negotiating_per_peer: config.max_negotiating_per_peer,
+                    max_established: config.max_connections,
+                    handshake_timeout: config.handshake_timeout,
+                    min_handshake_timeout: config.min_handshake_timeout,
+                },
+            ),
             connections: AtomicUsize::new(0),
             connections_gone: Notify::new(),
             config,
@@ -270,19 +295,19 @@ impl Server {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let Some(guard) = self.admit() else {
-            warn!("connection refused: too many connections");
-            return;
+        let negotiating = match self.shared.admission.begin(None) {
+            Ok(n) => n,
+            Err(refusal) => return self.shared.admission.log_refusal(None, refusal),
         };
-        run_connection(stream, Arc::clone(&guard.0)).await;
+        let guard = self.count();
+        run_connection(stream, Arc::clone(&guard.0), negotiating).await;
         drop(guard);
     }
 
-    fn admit(&self) -> Option<ConnectionGuard> {
-        let shared = &self.shared;
-        let previous = shared.connections.fetch_add(1, Ordering::SeqCst);
-        let guard = ConnectionGuard(Arc::clone(shared));
-        (previous < shared.config.max_connections).then_some(guard)
+    /// Counts a connection until the guard drops (shutdown waits for the count to reach 0).
+    fn count(&self) -> ConnectionGuard {
+        self.shared.connections.fetch_add(1, Ordering::SeqCst);
+        ConnectionGuard(Arc::clone(&self.shared))
     }
 
     /// Accepts on every listener until `shutdown` resolves (or the shutdown handle fires),
@@ -329,11 +354,11 @@ impl Server {
                     // Replies are often small and latency matters more than packet count
                     // (the spec asks for TCP_NODELAY).
                     let _ = s.set_nodelay(true);
-                    (Accepted::Tcp(s), peer.to_string())
+                    (Accepted::Tcp(s), Some(peer.ip()), peer.to_string())
                 }),
-                Listener::Unix(l) => l.accept().await.map(|(s, _)| (Accepted::Unix(s), "unix".to_owned())),
+                Listener::Unix(l) => l.accept().await.map(|(s, _)| (Accepted::Unix(s), None, "unix".to_owned())),
             };
-            let (stream, peer) = match accepted {
+            let (stream, peer_ip, peer) = match accepted {
                 Ok(x) => x,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -343,17 +368,22 @@ impl Server {
                 }
             };
             next_id += 1;
-            let Some(guard) = self.admit() else {
-                warn!(%peer, "connection refused: too many connections");
-                continue;
+            // Nothing is allocated for a refused connection: it is closed here.
+            let negotiating = match self.shared.admission.begin(peer_ip) {
+                Ok(n) => n,
+                Err(refusal) => {
+                    self.shared.admission.log_refusal(peer_ip, refusal);
+                    continue;
+                }
             };
+            let guard = self.count();
             let span = info_span!("conn", id = next_id, %peer);
             tokio::spawn(
                 async move {
                     tracing::debug!("accepted");
                     match stream {
-                        Accepted::Tcp(s) => run_connection(s, Arc::clone(&guard.0)).await,
-                        Accepted::Unix(s) => run_connection(s, Arc::clone(&guard.0)).await,
+                        Accepted::Tcp(s) => run_connection(s, Arc::clone(&guard.0), negotiating).await,
+                        Accepted::Unix(s) => run_connection(s, Arc::clone(&guard.0), negotiating).await,
                     }
                     drop(guard);
                 }
