@@ -23,6 +23,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream, UnixListener};
 
+use crate::admission::{Admission, AdmissionLimits, Negotiating};
 use crate::node::{Node, NodeSourceHooks};
 
 const MAX_LINE: usize = 1 << 20;
@@ -82,22 +83,39 @@ impl From<StoreError> for ControlError {
 
 type ControlResult = Result<Value, ControlError>;
 
-/// Serves the control API on `listeners` until `shutdown` completes.
-pub async fn serve_control(listeners: Vec<ControlListener>, node: Arc<Node>, shutdown: impl Future<Output = ()>) {
+/// Serves the control API on `listeners` until `shutdown` completes. TCP clients are admitted
+/// as NBD clients are (see [`crate::admission`]): until its first request a connection counts
+/// against a budget of its own, per source address too, with a deadline that tightens as it
+/// fills (the Unix socket is guarded by its file mode).
+pub async fn serve_control(
+    listeners: Vec<ControlListener>,
+    node: Arc<Node>,
+    limits: AdmissionLimits,
+    shutdown: impl Future<Output = ()>,
+) {
     let mut tasks = tokio::task::JoinSet::new();
     for listener in listeners {
         let node = node.clone();
+        let admission = Admission::new("control", limits.clone());
         tasks.spawn(async move {
             loop {
                 let accepted = match &listener {
                     ControlListener::Unix(l, _) => l.accept().await.map(|(s, _)| {
                         let node = node.clone();
-                        tokio::spawn(async move { serve_connection(s, node).await })
+                        tokio::spawn(async move { serve_connection(s, node, None).await });
                     }),
-                    ControlListener::Tcp(l) => l.accept().await.map(|(s, _)| {
-                        let node = node.clone();
-                        tokio::spawn(async move { serve_connection(s, node).await })
-                    }),
+                    ControlListener::Tcp(l) => {
+                        l.accept().await.map(|(s, peer)| match admission.begin(Some(peer.ip())) {
+                            Ok(negotiating) => {
+                                let (node, admission) = (node.clone(), admission.clone());
+                                tokio::spawn(
+                                    async move { serve_connection(s, node, Some((admission, negotiating))).await },
+                                );
+                            }
+                            // Closed at once: nothing was allocated for it.
+                            Err(refusal) => admission.log_refusal(Some(peer.ip()), refusal),
+                        })
+                    }
                 };
                 if let Err(e) = accepted {
                     tracing::warn!(error = %e, "control accept failed");
@@ -110,19 +128,41 @@ pub async fn serve_control(listeners: Vec<ControlListener>, node: Arc<Node>, shu
     tasks.abort_all();
 }
 
-async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(stream: S, node: Arc<Node>) {
+/// `admitted`: a TCP client still negotiating: its first request must come within its
+/// deadline; it then counts as established.
+async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    node: Arc<Node>,
+    mut admitted: Option<(Arc<Admission>, Negotiating)>,
+) {
     let (reader, mut writer) = tokio::io::split(stream);
     let mut reader = BufReader::new(reader);
     let mut line = Vec::new();
+    let mut _established = None;
     loop {
         line.clear();
         // Bounded: a client cannot make the server buffer more than MAX_LINE bytes.
-        let n = match (&mut reader).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut line).await {
+        let mut limited = (&mut reader).take(MAX_LINE as u64 + 1);
+        let read = limited.read_until(b'\n', &mut line);
+        let n = match admitted.as_ref().map(|(_, n)| n.timeout) {
+            Some(deadline) => match tokio::time::timeout(deadline, read).await {
+                Ok(r) => r,
+                Err(_) => return,
+            },
+            None => read.await,
+        };
+        let n = match n {
             Ok(n) => n,
             Err(_) => return,
         };
         if n == 0 {
             return;
+        }
+        if let Some((admission, negotiating)) = admitted.take() {
+            match admission.establish(negotiating) {
+                Ok(place) => _established = Some(place),
+                Err(refusal) => return admission.log_refusal(None, refusal),
+            }
         }
         let too_long = line.len() > MAX_LINE;
         let reply = if too_long {
@@ -530,7 +570,17 @@ async fn switch_migration(node: &Arc<Node>, id: &str) -> Result<MigrationReport,
 }
 
 /// Accepts migrations sent to this server until `shutdown` completes.
-pub async fn serve_migrations(listener: TcpListener, node: Arc<Node>, shutdown: impl Future<Output = ()>) {
+/// Migration connections are admitted as NBD clients are (see [`crate::admission`]): the TLS
+/// handshake counts against a negotiating budget, per source address too, under a deadline
+/// that tightens as the budget fills, and nothing of a migration is allocated before it
+/// succeeds (the destination then bounds the protocol's own greeting and HELLO).
+pub async fn serve_migrations(
+    listener: TcpListener,
+    node: Arc<Node>,
+    limits: AdmissionLimits,
+    shutdown: impl Future<Output = ()>,
+) {
+    let admission = Admission::new("migration", limits);
     let accept = async {
         loop {
             let (stream, peer) = match listener.accept().await {
@@ -541,31 +591,41 @@ pub async fn serve_migrations(listener: TcpListener, node: Arc<Node>, shutdown: 
                     continue;
                 }
             };
+            let negotiating = match admission.begin(Some(peer.ip())) {
+                Ok(n) => n,
+                Err(refusal) => {
+                    admission.log_refusal(Some(peer.ip()), refusal);
+                    continue;
+                }
+            };
             let _ = stream.set_nodelay(true);
             // The TLS handshake runs in the connection's task, so a slow peer cannot hold up
             // the listener.
             let tls = node.link_tls.clone();
-            // Tracks the connection until its HELLO names the migration (the destination then
-            // registers the migration under the source's id).
-            let status = MigrationStatus::new(MigrationReport::new("?", "?", "destination", &peer.to_string()));
-            let node = node.clone();
+            let (node, admission) = (node.clone(), admission.clone());
             tokio::spawn(async move {
+                let deadline = negotiating.timeout;
                 let stream: LinkStream = match tls {
-                    Some(tls) => {
-                        match tokio::time::timeout(std::time::Duration::from_secs(30), tls.accept(stream)).await {
-                            Ok(Ok(s)) => Box::new(s),
-                            Ok(Err(e)) => {
-                                tracing::warn!(%peer, error = %e, "migration peer refused: TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => {
-                                tracing::warn!(%peer, "migration peer refused: TLS handshake timed out");
-                                return;
-                            }
+                    Some(tls) => match tokio::time::timeout(deadline, tls.accept(stream)).await {
+                        Ok(Ok(s)) => Box::new(s),
+                        Ok(Err(e)) => {
+                            tracing::warn!(%peer, error = %e, "migration peer refused: TLS handshake failed");
+                            return;
                         }
-                    }
+                        Err(_) => {
+                            tracing::warn!(%peer, "migration peer refused: TLS handshake not finished within {deadline:?}");
+                            return;
+                        }
+                    },
                     None => Box::new(stream),
                 };
+                let _established = match admission.establish(negotiating) {
+                    Ok(place) => place,
+                    Err(refusal) => return admission.log_refusal(Some(peer.ip()), refusal),
+                };
+                // Tracks the connection until its HELLO names the migration (the destination
+                // then registers the migration under the source's id).
+                let status = MigrationStatus::new(MigrationReport::new("?", "?", "destination", &peer.to_string()));
                 match node.destination.serve(stream, status).await {
                     Ok(_) => {}
                     Err(migration::MigrationError::Superseded) => {}

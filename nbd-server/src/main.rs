@@ -368,9 +368,10 @@ fn run(args: Args) -> anyhow::Result<()> {
             }
             let _ = stop_tx.send(true);
         });
-        let control_task = tokio::spawn(serve_control(control, Arc::clone(&node), stopped()));
-        let migration_task =
-            migration_listener.map(|l| tokio::spawn(serve_migrations(l, Arc::clone(&node), stopped())));
+        let control_task =
+            tokio::spawn(serve_control(control, Arc::clone(&node), config.admission_limits(), stopped()));
+        let migration_task = migration_listener
+            .map(|l| tokio::spawn(serve_migrations(l, Arc::clone(&node), config.admission_limits(), stopped())));
         serve(listeners, Arc::clone(&registry), config, stopped()).await;
         let _ = control_task.await;
         if let Some(t) = migration_task {

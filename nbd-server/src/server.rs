@@ -82,6 +82,18 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
+    /// The admission limits of a listener (the NBD one, and the control API's and migration
+    /// listener's, which take the same settings).
+    pub fn admission_limits(&self) -> AdmissionLimits {
+        AdmissionLimits {
+            max_negotiating: self.max_negotiating.max(1),
+            max_negotiating_per_peer: self.max_negotiating_per_peer.clamp(1, self.max_negotiating.max(1)),
+            max_established: self.max_connections.max(1),
+            handshake_timeout: self.handshake_timeout,
+            min_handshake_timeout: self.min_handshake_timeout.min(self.handshake_timeout),
+        }
+    }
+
     /// Raises limits that would make the largest request impossible to admit.
     fn normalized(mut self) -> ServerConfig {
         let largest_request = MAX_PAYLOAD_LEN as usize + OFFSET_DATA_PREFIX_LEN;
@@ -253,16 +265,7 @@ impl Server {
             bytes: Arc::new(Semaphore::new(config.max_buffered_bytes_total)),
             buffers: Arc::new(buffers),
             shutdown: Arc::new(ShutdownSignal::default()),
-            admission: Admission::new(
-                "nbd",
-                AdmissionLimits {
-                    max_negotiating: config.max_negotiating,
-                    max_negotiating_per_peer: config.max_negotiating_per_peer,
-                    max_established: config.max_connections,
-                    handshake_timeout: config.handshake_timeout,
-                    min_handshake_timeout: config.min_handshake_timeout,
-                },
-            ),
+            admission: Admission::new("nbd", config.admission_limits()),
             connections: AtomicUsize::new(0),
             connections_gone: Notify::new(),
             config,

@@ -19,6 +19,9 @@ use crate::{blocking, MigrationError};
 
 use super::*;
 
+/// How long a new migration connection has to send its greeting and HELLO.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A server's incoming migrations, live and parked, by migration id. A migration outlives
 /// its connections: after a lost link it is parked until the source reconnects (or, before
 /// the switch-over, until `park_timeout` passes or an operator cancels it).
@@ -244,8 +247,15 @@ impl Destination {
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        exchange_greetings(&mut stream, &status.traffic).await?;
-        let hello = match read_message(&mut stream, &status.traffic).await? {
+        // A peer that connects and stalls holds nothing for long: the greeting and HELLO come
+        // within HELLO_TIMEOUT or the connection goes.
+        let greeted = tokio::time::timeout(HELLO_TIMEOUT, async {
+            exchange_greetings(&mut stream, &status.traffic).await?;
+            read_message(&mut stream, &status.traffic).await
+        })
+        .await
+        .map_err(|_| MigrationError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "no HELLO in time")))??;
+        let hello = match greeted {
             Some(Message::Hello(h)) => h,
             Some(other) => {
                 let err = MigrationError::Unexpected(other.name());

@@ -36,6 +36,8 @@ pub struct Server {
     pub migration: Option<String>,
     /// TCP NBD listeners ("listening on nbd://ADDR"), from `--listen` in `extra`.
     pub tcp: Vec<String>,
+    /// TCP control API addresses (`--control-listen`), host:port.
+    pub control_tcp: Vec<String>,
     pub log: PathBuf,
 }
 
@@ -80,6 +82,7 @@ impl Server {
         });
         let mut migration = None;
         let mut tcp = Vec::new();
+        let mut control_tcp = Vec::new();
         let deadline = Instant::now() + START_TIMEOUT;
         let server = loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -97,8 +100,11 @@ impl Server {
             if let Some(addr) = line.strip_prefix("listening on nbd://") {
                 tcp.push(addr.to_string());
             }
+            if let Some(addr) = line.strip_prefix("control on ").filter(|a| !a.starts_with('/')) {
+                control_tcp.push(addr.to_string());
+            }
             if line == "ready" {
-                break Server { child, control, socket, migration, tcp, log };
+                break Server { child, control, socket, migration, tcp, control_tcp, log };
             }
         };
         // Keep draining stdout (the thread ends at the server's exit).

@@ -1,0 +1,174 @@
+//! A hostile or broken peer cannot lock the hypervisors (or the other datacentre, or the
+//! operator) out: 5000 idle connections and 500 that trickle a byte a second, from 127.0.0.2,
+//! against each listener of a real `nbd-server` (NBD, migration, TCP control API), while
+//! legitimate clients on 127.0.0.1 do their work. See `nbd-server/src/admission.rs`.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::flood::{rss_kib, Flood};
+use common::server::{certs, free_port, load, run, tls_args, Server, TestDir, CAS, MIGRATE};
+use serde_json::Value;
+
+const IDLE: usize = 5000;
+const TRICKLE: usize = 500;
+/// What a server may hold in memory under a flood (about 20-50 MiB without one).
+const RSS_BOUND_KIB: u64 = 256 << 10;
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+}
+
+/// Pseudo-random bytes: nothing deduplicates or compresses, so a migration takes a while.
+fn noise_file(path: &Path, len: usize) {
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    std::fs::write(path, out).unwrap();
+}
+
+/// 4 KiB random reads at depth 8 for `secs` seconds through fio's nbd engine; IOPS.
+fn fio_iops(dir: &Path, uri: &str, secs: u32) -> f64 {
+    let out = run(Command::new("fio").current_dir(dir).args([
+        "--name=flood",
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        "--rw=randread",
+        "--bs=4k",
+        "--iodepth=8",
+        "--size=32M",
+        "--time_based",
+        &format!("--runtime={secs}"),
+        "--output-format=json",
+    ]));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: Value = serde_json::from_str(&stdout[stdout.find('{').expect("fio JSON report")..]).unwrap();
+    report["jobs"][0]["read"]["iops"].as_f64().unwrap()
+}
+
+/// Runs `cmd` and checks it succeeded within a second.
+fn within_a_second(what: &str, cmd: &mut Command) -> Duration {
+    let t = Instant::now();
+    run(cmd);
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(1), "{what} took {took:?} under the flood");
+    took
+}
+
+fn refusal_lines(server: &Server, listener: &str) -> usize {
+    let log = std::fs::read_to_string(&server.log).unwrap_or_default();
+    log.lines().filter(|l| l.contains("connection refused") && l.contains(&format!("listener=\"{listener}\""))).count()
+}
+
+#[test]
+fn nbd_listener_flood_does_not_lock_out_the_hypervisors() {
+    let dir = TestDir::new();
+    let server = Server::start(dir.path(), "a", &["--listen", "127.0.0.1:0", "--disk", "d0:64M"]);
+    let uri = format!("nbd://127.0.0.1:{}/d0", server.tcp_port());
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 7 0 32M", &uri]));
+    let quiet = fio_iops(dir.path(), &uri, 4);
+
+    let flood = Flood::start(addr(&format!("127.0.0.1:{}", server.tcp_port())), IDLE, TRICKLE);
+    std::thread::sleep(Duration::from_secs(3));
+    let mut slowest = Duration::ZERO;
+    for round in 0..5u32 {
+        slowest = slowest.max(within_a_second("nbdinfo", Command::new("nbdinfo").arg(&uri)));
+        let (write, read) = (format!("write -P {} {round}M 1M", 10 + round), format!("read -P {} {round}M 1M", 10 + round));
+        slowest = slowest.max(within_a_second("qemu-io write and read", Command::new("qemu-io").args(["-f", "raw", "-c", &write, "-c", &read, &uri])));
+    }
+    let flooded = fio_iops(dir.path(), &uri, 4);
+    let rss = rss_kib(server.child.id());
+    let opened = flood.opened();
+    drop(flood);
+
+    let ratio = flooded / quiet;
+    let refusals = refusal_lines(&server, "nbd");
+    eprintln!("NBD flood: {opened} connections from 127.0.0.2; slowest nbdinfo/qemu-io {slowest:?}; fio 4k randread QD8 {quiet:.0} IOPS quiet, {flooded:.0} flooded ({ratio:.2}); RSS {} MiB; {refusals} refusal log lines", rss >> 10);
+    assert!(opened >= (IDLE + TRICKLE) as u64, "the flood really ran");
+    assert!(ratio >= 0.8, "fio under the flood: {ratio:.2} of its quiet rate");
+    assert!(rss < RSS_BOUND_KIB, "RSS {} MiB under the flood", rss >> 10);
+    assert!((1..=20).contains(&refusals), "refusals logged once per peer per interval: {refusals} lines");
+}
+
+#[test]
+fn migration_listener_flood_does_not_stop_a_migration() {
+    let dir = TestDir::new();
+    let d = dir.path();
+    let certs = certs(d, "dc1,dc2");
+    let port = free_port();
+    let dst_args: Vec<String> = [vec!["--migration-listen".to_string(), format!("127.0.0.1:{port}")], tls_args(&certs, "dc2")].concat();
+    let dst_args: Vec<&str> = dst_args.iter().map(String::as_str).collect();
+    let src_args = tls_args(&certs, "dc1");
+    let src_args: Vec<&str> = src_args.iter().map(String::as_str).collect();
+    let dst = Server::start(d, "dst", &dst_args);
+    let src = Server::start(d, "src", &src_args);
+    let image = d.join("vm.raw");
+    noise_file(&image, 48 << 20);
+    load(&src, "vm", &image);
+
+    // Nothing but TCP connects that never start TLS, and ones that trickle garbage.
+    let flood = Flood::start(addr(&format!("127.0.0.1:{port}")), IDLE, TRICKLE);
+    std::thread::sleep(Duration::from_secs(3));
+    let t = Instant::now();
+    // Capped so that the migration runs for several seconds inside the flood.
+    let out =
+        run(Command::new(MIGRATE).args(["--source", src.ctl(), "--dest", dst.ctl(), "--disk", "vm", "--bandwidth", "100mbit", "--json", "--timeout", "300"]));
+    let took = t.elapsed();
+    let rss = rss_kib(dst.child.id());
+    let opened = flood.opened();
+    drop(flood);
+
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["phase"], "done", "{report}");
+    let copy = d.join("copy.raw");
+    run(Command::new("nbdcopy").arg(dst.uri("vm")).arg(&copy));
+    assert!(std::fs::read(&copy).unwrap() == std::fs::read(&image).unwrap(), "byte-exact at the destination");
+    src.fsck_clean();
+    dst.fsck_clean();
+    let refusals = refusal_lines(&dst, "migration");
+    eprintln!(
+        "migration flood: {opened} connections from 127.0.0.2; 48 MiB migrated in {took:?} ({} bytes on the link, {} reconnects); destination RSS {} MiB; {refusals} refusal log lines",
+        report["link"]["total_bytes"],
+        report["link"]["reconnects"],
+        rss >> 10
+    );
+    assert!(opened >= (IDLE + TRICKLE) as u64, "the flood really ran");
+    assert!(rss < RSS_BOUND_KIB, "destination RSS {} MiB under the flood", rss >> 10);
+    assert!((1..=20).contains(&refusals), "refusals logged once per peer per interval: {refusals} lines");
+}
+
+#[test]
+fn control_api_flood_does_not_lock_out_the_operator() {
+    let dir = TestDir::new();
+    let server = Server::start(dir.path(), "a", &["--control-listen", "127.0.0.1:0", "--disk", "d0:16M"]);
+    let control = server.control_tcp.first().expect("a TCP control address").clone();
+    let flood = Flood::start(addr(&control), IDLE, TRICKLE);
+    std::thread::sleep(Duration::from_secs(3));
+    let mut slowest = Duration::ZERO;
+    for _ in 0..10 {
+        slowest = slowest.max(within_a_second("migrate status", Command::new(MIGRATE).args(["status", "--server", &control, "--json"])));
+        slowest = slowest.max(within_a_second("cas ls", Command::new(CAS).args(["ls", "--server", &control])));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let rss = rss_kib(server.child.id());
+    let opened = flood.opened();
+    drop(flood);
+    let refusals = refusal_lines(&server, "control");
+    eprintln!(
+        "control flood: {opened} connections from 127.0.0.2; slowest `migrate status`/`cas ls` {slowest:?}; RSS {} MiB; {refusals} refusal log lines",
+        rss >> 10
+    );
+    assert!(opened >= (IDLE + TRICKLE) as u64, "the flood really ran");
+    assert!(rss < RSS_BOUND_KIB, "RSS {} MiB under the flood", rss >> 10);
+    assert!((1..=20).contains(&refusals), "refusals logged once per peer per interval: {refusals} lines");
+}
