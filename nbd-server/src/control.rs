@@ -136,7 +136,8 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     mut admitted: Option<(Arc<Admission>, Negotiating)>,
 ) {
     let (reader, mut writer) = tokio::io::split(stream);
-    let mut reader = BufReader::new(reader);
+    // A small buffer: an idle or hostile client holds 1 KiB here, not the default 8 KiB.
+    let mut reader = BufReader::with_capacity(1024, reader);
     let mut line = Vec::new();
     let mut _established = None;
     loop {
