@@ -37,23 +37,43 @@ fn noise_file(path: &Path, len: usize) {
     std::fs::write(path, out).unwrap();
 }
 
-/// 4 KiB random reads at depth 8 for `secs` seconds through fio's nbd engine; IOPS.
-fn fio_iops(dir: &Path, uri: &str, secs: u32) -> f64 {
-    let out = run(Command::new("fio").current_dir(dir).args([
-        "--name=flood",
-        "--ioengine=nbd",
-        &format!("--uri={uri}"),
-        "--rw=randread",
-        "--bs=4k",
-        "--iodepth=8",
-        "--size=32M",
-        "--time_based",
-        &format!("--runtime={secs}"),
-        "--output-format=json",
-    ]));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let report: Value = serde_json::from_str(&stdout[stdout.find('{').expect("fio JSON report")..]).unwrap();
-    report["jobs"][0]["read"]["iops"].as_f64().unwrap()
+/// Starts fio's nbd engine doing 4 KiB random reads at depth 8 for `secs` seconds, logging
+/// its IOPS every second into `dir/iops_iops.1.log`.
+fn fio_background(dir: &Path, uri: &str, secs: u32) -> std::process::Child {
+    Command::new("fio")
+        .current_dir(dir)
+        .args([
+            "--name=flood",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randread",
+            "--bs=4k",
+            "--iodepth=8",
+            "--size=32M",
+            "--time_based",
+            &format!("--runtime={secs}"),
+            "--write_iops_log=iops",
+            "--log_avg_msec=1000",
+            "--output-format=json",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start fio")
+}
+
+/// fio's per-second IOPS log: (milliseconds since the job started, IOPS).
+fn iops_log(dir: &Path) -> Vec<(u64, f64)> {
+    let log = std::fs::read_to_string(dir.join("iops_iops.1.log")).expect("fio's IOPS log");
+    log.lines()
+        .filter_map(|l| {
+            let mut f = l.split(',').map(str::trim);
+            Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
 /// Runs `cmd` and checks it succeeded within a second.
@@ -61,6 +81,7 @@ fn within_a_second(what: &str, cmd: &mut Command) -> Duration {
     let t = Instant::now();
     run(cmd);
     let took = t.elapsed();
+    eprintln!("{what}: {took:?}");
     assert!(took < Duration::from_secs(1), "{what} took {took:?} under the flood");
     took
 }
@@ -76,20 +97,29 @@ fn nbd_listener_flood_does_not_lock_out_the_hypervisors() {
     let server = Server::start(dir.path(), "a", &["--listen", "127.0.0.1:0", "--disk", "d0:64M"]);
     let uri = format!("nbd://127.0.0.1:{}/d0", server.tcp_port());
     run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 7 0 32M", &uri]));
-    let quiet = fio_iops(dir.path(), &uri, 4);
 
+    // An established client: fio runs 14 s; the flood starts at 5 s.
+    let mut fio = fio_background(dir.path(), &uri, 14);
+    std::thread::sleep(Duration::from_secs(5));
+    let flood_at = Instant::now();
     let flood = Flood::start(addr(&format!("127.0.0.1:{}", server.tcp_port())), IDLE, TRICKLE);
-    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep(Duration::from_secs(2));
     let mut slowest = Duration::ZERO;
     for round in 0..5u32 {
-        slowest = slowest.max(within_a_second("nbdinfo", Command::new("nbdinfo").arg(&uri)));
-        let (write, read) = (format!("write -P {} {round}M 1M", 10 + round), format!("read -P {} {round}M 1M", 10 + round));
+        slowest = slowest.max(within_a_second("nbdinfo", Command::new("nbdinfo").arg("--no-content").arg(&uri)));
+        let (write, read) = (format!("write -P {} {round}M 256k", 10 + round), format!("read -P {} {round}M 256k", 10 + round));
         slowest = slowest.max(within_a_second("qemu-io write and read", Command::new("qemu-io").args(["-f", "raw", "-c", &write, "-c", &read, &uri])));
     }
-    let flooded = fio_iops(dir.path(), &uri, 4);
     let rss = rss_kib(server.child.id());
+    assert!(fio.wait().unwrap().success(), "fio failed");
+    let flooded_for = flood_at.elapsed();
     let opened = flood.opened();
     drop(flood);
+    // Seconds 1-4 of the job were quiet; from second 7 on, the flood had been running 2 s.
+    let log = iops_log(dir.path());
+    let quiet = mean(&log.iter().filter(|(ms, _)| (1000..=4000).contains(ms)).map(|e| e.1).collect::<Vec<_>>());
+    let flooded = mean(&log.iter().filter(|(ms, _)| *ms >= 7000).map(|e| e.1).collect::<Vec<_>>());
+    assert!(flooded_for > Duration::from_secs(7), "the flood lasted through fio's second half");
 
     let ratio = flooded / quiet;
     let refusals = refusal_lines(&server, "nbd");
