@@ -98,9 +98,10 @@ fn nbd_listener_flood_does_not_lock_out_the_hypervisors() {
     let uri = format!("nbd://127.0.0.1:{}/d0", server.tcp_port());
     run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 7 0 32M", &uri]));
 
-    // An established client: fio runs 14 s; the flood starts at 5 s.
-    let mut fio = fio_background(dir.path(), &uri, 14);
-    std::thread::sleep(Duration::from_secs(5));
+    // An established client: fio runs 20 s; the flood starts at 6 s. fio's rate is compared
+    // over seconds 1-5 (quiet) and 12-19 (flooded, after the legitimate clients below).
+    let mut fio = fio_background(dir.path(), &uri, 20);
+    std::thread::sleep(Duration::from_secs(6));
     let flood_at = Instant::now();
     let flood = Flood::start(addr(&format!("127.0.0.1:{}", server.tcp_port())), IDLE, TRICKLE);
     std::thread::sleep(Duration::from_secs(2));
@@ -115,11 +116,10 @@ fn nbd_listener_flood_does_not_lock_out_the_hypervisors() {
     let flooded_for = flood_at.elapsed();
     let opened = flood.opened();
     drop(flood);
-    // Seconds 1-4 of the job were quiet; from second 7 on, the flood had been running 2 s.
     let log = iops_log(dir.path());
-    let quiet = mean(&log.iter().filter(|(ms, _)| (1000..=4000).contains(ms)).map(|e| e.1).collect::<Vec<_>>());
-    let flooded = mean(&log.iter().filter(|(ms, _)| *ms >= 7000).map(|e| e.1).collect::<Vec<_>>());
-    assert!(flooded_for > Duration::from_secs(7), "the flood lasted through fio's second half");
+    let quiet = mean(&log.iter().filter(|(ms, _)| (1000..=5000).contains(ms)).map(|e| e.1).collect::<Vec<_>>());
+    let flooded = mean(&log.iter().filter(|(ms, _)| (12000..=19000).contains(ms)).map(|e| e.1).collect::<Vec<_>>());
+    assert!(flooded_for > Duration::from_secs(13), "the flood lasted to fio's end");
 
     let ratio = flooded / quiet;
     let refusals = refusal_lines(&server, "nbd");
