@@ -1,6 +1,5 @@
 //! The source's main task: listing, dirty rounds, freeze, switch-over, post-copy.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -182,7 +181,7 @@ impl Source {
             config: self.config.clone(),
             status: self.status.clone(),
             stop: stop_rx,
-            ever_sent: Arc::new(Mutex::new(HashSet::new())),
+            ever_sent: Arc::new(Mutex::new(RecentlySent::default())),
             ever_connected: false,
         };
         let link_task = tokio::spawn(supervisor.run());

@@ -6,6 +6,7 @@ mod driver;
 mod listing;
 mod outbox;
 mod plan;
+mod recent;
 mod sender;
 mod state;
 mod status;
@@ -23,7 +24,7 @@ use crate::report::SwitchAfter;
 use crate::state::Stage;
 
 // The submodules share their crate-internal items through this module.
-use {listing::*, outbox::*, sender::*, supervisor::*};
+use {listing::*, outbox::*, recent::*, sender::*, supervisor::*};
 
 /// Entries per FINGERPRINTS frame (about 130 KiB).
 pub(crate) const FINGERPRINTS_PER_FRAME: usize = 8192;

@@ -1,6 +1,6 @@
 //! One connection's reader, writer and data sender.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -133,7 +133,7 @@ pub(crate) async fn run_writer<W: AsyncWrite + Unpin>(
     mut low: mpsc::Receiver<DataFrame>,
     status: Arc<MigrationStatus>,
     mut limiter: Option<crate::ratelimit::TokenBucket>,
-    ever_sent: Arc<Mutex<HashSet<Fingerprint>>>,
+    ever_sent: Arc<Mutex<RecentlySent>>,
 ) -> Result<(), MigrationError> {
     use tokio::io::AsyncWriteExt;
     loop {
@@ -216,7 +216,7 @@ pub(crate) async fn run_data_sender(
     let per_batch = (config.batch_bytes / (block_size + 17)).max(1);
     let mut urgent: VecDeque<Fingerprint> = VecDeque::new();
     let mut background: VecDeque<Fingerprint> = VecDeque::new();
-    let mut sent: HashSet<Fingerprint> = HashSet::new();
+    let mut sent = RecentlySent::default();
     let mut level = LevelController::new(config.zstd_level);
     loop {
         // Take everything queued, then block for more only when idle.

@@ -1,11 +1,10 @@
 //! The link supervisor: connects, reconnects with backoff, and runs each connection.
 
-use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cas_store::{DiskId, Fingerprint, Store};
+use cas_store::{DiskId, Store};
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
@@ -46,8 +45,8 @@ pub(crate) struct LinkSupervisor {
     pub(crate) config: SourceConfig,
     pub(crate) status: Arc<MigrationStatus>,
     pub(crate) stop: tokio::sync::watch::Receiver<bool>,
-    /// Every fingerprint sent on any connection (to count what a lost link made us resend).
-    pub(crate) ever_sent: Arc<Mutex<HashSet<Fingerprint>>>,
+    /// Fingerprints sent lately on any connection (to count what a lost link made us resend).
+    pub(crate) ever_sent: Arc<Mutex<RecentlySent>>,
     /// A connection was accepted once (later failures are lost links, not a bad address).
     pub(crate) ever_connected: bool,
 }
