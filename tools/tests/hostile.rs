@@ -4,6 +4,7 @@
 //! legitimate clients on 127.0.0.1 do their work. See `nbd-server/src/admission.rs`.
 
 mod common;
+use common::data::noise;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -21,20 +22,6 @@ const RSS_BOUND_KIB: u64 = 256 << 10;
 
 fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
-}
-
-/// Pseudo-random bytes: nothing deduplicates or compresses, so a migration takes a while.
-fn noise_file(path: &Path, len: usize) {
-    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    std::fs::write(path, out).unwrap();
 }
 
 /// Starts fio's nbd engine doing 4 KiB random reads at depth 8 for `secs` seconds, logging
@@ -143,7 +130,8 @@ fn migration_listener_flood_does_not_stop_a_migration() {
     let dst = Server::start(d, "dst", &dst_args);
     let src = Server::start(d, "src", &src_args);
     let image = d.join("vm.raw");
-    noise_file(&image, 48 << 20);
+    // Nothing deduplicates or compresses, so the migration takes a while.
+    std::fs::write(&image, noise(48 << 20)).unwrap();
     load(&src, "vm", &image);
 
     // Nothing but TCP connects that never start TLS, and ones that trickle garbage.

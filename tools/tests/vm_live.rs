@@ -17,25 +17,12 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 mod common;
+use common::data::noise;
 use common::server::{load, run, Background, Server, TestDir, CAS, MIGRATE};
 use common::vm::{kit_or_skip, Kit, Qemu, Qmp, VmConfig};
 
 const DISK_SIZE: u64 = 256 << 20;
 const SEED_BYTES: usize = 48 << 20;
-
-/// Deterministic incompressible bytes (xorshift).
-fn noise(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 /// Two servers, the VM running at A and writing, and `migrate` running until the switch.
 struct Setup {

@@ -6,6 +6,7 @@
 // Every test crate compiles this module and uses a different part of it.
 #![allow(dead_code)]
 
+pub mod data;
 pub mod flood;
 pub mod server;
 pub mod vm;
