@@ -65,7 +65,7 @@ pub struct Admission {
     what: &'static str,
 }
 
-/// A connection that may negotiate until `deadline`; gives its place back when dropped.
+/// A connection admitted to negotiate for at most `timeout`; gives its place back when dropped.
 #[derive(Debug)]
 pub struct Negotiating {
     admission: Arc<Admission>,

@@ -8,7 +8,7 @@ use std::time::Instant;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use crate::report::{MigrationReport, Phase, SwitchAfter};
+use crate::report::{MigrationReport, Phase};
 use crate::wire::Traffic;
 
 /// Why an operator's request to a migration was refused.
@@ -159,11 +159,6 @@ impl MigrationStatus {
             }
             notified.await;
         }
-    }
-
-    /// Whether this migration switches over only when asked.
-    pub fn is_manual(&self) -> bool {
-        self.report.lock().switch_after == SwitchAfter::Manual
     }
 
     pub fn cancel_requested(&self) -> bool {
