@@ -816,11 +816,11 @@ def densify(src, dst, limit):
     return n
 
 
-def fio_nbd(ctx, uri, rw, qd, runtime, ns=None):
+def fio_nbd(ctx, uri, rw, qd, runtime, ns=None, extra=()):
     out = os.path.join(ctx.run, "fio.json")
     ctx.sh(["fio", "--name=job", "--ioengine=nbd", "--uri=" + uri, "--rw=" + rw, "--bs=4k",
             "--iodepth=%d" % qd, "--time_based", "--runtime=%d" % runtime, "--ramp_time=1",
-            "--output-format=json", "--output=" + out], ns=ns, timeout=runtime + 120)
+            "--output-format=json", "--output=" + out] + list(extra), ns=ns, timeout=runtime + 120)
     with open(out) as f:
         txt = f.read()
     j = json.loads(txt[txt.index("{"):])["jobs"][0]
@@ -829,94 +829,148 @@ def fio_nbd(ctx, uri, rw, qd, runtime, ns=None):
             "error": j.get("error")}
 
 
+def duplicated(src, dst, copies=8):
+    """A highly duplicated data set as large as src: its first 1/copies, repeated."""
+    size = os.path.getsize(src)
+    part = size // copies // (4 * MiB) * (4 * MiB) or size
+    with open(src, "rb") as f:
+        head = f.read(part)
+    with open(dst, "wb") as o:
+        n = 0
+        while n < size:
+            b = head[:size - n]
+            o.write(b)
+            n += len(b)
+    return size
+
+
+# The data sets of the NBD section: fio writes unique blocks (refilled buffers) to the first,
+# and mostly repeated ones (fio's dedupe_percentage) to the second.
+NBD_SETS = {"unique": ["--refill_buffers"], "dup": ["--refill_buffers", "--dedupe_percentage=80"]}
+
+
 def section_nbd(ctx):
     cfg = ctx.cfg
     work = os.path.join(ctx.run, "nbd")
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
-    content = os.path.join(work, "data")
-    size = densify(ctx.image(cfg["nbd_image"]), content, cfg["nbd_bytes"])
-    ctx.log("nbd: %d MiB of %s's non-zero blocks as content" % (size // MiB, cfg["nbd_image"]))
-    runtime = cfg["fio_runtime"]
+    # BENCH_NBD_IMAGE: another image's blocks as the content (one the machine has built);
+    # BENCH_NBD_BYTES and BENCH_FIO_RUNTIME: a shorter or longer run
+    image = os.environ.get("BENCH_NBD_IMAGE") or cfg["nbd_image"]
+    nbd_bytes = int(os.environ.get("BENCH_NBD_BYTES") or cfg["nbd_bytes"])
+    runtime = int(os.environ.get("BENCH_FIO_RUNTIME") or cfg["fio_runtime"])
+    contents = {"unique": os.path.join(work, "unique")}
+    size = densify(ctx.image(image), contents["unique"], nbd_bytes)
+    contents["dup"] = os.path.join(work, "dup")
+    duplicated(contents["unique"], contents["dup"])
+    ctx.log("nbd: %d MiB of %s's non-zero blocks as content; a duplicated set of the same size" % (size // MiB, image))
     results = {}
     store = os.path.join(work, "store")
-    cas_import(ctx, store, "data", content)
+    imports = {}
+    for name, path in contents.items():
+        imports[name] = cas_import(ctx, store, name, path)
 
     def measure(name, start, uri_of):
         procs = start()
         r = {}
         try:
-            # sequential read, twice: the first warms the page cache (reported too)
-            _, cold = ctx.sh(["nbdcopy", uri_of("data"), "null:"])
-            _, warm = ctx.sh(["nbdcopy", uri_of("data"), "null:"])
-            r["seq_read_MBps_first"] = size / cold / 1e6
-            r["seq_read_MBps"] = size / warm / 1e6
-            for qd in (1, 32):
-                f = fio_nbd(ctx, uri_of("data"), "randread", qd, runtime)
-                r["randread_qd%d_iops" % qd] = f["iops"]
-                r["randread_qd%d_lat_us" % qd] = f["lat_mean_us"]
-            _, wt = ctx.sh(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", content, uri_of("wr")])
-            r["seq_write_MBps"] = size / wt / 1e6
-            for qd in (1, 32):
-                f = fio_nbd(ctx, uri_of("wr"), "randwrite", qd, runtime)
-                r["randwrite_qd%d_iops" % qd] = f["iops"]
-                r["randwrite_qd%d_lat_us" % qd] = f["lat_mean_us"]
+            for dset, fio_extra in NBD_SETS.items():
+                # sequential read, twice: the first warms the page cache (reported too)
+                _, cold = ctx.sh(["nbdcopy", uri_of(dset), "null:"])
+                _, warm = ctx.sh(["nbdcopy", uri_of(dset), "null:"])
+                r["%s_seq_read_MBps_first" % dset] = size / cold / 1e6
+                r["%s_seq_read_MBps" % dset] = size / warm / 1e6
+                for qd in (1, 32):
+                    f = fio_nbd(ctx, uri_of(dset), "randread", qd, runtime)
+                    r["%s_randread_qd%d_iops" % (dset, qd)] = f["iops"]
+                    r["%s_randread_qd%d_lat_us" % (dset, qd)] = f["lat_mean_us"]
+                _, wt = ctx.sh(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", contents[dset], uri_of("wr-" + dset)])
+                r["%s_seq_write_MBps" % dset] = size / wt / 1e6
+                for qd in (1, 32):
+                    f = fio_nbd(ctx, uri_of("wr-" + dset), "randwrite", qd, runtime, extra=fio_extra)
+                    r["%s_randwrite_qd%d_iops" % (dset, qd)] = f["iops"]
+                    r["%s_randwrite_qd%d_lat_us" % (dset, qd)] = f["lat_mean_us"]
         finally:
             for p in procs:
                 ctx.stop(p)
         results[name] = r
         ctx.log("nbd %s: %s" % (name, json.dumps({k: round(v, 1) for k, v in r.items()})))
 
-    # ours: the content imported as disk "data", an empty disk "wr" for the writes
+    sock_dir = os.path.join(work, "sockets")
+    os.makedirs(sock_dir)
+    exports = ["unique", "dup", "wr-unique", "wr-dup"]
+
+    # ours: the contents imported as disks "unique" and "dup", empty disks for the writes
     port = free_port()
+    ours_sock = os.path.join(sock_dir, "ours.sock")
 
     def start_ours():
-        p = ctx.start([ctx.exe("nbd-server"), "--store", store, "--listen", "127.0.0.1:%d" % port,
-                       "--disk", "wr:%d" % size], stdout_pipe=True, log=os.path.join(ctx.out, "logs", "nbd-ours.log"))
+        p = ctx.start([ctx.exe("nbd-server"), "--store", store, "--listen", "127.0.0.1:%d" % port, "--unix", ours_sock,
+                       "--disk", "wr-unique:%d" % size, "--disk", "wr-dup:%d" % size, "--compact-interval", "0"],
+                      stdout_pipe=True, log=os.path.join(ctx.out, "logs", "nbd-ours.log"))
         wait_ready(ctx, p, "nbd-server")
         return [p]
-    measure("ours", start_ours, lambda e: "nbd://127.0.0.1:%d/%s" % (port, e))
 
-    # the peers serve a copy of the content ("data") and an empty sparse file ("wr")
+    # the peers serve copies of the contents and empty sparse files for the writes
     files = os.path.join(work, "files")
     os.makedirs(files)
 
     def fresh_files():
-        shutil.copyfile(content, os.path.join(files, "data"))
-        w = os.path.join(files, "wr")
-        if os.path.exists(w):
-            os.unlink(w)
-        open(w, "w").close()
-        os.truncate(w, size)
+        for e in exports:
+            f = os.path.join(files, e)
+            if os.path.exists(f):
+                os.unlink(f)
+        for dset, path in contents.items():
+            shutil.copyfile(path, os.path.join(files, dset))
+            w = os.path.join(files, "wr-" + dset)
+            open(w, "w").close()
+            os.truncate(w, size)
 
     # qemu-nbd: one process per export
-    qports = {"data": free_port()}
-    qports["wr"] = free_port()
-    while qports["wr"] == qports["data"]:
-        qports["wr"] = free_port()
+    qports = {}
+    for e in exports:
+        qports[e] = free_port()
+        while list(qports.values()).count(qports[e]) > 1:
+            qports[e] = free_port()
 
-    def start_qemu():
+    def start_qemu(unix):
         fresh_files()
         ps = []
         for e, pt in qports.items():
-            ps.append(ctx.start(["qemu-nbd", "-f", "raw", "-x", e, "-b", "127.0.0.1", "-p", str(pt), "-t",
-                                 "--shared=16", "--cache=writeback", "--aio=threads", os.path.join(files, e)],
-                                log=os.path.join(ctx.out, "logs", "nbd-qemu.log")))
-        for pt in qports.values():
-            wait_port(ctx, None, "127.0.0.1", pt)
+            where = ["-k", os.path.join(sock_dir, "qemu-%s.sock" % e)] if unix else ["-b", "127.0.0.1", "-p", str(pt)]
+            ps.append(ctx.start(["qemu-nbd", "-f", "raw", "-x", e] + where + ["-t", "--shared=16", "--cache=writeback",
+                                 "--aio=threads", os.path.join(files, e)], log=os.path.join(ctx.out, "logs", "nbd-qemu.log")))
+        for e, pt in qports.items():
+            if unix:
+                wait_file(os.path.join(sock_dir, "qemu-%s.sock" % e))
+            else:
+                wait_port(ctx, None, "127.0.0.1", pt)
         return ps
-    measure("qemu-nbd", start_qemu, lambda e: "nbd://127.0.0.1:%d/%s" % (qports[e], e))
 
     # nbdkit's file plugin in dir= mode: one export per file
     kport = free_port()
+    kit_sock = os.path.join(sock_dir, "nbdkit.sock")
 
-    def start_nbdkit():
+    def start_nbdkit(unix):
         fresh_files()
-        p = ctx.start(["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(kport), "file", "dir=" + files],
-                      log=os.path.join(ctx.out, "logs", "nbd-nbdkit.log"))
-        wait_port(ctx, None, "127.0.0.1", kport)
+        where = ["-U", kit_sock] if unix else ["-i", "127.0.0.1", "-p", str(kport)]
+        p = ctx.start(["nbdkit", "-f"] + where + ["file", "dir=" + files], log=os.path.join(ctx.out, "logs", "nbd-nbdkit.log"))
+        if unix:
+            wait_file(kit_sock)
+        else:
+            wait_port(ctx, None, "127.0.0.1", kport)
         return [p]
-    measure("nbdkit-file", start_nbdkit, lambda e: "nbd://127.0.0.1:%d/%s" % (kport, e))
+
+    def unix_uri(sock):
+        return lambda e: "nbd+unix:///%s?socket=%s" % (e, sock)
+
+    measure("ours", start_ours, lambda e: "nbd://127.0.0.1:%d/%s" % (port, e))
+    measure("qemu-nbd", lambda: start_qemu(False), lambda e: "nbd://127.0.0.1:%d/%s" % (qports[e], e))
+    measure("nbdkit-file", lambda: start_nbdkit(False), lambda e: "nbd://127.0.0.1:%d/%s" % (kport, e))
+    # The same over Unix sockets; ours runs again on its store (the writes' disks rewritten).
+    measure("ours-unix", start_ours, unix_uri(ours_sock))
+    measure("qemu-nbd-unix", lambda: start_qemu(True), lambda e: "nbd+unix:///%s?socket=%s" % (e, os.path.join(sock_dir, "qemu-%s.sock" % e)))
+    measure("nbdkit-file-unix", lambda: start_nbdkit(True), unix_uri(kit_sock))
 
     versions = {}
     for cmd in (["qemu-nbd", "--version"], ["nbdkit", "--version"], ["nbdcopy", "--version"], ["fio", "--version"]):
@@ -924,9 +978,17 @@ def section_nbd(ctx):
             versions[cmd[0]] = subprocess.run(cmd, stdout=subprocess.PIPE, text=True).stdout.splitlines()[0]
         except (OSError, IndexError):
             pass
-    write_section(ctx, "nbd", {"content_image": cfg["nbd_image"], "content_bytes": size,
-                               "fio_runtime_s": runtime, "results": results, "versions": versions})
+    write_section(ctx, "nbd", {"content_image": image, "content_bytes": size, "data_sets": list(NBD_SETS),
+                               "imports": imports, "fio_runtime_s": runtime, "results": results, "versions": versions})
     shutil.rmtree(work, ignore_errors=True)
+
+
+def wait_file(path, timeout=30):
+    t0 = time.monotonic()
+    while not os.path.exists(path):
+        if time.monotonic() - t0 > timeout:
+            raise RuntimeError("%s did not appear" % path)
+        time.sleep(0.05)
 
 
 # ---------------------------------------------------------------------------------- 6 store bench

@@ -447,39 +447,50 @@ NBD_METRICS = [("seq_read_MBps", "sequential read MB/s (nbdcopy to null:, warm)"
 
 def nbd_md(s, plots, verdict):
     res = s["results"]
-    md = ["## 5. NBD data path (same content, loopback TCP)\n\n",
-          "Content: %s MiB of %s's non-zero blocks; fio runs %d s per test. Ours serves it from a store; "
-          "qemu-nbd (--cache=writeback --aio=threads) and nbdkit's file plugin serve a raw file. "
-          "Ratios > 1 mean ours is faster.\n\n" % (mib(s["content_bytes"]), s["content_image"], s["fio_runtime_s"])]
-    peers = [p for p in ("qemu-nbd", "nbdkit-file") if p in res]
+    sets = s.get("data_sets") or [None]
+    md = ["## 5. NBD data path (same content, loopback TCP and Unix socket)\n\n",
+          "Content: %s MiB of %s's non-zero blocks (*unique*) and a data set of the same size made of its first "
+          "eighth repeated (*dup*); fio runs %d s per test, writing refilled random buffers (unique) or 80%% "
+          "repeated ones (dup). Ours serves them from a store; qemu-nbd (--cache=writeback --aio=threads) and "
+          "nbdkit's file plugin serve raw files. Ratios > 1 mean ours is faster.\n\n"
+          % (mib(s["content_bytes"]), s["content_image"], s["fio_runtime_s"])]
+    transports = [("", "TCP"), ("-unix", "Unix socket")] if "ours-unix" in res else [("", "TCP")]
     rows = []
-    for k, label in NBD_METRICS:
-        o = res.get("ours", {}).get(k)
-        row = [label, fnum(o, "%.0f")] + [fnum(res[p].get(k), "%.0f") for p in peers]
-        for p in peers:
-            r = ratio(o, res[p].get(k))
-            row.append(fnum(r, "%.2f"))
-            verdict.append((p, "NBD " + label.split(" (")[0], r, True))
-        rows.append(row)
-    md.append(table(["metric", "ours"] + peers + ["ours/%s" % p for p in peers], rows))
+    plot = {}
+    for suffix, tname in transports:
+        peers = [p for p in ("qemu-nbd", "nbdkit-file") if p + suffix in res]
+        for dset in sets:
+            for k, label in NBD_METRICS:
+                key = "%s_%s" % (dset, k) if dset else k
+                o = res.get("ours" + suffix, {}).get(key)
+                row = ["%s, %s, %s" % (label, dset or "content", tname), fnum(o, "%.0f")]
+                row += [fnum(res[p + suffix].get(key), "%.0f") for p in ("qemu-nbd", "nbdkit-file") if p in peers]
+                for p in peers:
+                    r = ratio(o, res[p + suffix].get(key))
+                    row.append(fnum(r, "%.2f"))
+                    verdict.append((p, "NBD %s (%s, %s)" % (label.split(" (")[0], dset or "content", tname), r, True))
+                    plot.setdefault(p, []).append(r or 0)
+                rows.append(row)
+    md.append(table(["metric", "ours", "qemu-nbd", "nbdkit-file", "ours/qemu-nbd", "ours/nbdkit-file"], rows))
+    if s.get("imports"):
+        md.append("\nImport into the store (`cas import`): %s.\n" % "; ".join(
+            "%s %.0f MB/s" % (k, s["content_bytes"] / v["seconds"] / 1e6) for k, v in s["imports"].items() if v.get("seconds")))
     if s.get("versions"):
         md.append("\nVersions: %s.\n" % "; ".join(s["versions"].values()))
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(10, 4.5))
-        servers = ["ours"] + peers
-        w = 0.8 / len(servers)
-        for si, sv in enumerate(servers):
-            ys = [ratio(res[sv].get(k), res["qemu-nbd"].get(k)) or 0 if "qemu-nbd" in res else res[sv].get(k)
-                  for k, _ in NBD_METRICS]
-            ax.bar([i + si * w for i in range(len(NBD_METRICS))], ys, w, label=sv)
-        ax.set_xticks([i + 0.4 - w / 2 for i in range(len(NBD_METRICS))])
-        ax.set_xticklabels(["seq read", "seq write", "randread QD1", "randread QD32", "randwrite QD1", "randwrite QD32"], fontsize=8)
+        fig, ax = plt.subplots(figsize=(12, 4.5))
+        w = 0.8 / max(1, len(plot))
+        for si, (p, ys) in enumerate(plot.items()):
+            ax.bar([i + si * w for i in range(len(ys))], ys, w, label="ours / " + p)
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels([str(i + 1) for i in range(len(rows))], fontsize=7)
+        ax.set_xlabel("row of the table above")
         ax.axhline(1, color="grey", linestyle="--")
-        ax.set_ylabel("relative to qemu-nbd")
-        ax.set_title("NBD data path, relative to qemu-nbd (higher is better)")
+        ax.set_ylabel("ours / peer")
+        ax.set_title("NBD data path, ours relative to each peer (higher is better)")
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(os.path.join(plots, "nbd.png"), dpi=110)

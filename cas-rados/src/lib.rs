@@ -31,7 +31,6 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cas_store::engine::WriteBatch;
 use cas_store::pool::{BlockPool, Claim, Claimed, PoolBlock, PoolScan, PoolSettings};
 use cas_store::{Fingerprint, Result, StoreError};
 use serde::{Deserialize, Serialize};
@@ -457,10 +456,6 @@ impl BlockPool for RadosPool {
         }
     }
 
-    fn is_external(&self) -> bool {
-        true
-    }
-
     fn attach(&self, settings: &PoolSettings) -> Result<()> {
         let inner = &self.inner;
         let record = SettingsRecord { block_size: settings.block_size, algorithm: settings.algorithm.to_string() };
@@ -524,7 +519,7 @@ impl BlockPool for RadosPool {
         Ok(())
     }
 
-    fn acquire(&self, holder: &str, claims: &[(Fingerprint, Claim<'_>)], _batch: &mut WriteBatch) -> Result<Vec<Claimed>> {
+    fn acquire(&self, holder: &str, claims: &[(Fingerprint, Claim<'_>)]) -> Result<Vec<Claimed>> {
         let inner = &self.inner;
         let src = inner.source(holder);
         let io = inner.io();
@@ -568,7 +563,7 @@ impl BlockPool for RadosPool {
         Ok(out)
     }
 
-    fn release(&self, holder: &str, fps: &[Fingerprint], _batch: &mut WriteBatch) -> Result<()> {
+    fn release(&self, holder: &str, fps: &[Fingerprint]) -> Result<()> {
         self.inner.put_refs(holder, fps)
     }
 

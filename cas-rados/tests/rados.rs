@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cas_rados::{RadosOptions, RadosPool};
-use cas_store::engine::WriteBatch;
 use cas_store::pool::{BlockPool, Claim, Claimed, PoolSettings};
 use cas_store::{Fingerprint, FingerprintAlgorithm, Store, StoreError, StoreOptions};
 use common::*;
@@ -35,35 +34,33 @@ fn cas_class_reference_semantics() {
     pool.attach(&PoolSettings { block_size: 4096, algorithm: FingerprintAlgorithm::Blake3 }).unwrap();
     let a = pattern(1, 4096);
     let fp = Fingerprint([7; 16]);
-    let mut batch = WriteBatch::new();
     assert_eq!(pool.has_many(&[fp]).unwrap(), vec![false]);
-    assert_eq!(pool.acquire("A", &[(fp, Claim::Existing)], &mut batch).unwrap(), vec![Claimed::Missing]);
-    assert_eq!(pool.acquire("A", &[(fp, Claim::Data(&a))], &mut batch).unwrap(), vec![Claimed::Yes]);
-    assert!(batch.is_empty(), "an external pool applies claims itself");
+    assert_eq!(pool.acquire("A", &[(fp, Claim::Existing)]).unwrap(), vec![Claimed::Missing]);
+    assert_eq!(pool.acquire("A", &[(fp, Claim::Data(&a))]).unwrap(), vec![Claimed::Yes]);
     assert_eq!(pool.has_many(&[fp]).unwrap(), vec![true]);
     assert_eq!(pool.get_many(&[fp]).unwrap(), vec![Some(a.clone())]);
     // Other bytes under the same fingerprint: refused on the OSD (verify flag).
     let b = pattern(2, 4096);
-    assert_eq!(pool.acquire("B", &[(fp, Claim::Data(&b))], &mut batch).unwrap(), vec![Claimed::Collision]);
-    assert_eq!(pool.acquire("B", &[(fp, Claim::Existing)], &mut batch).unwrap(), vec![Claimed::Yes]);
+    assert_eq!(pool.acquire("B", &[(fp, Claim::Data(&b))]).unwrap(), vec![Claimed::Collision]);
+    assert_eq!(pool.acquire("B", &[(fp, Claim::Existing)]).unwrap(), vec![Claimed::Yes]);
     assert_eq!(pool.holder_refs("A", &[fp]).unwrap(), vec![Some(1)]);
     assert_eq!(pool.holder_refs("B", &[fp]).unwrap(), vec![Some(1)]);
     let listed: Vec<_> = pool.scan("A").unwrap().map(|b| b.unwrap()).collect();
     assert_eq!(listed.len(), 1);
     assert_eq!((listed[0].fingerprint, listed[0].holder_refs, listed[0].total_refs), (fp, 1, 2));
     // A's release leaves B's reference: the block stays.
-    pool.release("A", &[fp], &mut batch).unwrap();
+    pool.release("A", &[fp]).unwrap();
     assert_eq!(pool.has_many(&[fp]).unwrap(), vec![true]);
-    pool.release("A", &[fp], &mut batch).unwrap(); // not held: not an error, B's untouched
+    pool.release("A", &[fp]).unwrap(); // not held: not an error, B's untouched
     assert_eq!(pool.holder_refs("B", &[fp]).unwrap(), vec![Some(1)]);
-    pool.release("B", &[fp], &mut batch).unwrap();
+    pool.release("B", &[fp]).unwrap();
     assert_eq!(pool.has_many(&[fp]).unwrap(), vec![false]);
     assert_eq!(pool.holder_refs("B", &[fp]).unwrap(), vec![None]);
     // Many in flight, in order.
     let fps: Vec<Fingerprint> = (0..300u64).map(|i| Fingerprint(*blake3::hash(&i.to_le_bytes()).as_bytes().first_chunk().unwrap())).collect();
     let datas: Vec<Vec<u8>> = (0..300).map(|i| pattern(100 + i, 4096)).collect();
     let claims: Vec<_> = fps.iter().zip(&datas).step_by(2).map(|(fp, d)| (*fp, Claim::Data(d))).collect();
-    assert!(pool.acquire("A", &claims, &mut batch).unwrap().iter().all(|c| *c == Claimed::Yes));
+    assert!(pool.acquire("A", &claims).unwrap().iter().all(|c| *c == Claimed::Yes));
     let present = pool.has_many(&fps).unwrap();
     assert!(present.iter().enumerate().all(|(i, &p)| p == (i % 2 == 0)));
     let got = pool.get_many(&fps).unwrap();
@@ -71,7 +68,7 @@ fn cas_class_reference_semantics() {
         assert_eq!(g.as_ref(), (i % 2 == 0).then_some(&datas[i]));
     }
     let even: Vec<_> = fps.iter().step_by(2).copied().collect();
-    pool.release("A", &even, &mut batch).unwrap();
+    pool.release("A", &even).unwrap();
     assert_eq!(blocks_in(&pool), 0);
 }
 
@@ -175,10 +172,10 @@ fn leaks_are_found_and_repaired() {
     let holder = s.pool_holder().unwrap().to_string();
     let orphan = pattern(6, 4096);
     let fp = s.fingerprint(&orphan);
-    assert_eq!(pool.acquire(&holder, &[(fp, Claim::Data(&orphan))], &mut WriteBatch::new()).unwrap(), vec![Claimed::Yes]);
+    assert_eq!(pool.acquire(&holder, &[(fp, Claim::Data(&orphan))]).unwrap(), vec![Claimed::Yes]);
     // And a second reference on a block the store maps.
     let mapped = s.block_fingerprints(d.id, &[0]).unwrap()[0].unwrap();
-    pool.acquire(&holder, &[(mapped, Claim::Existing)], &mut WriteBatch::new()).unwrap();
+    pool.acquire(&holder, &[(mapped, Claim::Existing)]).unwrap();
     let report = s.fsck(false).unwrap();
     assert_eq!(report.problem_count, 2, "{:?}", report.problems);
     assert!(report.problems.iter().any(|p| p.contains("leaked")));

@@ -20,6 +20,9 @@ pub enum StoreError {
     /// or a bug; the write is refused rather than sharing another tenant's block.
     #[error("fingerprint collision on {0}: stored block differs from the written one; write refused")]
     Collision(Fingerprint),
+    /// A store of an older format that this build converts with a command instead of misreading.
+    #[error("store {path} has format {found} (block bytes inside RocksDB); this build uses format {current} (block bytes in containers, RocksDB as their index): convert it with `cas upgrade --store {path}`")]
+    FormatUpgrade { path: String, found: u32, current: u32 },
     #[error("store corrupt: {0}")]
     Corrupt(String),
     #[error("storage engine: {0}")]

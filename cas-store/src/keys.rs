@@ -1,10 +1,13 @@
 //! Key and value encodings. Integers in keys are big-endian so that RocksDB's byte order is
 //! numeric order: one disk's map is a contiguous, block-ordered key range.
 
+use crate::container::Location;
 use crate::{DiskId, Fingerprint, Result, StoreError};
 
 pub(crate) const CONFIG_KEY: &[u8] = b"config";
 pub(crate) const NEXT_DISK_ID_KEY: &[u8] = b"next-disk-id";
+/// The id the next block container takes (u32 LE).
+pub(crate) const NEXT_CONTAINER_ID_KEY: &[u8] = b"next-container-id";
 /// Prefix of the marker of a disk whose blocks are being released (survives a crash).
 pub(crate) const DELETING_PREFIX: &[u8] = b"deleting/";
 
@@ -54,4 +57,55 @@ pub(crate) fn pending_key(fp: &Fingerprint) -> Vec<u8> {
     let mut k = PENDING_PREFIX.to_vec();
     k.extend_from_slice(&fp.0);
     k
+}
+
+/// A `refs` entry: the number of map entries naming a block and, for a store that keeps its
+/// blocks in containers, where the block is (count u64 LE, then the location; an external
+/// pool's entries have the count only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RefEntry {
+    pub count: u64,
+    pub location: Option<Location>,
+}
+
+pub(crate) fn encode_ref(entry: RefEntry) -> Vec<u8> {
+    let mut v = entry.count.to_le_bytes().to_vec();
+    if let Some(loc) = entry.location {
+        v.extend_from_slice(&loc.encode());
+    }
+    v
+}
+
+pub(crate) fn parse_ref(value: &[u8]) -> Result<RefEntry> {
+    let bad = || StoreError::Corrupt(format!("reference entry of {} bytes", value.len()));
+    match value.len() {
+        8 => Ok(RefEntry { count: parse_count(value)?, location: None }),
+        16 => Ok(RefEntry { count: parse_count(&value[..8])?, location: Some(Location::decode(&value[8..]).ok_or_else(bad)?) }),
+        _ => Err(bad()),
+    }
+}
+
+/// A map entry: the block's fingerprint and, for blocks in containers, a hint of where the
+/// block was when the entry was written (saving the `refs` lookup on reads). A hint whose
+/// container compaction has deleted no longer resolves, and the reader asks `refs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MapEntry {
+    pub fp: Fingerprint,
+    pub hint: Option<Location>,
+}
+
+pub(crate) fn encode_map_entry(entry: MapEntry) -> Vec<u8> {
+    let mut v = entry.fp.0.to_vec();
+    if let Some(loc) = entry.hint {
+        v.extend_from_slice(&loc.encode());
+    }
+    v
+}
+
+pub(crate) fn parse_map_entry(value: &[u8]) -> Result<MapEntry> {
+    match value.len() {
+        16 => Ok(MapEntry { fp: parse_fingerprint(value)?, hint: None }),
+        24 => Ok(MapEntry { fp: parse_fingerprint(&value[..16])?, hint: Location::decode(&value[16..]) }),
+        n => Err(StoreError::Corrupt(format!("map entry of {n} bytes"))),
+    }
 }

@@ -284,26 +284,34 @@ fn concurrent_writers_on_shared_blocks_keep_counts_exact() {
 
 #[test]
 fn fsck_finds_damage() {
+    use cas_store::container::{ContainerDir, MemContainerDir};
     let engine = Arc::new(MemEngine::new());
-    let s = Store::with_engine(engine.clone(), opts(512)).unwrap();
+    let dir = Arc::new(MemContainerDir::default());
+    let s = Store::with_parts(engine.clone(), dir.clone(), opts(512)).unwrap();
     let d = s.create_disk("d", 8 * 512).unwrap();
     s.write(d.id, 0, &pattern(1, 2 * 512), false).unwrap();
     assert!(s.fsck(true).unwrap().is_clean());
     let fp = s.fingerprint(&pattern(1, 2 * 512)[..512]);
-    let mut batch = WriteBatch::new();
-    batch.put(Cf::Refs, fp.0, 7u64.to_le_bytes());
-    batch.put(Cf::Blocks, [9u8; 16], vec![0u8; 512]);
-    engine.write(batch).unwrap();
-    let mut batch = WriteBatch::new();
     let fp1 = s.fingerprint(&pattern(1, 2 * 512)[512..]);
-    batch.put(Cf::Blocks, fp1.0, vec![1u8; 512]);
+    // A wrong count (the location kept), and a block that is not where its entry says.
+    let entry = engine.get(Cf::Refs, &fp.0).unwrap().unwrap();
+    let mut wrong = 7u64.to_le_bytes().to_vec();
+    wrong.extend_from_slice(&entry[8..]);
+    let mut batch = WriteBatch::new();
+    batch.put(Cf::Refs, fp.0, wrong);
     engine.write(batch).unwrap();
+    // Other bytes in the second block's slot (container 0, slot 1).
+    let (_, file) = dir.open_all().unwrap().into_iter().next().unwrap();
+    file.write_at(&[1u8; 512], 512).unwrap();
     let report = s.fsck(true).unwrap();
-    assert_eq!(report.problem_count, 4, "{:?}", report.problems);
+    assert_eq!(report.problem_count, 2, "{:?}", report.problems);
     assert!(report.problems.iter().any(|p| p.contains("reference count 7, but 1")));
-    assert!(report.problems.iter().any(|p| p.contains("nothing references")));
-    assert!(report.problems.iter().any(|p| p.contains("does not hash")));
-    assert_eq!(s.fsck(false).unwrap().problem_count, 2, "without data verification the re-hash is skipped");
+    assert!(report.problems.iter().any(|p| p.contains(&fp1.to_string()) && p.contains("does not hash")));
+    assert_eq!(s.fsck(false).unwrap().problem_count, 1, "without data verification the re-hash is skipped");
+    // Reads that verify catch the bad bytes; plain reads return them (the page cache's word).
+    let verifying = Store::with_parts(engine.clone(), dir.clone(), StoreOptions { verify_reads: true, ..opts(512) }).unwrap();
+    let err = verifying.read(d.id, 0, &mut [0u8; 1024]).unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
 }
 
 #[test]

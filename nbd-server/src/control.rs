@@ -24,6 +24,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWrite
 use tokio::net::{TcpListener, TcpStream, UnixListener};
 
 use crate::admission::{Admission, AdmissionLimits, Negotiating};
+use crate::compaction::DEFAULT_COMPACT_BELOW;
 use crate::node::{Node, NodeSourceHooks};
 
 const MAX_LINE: usize = 1 << 20;
@@ -236,6 +237,13 @@ struct OptName {
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
+struct Gc {
+    #[serde(default)]
+    below: Option<f64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 struct Fsck {
     #[serde(default)]
     verify: bool,
@@ -331,6 +339,15 @@ async fn dispatch(node: &Arc<Node>, method: &str, p: Value) -> ControlResult {
                 Ok(json!({"store": s.stats()?, "disks": disks}))
             })
             .await
+        }
+        "store.gc" => {
+            let Gc { below } = params(p)?;
+            let below = below.unwrap_or(DEFAULT_COMPACT_BELOW);
+            if !(0.0..=1.0).contains(&below) {
+                return Err(ControlError::invalid(format!("below {below} is not a share from 0 to 1")));
+            }
+            let report = on_store(node, move |s| s.compact(below)).await?;
+            Ok(json!(report))
         }
         "store.fsck" => {
             let Fsck { verify } = params(p)?;

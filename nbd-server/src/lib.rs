@@ -23,6 +23,7 @@
 
 pub mod admission;
 mod buffer;
+pub mod compaction;
 mod conn;
 #[cfg(feature = "cas")]
 pub mod control;

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use argh::FromArgs;
 use cas_store::{Store, StoreError, StoreOptions};
+use nbd_server::compaction::{spawn_compaction, DEFAULT_COMPACT_BELOW, DEFAULT_COMPACT_INTERVAL_SECS};
 use nbd_server::control::{serve_control, serve_migrations, ControlListener};
 use nbd_server::link_tls::LinkTls;
 use nbd_server::node::Node;
@@ -76,6 +77,20 @@ struct Args {
     /// the Ceph user for --blocks rados:... (default client.admin)
     #[argh(option)]
     ceph_user: Option<String>,
+
+    /// seconds between background compaction passes over the block containers (default 300;
+    /// 0 turns them off; `cas gc` runs one at any time)
+    #[argh(option)]
+    compact_interval: Option<u64>,
+
+    /// compaction rewrites containers whose live blocks fill less than this share (default 0.5)
+    #[argh(option)]
+    compact_below: Option<f64>,
+
+    /// re-hash every block read from the containers and fail reads whose bytes do not match
+    /// their fingerprint (costs a hash per block read)
+    #[argh(switch)]
+    verify_reads: bool,
 
     /// requests in flight per connection (default 128)
     #[argh(option)]
@@ -209,7 +224,8 @@ fn tls_config(args: &Args) -> anyhow::Result<Option<TlsConfig>> {
 fn open_exports(args: &Args) -> anyhow::Result<(Arc<Store>, Arc<Node>)> {
     let pool = cas_rados::pool_from_spec(&args.blocks, args.ceph_conf.as_deref(), args.ceph_user.as_deref())
         .with_context(|| format!("block pool {}", args.blocks))?;
-    let options = StoreOptions { block_size: args.block_size, pool, ..StoreOptions::default() };
+    let options =
+        StoreOptions { block_size: args.block_size, pool, verify_reads: args.verify_reads, ..StoreOptions::default() };
     let store = Store::open(&args.store, options).with_context(|| format!("opening store {}", args.store.display()))?;
     let store = Arc::new(store);
 
@@ -290,6 +306,17 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     let (store, node) = open_exports(&args)?;
     let registry = Arc::clone(&node.exports);
+    let below = args.compact_below.unwrap_or(DEFAULT_COMPACT_BELOW);
+    if !(0.0..=1.0).contains(&below) {
+        bail!("--compact-below {below} is not a share from 0 to 1");
+    }
+    match args.compact_interval.unwrap_or(DEFAULT_COMPACT_INTERVAL_SECS) {
+        0 => info!("background compaction off (--compact-interval 0)"),
+        secs => {
+            spawn_compaction(Arc::clone(&store), std::time::Duration::from_secs(secs), below)
+                .context("starting the compaction thread")?;
+        }
+    }
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {

@@ -24,9 +24,9 @@ pub enum Cf {
     Disks,
     /// Disk id (u64 BE) ++ block number (u64 BE) -> fingerprint (16 bytes).
     Maps,
-    /// Fingerprint -> reference count (u64 LE).
+    /// Fingerprint -> reference count (u64 LE) and location in the containers.
     Refs,
-    /// Fingerprint -> block bytes.
+    /// Fingerprint -> block bytes: stores of format 1 only (blocks are in containers since).
     Blocks,
 }
 
@@ -103,6 +103,13 @@ pub trait KvEngine: Send + Sync + fmt::Debug {
     /// Keys in `[start, end)` (`end` None: to the end of the column family), in key order, as
     /// of the moment of the call.
     fn scan(&self, cf: Cf, start: &[u8], end: Option<&[u8]>) -> Result<ScanIter>;
+
+    /// The keys in `[start, end)`, read at once: a range read on the hot path (one seek, then
+    /// the following keys), which fills the engine's caches like a point lookup does. The
+    /// caller bounds the range.
+    fn range(&self, cf: Cf, start: &[u8], end: &[u8]) -> Result<Vec<KvPair>> {
+        self.scan(cf, start, Some(end))?.collect()
+    }
 
     /// Bytes the engine occupies on disk, if it can tell.
     fn disk_usage_bytes(&self) -> Option<u64> {

@@ -68,7 +68,7 @@ impl RocksEngine {
             o.set_write_buffer_size(tuning.write_buffer_bytes);
             o.set_level_compaction_dynamic_level_bytes(true);
             o.set_compression_type(match cf {
-                // Block bytes: LZ4 is cheap enough to keep on the write path.
+                // Format 1's block bytes (read only by `cas upgrade` now).
                 Cf::Blocks => DBCompressionType::Lz4,
                 // Fingerprints are random; compressing them only costs CPU.
                 Cf::Refs | Cf::Maps => DBCompressionType::None,
@@ -78,7 +78,7 @@ impl RocksEngine {
             o.set_memtable_whole_key_filtering(true);
             o.set_memtable_prefix_bloom_ratio(0.05);
             if cf == Cf::Blocks {
-                // Block bytes go to blob files (RocksDB's integrated BlobDB): written once, not
+                // Format 1 kept block bytes in blob files (RocksDB's integrated BlobDB): written once, not
                 // rewritten by every compaction as 4 KiB values inside SST files would be.
                 // Blob garbage collection reclaims the space of deleted blocks.
                 o.set_enable_blob_files(true);
@@ -143,6 +143,22 @@ impl KvEngine for RocksEngine {
         // (column families are never dropped).
         let iter: DBRawIteratorWithThreadMode<'static, DB> = unsafe { std::mem::transmute(iter) };
         Ok(Box::new(RocksScan { iter, _db: Arc::clone(&self.db), start: Some(start.to_vec()), done: false }))
+    }
+
+    fn range(&self, cf: Cf, start: &[u8], end: &[u8]) -> Result<Vec<KvPair>> {
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(end.to_vec());
+        let mut iter = self.db.raw_iterator_cf_opt(self.cf(cf), opts);
+        iter.seek(start);
+        let mut out = Vec::new();
+        while iter.valid() {
+            if let (Some(k), Some(v)) = (iter.key(), iter.value()) {
+                out.push((k.into(), v.into()));
+            }
+            iter.next();
+        }
+        iter.status().map_err(engine_err)?;
+        Ok(out)
     }
 
     fn disk_usage_bytes(&self) -> Option<u64> {

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use super::{BlockPool, Claim, Claimed, PoolBlock, PoolScan, PoolSettings};
-use crate::engine::WriteBatch;
 use crate::{Fingerprint, Result, StoreError};
 
 /// Per block: its bytes and the holders of its references (a multiset).
@@ -72,10 +71,6 @@ impl BlockPool for MemPool {
         "memory".into()
     }
 
-    fn is_external(&self) -> bool {
-        true
-    }
-
     fn attach(&self, settings: &PoolSettings) -> Result<()> {
         let mut recorded = self.settings.lock();
         match &*recorded {
@@ -86,7 +81,7 @@ impl BlockPool for MemPool {
         Ok(())
     }
 
-    fn acquire(&self, holder: &str, claims: &[(Fingerprint, Claim<'_>)], _batch: &mut WriteBatch) -> Result<Vec<Claimed>> {
+    fn acquire(&self, holder: &str, claims: &[(Fingerprint, Claim<'_>)]) -> Result<Vec<Claimed>> {
         let mut blocks = self.blocks.lock();
         let mut out = Vec::with_capacity(claims.len());
         for (fp, claim) in claims {
@@ -112,7 +107,7 @@ impl BlockPool for MemPool {
         Ok(out)
     }
 
-    fn release(&self, holder: &str, fps: &[Fingerprint], _batch: &mut WriteBatch) -> Result<()> {
+    fn release(&self, holder: &str, fps: &[Fingerprint]) -> Result<()> {
         {
             let mut faults = self.faults.lock();
             if faults.fail_releases > 0 {

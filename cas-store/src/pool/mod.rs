@@ -6,13 +6,9 @@
 //! store's *claim* on each block it maps: the store claims a block when its count goes from 0
 //! to 1 and gives the claim back when the count returns to 0.
 //!
-//! Two kinds of pool:
-//! - **Local** ([`LocalPool`], the default): blocks in the store's own engine (the `blocks`
-//!   column family), for one machine. The claim is the `refs` entry itself; claiming and
-//!   releasing add operations to the store's write batch, so a map change, its reference
-//!   changes and the blocks stored or deleted are one atomic batch, as before the pool existed.
-//! - **External** (RADOS in the `cas-rados` crate; [`MemPool`] in memory for tests): blocks in
-//!   a pool that many stores (many storage servers) share. Each store is a *holder* with its
+//! Without a pool, a store keeps its blocks itself, in append-only containers beside its engine
+//! (see [`crate::container`]). A pool (RADOS in the `cas-rados` crate; [`MemPool`] in memory
+//! for tests) holds the blocks of many stores (many storage servers). Each store is a *holder* with its
 //!   own name; the pool counts references per holder and deletes a block when no holder is
 //!   left, so one store's delete never frees a block another store maps. No batch spans the
 //!   pool and the store's engine, so the store orders its steps so that a crash can only
@@ -21,15 +17,12 @@
 //!   next open (or [`crate::Store::repair_references`]) reconcile what a crash interrupted, and
 //!   fsck compares the store's references with the pool's.
 
-mod local;
 mod memory;
 
-pub use local::LocalPool;
 pub use memory::MemPool;
 
 use std::fmt;
 
-use crate::engine::WriteBatch;
 use crate::{Fingerprint, FingerprintAlgorithm, Result};
 
 /// What a store asks of a block it wants to reference.
@@ -88,27 +81,21 @@ pub trait BlockPool: Send + Sync + fmt::Debug {
     /// A store reopened with a pool at another location is refused.
     fn location(&self) -> String;
 
-    /// True for a pool shared by many stores whose operations cannot join the store's batch.
-    fn is_external(&self) -> bool;
-
     /// Called when a store opens: records the settings in a new pool, or checks them against
     /// the ones recorded (stores with other settings must not share a pool).
     fn attach(&self, _settings: &PoolSettings) -> Result<()> {
         Ok(())
     }
 
-    /// Takes one reference per claim for `holder`. A local pool adds what it stores to `batch`
-    /// (applied by the store with its map changes); an external pool applies the claims now
-    /// and leaves `batch` alone. On an error, claims this call completed are given back as far
+    /// Takes one reference per claim for `holder`. On an error, claims this call completed are given back as far
     /// as the pool can tell; ones whose outcome is unknown (a timeout) are left to repair.
-    fn acquire(&self, holder: &str, claims: &[(Fingerprint, Claim<'_>)], batch: &mut WriteBatch) -> Result<Vec<Claimed>>;
+    fn acquire(&self, holder: &str, claims: &[(Fingerprint, Claim<'_>)]) -> Result<Vec<Claimed>>;
 
     /// Gives back one reference of `holder` per entry (a fingerprint may repeat); a block left
-    /// with no reference is deleted. A local pool adds the deletes to `batch`; an external pool
-    /// applies them now. Releasing a reference the holder does not have is not an error.
-    fn release(&self, holder: &str, fps: &[Fingerprint], batch: &mut WriteBatch) -> Result<()>;
+    /// with no reference is deleted. Releasing a reference the holder does not have is not an error.
+    fn release(&self, holder: &str, fps: &[Fingerprint]) -> Result<()>;
 
-    /// Whether each block is stored (by any holder, for an external pool).
+    /// Whether each block is stored (by any holder).
     fn has_many(&self, fps: &[Fingerprint]) -> Result<Vec<bool>>;
 
     /// The bytes of each block (None: not stored).

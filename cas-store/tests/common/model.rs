@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use cas_store::{Store, StoreOptions};
+use cas_store::{CompactionStop, Store, StoreOptions};
 pub use proptest::prelude::*;
 
 pub const BS: u64 = 512;
@@ -49,6 +49,14 @@ pub enum Op {
         content: u8,
     },
     Flush,
+    /// A compaction pass (live-share threshold `share`/4), possibly stopped where a crash
+    /// would stop it, then the store is reopened.
+    Compact {
+        share: u8,
+        stop: u8,
+    },
+    /// Drops the store and opens it again.
+    Reopen,
 }
 
 pub fn op() -> impl Strategy<Value = Op> {
@@ -62,6 +70,8 @@ pub fn op() -> impl Strategy<Value = Op> {
         1 => (disk.clone(), 1..MAX_BLOCKS).prop_map(|(disk, blocks)| Op::DeleteAndRecreate { disk, blocks }),
         1 => (disk.clone(), off, 0..4u8).prop_map(|(disk, offset, content)| Op::SnapshotThenWrite { disk, offset, content }),
         1 => Just(Op::Flush),
+        2 => (1..=4u8, 0..4u8).prop_map(|(share, stop)| Op::Compact { share, stop }),
+        1 => Just(Op::Reopen),
     ]
 }
 
@@ -125,10 +135,11 @@ impl Backend for RocksBackend {
 }
 
 pub fn run(ops: Vec<Op>, backend: &dyn Backend) -> Result<(), TestCaseError> {
-    let opts = StoreOptions { block_size: Some(BS as u32), cache_bytes: 16 * BS as usize * 16, ..Default::default() };
+    // Small containers (8 blocks), so cases fill many and compaction rewrites some.
+    let opts = StoreOptions { block_size: Some(BS as u32), cache_bytes: 16 * BS as usize * 16, container_bytes: 8 * BS, ..Default::default() };
     let mut model = Model { disks: vec![vec![0; (8 * BS) as usize]; NAMES.len()] };
     {
-        let store = backend.open(opts.clone());
+        let mut store = backend.open(opts.clone());
         for name in NAMES {
             store.create_disk(name, 8 * BS).unwrap();
         }
@@ -175,12 +186,30 @@ pub fn run(ops: Vec<Op>, backend: &dyn Backend) -> Result<(), TestCaseError> {
                     prop_assert_eq!(seen, expected);
                 }
                 Op::Flush => store.flush().unwrap(),
+                Op::Compact { share, stop } => {
+                    let share = f64::from(share) / 4.0;
+                    match stop {
+                        0 => drop(store.compact(share).unwrap()),
+                        n => {
+                            let stop = [CompactionStop::AfterCopy, CompactionStop::AfterFirstBatch, CompactionStop::BeforeDelete][usize::from(n - 1)];
+                            store.compact_interrupted(share, stop).unwrap();
+                        }
+                    }
+                    drop(store);
+                    store = backend.open(opts.clone());
+                }
+                Op::Reopen => {
+                    drop(store);
+                    store = backend.open(opts.clone());
+                }
             }
         }
     }
 
     // Reopen and compare everything.
     let store = backend.open(StoreOptions::default());
+    // A last pass that may rewrite anything: what survives it must still read right.
+    store.compact(1.0).unwrap();
     let mut distinct: HashSet<Vec<u8>> = HashSet::new();
     let mut allocated = 0u64;
     for (i, name) in NAMES.iter().enumerate() {

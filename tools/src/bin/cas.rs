@@ -29,6 +29,8 @@ enum Command {
     Rm(RmCmd),
     Stats(StatsCmd),
     Fsck(FsckCmd),
+    Gc(GcCmd),
+    Upgrade(UpgradeCmd),
     Similarity(SimilarityCmd),
 }
 
@@ -171,6 +173,38 @@ struct FsckCmd {
     /// re-hash every stored block
     #[argh(switch)]
     verify: bool,
+    /// print JSON
+    #[argh(switch)]
+    json: bool,
+}
+
+/// Run a compaction pass now: rewrite block containers whose live share is below the threshold
+/// and give their dead space back to the filesystem.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "gc")]
+struct GcCmd {
+    /// store directory (opened directly; no server may hold it open)
+    #[argh(option)]
+    store: Option<PathBuf>,
+    /// a running server's control socket or host:port (instead of --store)
+    #[argh(option)]
+    server: Option<String>,
+    /// rewrite containers whose live blocks fill less than this share of them (default 0.5;
+    /// 1 rewrites every container with any dead block)
+    #[argh(option, default = "0.5")]
+    below: f64,
+    /// print JSON
+    #[argh(switch)]
+    json: bool,
+}
+
+/// Convert a store of an older format (blocks inside RocksDB) to block containers, in place.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "upgrade")]
+struct UpgradeCmd {
+    /// store directory (no server may hold it open)
+    #[argh(option)]
+    store: PathBuf,
     /// print JSON
     #[argh(switch)]
     json: bool,
@@ -443,8 +477,16 @@ fn run(cas: Cas) -> Result<()> {
                     total.block_size,
                     total.algorithm,
                     total.dedupe_ratio,
-                    total.engine_bytes.map(|b| format!(", {} on disk", format_size(b))).unwrap_or_default()
+                    total.engine_bytes.map(|b| format!(", index {} on disk", format_size(b))).unwrap_or_default()
                 );
+                if let Some(containers) = total.container_bytes {
+                    println!(
+                        "containers: {} on disk, {} reclaimable by `cas gc`{}",
+                        format_size(containers),
+                        format_size(total.reclaimable_bytes),
+                        total.index_bytes_per_block.map(|b| format!("; index {b:.0} bytes per stored block")).unwrap_or_default()
+                    );
+                }
             }
         }
         Command::Fsck(c) => {
@@ -469,6 +511,45 @@ fn run(cas: Cas) -> Result<()> {
             }
             if !report.is_clean() {
                 std::process::exit(2);
+            }
+        }
+        Command::Gc(c) => {
+            if !(0.0..=1.0).contains(&c.below) {
+                bail!("--below {} is not a share from 0 to 1", c.below);
+            }
+            let report: cas_store::CompactionReport = match target(&c.store, &c.server)? {
+                Target::Store(path) => open_store(&path, None, None, false)?.compact(c.below)?,
+                Target::Server(addr) => serde_json::from_value(ControlClient::connect(&addr)?.call("store.gc", json!({"below": c.below}))?)?,
+            };
+            if c.json {
+                print_json(&report)?;
+            } else {
+                println!(
+                    "gc: {} containers checked, {} rewritten, {} deleted, {} blocks moved; containers {} -> {} ({} given back)",
+                    report.containers_checked,
+                    report.containers_rewritten,
+                    report.containers_deleted,
+                    report.blocks_moved,
+                    format_size(report.bytes_before),
+                    format_size(report.bytes_after),
+                    format_size(report.bytes_before.saturating_sub(report.bytes_after))
+                );
+            }
+        }
+        Command::Upgrade(c) => {
+            let report = Store::upgrade(&c.store, &StoreOptions::default()).with_context(|| format!("converting the store at {}", c.store.display()))?;
+            if c.json {
+                print_json(&report)?;
+            } else if report.from_format == report.to_format {
+                println!("the store at {} is in the current format ({}): nothing to do", c.store.display(), report.to_format);
+            } else {
+                println!(
+                    "converted the store at {}: format {} -> {}, {} blocks moved to containers",
+                    c.store.display(),
+                    report.from_format,
+                    report.to_format,
+                    report.blocks_moved
+                );
             }
         }
         Command::Similarity(c) => {

@@ -1,0 +1,195 @@
+//! Disk I/O: reads, writes, zeroes, trims and block status.
+
+use std::borrow::Cow;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::{out_of_range, DiskId, DiskState, Extent, Source, Store, Target, BLOCK_STRIPES, CHUNK_BLOCKS};
+use crate::engine::Cf;
+use crate::keys::*;
+use crate::{Result, StoreError};
+
+impl Store {
+    pub(super) fn io_state(&self, disk: DiskId) -> Result<Arc<DiskState>> {
+        let state = self.state(disk)?;
+        Ok(state)
+    }
+
+    pub(super) fn check_range(state: &DiskState, offset: u64, length: u64) -> Result<()> {
+        let size = state.size.load(Ordering::Acquire);
+        match offset.checked_add(length) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(out_of_range(offset, length, size)),
+        }
+    }
+
+    pub(super) fn block_stripe(&self, disk: DiskId, block: u64) -> usize {
+        // Consecutive blocks land on consecutive stripes, so one chunk never locks a stripe twice.
+        (disk.0.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(block) % BLOCK_STRIPES as u64) as usize
+    }
+
+    pub(super) fn stripe_indices(&self, disk: DiskId, first: u64, last: u64) -> Vec<usize> {
+        let mut idx: Vec<usize> = (first..=last).map(|b| self.block_stripe(disk, b)).collect();
+        idx.sort_unstable();
+        idx.dedup();
+        idx
+    }
+
+    /// Reads `buf.len()` bytes at `offset`. Any range inside the disk, aligned or not.
+    pub fn read(&self, disk: DiskId, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let state = self.io_state(disk)?;
+        let _layout = state.layout.read();
+        if state.deleted.load(Ordering::Acquire) {
+            return Err(StoreError::DiskNotFound(format!("#{}", disk.0)));
+        }
+        Self::check_range(&state, offset, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let bs = u64::from(self.block_size);
+        let end = offset + buf.len() as u64;
+        let mut first = offset / bs;
+        let last = (end - 1) / bs;
+        while first <= last {
+            let chunk_last = last.min(first + CHUNK_BLOCKS - 1);
+            let stripes = self.stripe_indices(disk, first, chunk_last);
+            let _guards: Vec<_> = stripes.iter().map(|&i| self.block_stripes[i].read()).collect();
+            let entries = self.map_lookup(disk, first, chunk_last)?;
+            let block_offset = first * bs;
+            match self.containers() {
+                Some(containers) => self.read_local(containers, &entries, block_offset, offset, buf)?,
+                None => self.read_external(&entries, block_offset, offset, buf)?,
+            }
+            first = chunk_last + 1;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `offset`. With `fua`, the data is durable when this returns.
+    pub fn write(&self, disk: DiskId, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        self.update(disk, offset, data.len() as u64, Source::Data(data), fua)
+    }
+
+    /// Makes a range read as zeros; whole blocks inside it are released, not stored.
+    pub fn write_zeroes(&self, disk: DiskId, offset: u64, len: u64, fua: bool) -> Result<()> {
+        self.update(disk, offset, len, Source::Zeroes, fua)
+    }
+
+    /// Discards a range. In this store a discarded range reads as zeros, like `write_zeroes`.
+    pub fn trim(&self, disk: DiskId, offset: u64, len: u64, fua: bool) -> Result<()> {
+        self.update(disk, offset, len, Source::Zeroes, fua)
+    }
+
+    fn update(&self, disk: DiskId, offset: u64, len: u64, source: Source<'_>, fua: bool) -> Result<()> {
+        let state = self.io_state(disk)?;
+        {
+            let _layout = state.layout.read();
+            if state.deleted.load(Ordering::Acquire) {
+                return Err(StoreError::DiskNotFound(format!("#{}", disk.0)));
+            }
+            Self::check_range(&state, offset, len)?;
+            self.update_range(&state, offset, len, source)?;
+        }
+        if fua {
+            // Outside every lock: a sync covers this write and any other already applied.
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Applies a range update; the caller holds the disk's layout lock (either way).
+    pub(super) fn update_range(&self, state: &DiskState, offset: u64, len: u64, source: Source<'_>) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let bs = u64::from(self.block_size);
+        let end = offset + len;
+        let mut first = offset / bs;
+        let last = (end - 1) / bs;
+        while first <= last {
+            let chunk_last = last.min(first + CHUNK_BLOCKS - 1);
+            // Whole blocks are hashed before any lock is taken.
+            let mut full: Vec<Option<Target<'_>>> = Vec::with_capacity((chunk_last - first + 1) as usize);
+            for block in first..=chunk_last {
+                let start = block * bs;
+                let covered = offset <= start && start + bs <= end;
+                full.push(covered.then(|| match source {
+                    Source::Zeroes => Target::Zero,
+                    Source::Data(d) => {
+                        let bytes = &d[(start - offset) as usize..(start - offset + bs) as usize];
+                        self.target_for(Cow::Borrowed(bytes))
+                    }
+                }));
+            }
+            let stripes = self.stripe_indices(state.id, first, chunk_last);
+            let _guards: Vec<_> = stripes.iter().map(|&i| self.block_stripes[i].write()).collect();
+            let old = self.map_lookup(state.id, first, chunk_last)?;
+            let mut updates = Vec::with_capacity(full.len());
+            for (i, target) in full.into_iter().enumerate() {
+                let block = first + i as u64;
+                let target = match target {
+                    Some(t) => t,
+                    None => {
+                        // A partial block: read, modify, write, under the block's stripe.
+                        let start = block * bs;
+                        let mut bytes = match old[i] {
+                            Some(entry) => self.load_block(&entry.fp)?.to_vec(),
+                            None => vec![0u8; bs as usize],
+                        };
+                        let from = offset.max(start);
+                        let to = end.min(start + bs);
+                        let dst = &mut bytes[(from - start) as usize..(to - start) as usize];
+                        match source {
+                            Source::Zeroes => dst.fill(0),
+                            Source::Data(d) => dst.copy_from_slice(&d[(from - offset) as usize..(to - offset) as usize]),
+                        }
+                        self.target_for(Cow::Owned(bytes))
+                    }
+                };
+                updates.push((block, target));
+            }
+            let old: Vec<_> = old.iter().map(|e| e.map(|e| e.fp)).collect();
+            self.commit(state, updates, &old)?;
+            first = chunk_last + 1;
+        }
+        Ok(())
+    }
+
+    /// Allocated and zero runs of `[offset, offset + len)`, at block granularity, clipped to
+    /// the range. Consecutive runs alternate.
+    pub fn block_status(&self, disk: DiskId, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let state = self.io_state(disk)?;
+        let _layout = state.layout.read();
+        Self::check_range(&state, offset, len)?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let bs = u64::from(self.block_size);
+        let end = offset + len;
+        let first = offset / bs;
+        let last = (end - 1) / bs;
+        let mut extents: Vec<Extent> = Vec::new();
+        let mut push = |from: u64, to: u64, allocated: bool| {
+            if from >= to {
+                return;
+            }
+            match extents.last_mut() {
+                Some(e) if e.allocated == allocated && e.offset + e.length == from => e.length += to - from,
+                _ => extents.push(Extent { offset: from, length: to - from, allocated }),
+            }
+        };
+        let mut cursor = offset;
+        let scan = self.engine.range(Cf::Maps, &map_key(disk, first), &map_key(disk, last + 1))?;
+        for kv in scan.into_iter().map(Ok::<_, StoreError>) {
+            let (key, _) = kv?;
+            let (_, block) = parse_map_key(&key)?;
+            let from = (block * bs).max(offset);
+            let to = ((block + 1) * bs).min(end);
+            push(cursor, from, false);
+            push(from, to, true);
+            cursor = to;
+        }
+        push(cursor, end, false);
+        Ok(extents)
+    }
+}

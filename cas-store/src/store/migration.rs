@@ -1,0 +1,142 @@
+//! What migration needs of a store: batched lookups and reads by fingerprint, mapping blocks
+//! a neighbour holds, point-in-time map snapshots, and dirty-block tracking.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::{out_of_range, DiskId, Store, Target, CHUNK_BLOCKS};
+use crate::dirty::DirtyBitmap;
+use crate::engine::{prefix_end, Cf};
+use crate::keys::*;
+use crate::{Fingerprint, Result, StoreError};
+
+impl Store {
+    /// For each fingerprint, whether the store holds its block (one batched lookup). With an
+    /// external pool: whether the pool holds it, whichever store wrote it, so a migration into
+    /// any server of a datacentre finds the blocks of every server sharing its pool.
+    pub fn has_many(&self, fps: &[Fingerprint]) -> Result<Vec<bool>> {
+        match self.external_pool() {
+            Some(pool) => pool.has_many(fps),
+            None => {
+                // The small `refs` entries answer; no block bytes are touched.
+                let keys: Vec<&[u8]> = fps.iter().map(|fp| &fp.0[..]).collect();
+                Ok(self.engine.multi_get(Cf::Refs, &keys)?.into_iter().map(|v| v.is_some()).collect())
+            }
+        }
+    }
+
+    /// A stored block's bytes.
+    pub fn get_block(&self, fp: &Fingerprint) -> Result<Option<Arc<[u8]>>> {
+        Ok(self.fetch_blocks(&[Some(*fp)])?.pop().flatten())
+    }
+
+    /// Stored blocks' bytes (None: not stored), in one batched lookup.
+    pub fn get_blocks(&self, fps: &[Fingerprint]) -> Result<Vec<Option<Arc<[u8]>>>> {
+        self.fetch_blocks(&fps.iter().map(|fp| Some(*fp)).collect::<Vec<_>>())
+    }
+
+    /// The fingerprints mapped at the given blocks of a disk (None: a hole).
+    pub fn block_fingerprints(&self, disk: DiskId, blocks: &[u64]) -> Result<Vec<Option<Fingerprint>>> {
+        let keys: Vec<[u8; 16]> = blocks.iter().map(|&b| map_key(disk, b)).collect();
+        let refs: Vec<&[u8]> = keys.iter().map(|k| &k[..]).collect();
+        self.engine.multi_get(Cf::Maps, &refs)?.into_iter().map(|v| v.map(|v| parse_map_entry(&v).map(|e| e.fp)).transpose()).collect()
+    }
+
+    /// Maps blocks of a disk to blocks the store already holds (no data moves: a neighbour
+    /// has them). Returns, per entry, whether it was mapped; an entry whose fingerprint is not
+    /// stored is left alone.
+    pub fn map_existing(&self, disk: DiskId, entries: &[(u64, Fingerprint)]) -> Result<Vec<bool>> {
+        let state = self.io_state(disk)?;
+        let _layout = state.layout.read();
+        let blocks = state.size.load(Ordering::Acquire).div_ceil(u64::from(self.block_size));
+        if let Some(&(b, _)) = entries.iter().find(|(b, _)| *b >= blocks) {
+            return Err(out_of_range(b * u64::from(self.block_size), u64::from(self.block_size), state.size.load(Ordering::Acquire)));
+        }
+        let mut applied = Vec::with_capacity(entries.len());
+        for chunk in entries.chunks(CHUNK_BLOCKS as usize) {
+            let mut stripes: Vec<usize> = chunk.iter().map(|(b, _)| self.block_stripe(disk, *b)).collect();
+            stripes.sort_unstable();
+            stripes.dedup();
+            let _guards: Vec<_> = stripes.iter().map(|&i| self.block_stripes[i].write()).collect();
+            let blocks: Vec<u64> = chunk.iter().map(|(b, _)| *b).collect();
+            let old = self.block_fingerprints(disk, &blocks)?;
+            let updates = chunk.iter().map(|(b, fp)| (*b, Target::Existing(*fp))).collect();
+            applied.extend(self.commit(&state, updates, &old)?);
+        }
+        Ok(applied)
+    }
+
+    /// A consistent view of a disk's map as of this call: (block number, fingerprint) for every
+    /// allocated block, in block order, however long it is read and whatever is written
+    /// meanwhile.
+    pub fn map_snapshot(&self, disk: DiskId) -> Result<MapSnapshot> {
+        let state = self.io_state(disk)?;
+        let _layout = state.layout.read();
+        let size = state.size.load(Ordering::Acquire);
+        let prefix = map_prefix(disk);
+        let iter = self.engine.scan(Cf::Maps, &prefix, prefix_end(&prefix).as_deref())?;
+        Ok(MapSnapshot { iter, size, block_size: self.block_size })
+    }
+
+    /// Starts (or restarts, empty) tracking which blocks of a disk change.
+    pub fn dirty_start(&self, disk: DiskId) -> Result<()> {
+        let state = self.io_state(disk)?;
+        let blocks = state.size.load(Ordering::Acquire).div_ceil(u64::from(self.block_size));
+        *state.dirty.lock() = Some(DirtyBitmap::new(blocks));
+        Ok(())
+    }
+
+    /// Returns the blocks changed since tracking started or since the last take, and clears
+    /// the bitmap, atomically with respect to writes: every write that returned before this
+    /// call is in this bitmap or an earlier one.
+    pub fn dirty_take(&self, disk: DiskId) -> Result<DirtyBitmap> {
+        let state = self.io_state(disk)?;
+        let mut dirty = state.dirty.lock();
+        let current = dirty.as_mut().ok_or_else(|| StoreError::InvalidArgument(format!("disk #{} is not tracking dirty blocks", disk.0)))?;
+        let fresh = DirtyBitmap::new(current.blocks());
+        Ok(std::mem::replace(current, fresh))
+    }
+
+    pub fn dirty_stop(&self, disk: DiskId) -> Result<()> {
+        *self.io_state(disk)?.dirty.lock() = None;
+        Ok(())
+    }
+}
+
+/// See [`Store::map_snapshot`].
+pub struct MapSnapshot {
+    iter: crate::engine::ScanIter,
+    size: u64,
+    block_size: u32,
+}
+
+impl std::fmt::Debug for MapSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MapSnapshot").field("size", &self.size).finish()
+    }
+}
+
+impl MapSnapshot {
+    /// The disk's size when the snapshot was taken.
+    pub fn disk_size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    /// Up to `max` further entries (empty at the end).
+    pub fn next_batch(&mut self, max: usize) -> Result<Vec<(u64, Fingerprint)>> {
+        self.by_ref().take(max).collect()
+    }
+}
+
+impl Iterator for MapSnapshot {
+    type Item = Result<(u64, Fingerprint)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let kv = self.iter.next()?;
+        Some(kv.and_then(|(k, v)| Ok((parse_map_key(&k)?.1, parse_map_entry(&v)?.fp))))
+    }
+}
