@@ -81,7 +81,12 @@ struct Args {
     /// seconds between background compaction passes over the block containers (default 300;
     /// 0 turns them off; `cas gc` runs one at any time)
     #[argh(option)]
-    compact_interval: Option<u64>,
+    compact_interval: Option<f64>,
+
+    /// size of the block containers a new container takes (default 64M; the unit compaction
+    /// rewrites)
+    #[argh(option)]
+    container_size: Option<String>,
 
     /// compaction rewrites containers whose live blocks fill less than this share (default 0.5)
     #[argh(option)]
@@ -224,8 +229,15 @@ fn tls_config(args: &Args) -> anyhow::Result<Option<TlsConfig>> {
 fn open_exports(args: &Args) -> anyhow::Result<(Arc<Store>, Arc<Node>)> {
     let pool = cas_rados::pool_from_spec(&args.blocks, args.ceph_conf.as_deref(), args.ceph_user.as_deref())
         .with_context(|| format!("block pool {}", args.blocks))?;
-    let options =
+    let mut options =
         StoreOptions { block_size: args.block_size, pool, verify_reads: args.verify_reads, ..StoreOptions::default() };
+    if let Some(size) = &args.container_size {
+        let bytes = parse_size(size).map_err(|e| anyhow::anyhow!("--container-size {size}: {e}"))?;
+        if !(64 << 10..=1 << 40).contains(&bytes) {
+            bail!("--container-size {size}: from 64K to 1T");
+        }
+        options.container_bytes = bytes;
+    }
     let store = Store::open(&args.store, options).with_context(|| format!("opening store {}", args.store.display()))?;
     let store = Arc::new(store);
 
@@ -310,12 +322,13 @@ fn run(args: Args) -> anyhow::Result<()> {
     if !(0.0..=1.0).contains(&below) {
         bail!("--compact-below {below} is not a share from 0 to 1");
     }
-    match args.compact_interval.unwrap_or(DEFAULT_COMPACT_INTERVAL_SECS) {
-        0 => info!("background compaction off (--compact-interval 0)"),
-        secs => {
-            spawn_compaction(Arc::clone(&store), std::time::Duration::from_secs(secs), below)
-                .context("starting the compaction thread")?;
-        }
+    let interval = args.compact_interval.unwrap_or(DEFAULT_COMPACT_INTERVAL_SECS as f64);
+    if interval == 0.0 {
+        info!("background compaction off (--compact-interval 0)");
+    } else {
+        let interval = std::time::Duration::try_from_secs_f64(interval)
+            .map_err(|_| anyhow::anyhow!("--compact-interval {interval} is not a number of seconds"))?;
+        spawn_compaction(Arc::clone(&store), interval, below).context("starting the compaction thread")?;
     }
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

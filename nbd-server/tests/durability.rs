@@ -1,7 +1,9 @@
 //! Durability under SIGKILL: clients write (some with FUA, the rest covered by FLUSHes),
 //! the server is killed with SIGKILL mid-stream, restarted on the same store, and everything
 //! that was acknowledged durable must be there. Several rounds, two connections (a FLUSH on
-//! one covers writes acknowledged on the other: CAN_MULTI_CONN).
+//! one covers writes acknowledged on the other: CAN_MULTI_CONN). Meanwhile a third client
+//! overwrites a churn disk over and over, and the server runs compaction every 50 ms on small
+//! containers, so the durable blocks are moved between containers while the kills land.
 
 mod common;
 
@@ -25,6 +27,9 @@ const WRITERS: u64 = 2;
 /// one expected content once durable).
 const PER_WRITER: u64 = 1500;
 const DISK: &str = "disk:64M";
+const CHURN: &str = "churn:4M";
+/// Small containers, compaction every 50 ms rewriting any container with a dead block.
+const COMPACTING: &[&str] = &["--container-size", "256K", "--compact-interval", "0.05", "--compact-below", "1"];
 
 fn pattern(seed: u64) -> Vec<u8> {
     let mut data = vec![0u8; BLOCK as usize];
@@ -48,13 +53,17 @@ struct Conn(TcpStream);
 
 impl Conn {
     fn open(addr: &str) -> io::Result<Conn> {
+        Conn::open_export(addr, "disk")
+    }
+
+    fn open_export(addr: &str, export: &str) -> io::Result<Conn> {
         let mut s = TcpStream::connect(addr)?;
         s.set_nodelay(true)?;
         s.set_read_timeout(Some(Duration::from_secs(20)))?;
         let mut greeting = [0u8; 18];
         s.read_exact(&mut greeting)?;
         s.write_all(&(CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES).to_be_bytes())?;
-        let data = encode_info_request("disk", &[]);
+        let data = encode_info_request(export, &[]);
         s.write_all(&encode_option_header(OPT_GO, data.len() as u32))?;
         s.write_all(&data)?;
         loop {
@@ -126,6 +135,21 @@ fn writer(addr: String, round: u64, w: u64, ledger: Arc<Mutex<Ledger>>, stop: Ar
     }
 }
 
+/// Overwrites the churn disk's 64 first blocks with fresh content until stopped, so their old
+/// contents die and compaction has containers to rewrite. Errors after the kill end it.
+fn churn(addr: String, round: u64, stop: Arc<AtomicBool>) {
+    let Ok(mut conn) = Conn::open_export(&addr, "churn") else { return };
+    let mut seed = 1_000_000_000 + round * 1_000_000;
+    while !stop.load(Ordering::SeqCst) {
+        for block in 0..64 {
+            seed += 1;
+            if conn.call(CMD_WRITE, 0, block * BLOCK, &pattern(seed)).is_err() {
+                return;
+            }
+        }
+    }
+}
+
 fn verify(server: &ServerProcess, ledger: &Ledger) {
     let (mut c, _) = RawClient::connect_tcp(&server.tcp, "disk");
     let mut blocks: Vec<_> = ledger.durable.iter().collect();
@@ -146,8 +170,11 @@ fn acknowledged_writes_survive_sigkill() {
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let mut rng = Rng::new(99);
 
+    // Compaction passes that rewrote or deleted containers, over every round.
+    let mut passes = 0;
     for round in 0..ROUNDS {
-        let mut server = ServerProcess::start(ServerOptions { store: &store, disks: &[DISK], extra: &[] });
+        let mut server =
+            ServerProcess::start(ServerOptions { store: &store, disks: &[DISK, CHURN], extra: COMPACTING });
         verify(&server, &ledger.lock().unwrap());
         let durable_before = ledger.lock().unwrap().durable.len();
 
@@ -158,12 +185,19 @@ fn acknowledged_writes_survive_sigkill() {
                 std::thread::spawn(move || writer(addr, round, w, ledger, stop))
             })
             .collect();
+        let churn = {
+            let (addr, stop) = (server.tcp.clone(), stop.clone());
+            std::thread::spawn(move || churn(addr, round, stop))
+        };
         std::thread::sleep(Duration::from_millis(250 + rng.below(300)));
         server.kill9();
         stop.store(true, Ordering::SeqCst);
         for w in writers {
             w.join().unwrap();
         }
+        churn.join().unwrap();
+        passes +=
+            std::fs::read_to_string(&server.stderr_path).unwrap_or_default().matches("background compaction").count();
         let l = ledger.lock().unwrap();
         assert!(l.failures.is_empty(), "server errors: {:?}", l.failures);
         assert!(l.durable.len() > durable_before + 10, "round {round}: too few durable writes to test anything");
@@ -172,8 +206,13 @@ fn acknowledged_writes_survive_sigkill() {
         ledger.lock().unwrap().acked.clear();
     }
 
-    let server = ServerProcess::start(ServerOptions { store: &store, disks: &[DISK], extra: &[] });
+    let server = ServerProcess::start(ServerOptions { store: &store, disks: &[DISK, CHURN], extra: COMPACTING });
     let l = ledger.lock().unwrap();
     verify(&server, &l);
+    assert!(
+        passes >= ROUNDS as usize,
+        "only {passes} compaction passes moved anything: the kills did not meet compaction"
+    );
+    eprintln!("{passes} compaction passes rewrote containers during the rounds");
     eprintln!("verified {} durable blocks over {ROUNDS} SIGKILL rounds", l.durable.len());
 }
