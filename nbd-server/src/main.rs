@@ -65,7 +65,8 @@ struct Args {
     #[argh(option)]
     block_size: Option<u32>,
 
-    /// where a new store keeps its blocks: "rocksdb" (default: in the store directory) or
+    /// where a new store keeps its blocks: "rocksdb" (default: in block containers in the
+    /// store directory, RocksDB as their index) or
     /// "rados:POOL[/NAMESPACE]" (a Ceph pool the datacentre's servers share); fixed at creation
     #[argh(option, default = "String::from(\"rocksdb\")")]
     blocks: String,

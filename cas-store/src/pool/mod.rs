@@ -66,7 +66,7 @@ pub struct PoolBlock {
 /// Every block of a pool (see [`BlockPool::scan`]).
 pub type PoolScan = Box<dyn Iterator<Item = Result<PoolBlock>> + Send>;
 
-/// Block storage with references. See the module docs for the two kinds and the contract.
+/// Block storage with references, shared by many stores. See the module docs for the contract.
 ///
 /// `holder` names the calling store (fixed at its creation, recorded in its configuration).
 /// Batched methods answer in the order of their input. A store calls `acquire` for a
@@ -74,10 +74,10 @@ pub type PoolScan = Box<dyn Iterator<Item = Result<PoolBlock>> + Send>;
 /// just reached 0, under its fingerprint lock: a holder has at most one reference per block
 /// unless a crash or a lost reply left another.
 pub trait BlockPool: Send + Sync + fmt::Debug {
-    /// The kind recorded in a store's configuration: "rocksdb" (local), "rados", "memory".
+    /// The kind recorded in a store's configuration: "rados", "memory".
     fn kind(&self) -> &'static str;
 
-    /// Where the blocks are, as an operator would name it ("rocksdb", "rados:POOL/NAMESPACE").
+    /// Where the blocks are, as an operator would name it ("rados:POOL/NAMESPACE").
     /// A store reopened with a pool at another location is refused.
     fn location(&self) -> String;
 
