@@ -113,14 +113,6 @@ impl Containers {
         })
     }
 
-    pub fn block_size(&self) -> u32 {
-        self.block_size
-    }
-
-    pub fn slots_per_container(&self) -> u32 {
-        self.slots_per_container
-    }
-
     /// Appends `blocks` (each `block_size` bytes), returning their locations in order.
     /// Consecutive blocks land in consecutive slots where they can, written with one `pwrite`.
     pub fn append(&self, blocks: &[&[u8]], ids: &dyn ContainerIds) -> Result<Vec<Location>> {
@@ -203,17 +195,18 @@ impl Containers {
     pub fn list(&self) -> Result<Vec<(u32, u64, u64)>> {
         let files: Vec<(u32, Arc<dyn ContainerFile>)> = self.open.read().iter().map(|(k, v)| (*k, v.clone())).collect();
         let bs = u64::from(self.block_size);
-        files.into_iter().map(|(id, f)| Ok((id, f.len()?.div_ceil(bs), f.len()?))).collect()
+        files
+            .into_iter()
+            .map(|(id, f)| {
+                let bytes = f.len()?;
+                Ok((id, bytes.div_ceil(bs), bytes))
+            })
+            .collect()
     }
 
     /// The container being appended to (compaction leaves it alone).
     pub fn active_id(&self) -> Option<u32> {
         self.active.lock().as_ref().map(|a| a.id)
-    }
-
-    /// Starts a new container at the next append, so compaction can take the current one.
-    pub fn seal_active(&self) {
-        *self.active.lock() = None;
     }
 
     /// Deletes container `id`. Readers that already hold it keep reading its bytes (an open

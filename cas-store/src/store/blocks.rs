@@ -177,25 +177,25 @@ impl Store {
                 continue;
             }
             // A run of whole blocks in consecutive slots of this container: one read.
-            let mut run = vec![entry.fp];
             let mut run_end = i + 1;
             while run_end < entries.len() && block_offset + (run_end as u64 + 1) * bs <= end {
                 let Some(next) = entries[run_end] else { break };
+                let run_len = (run_end - i) as u64;
                 let follows = resolved.get(k).and_then(Option::as_ref).is_some_and(|nr| {
-                    Arc::ptr_eq(&nr.file, &r.file) && nr.loc.container == r.loc.container && u64::from(nr.loc.slot) == u64::from(r.loc.slot) + run.len() as u64
+                    Arc::ptr_eq(&nr.file, &r.file) && nr.loc.container == r.loc.container && u64::from(nr.loc.slot) == u64::from(r.loc.slot) + run_len
                 });
                 if !follows {
                     break;
                 }
                 take(&mut resolved, &mut k, &next.fp)?;
-                run.push(next.fp);
                 run_end += 1;
             }
-            let dst = &mut buf[(block_start - offset) as usize..(block_start - offset + run.len() as u64 * bs) as usize];
+            let dst = &mut buf[(block_start - offset) as usize..(block_start - offset + (run_end - i) as u64 * bs) as usize];
             r.file.read_at(dst, u64::from(r.loc.slot) * bs)?;
             if self.verify_reads {
-                for (fp, bytes) in run.iter().zip(dst.chunks(bs as usize)) {
-                    self.check_read(fp, bytes)?;
+                // Every entry of the run is allocated (the run stops at a hole).
+                for (entry, bytes) in entries[i..run_end].iter().flatten().zip(dst.chunks(bs as usize)) {
+                    self.check_read(&entry.fp, bytes)?;
                 }
             }
             i = run_end;

@@ -189,7 +189,9 @@ pub fn run(ops: Vec<Op>, backend: &dyn Backend) -> Result<(), TestCaseError> {
                 Op::Compact { share, stop } => {
                     let share = f64::from(share) / 4.0;
                     match stop {
-                        0 => drop(store.compact(share).unwrap()),
+                        0 => {
+                            store.compact(share).unwrap();
+                        }
                         n => {
                             let stop = [CompactionStop::AfterCopy, CompactionStop::AfterFirstBatch, CompactionStop::BeforeDelete][usize::from(n - 1)];
                             store.compact_interrupted(share, stop).unwrap();
