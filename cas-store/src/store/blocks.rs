@@ -181,9 +181,10 @@ impl Store {
             while run_end < entries.len() && block_offset + (run_end as u64 + 1) * bs <= end {
                 let Some(next) = entries[run_end] else { break };
                 let run_len = (run_end - i) as u64;
-                let follows = resolved.get(k).and_then(Option::as_ref).is_some_and(|nr| {
-                    Arc::ptr_eq(&nr.file, &r.file) && nr.loc.container == r.loc.container && u64::from(nr.loc.slot) == u64::from(r.loc.slot) + run_len
-                });
+                let follows = resolved
+                    .get(k)
+                    .and_then(Option::as_ref)
+                    .is_some_and(|nr| nr.loc.container == r.loc.container && u64::from(nr.loc.slot) == u64::from(r.loc.slot) + run_len);
                 if !follows {
                     break;
                 }
