@@ -844,6 +844,20 @@ def duplicated(src, dst, copies=8):
     return size
 
 
+def varied(src, dst):
+    """src with the first 16 bytes of every 4 KiB block flipped: blocks the store does not hold
+    yet (so a write test writes data, not references), equal where src's blocks are equal."""
+    flip = bytes([0x5A] * 16)
+    with open(src, "rb") as f, open(dst, "wb") as o:
+        while True:
+            b = bytearray(f.read(4 * MiB))
+            if not b:
+                break
+            for i in range(0, len(b), 4096):
+                b[i:i + 16] = bytes(x ^ y for x, y in zip(b[i:i + 16], flip))
+            o.write(b)
+
+
 # The data sets of the NBD section: fio writes unique blocks (refilled buffers) to the first,
 # and mostly repeated ones (fio's dedupe_percentage) to the second.
 NBD_SETS = {"unique": ["--refill_buffers"], "dup": ["--refill_buffers", "--dedupe_percentage=80"]}
@@ -863,6 +877,11 @@ def section_nbd(ctx):
     size = densify(ctx.image(image), contents["unique"], nbd_bytes)
     contents["dup"] = os.path.join(work, "dup")
     duplicated(contents["unique"], contents["dup"])
+    # what the sequential-write tests write: new to every server's disks, the store's included
+    to_write = {}
+    for dset, path in contents.items():
+        to_write[dset] = path + ".w"
+        varied(path, to_write[dset])
     ctx.log("nbd: %d MiB of %s's non-zero blocks as content; a duplicated set of the same size" % (size // MiB, image))
     results = {}
     store = os.path.join(work, "store")
@@ -884,7 +903,7 @@ def section_nbd(ctx):
                     f = fio_nbd(ctx, uri_of(dset), "randread", qd, runtime)
                     r["%s_randread_qd%d_iops" % (dset, qd)] = f["iops"]
                     r["%s_randread_qd%d_lat_us" % (dset, qd)] = f["lat_mean_us"]
-                _, wt = ctx.sh(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", contents[dset], uri_of("wr-" + dset)])
+                _, wt = ctx.sh(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", to_write[dset], uri_of("wr-" + dset)])
                 r["%s_seq_write_MBps" % dset] = size / wt / 1e6
                 for qd in (1, 32):
                     f = fio_nbd(ctx, uri_of("wr-" + dset), "randwrite", qd, runtime, extra=fio_extra)
@@ -905,6 +924,9 @@ def section_nbd(ctx):
     ours_sock = os.path.join(sock_dir, "ours.sock")
 
     def start_ours():
+        # the write tests' disks start empty on every run
+        for e in exports[2:]:
+            subprocess.run([ctx.exe("cas"), "rm", e, "--store", store], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         p = ctx.start([ctx.exe("nbd-server"), "--store", store, "--listen", "127.0.0.1:%d" % port, "--unix", ours_sock,
                        "--disk", "wr-unique:%d" % size, "--disk", "wr-dup:%d" % size, "--compact-interval", "0"],
                       stdout_pipe=True, log=os.path.join(ctx.out, "logs", "nbd-ours.log"))
@@ -967,7 +989,7 @@ def section_nbd(ctx):
     measure("ours", start_ours, lambda e: "nbd://127.0.0.1:%d/%s" % (port, e))
     measure("qemu-nbd", lambda: start_qemu(False), lambda e: "nbd://127.0.0.1:%d/%s" % (qports[e], e))
     measure("nbdkit-file", lambda: start_nbdkit(False), lambda e: "nbd://127.0.0.1:%d/%s" % (kport, e))
-    # The same over Unix sockets; ours runs again on its store (the writes' disks rewritten).
+    # The same over Unix sockets; ours runs again on its store (the writes' disks recreated).
     measure("ours-unix", start_ours, unix_uri(ours_sock))
     measure("qemu-nbd-unix", lambda: start_qemu(True), lambda e: "nbd+unix:///%s?socket=%s" % (e, os.path.join(sock_dir, "qemu-%s.sock" % e)))
     measure("nbdkit-file-unix", lambda: start_nbdkit(True), unix_uri(kit_sock))

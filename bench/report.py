@@ -451,7 +451,8 @@ def nbd_md(s, plots, verdict):
     md = ["## 5. NBD data path (same content, loopback TCP and Unix socket)\n\n",
           "Content: %s MiB of %s's non-zero blocks (*unique*) and a data set of the same size made of its first "
           "eighth repeated (*dup*); fio runs %d s per test, writing refilled random buffers (unique) or 80%% "
-          "repeated ones (dup). Ours serves them from a store; qemu-nbd (--cache=writeback --aio=threads) and "
+          "repeated ones (dup). The sequential write copies each set with 16 bytes of every block changed, "
+          "so it writes blocks no server holds yet (ours included); ours' write disks are recreated per run. Ours serves them from a store; qemu-nbd (--cache=writeback --aio=threads) and "
           "nbdkit's file plugin serve raw files. Ratios > 1 mean ours is faster.\n\n"
           % (mib(s["content_bytes"]), s["content_image"], s["fio_runtime_s"])]
     transports = [("", "TCP"), ("-unix", "Unix socket")] if "ours-unix" in res else [("", "TCP")]
