@@ -6,15 +6,11 @@
 //! request costs nothing; only growth zero-fills the new part.
 
 use std::fmt;
-use std::io;
+use std::io::{self, Read};
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
-use std::time::Duration;
 
-use bytes::BufMut;
 use parking_lot::Mutex;
-use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::time::timeout;
 
 /// Buffers kept for reuse, bounded in count and in total bytes.
 pub(crate) struct BufferPool {
@@ -92,39 +88,21 @@ pub(crate) struct PooledBuf {
 }
 
 impl PooledBuf {
-    /// Reads exactly `len` bytes (the length given to `get_unfilled`) from `reader`. Each read
-    /// must make progress within `stall_timeout`. On error the buffer holds a partial payload
-    /// and should just be dropped.
-    pub(crate) async fn fill_from<R: AsyncRead + Unpin>(
-        &mut self,
-        reader: &mut R,
-        stall_timeout: Duration,
-    ) -> io::Result<()> {
-        let stalled = || io::Error::new(io::ErrorKind::TimedOut, "client stalled in the middle of a payload");
+    /// Reads exactly `len` bytes (the length given to `get_unfilled`) from `reader` (a
+    /// socket with a receive timeout: a stall ends the read with an error). On error the
+    /// buffer holds a partial payload and should just be dropped.
+    pub(crate) fn fill_blocking<R: Read>(&mut self, reader: &mut R) -> io::Result<()> {
         // First into memory the buffer already has (initialised, no allocation)...
         let initialised = self.buf.len().min(self.len);
-        let mut filled = 0;
-        while filled < initialised {
-            let n = timeout(stall_timeout, reader.read(&mut self.buf[filled..initialised]))
-                .await
-                .map_err(|_| stalled())??;
-            if n == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-            filled += n;
-        }
+        reader.read_exact(&mut self.buf[..initialised])?;
         // ...then into spare capacity, which is neither zeroed nor touched before data
         // arrives: a client announcing 32 MiB and sending 1 KiB costs about 1 KiB.
         if self.buf.len() < self.len {
-            self.buf.reserve_exact(self.len - self.buf.len());
-            while self.buf.len() < self.len {
-                let remaining = self.len - self.buf.len();
-                let n = timeout(stall_timeout, reader.read_buf(&mut (&mut self.buf).limit(remaining)))
-                    .await
-                    .map_err(|_| stalled())??;
-                if n == 0 {
-                    return Err(io::ErrorKind::UnexpectedEof.into());
-                }
+            let remaining = (self.len - self.buf.len()) as u64;
+            self.buf.reserve_exact(remaining as usize);
+            let n = reader.take(remaining).read_to_end(&mut self.buf)?;
+            if (n as u64) < remaining {
+                return Err(io::ErrorKind::UnexpectedEof.into());
             }
         }
         Ok(())
@@ -202,25 +180,26 @@ mod tests {
         assert_eq!(pool.get(6000).buf.len(), 6000); // grown from the longest
     }
 
-    #[tokio::test]
-    async fn fill_from_reader() {
+    #[test]
+    fn fill_from_reader() {
         let pool = Arc::new(BufferPool::new(4, 1 << 20, 1 << 20));
         drop(pool.get(100));
         let data: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
         // Part into the pooled (initialised) 100 bytes, the rest into spare capacity.
         let mut buf = pool.get_unfilled(1000);
-        buf.fill_from(&mut &data[..], Duration::from_secs(1)).await.unwrap();
+        buf.fill_blocking(&mut &data[..]).unwrap();
         assert_eq!(&buf[..], &data[..]);
         drop(buf);
         // A reader that ends early.
         let mut buf = pool.get_unfilled(2000);
-        let err = buf.fill_from(&mut &data[..], Duration::from_secs(1)).await.unwrap_err();
+        let err = buf.fill_blocking(&mut &data[..]).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
-        // A reader that stalls.
-        let (_tx, mut rx) = tokio::io::duplex(64);
+        // A socket that stalls (its receive timeout fires).
+        let (_tx, mut rx) = std::os::unix::net::UnixStream::pair().unwrap();
+        rx.set_read_timeout(Some(std::time::Duration::from_millis(50))).unwrap();
         let mut buf = pool.get_unfilled(10);
-        let err = buf.fill_from(&mut rx, Duration::from_millis(50)).await.unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        let err = buf.fill_blocking(&mut rx).unwrap_err();
+        assert!(matches!(err.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut), "{err:?}");
     }
 
     #[test]

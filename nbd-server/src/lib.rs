@@ -22,6 +22,7 @@
 //! ```
 
 pub mod admission;
+mod budget;
 mod buffer;
 pub mod compaction;
 mod conn;

@@ -98,7 +98,7 @@ struct Args {
     #[argh(switch)]
     verify_reads: bool,
 
-    /// requests in flight per connection (default 128)
+    /// requests one connection serves at once, each on a thread of its own (default 16)
     #[argh(option)]
     max_in_flight: Option<usize>,
     /// established NBD connections at most (default 1024); a newcomer is refused when they

@@ -16,13 +16,14 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::admission::{Admission, AdmissionLimits};
+use crate::budget::Budget;
 use crate::buffer::BufferPool;
-use crate::conn::run_connection;
+use crate::conn::{run_connection, NotASocket};
 use crate::export::ExportRegistry;
 use crate::proto::consts::{MAX_PAYLOAD_LEN, OFFSET_DATA_PREFIX_LEN};
 use crate::tls::TlsConfig;
@@ -32,10 +33,12 @@ use crate::tls::TlsConfig;
 pub struct ServerConfig {
     /// `Some`: offer STARTTLS (and, with `required`, insist on it).
     pub tls: Option<TlsConfig>,
-    /// Requests one connection may have in flight (read from the socket, reply not yet sent).
-    /// The kernel client sends up to 128.
+    /// Requests one connection serves at once: its threads, each of which reads a request,
+    /// runs it and writes its reply (nbdkit's default is 16). A client with more requests in
+    /// flight (the kernel client sends up to 128) queues them in the socket.
     pub max_in_flight_per_connection: usize,
-    /// Requests in flight across all connections (bounds blocking-pool threads).
+    /// Requests in flight across all connections (a thread past it waits before its device
+    /// call).
     pub max_in_flight_total: usize,
     /// READ/WRITE buffer bytes one connection may hold (at least 33 MiB is enforced).
     pub max_buffered_bytes_per_connection: usize,
@@ -65,7 +68,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             tls: None,
-            max_in_flight_per_connection: 128,
+            max_in_flight_per_connection: 16,
             max_in_flight_total: 512,
             max_buffered_bytes_per_connection: 128 << 20,
             max_buffered_bytes_total: 1 << 30,
@@ -101,8 +104,6 @@ impl ServerConfig {
         self.max_in_flight_total = self.max_in_flight_total.max(self.max_in_flight_per_connection);
         self.max_buffered_bytes_per_connection = self.max_buffered_bytes_per_connection.max(largest_request);
         self.max_buffered_bytes_total = self.max_buffered_bytes_total.max(self.max_buffered_bytes_per_connection);
-        // Tokio semaphores hold at most usize::MAX >> 3 permits.
-        self.max_buffered_bytes_total = self.max_buffered_bytes_total.min(Semaphore::MAX_PERMITS);
         self.max_buffered_bytes_per_connection =
             self.max_buffered_bytes_per_connection.min(self.max_buffered_bytes_total);
         self.max_connections = self.max_connections.max(1);
@@ -174,9 +175,9 @@ pub(crate) struct Shared {
     pub(crate) config: ServerConfig,
     pub(crate) tls: Option<TlsConfig>,
     /// Requests in flight, all connections.
-    pub(crate) requests: Arc<Semaphore>,
+    pub(crate) requests: Arc<Budget>,
     /// Buffer bytes in flight, all connections.
-    pub(crate) bytes: Arc<Semaphore>,
+    pub(crate) bytes: Arc<Budget>,
     pub(crate) buffers: Arc<BufferPool>,
     pub(crate) shutdown: Arc<ShutdownSignal>,
     pub(crate) admission: Arc<Admission>,
@@ -261,8 +262,8 @@ impl Server {
         let shared = Shared {
             registry,
             tls: config.tls.clone(),
-            requests: Arc::new(Semaphore::new(config.max_in_flight_total)),
-            bytes: Arc::new(Semaphore::new(config.max_buffered_bytes_total)),
+            requests: Budget::new(config.max_in_flight_total),
+            bytes: Budget::new(config.max_buffered_bytes_total),
             buffers: Arc::new(buffers),
             shutdown: Arc::new(ShutdownSignal::default()),
             admission: Admission::new("nbd", config.admission_limits()),
@@ -292,8 +293,9 @@ impl Server {
         self.shared.connections.load(Ordering::SeqCst)
     }
 
-    /// Serves one already-established stream (any `AsyncRead + AsyncWrite`: a socket, an
-    /// in-memory duplex in tests, a tunnel) until it ends. Counts towards `connections`.
+    /// Serves one already-established stream (any `AsyncRead + AsyncWrite`: an in-memory
+    /// duplex in tests, a tunnel) until it ends. Counts towards `connections`. Transmission
+    /// reaches it through a socket-pair bridge; the listeners serve sockets directly.
     pub async fn serve_stream<S>(&self, stream: S)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -303,7 +305,7 @@ impl Server {
             Err(refusal) => return self.shared.admission.log_refusal(None, refusal),
         };
         let guard = self.count();
-        run_connection(stream, Arc::clone(&guard.0), negotiating).await;
+        run_connection(NotASocket(stream), Arc::clone(&guard.0), negotiating).await;
         drop(guard);
     }
 

@@ -8,7 +8,7 @@ use cas_store::{DiskId, Store, StoreError};
 use super::{BlockDevice, DeviceError, DeviceResult, Extent};
 
 /// One disk of a [`Store`]. Every method calls the store synchronously (RocksDB); the server
-/// runs them on its blocking pool. All disks of a store share one write-ahead log, so FLUSH
+/// runs them on its connection threads. All disks of a store share one write-ahead log, so FLUSH
 /// on any connection to any disk covers every completed write (CAN_MULTI_CONN holds).
 #[derive(Debug)]
 pub struct CasDevice {

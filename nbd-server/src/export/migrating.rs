@@ -73,4 +73,9 @@ impl BlockDevice for MigratingDevice {
     fn preferred_block_size(&self) -> u32 {
         self.disk.store().block_size()
     }
+
+    /// Blocks not fetched yet are read over the link.
+    fn may_wait(&self) -> bool {
+        true
+    }
 }

@@ -2,7 +2,7 @@
 //! shared [`ExportRegistry`].
 //!
 //! * [`BlockDevice`] is the storage interface: synchronous methods that may block (RocksDB,
-//!   disk, network). The connection code only ever calls them from tokio's blocking pool,
+//!   disk, network). The connection code only ever calls them from its own threads,
 //!   never on a runtime worker thread.
 //! * [`Export`] is a device plus everything the server decides per export: its name, whether
 //!   it is read-only, whether writes are frozen (for migration switch-over), counters. The
@@ -149,6 +149,13 @@ pub trait BlockDevice: Send + Sync + fmt::Debug + 'static {
     /// Whether all connections share one cache, so FLUSH on one covers writes of all.
     fn can_multi_conn(&self) -> bool {
         true
+    }
+
+    /// Whether a read or write may wait for something slow besides local storage (a
+    /// post-copy fetch over the WAN). The server then never lets one request hold up the
+    /// reading of the next.
+    fn may_wait(&self) -> bool {
+        false
     }
 }
 
@@ -375,6 +382,14 @@ impl Export {
         if self.orphaned_writes.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.orphans_done.notify_waiters();
         }
+    }
+
+    /// Admits one write if the export is not frozen (no waiting, no allocation).
+    pub(crate) fn try_admit_write(self: &Arc<Self>) -> Option<WriteGuard> {
+        // As in `admit_write`: count first, then look at the bit.
+        let previous = self.write_gate.fetch_add(1, Ordering::SeqCst);
+        let guard = WriteGuard { export: Arc::clone(self) };
+        (previous & FROZEN == 0).then_some(guard)
     }
 
     /// Admits one write; while the export is frozen, waits (at most `limit`) for it to
