@@ -93,6 +93,11 @@ pub trait KvEngine: Send + Sync + fmt::Debug {
     /// Point lookups of many keys at once (RocksDB's batched MultiGet), in the keys' order.
     fn multi_get(&self, cf: Cf, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>>;
 
+    /// Whether each key is present, in the keys' order (no value is copied).
+    fn contains_many(&self, cf: Cf, keys: &[&[u8]]) -> Result<Vec<bool>> {
+        Ok(self.multi_get(cf, keys)?.into_iter().map(|v| v.is_some()).collect())
+    }
+
     /// Applies a batch atomically. Not synced: see [`KvEngine::sync`].
     fn write(&self, batch: WriteBatch) -> Result<()>;
 

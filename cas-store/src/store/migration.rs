@@ -20,7 +20,7 @@ impl Store {
             None => {
                 // The small `refs` entries answer; no block bytes are touched.
                 let keys: Vec<&[u8]> = fps.iter().map(|fp| &fp.0[..]).collect();
-                Ok(self.engine.multi_get(Cf::Refs, &keys)?.into_iter().map(|v| v.is_some()).collect())
+                self.engine.contains_many(Cf::Refs, &keys)
             }
         }
     }
