@@ -109,11 +109,15 @@ pub trait KvEngine: Send + Sync + fmt::Debug {
     /// of the moment of the call.
     fn scan(&self, cf: Cf, start: &[u8], end: Option<&[u8]>) -> Result<ScanIter>;
 
-    /// The keys in `[start, end)`, read at once: a range read on the hot path (one seek, then
-    /// the following keys), which fills the engine's caches like a point lookup does. The
-    /// caller bounds the range.
-    fn range(&self, cf: Cf, start: &[u8], end: &[u8]) -> Result<Vec<KvPair>> {
-        self.scan(cf, start, Some(end))?.collect()
+    /// Visits the entries in `[start, end)` in key order: a range read on the hot path (one
+    /// seek, then the following keys, nothing copied), which fills the engine's caches like a
+    /// point lookup does. The caller bounds the range. An error from `visit` ends the walk.
+    fn for_each_in(&self, cf: Cf, start: &[u8], end: &[u8], visit: &mut dyn FnMut(&[u8], &[u8]) -> Result<()>) -> Result<()> {
+        for kv in self.scan(cf, start, Some(end))? {
+            let (k, v) = kv?;
+            visit(&k, &v)?;
+        }
+        Ok(())
     }
 
     /// Bytes the engine occupies on disk, if it can tell.

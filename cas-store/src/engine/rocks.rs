@@ -177,21 +177,19 @@ impl KvEngine for RocksEngine {
         Ok(Box::new(RocksScan { iter, _db: Arc::clone(&self.db), start: Some(start.to_vec()), done: false }))
     }
 
-    fn range(&self, cf: Cf, start: &[u8], end: &[u8]) -> Result<Vec<KvPair>> {
+    fn for_each_in(&self, cf: Cf, start: &[u8], end: &[u8], visit: &mut dyn FnMut(&[u8], &[u8]) -> Result<()>) -> Result<()> {
         perf_counters_off();
         let mut opts = ReadOptions::default();
         opts.set_iterate_upper_bound(end.to_vec());
         let mut iter = self.db.raw_iterator_cf_opt(self.cf(cf), opts);
         iter.seek(start);
-        let mut out = Vec::new();
         while iter.valid() {
             if let (Some(k), Some(v)) = (iter.key(), iter.value()) {
-                out.push((k.into(), v.into()));
+                visit(k, v)?;
             }
             iter.next();
         }
-        iter.status().map_err(engine_err)?;
-        Ok(out)
+        iter.status().map_err(engine_err)
     }
 
     fn disk_usage_bytes(&self) -> Option<u64> {

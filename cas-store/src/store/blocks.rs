@@ -64,14 +64,15 @@ impl Store {
             return self.engine.get(Cf::Maps, &map_key(disk, first))?.map(|v| parse_map_entry(&v)).transpose().map(|e| vec![e]);
         }
         let mut out = vec![None; (last - first + 1) as usize];
-        for (k, v) in self.engine.range(Cf::Maps, &map_key(disk, first), &map_key(disk, last + 1))? {
-            let (_, block) = parse_map_key(&k)?;
+        self.engine.for_each_in(Cf::Maps, &map_key(disk, first), &map_key(disk, last + 1), &mut |k, v| {
+            let (_, block) = parse_map_key(k)?;
             let slot = block
                 .checked_sub(first)
                 .and_then(|i| out.get_mut(i as usize))
                 .ok_or_else(|| StoreError::Corrupt(format!("map range returned block {block}")))?;
-            *slot = Some(parse_map_entry(&v)?);
-        }
+            *slot = Some(parse_map_entry(v)?);
+            Ok(())
+        })?;
         Ok(out)
     }
 

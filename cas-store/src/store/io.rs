@@ -179,16 +179,15 @@ impl Store {
             }
         };
         let mut cursor = offset;
-        let scan = self.engine.range(Cf::Maps, &map_key(disk, first), &map_key(disk, last + 1))?;
-        for kv in scan.into_iter().map(Ok::<_, StoreError>) {
-            let (key, _) = kv?;
-            let (_, block) = parse_map_key(&key)?;
+        self.engine.for_each_in(Cf::Maps, &map_key(disk, first), &map_key(disk, last + 1), &mut |key, _| {
+            let (_, block) = parse_map_key(key)?;
             let from = (block * bs).max(offset);
             let to = ((block + 1) * bs).min(end);
             push(cursor, from, false);
             push(from, to, true);
             cursor = to;
-        }
+            Ok(())
+        })?;
         push(cursor, end, false);
         Ok(extents)
     }
