@@ -95,7 +95,7 @@ CONFIGS = {
         "rados_memstore_bytes": 6 * GiB,
     },
 }
-SECTIONS = ["similarity", "indexing", "migration", "downtime", "nbd", "store", "rados"]
+SECTIONS = ["similarity", "indexing", "migration", "downtime", "nbd", "store", "memory", "rados"]
 
 
 # ---------------------------------------------------------------------------------- plumbing
@@ -1055,6 +1055,11 @@ def parse_criterion(text):
             v = float(m.group(3)) * UNITS.get(unit, 1)
             out.setdefault(name, {})["per_second" if "elem" in unit else "bytes_per_second"] = v
     return {k: v for k, v in out.items() if v}
+
+
+def section_memory(ctx):
+    import memory  # bench/memory.py; imported here, when this module is fully loaded
+    memory.run(ctx)
 
 
 # ---------------------------------------------------------------------------------- 7 RADOS beside RocksDB

@@ -19,7 +19,7 @@ import time
 
 MiB = 1 << 20
 LINK_BPS = 100e6
-SECTION_ORDER = ["similarity", "indexing", "migration", "downtime", "nbd", "store", "rados"]
+SECTION_ORDER = ["similarity", "indexing", "migration", "downtime", "nbd", "store", "memory", "rados"]
 PEER_TOOLS = ["full copy (nbdcopy)", "rsync", "casync (default 64 KiB chunks)", "casync (4 KiB chunks)"]
 
 
@@ -517,6 +517,38 @@ def store_md(s):
     return "".join(md)
 
 
+def memory_md(s, targets):
+    """Section "memory" (bench/memory.py): RSS over a large disk, index size, compaction."""
+    total = s["bytes_written"]
+    md = ["## 6b. Memory and compaction over a large store (`bench/memory.py`)\n\n",
+          "One nbd-server on a fresh store; two disks written at once through NBD with unique data (fio, "
+          "refilled buffers, 1 MiB sequential writes): *big* %s MiB, *keep* %s MiB; then both read back in full "
+          "(1 MiB sequential reads). Then 4 KiB random reads of *keep* (fio, QD8) without compaction, *big* "
+          "deleted, and one compaction pass (`cas gc --server`) while the same fio job runs.\n\n"
+          % (mib(s["disks"]["big"]), mib(s["disks"]["keep"]))]
+    rss = s.get("rss_hwm_bytes") or 0
+    rows = [["unique data written", "%s MiB in %.0f s (%.0f MB/s)" % (mib(total), s["write_seconds"], total / s["write_seconds"] / 1e6)],
+            ["read back", "%.0f s (%.0f MB/s)" % (s["read_seconds"], total / s["read_seconds"] / 1e6)],
+            ["server RSS after the writes / after the reads", "%s / %s MiB" % (mib(s["rss_after_write_bytes"]), mib(s["rss_after_read_bytes"]))],
+            ["server peak RSS (VmHWM)", "%s MiB" % mib(rss)],
+            ["index bytes per stored block (RocksDB files and memtables / unique blocks)", fnum(s.get("index_bytes_per_block"), "%.1f")]]
+    gc = s.get("gc", {})
+    rep = gc.get("report", {})
+    share = s.get("given_back_share")
+    rows += [["deleted with *big*", "%s MiB" % mib(s["deleted_bytes"])],
+             ["compaction pass", "%.1f s: %s containers rewritten, %s deleted, %s blocks moved" % (
+                 gc.get("seconds", 0), rep.get("containers_rewritten"), rep.get("containers_deleted"), rep.get("blocks_moved"))],
+             ["space given back / deleted", "%s MiB / %s MiB = %s" % (mib(s["given_back_bytes"]), mib(s["deleted_bytes"]), fnum(share, "%.2f"))],
+             ["fio 4 KiB random-read IOPS of *keep*: quiet / during the pass",
+              "%.0f / %s (%s log intervals of 500 ms inside the pass)" % (
+                  s["fio_quiet_iops"], fnum(s.get("fio_during_gc_iops"), "%.0f"), s.get("fio_during_gc_intervals"))]]
+    md.append(table(["figure", "value"], rows))
+    if s.get("scale") == "full" or total >= 20 * 1024 ** 3:
+        targets.append(("server RSS under 512 MiB after importing %s MiB and reading it back" % mib(total), "%s MiB" % mib(rss), rss < 512 * 1024 ** 2))
+    targets.append(("one compaction pass gives back >= 75% of what the deleted disk held", fnum(share, "%.2f"), bool(share and share >= 0.75)))
+    return "".join(md)
+
+
 def rados_md(s, plots):
     md = ["## 7. RADOS beside RocksDB (`nbd-server --blocks rados:POOL` and the default `--blocks rocksdb`, same run)\n\n"]
     if s.get("skipped"):
@@ -720,6 +752,8 @@ def main():
                 body.append(nbd_md(s, plots, verdict))
             elif name == "store":
                 body.append(store_md(s))
+            elif name == "memory":
+                body.append(memory_md(s, targets))
             elif name == "rados":
                 body.append(rados_md(s, plots))
         except Exception as e:  # a malformed section must not hide the others

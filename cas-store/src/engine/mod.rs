@@ -120,7 +120,8 @@ pub trait KvEngine: Send + Sync + fmt::Debug {
         Ok(())
     }
 
-    /// Bytes the engine occupies on disk, if it can tell.
+    /// Bytes the engine's data occupies, if it can tell: its files, plus what its memtables
+    /// hold that is not in a file yet (the write-ahead log, which duplicates it, is left out).
     fn disk_usage_bytes(&self) -> Option<u64> {
         None
     }

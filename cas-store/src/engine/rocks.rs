@@ -198,6 +198,8 @@ impl KvEngine for RocksEngine {
             total += self.db.property_int_value_cf(self.cf(cf), "rocksdb.total-sst-files-size").ok()??;
             // Block bytes live in blob files, which the SST figure leaves out.
             total += self.db.property_int_value_cf(self.cf(cf), "rocksdb.total-blob-file-size").ok()?.unwrap_or(0);
+            // Not flushed yet: a fresh store's whole index can sit in its memtables.
+            total += self.db.property_int_value_cf(self.cf(cf), "rocksdb.cur-size-all-mem-tables").ok()?.unwrap_or(0);
         }
         Some(total)
     }

@@ -73,7 +73,8 @@ pub struct StoreStats {
     pub stored_bytes: u64,
     /// allocated / stored: how many times each stored byte is used on average.
     pub dedupe_ratio: f64,
-    /// What the engine (the index: maps and references) occupies on disk, if it can tell.
+    /// What the engine (the index: maps and references) occupies, if it can tell: its files
+    /// and what its memtables hold that is not flushed yet.
     pub engine_bytes: Option<u64>,
     /// Bytes the block containers occupy (None: the blocks are in an external pool).
     #[serde(default)]

@@ -477,7 +477,7 @@ fn run(cas: Cas) -> Result<()> {
                     total.block_size,
                     total.algorithm,
                     total.dedupe_ratio,
-                    total.engine_bytes.map(|b| format!(", index {} on disk", format_size(b))).unwrap_or_default()
+                    total.engine_bytes.map(|b| format!(", index {} (files and memtables)", format_size(b))).unwrap_or_default()
                 );
                 if let Some(containers) = total.container_bytes {
                     println!(
