@@ -20,6 +20,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -844,23 +845,26 @@ def duplicated(src, dst, copies=8):
     return size
 
 
-def varied(src, dst):
+def varied(src, dst, flip_byte=0x5A):
     """src with the first 16 bytes of every 4 KiB block flipped: blocks the store does not hold
-    yet (so a write test writes data, not references), equal where src's blocks are equal."""
-    flip = bytes([0x5A] * 16)
+    yet (so a write test writes data, not references), equal where src's blocks are equal.
+    Each flip byte gives another set of new blocks."""
+    flip = int.from_bytes(bytes([flip_byte] * 16), "little")
     with open(src, "rb") as f, open(dst, "wb") as o:
         while True:
             b = bytearray(f.read(4 * MiB))
             if not b:
                 break
             for i in range(0, len(b), 4096):
-                b[i:i + 16] = bytes(x ^ y for x, y in zip(b[i:i + 16], flip))
+                b[i:i + 16] = (int.from_bytes(b[i:i + 16], "little") ^ flip).to_bytes(16, "little")
             o.write(b)
 
 
 # The data sets of the NBD section: fio writes unique blocks (refilled buffers) to the first,
 # and mostly repeated ones (fio's dedupe_percentage) to the second.
 NBD_SETS = {"unique": ["--refill_buffers"], "dup": ["--refill_buffers", "--dedupe_percentage=80"]}
+# One sequential-write variant per repetition (the median is reported).
+SEQ_WRITE_FLIPS = (0x5A, 0xA5, 0x3C)
 
 
 def section_nbd(ctx):
@@ -877,11 +881,14 @@ def section_nbd(ctx):
     size = densify(ctx.image(image), contents["unique"], nbd_bytes)
     contents["dup"] = os.path.join(work, "dup")
     duplicated(contents["unique"], contents["dup"])
-    # what the sequential-write tests write: new to every server's disks, the store's included
+    # what the sequential-write tests write: new to every server's disks, the store's included;
+    # one variant per repetition, so each repetition writes blocks nobody holds yet
     to_write = {}
     for dset, path in contents.items():
-        to_write[dset] = path + ".w"
-        varied(path, to_write[dset])
+        to_write[dset] = []
+        for i, flip in enumerate(SEQ_WRITE_FLIPS):
+            to_write[dset].append("%s.w%d" % (path, i))
+            varied(path, to_write[dset][-1], flip)
     ctx.log("nbd: %d MiB of %s's non-zero blocks as content; a duplicated set of the same size" % (size // MiB, image))
     results = {}
     store = os.path.join(work, "store")
@@ -889,21 +896,31 @@ def section_nbd(ctx):
     for name, path in contents.items():
         imports[name] = cas_import(ctx, store, name, path)
 
-    def measure(name, start, uri_of):
+    def measure(name, start, uri_of, empty):
+        """`empty(export)` makes a write export empty again (as it was at start)."""
         procs = start()
         r = {}
         try:
             for dset, fio_extra in NBD_SETS.items():
-                # sequential read, twice: the first warms the page cache (reported too)
+                # sequential read: a first pass warms the page cache (reported too), then the
+                # median of three (single passes of a second on these shared cores vary by
+                # a third)
                 _, cold = ctx.sh(["nbdcopy", uri_of(dset), "null:"])
-                _, warm = ctx.sh(["nbdcopy", uri_of(dset), "null:"])
+                warm = statistics.median(ctx.sh(["nbdcopy", uri_of(dset), "null:"])[1] for _ in range(3))
                 r["%s_seq_read_MBps_first" % dset] = size / cold / 1e6
                 r["%s_seq_read_MBps" % dset] = size / warm / 1e6
                 for qd in (1, 32):
                     f = fio_nbd(ctx, uri_of(dset), "randread", qd, runtime)
                     r["%s_randread_qd%d_iops" % (dset, qd)] = f["iops"]
                     r["%s_randread_qd%d_lat_us" % (dset, qd)] = f["lat_mean_us"]
-                _, wt = ctx.sh(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", to_write[dset], uri_of("wr-" + dset)])
+                # sequential write: the median of the variants, each into an empty export
+                times = []
+                for w in to_write[dset]:
+                    empty("wr-" + dset)
+                    times.append(ctx.sh(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", w, uri_of("wr-" + dset)])[1])
+                wt = statistics.median(times)
+                # the random writes start from an empty export too
+                empty("wr-" + dset)
                 r["%s_seq_write_MBps" % dset] = size / wt / 1e6
                 for qd in (1, 32):
                     f = fio_nbd(ctx, uri_of("wr-" + dset), "randwrite", qd, runtime, extra=fio_extra)
@@ -983,16 +1000,30 @@ def section_nbd(ctx):
             wait_port(ctx, None, "127.0.0.1", kport)
         return [p]
 
+    def trim_all(uri_of):
+        # ours: a whole-disk TRIM empties the disk's map (its blocks become garbage)
+        # (nbdsh runs `python3`: the system one, which has libnbd's module)
+        env = dict(os.environ, PATH="/usr/bin:" + os.environ.get("PATH", ""))
+        return lambda e: ctx.sh(["nbdsh", "-u", uri_of(e), "-c", "h.trim(h.get_size(), 0)"], env=env)
+
+    def empty_file(e):
+        # the peers' raw files: deallocated, as a fresh sparse file is
+        f = os.path.join(files, e)
+        os.truncate(f, 0)
+        os.truncate(f, size)
+
     def unix_uri(sock):
         return lambda e: "nbd+unix:///%s?socket=%s" % (e, sock)
 
-    measure("ours", start_ours, lambda e: "nbd://127.0.0.1:%d/%s" % (port, e))
-    measure("qemu-nbd", lambda: start_qemu(False), lambda e: "nbd://127.0.0.1:%d/%s" % (qports[e], e))
-    measure("nbdkit-file", lambda: start_nbdkit(False), lambda e: "nbd://127.0.0.1:%d/%s" % (kport, e))
+    ours_tcp = lambda e: "nbd://127.0.0.1:%d/%s" % (port, e)  # noqa: E731
+    measure("ours", start_ours, ours_tcp, trim_all(ours_tcp))
+    measure("qemu-nbd", lambda: start_qemu(False), lambda e: "nbd://127.0.0.1:%d/%s" % (qports[e], e), empty_file)
+    measure("nbdkit-file", lambda: start_nbdkit(False), lambda e: "nbd://127.0.0.1:%d/%s" % (kport, e), empty_file)
     # The same over Unix sockets; ours runs again on its store (the writes' disks recreated).
-    measure("ours-unix", start_ours, unix_uri(ours_sock))
-    measure("qemu-nbd-unix", lambda: start_qemu(True), lambda e: "nbd+unix:///%s?socket=%s" % (e, os.path.join(sock_dir, "qemu-%s.sock" % e)))
-    measure("nbdkit-file-unix", lambda: start_nbdkit(True), unix_uri(kit_sock))
+    measure("ours-unix", start_ours, unix_uri(ours_sock), trim_all(unix_uri(ours_sock)))
+    measure("qemu-nbd-unix", lambda: start_qemu(True), lambda e: "nbd+unix:///%s?socket=%s" % (e, os.path.join(sock_dir, "qemu-%s.sock" % e)),
+            empty_file)
+    measure("nbdkit-file-unix", lambda: start_nbdkit(True), unix_uri(kit_sock), empty_file)
 
     versions = {}
     for cmd in (["qemu-nbd", "--version"], ["nbdkit", "--version"], ["nbdcopy", "--version"], ["fio", "--version"]):

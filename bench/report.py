@@ -451,8 +451,10 @@ def nbd_md(s, plots, verdict):
     md = ["## 5. NBD data path (same content, loopback TCP and Unix socket)\n\n",
           "Content: %s MiB of %s's non-zero blocks (*unique*) and a data set of the same size made of its first "
           "eighth repeated (*dup*); fio runs %d s per test, writing refilled random buffers (unique) or 80%% "
-          "repeated ones (dup). The sequential write copies each set with 16 bytes of every block changed, "
-          "so it writes blocks no server holds yet (ours included); ours' write disks are recreated per run. Ours serves them from a store; qemu-nbd (--cache=writeback --aio=threads) and "
+          "repeated ones (dup). Sequential reads: the median of three passes after one that warms the page cache. "
+          "Sequential writes: the median of three copies of each set into an empty export (emptied before each: "
+          "ours by a whole-disk TRIM, the peers' raw files deallocated), each copy with 16 bytes of every block "
+          "changed in another way, so that every copy writes blocks no server holds yet (ours included). Ours serves them from a store; qemu-nbd (--cache=writeback --aio=threads) and "
           "nbdkit's file plugin serve raw files. Ratios > 1 mean ours is faster.\n\n"
           % (mib(s["content_bytes"]), s["content_image"], s["fio_runtime_s"])]
     transports = [("", "TCP"), ("-unix", "Unix socket")] if "ours-unix" in res else [("", "TCP")]
