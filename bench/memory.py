@@ -70,7 +70,6 @@ def _iops_during(log_path, t_from_ms, t_to_ms):
 def run(ctx):
     mode = "quick" if ctx.args.quick else "full"
     total = int(os.environ.get("BENCH_MEMORY_BYTES") or SIZES[mode])
-    total -= total % (4 * MiB)
     unit = 4 * MiB
     sizes = {"big": total * 4 // 5 // unit * unit, "keep": total // 5 // unit * unit}
     total = sizes["big"] + sizes["keep"]

@@ -422,7 +422,7 @@ impl Session {
         };
         Ok(match request {
             Request::Read { offset, length } => {
-                let prefix = if self.structured { OFFSET_DATA_PREFIX_LEN } else { SIMPLE_REPLY_HEADER_LEN };
+                let prefix = self.read_reply_prefix();
                 slot._bytes = Some(self.take_bytes(prefix + length as usize));
                 Job::Read { offset, length }
             }
@@ -439,6 +439,15 @@ impl Session {
             }
             other => Job::Other(other),
         })
+    }
+
+    /// Bytes in front of READ data in its reply buffer (the reply header, written last).
+    fn read_reply_prefix(&self) -> usize {
+        if self.structured {
+            OFFSET_DATA_PREFIX_LEN
+        } else {
+            SIMPLE_REPLY_HEADER_LEN
+        }
     }
 
     fn policy(&self) -> RequestPolicy {
@@ -543,7 +552,7 @@ impl Session {
         let ok = Frame::ok(handle);
         match job {
             Job::Read { offset, length } => {
-                let prefix = if self.structured { OFFSET_DATA_PREFIX_LEN } else { SIMPLE_REPLY_HEADER_LEN };
+                let prefix = self.read_reply_prefix();
                 let mut buf = self.shared.buffers.get(prefix + length as usize);
                 device.read(offset, &mut buf[prefix..])?;
                 Ok(read_reply(buf, handle, offset, length, self.structured))
@@ -594,7 +603,7 @@ fn op_of(request: &Request) -> (Op, u64, bool) {
         Request::Flush => (Op::Flush, 0, false),
         Request::Cache { length, .. } => (Op::Cache, length.into(), false),
         Request::BlockStatus { length, .. } => (Op::BlockStatus, length.into(), false),
-        Request::Disconnect => (Op::Flush, 0, false),
+        Request::Disconnect => unreachable!("DISC ends reading before a request is made of it"),
     }
 }
 
