@@ -37,6 +37,9 @@ import json, sys
 r = json.load(open("r.json")); l = r["link"]; m = 1048576
 print("%-22s %-10s %8.2f MiB %8.2f MiB %8.2f MiB %6.2f s %6d %6d MiB" % (sys.argv[1], sys.argv[2], l["data_wire_bytes"] / m,
       l["total_bytes"] / m, l["data_raw_bytes"] / m, r["total_seconds"], r["zstd_level"], r.get("link_stream_memory_bytes", 0) // m))
+h = r.get("zstd_level_history", [])
+if len(h) > 1:
+    print("%-33s level over time: %s" % ("", " ".join("%.1fs:%d" % (s["seconds"], s["level"]) for s in h[:24])))
 PY
     # The destination lets go of its session just after the source finishes.
     for _ in $(seq 50); do "$bin/cas" rm vm --server dc-b.ctl >/dev/null 2>&1 && break; sleep 0.2; done

@@ -80,6 +80,10 @@ pub struct MigrationReport {
     pub blocks_wanted: u64,
     pub blocks_sent: u64,
     pub zstd_level: i32,
+    /// The adaptive level over time: one sample per change, seconds since the start (at
+    /// most [`LEVEL_HISTORY`] samples; past that, every other one is dropped).
+    #[serde(default)]
+    pub zstd_level_history: Vec<LevelSample>,
     pub elapsed_seconds: f64,
     /// From freeze at the source to writable at the destination.
     pub downtime_ms: Option<f64>,
@@ -121,6 +125,7 @@ impl MigrationReport {
             blocks_wanted: 0,
             blocks_sent: 0,
             zstd_level: 0,
+            zstd_level_history: Vec::new(),
             elapsed_seconds: 0.0,
             downtime_ms: None,
             switch_seconds: None,
@@ -135,9 +140,35 @@ impl MigrationReport {
         }
     }
 
+    /// Records the background stream's level at `seconds` since the start.
+    pub fn record_level(&mut self, seconds: f64, level: i32) {
+        self.zstd_level = level;
+        if self.zstd_level_history.last().map(|s| s.level) == Some(level) {
+            return;
+        }
+        if self.zstd_level_history.len() >= LEVEL_HISTORY {
+            let mut keep = false;
+            self.zstd_level_history.retain(|_| {
+                keep = !keep;
+                keep
+            });
+        }
+        self.zstd_level_history.push(LevelSample { seconds: (seconds * 1000.0).round() / 1000.0, level });
+    }
+
     pub fn is_finished(&self) -> bool {
         matches!(self.phase, Phase::Done | Phase::Failed | Phase::Cancelled)
     }
+}
+
+/// Samples of the level history a report keeps at most.
+pub const LEVEL_HISTORY: usize = 512;
+
+/// The zstd level from `seconds` after the start on.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LevelSample {
+    pub seconds: f64,
+    pub level: i32,
 }
 
 /// A plan: what moving a disk to one destination would cost, without moving it.
@@ -161,4 +192,24 @@ pub struct PlanReport {
     /// At the given link rate (bits per second), if one was given.
     pub link_rate_bps: Option<u64>,
     pub estimated_seconds: Option<f64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn level_history_keeps_changes_and_stays_bounded() {
+        let mut r = MigrationReport::new("m", "vm", "source", "peer");
+        r.record_level(0.0, 3);
+        r.record_level(0.5, 3);
+        r.record_level(1.0, 5);
+        assert_eq!(r.zstd_level_history, vec![LevelSample { seconds: 0.0, level: 3 }, LevelSample { seconds: 1.0, level: 5 }]);
+        for i in 0..10 * LEVEL_HISTORY {
+            r.record_level(i as f64, (i % 2) as i32 + 6);
+        }
+        assert!(r.zstd_level_history.len() <= LEVEL_HISTORY);
+        assert_eq!(r.zstd_level, r.zstd_level_history.last().unwrap().level);
+        assert_eq!(r.zstd_level_history[0].seconds, 0.0, "the start stays");
+    }
 }

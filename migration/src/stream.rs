@@ -120,6 +120,9 @@ impl StreamEncoder {
 /// The decompressing end of a stream.
 pub struct StreamDecoder {
     dctx: DCtx<'static>,
+    /// The last piece decoded: reused, so that a fresh megabyte is not faulted in (and
+    /// zeroed by the kernel) for every frame.
+    out: Vec<u8>,
 }
 
 impl std::fmt::Debug for StreamDecoder {
@@ -133,18 +136,20 @@ impl StreamDecoder {
     pub fn new(stream: StreamId) -> Result<StreamDecoder, StreamError> {
         let mut dctx = DCtx::try_create().ok_or(StreamError("cannot allocate a decompression context"))?;
         dctx.set_parameter(DParameter::WindowLogMax(stream.window_log())).map_err(zstd_error)?;
-        Ok(StreamDecoder { dctx })
+        Ok(StreamDecoder { dctx, out: Vec::new() })
     }
 
     /// Decodes the next piece of the stream: exactly `raw_len` bytes must come out of exactly
-    /// `frame` (the caller bounds `raw_len`).
-    pub fn decode(&mut self, frame: &[u8], raw_len: usize) -> Result<Vec<u8>, ProtocolError> {
+    /// `frame` (the caller bounds `raw_len`). The bytes stay valid until the next call.
+    pub fn decode(&mut self, frame: &[u8], raw_len: usize) -> Result<&[u8], ProtocolError> {
         let bad = |why: String| ProtocolError::Malformed { what: "DATA_STREAM", why };
-        let mut out: Vec<u8> = Vec::with_capacity(raw_len);
+        let out = &mut self.out;
+        out.clear();
+        out.reserve(raw_len);
         let mut input = InBuffer::around(frame);
         while input.pos() < frame.len() {
             let (before_in, before_out) = (input.pos(), out.len());
-            let mut output = OutBuffer::around_pos(&mut out, before_out);
+            let mut output = OutBuffer::around_pos(out, before_out);
             self.dctx.decompress_stream(&mut output, &mut input).map_err(|c| bad(format!("zstd: {}", zstd_safe::get_error_name(c))))?;
             drop(output);
             if input.pos() == before_in && out.len() == before_out {
@@ -160,11 +165,11 @@ impl StreamDecoder {
         if extra > 0 || out.len() != raw_len {
             return Err(bad(format!("decoded to {}{} bytes, {raw_len} announced", out.len(), if extra > 0 { "+" } else { "" })));
         }
-        Ok(out)
+        Ok(&self.out[..])
     }
 
     pub fn memory(&self) -> usize {
-        self.dctx.sizeof()
+        self.dctx.sizeof() + self.out.capacity()
     }
 }
 
@@ -197,9 +202,9 @@ mod tests {
         let b = enc.encode(&filler, 5).unwrap();
         let c = enc.encode(&first, 5).unwrap();
         assert!(c.len() < first.len() / 20, "a repeat from an earlier frame costs little: {} bytes", c.len());
-        assert_eq!(dec.decode(&a, first.len()).unwrap(), first);
-        assert_eq!(dec.decode(&b, filler.len()).unwrap(), filler);
-        assert_eq!(dec.decode(&c, first.len()).unwrap(), first);
+        assert_eq!(dec.decode(&a, first.len()).unwrap(), &first[..]);
+        assert_eq!(dec.decode(&b, filler.len()).unwrap(), &filler[..]);
+        assert_eq!(dec.decode(&c, first.len()).unwrap(), &first[..]);
         assert!(enc.memory() > 0 && dec.memory() > 0);
     }
 

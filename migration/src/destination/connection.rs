@@ -35,7 +35,7 @@ pub(crate) struct StreamDecoders {
 }
 
 impl StreamDecoders {
-    fn decode(&mut self, stream: StreamId, frame: &[u8], raw_len: usize) -> Result<Vec<u8>, MigrationError> {
+    fn decode(&mut self, stream: StreamId, frame: &[u8], raw_len: usize) -> Result<&[u8], MigrationError> {
         let slot = match stream {
             StreamId::Background => &mut self.background,
             StreamId::Urgent => &mut self.urgent,
@@ -171,10 +171,10 @@ impl Connection<'_> {
         let inc = self.incoming().clone();
         let memory = blocking(move || {
             let mut s = streams.lock();
-            let raw = s.decode(id, &frame, raw_len as usize)?;
+            let records = parse_records(s.decode(id, &frame, raw_len as usize)?, inc.block_size as usize)?;
             let memory = s.memory();
             drop(s);
-            apply_records(&inc, parse_records(&raw, inc.block_size as usize)?)?;
+            apply_records(&inc, records)?;
             Ok::<_, MigrationError>(memory)
         })
         .await?;

@@ -2,6 +2,7 @@
 //! dirty rounds, freezes, switches over and serves post-copy fetches until the destination
 //! has everything.
 
+mod compressor;
 mod driver;
 mod listing;
 mod outbox;
@@ -24,7 +25,7 @@ use crate::report::SwitchAfter;
 use crate::state::Stage;
 
 // The submodules share their crate-internal items through this module.
-use {listing::*, outbox::*, recent::*, sender::*, supervisor::*};
+use {compressor::*, listing::*, outbox::*, recent::*, sender::*, supervisor::*};
 
 /// Entries per FINGERPRINTS frame (about 130 KiB).
 pub(crate) const FINGERPRINTS_PER_FRAME: usize = 8192;

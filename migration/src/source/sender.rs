@@ -3,7 +3,6 @@
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
 
 use cas_store::{DiskId, Fingerprint, Store};
 use parking_lot::Mutex;
@@ -11,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 
 use super::*;
-use crate::compress::{compress, encode_records, LevelController, Record};
+use crate::compress::{compress, encode_records, Record};
 use crate::protocol::Message;
 use crate::stream::{StreamEncoder, StreamId};
 use crate::wire::{read_message, write_frame, Frame};
@@ -198,8 +197,9 @@ pub(crate) async fn run_writer<W: AsyncWrite + Unpin>(
     }
 }
 
-/// Sends DATA frames for wanted blocks: on-demand fetches go first, in small frames, on the
-/// urgent queue; the background queue fills larger frames.
+/// Sends DATA frames for wanted blocks: on-demand fetches go first, in small frames
+/// compressed here, on the urgent queue; background blocks are read here and compressed
+/// ahead of the link by the connection's compressor thread (see [`super::compressor`]).
 pub(crate) async fn run_data_sender(
     store: Arc<Store>,
     mut work: mpsc::UnboundedReceiver<SendWork>,
@@ -210,14 +210,19 @@ pub(crate) async fn run_data_sender(
     streaming: bool,
 ) {
     let block_size = store.block_size() as usize;
-    // With DATA_STREAM, one zstd stream per queue for this connection's lifetime (see
+    let memory = Arc::new(StreamMemory::default());
+    let (raw_tx, raw_rx) = mpsc::channel::<RawBatch>(RAW_QUEUE);
+    if let Err(e) = spawn_compressor(raw_rx, low, streaming, config.zstd_level, status.clone(), memory.clone()) {
+        tracing::error!(error = %e, "cannot start the compressor thread");
+        return;
+    }
+    // With DATA_STREAM, the urgent queue's zstd stream for this connection's lifetime (see
     // `crate::stream`); made on first use, dropped with the connection.
-    let mut encoders: [Option<StreamEncoder>; 2] = [None, None];
+    let mut urgent_encoder: Option<StreamEncoder> = None;
     let per_batch = (config.batch_bytes / (block_size + 17)).max(1);
     let mut urgent: VecDeque<Fingerprint> = VecDeque::new();
     let mut background: VecDeque<Fingerprint> = VecDeque::new();
     let mut sent = RecentlySent::default();
-    let mut level = LevelController::new(config.zstd_level);
     loop {
         // Take everything queued, then block for more only when idle.
         loop {
@@ -251,9 +256,9 @@ pub(crate) async fn run_data_sender(
             continue;
         }
         let s = store.clone();
-        let lvl = level.level();
-        let stream = if is_urgent { StreamId::Urgent } else { StreamId::Background };
-        let mut encoder = if streaming { Some(encoders[stream as usize].take()) } else { None };
+        // On-demand frames are small and compressed at once at the background's level.
+        let lvl = status.report.lock().zstd_level.max(1);
+        let mut encoder = if is_urgent && streaming { Some(urgent_encoder.take()) } else { None };
         let built = blocking(move || {
             let blocks = s.get_blocks(&batch)?;
             let records: Vec<Record> = batch
@@ -264,25 +269,34 @@ pub(crate) async fn run_data_sender(
                     None => Record::Gone(*fp),
                 })
                 .collect();
-            let gone: Vec<Fingerprint> = records.iter().filter_map(|r| if let Record::Gone(fp) = r { Some(*fp) } else { None }).collect();
+            let (mut sent_fps, mut gone) = (Vec::with_capacity(records.len()), Vec::new());
+            for r in &records {
+                match r {
+                    Record::Block { fp, .. } => sent_fps.push(*fp),
+                    Record::Gone(fp) => gone.push(*fp),
+                }
+            }
             let mut raw = Vec::with_capacity(records.len() * (block_size + 17));
             encode_records(&records, &mut raw);
-            let started = Instant::now();
-            let msg = match encoder.as_mut() {
-                None => Message::Data { raw_len: raw.len() as u32, frame: compress(&raw, lvl) },
-                Some(slot) => {
-                    let enc = match slot {
-                        Some(e) => e,
-                        None => slot.insert(StreamEncoder::new(stream, lvl).map_err(|e| MigrationError::Hook(e.to_string()))?),
-                    };
-                    let frame = enc.encode(&raw, lvl).map_err(|e| MigrationError::Hook(e.to_string()))?;
-                    Message::DataStream { stream: stream as u8, raw_len: raw.len() as u32, frame }
-                }
+            let msg = if !is_urgent {
+                None
+            } else {
+                Some(match encoder.as_mut() {
+                    None => Message::Data { raw_len: raw.len() as u32, frame: compress(&raw, lvl) },
+                    Some(slot) => {
+                        let enc = match slot {
+                            Some(e) => e,
+                            None => slot.insert(StreamEncoder::new(StreamId::Urgent, lvl).map_err(|e| MigrationError::Hook(e.to_string()))?),
+                        };
+                        let frame = enc.encode(&raw, lvl).map_err(|e| MigrationError::Hook(e.to_string()))?;
+                        Message::DataStream { stream: StreamId::Urgent as u8, raw_len: raw.len() as u32, frame }
+                    }
+                })
             };
-            Ok::<_, MigrationError>((raw.len(), msg, started.elapsed(), batch, gone, encoder))
+            Ok::<_, MigrationError>((raw, msg, sent_fps, gone, encoder))
         })
         .await;
-        let (raw_len, msg, compress_time, batch, gone, encoder) = match built {
+        let (raw, msg, sent_fps, gone, encoder) = match built {
             Ok(v) => v,
             Err(e) => {
                 tracing::error!(error = %e, "reading blocks to send failed");
@@ -290,29 +304,25 @@ pub(crate) async fn run_data_sender(
             }
         };
         if let Some(enc) = encoder {
-            encoders[stream as usize] = enc;
+            urgent_encoder = enc;
+            if let Some(e) = &urgent_encoder {
+                memory.set(StreamId::Urgent, e.memory(), &status);
+            }
         }
         // A block that is gone was not sent; if it is asked for again, try again.
         for fp in &gone {
             sent.remove(fp);
         }
-        status.traffic.data_raw.fetch_add(raw_len as u64, Ordering::Relaxed);
-        let memory: usize = encoders.iter().flatten().map(StreamEncoder::memory).sum();
-        status.update(|r| {
-            r.blocks_sent += (batch.len() - gone.len()) as u64;
-            r.zstd_level = lvl;
-            r.link_stream_memory_bytes = memory as u64;
-        });
-        let sent_fps: Vec<Fingerprint> = batch.into_iter().filter(|fp| !gone.contains(fp)).collect();
-        let frame = DataFrame { frame: Frame::new(&msg), fps: sent_fps, record_bytes: raw_len as u64 };
-        let wait_start = Instant::now();
-        let tx = if is_urgent { &high } else { &low };
-        if tx.send(frame).await.is_err() {
+        let delivered = match msg {
+            Some(msg) => {
+                status.traffic.data_raw.fetch_add(raw.len() as u64, Ordering::Relaxed);
+                status.update(|r| r.blocks_sent += sent_fps.len() as u64);
+                high.send(DataFrame { frame: Frame::new(&msg), fps: sent_fps, record_bytes: raw.len() as u64 }).await.is_ok()
+            }
+            None => raw_tx.send(RawBatch { raw, sent: sent_fps }).await.is_ok(),
+        };
+        if !delivered {
             return;
-        }
-        let waited = wait_start.elapsed();
-        if !is_urgent {
-            level.observe(compress_time, waited);
         }
     }
 }
