@@ -12,6 +12,8 @@ pub enum StoreError {
     DiskExists(String),
     #[error("range {offset}+{length} is past the end of the disk ({size} bytes)")]
     OutOfRange { offset: u64, length: u64, size: u64 },
+    #[error("disk {0:?} is a read-only snapshot")]
+    ReadOnly(String),
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     #[error("the store was created with {setting} {stored}, but {requested} was asked for")]

@@ -76,6 +76,7 @@ impl From<StoreError> for ControlError {
             StoreError::DiskNotFound(_) => "not_found",
             StoreError::DiskExists(_) => "exists",
             StoreError::OutOfRange { .. } | StoreError::InvalidArgument(_) => "invalid",
+            StoreError::ReadOnly(_) => "read_only",
             _ => "failed",
         };
         ControlError { kind, message: e.to_string() }
@@ -216,6 +217,14 @@ async fn on_store<T: Send + 'static>(
         .map_err(ControlError::from)
 }
 
+/// `disk.snapshot` and `disk.clone`: copy disk `source` as `name`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Copy {
+    source: String,
+    name: String,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct NameSize {
@@ -301,7 +310,7 @@ async fn dispatch(node: &Arc<Node>, method: &str, p: Value) -> ControlResult {
             Ok(json!(disks
                 .into_iter()
                 .filter(|d| Node::is_exportable(&d.name))
-                .map(|d| json!({"name": d.name, "size": d.size, "exported": node.exports.get(&d.name).is_some()}))
+                .map(|d| json!({"name": d.name, "size": d.size, "read_only": d.read_only, "origin": d.origin, "exported": node.exports.get(&d.name).is_some()}))
                 .collect::<Vec<_>>()))
         }
         "disk.create" => {
@@ -310,6 +319,21 @@ async fn dispatch(node: &Arc<Node>, method: &str, p: Value) -> ControlResult {
                 return Err(ControlError::invalid("names ending in .incoming are reserved for migrations"));
             }
             let info = on_store(node, move |s| s.create_disk(&name, size)).await?;
+            node.export_disk(&info.name)?;
+            Ok(json!(info))
+        }
+        "disk.snapshot" | "disk.clone" => {
+            let Copy { source, name } = params(p)?;
+            if !Node::is_exportable(&name) || !Node::is_exportable(&source) {
+                return Err(ControlError::invalid("names ending in .incoming are reserved for migrations"));
+            }
+            let read_only = method == "disk.snapshot";
+            let info =
+                on_store(
+                    node,
+                    move |s| if read_only { s.snapshot_disk(&source, &name) } else { s.clone_disk(&source, &name) },
+                )
+                .await?;
             node.export_disk(&info.name)?;
             Ok(json!(info))
         }

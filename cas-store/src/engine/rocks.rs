@@ -35,12 +35,6 @@ impl std::fmt::Debug for RocksEngine {
     }
 }
 
-/// The refs memtable's hash: a fingerprint's first 8 bytes (a shorter key, which the store
-/// never writes there, hashes whole rather than failing RocksDB's fixed-prefix assertion).
-fn fingerprint_prefix(key: &[u8]) -> &[u8] {
-    &key[..key.len().min(8)]
-}
-
 fn engine_err(e: rocksdb::Error) -> StoreError {
     StoreError::Engine(e.into_string())
 }
@@ -60,8 +54,6 @@ impl RocksEngine {
         // Many NBD requests write at once: let the WAL append of one write group overlap the
         // memtable inserts of the previous one.
         db_opts.set_enable_pipelined_write(true);
-        // The refs column family's hash memtable (below) does not take concurrent inserts.
-        db_opts.set_allow_concurrent_memtable_write(false);
 
         let cf_opts = |cf: Cf| {
             let mut table = BlockBasedOptions::default();
@@ -85,14 +77,6 @@ impl RocksEngine {
             // Point lookups that miss the memtable's skiplist cost a bloom probe, not a search.
             o.set_memtable_whole_key_filtering(true);
             o.set_memtable_prefix_bloom_ratio(0.05);
-            if cf == Cf::Refs {
-                // Refs keys are fingerprints: random, so every insert into a skiplist memtable
-                // is a full search of it (a third of an import's CPU). Hashed on their first
-                // 8 bytes, each lands in a bucket of its own. Scans (fsck, compaction) ask for
-                // total order, which this memtable gives by sorting a copy once per scan.
-                o.set_prefix_extractor(rocksdb::SliceTransform::create("cas.fingerprint-prefix-8", fingerprint_prefix, Some(|_| true)));
-                o.set_memtable_factory(rocksdb::MemtableFactory::HashSkipList { bucket_count: 1 << 16, height: 4, branching_factor: 4 });
-            }
             if cf == Cf::Blocks {
                 // Format 1 kept block bytes in blob files (RocksDB's integrated BlobDB): written once, not
                 // rewritten by every compaction as 4 KiB values inside SST files would be.
@@ -184,8 +168,6 @@ impl KvEngine for RocksEngine {
         }
         // Big scans (fsck, snapshots of whole disks) should not evict the hot working set.
         opts.fill_cache(false);
-        // Never a prefix scan (see the refs column family's prefix extractor).
-        opts.set_total_order_seek(true);
         let iter = self.db.raw_iterator_cf_opt(self.cf(cf), opts);
         // SAFETY: the iterator borrows the DB. `RocksScan` owns an `Arc<DB>` and declares the
         // iterator first, so the iterator is dropped before that reference to the DB; the column
@@ -199,7 +181,6 @@ impl KvEngine for RocksEngine {
         perf_counters_off();
         let mut opts = ReadOptions::default();
         opts.set_iterate_upper_bound(end.to_vec());
-        opts.set_total_order_seek(true);
         let mut iter = self.db.raw_iterator_cf_opt(self.cf(cf), opts);
         iter.seek(start);
         while iter.valid() {

@@ -16,7 +16,7 @@ impl Store {
             let (key, value) = kv?;
             let name = String::from_utf8(key.to_vec()).map_err(|_| StoreError::Corrupt("disk name is not UTF-8".into()))?;
             let meta: DiskMeta = serde_json::from_slice(&value).map_err(|e| StoreError::Corrupt(format!("metadata of disk {name:?}: {e}")))?;
-            let state = Arc::new(DiskState::new(DiskId(meta.id), meta.size));
+            let state = Arc::new(DiskState::from_meta(&meta));
             table.names.insert(state.id, name.clone());
             table.by_name.insert(name, state);
         }
@@ -82,25 +82,26 @@ impl Store {
         let id = DiskId(next);
         let mut batch = WriteBatch::new();
         batch.put(Cf::Meta, NEXT_DISK_ID_KEY, encode_count(next + 1));
-        batch.put(Cf::Disks, name.as_bytes(), serde_json::to_vec(&DiskMeta { id: id.0, size }).expect("json"));
+        let state = DiskState::new(id, size);
+        batch.put(Cf::Disks, name.as_bytes(), serde_json::to_vec(&state.meta(size)).expect("json"));
         self.engine.write(batch)?;
+        let info = state.info(name);
         let mut table = self.disks.write();
         table.names.insert(id, name.to_string());
-        table.by_name.insert(name.to_string(), Arc::new(DiskState::new(id, size)));
-        Ok(DiskInfo { id, name: name.to_string(), size })
+        table.by_name.insert(name.to_string(), Arc::new(state));
+        Ok(info)
     }
 
     pub fn disk(&self, name: &str) -> Result<DiskInfo> {
         let table = self.disks.read();
         let state = table.by_name.get(name).ok_or_else(|| StoreError::DiskNotFound(name.to_string()))?;
-        Ok(DiskInfo { id: state.id, name: name.to_string(), size: state.size.load(Ordering::Acquire) })
+        Ok(state.info(name))
     }
 
     /// All disks, sorted by name.
     pub fn list_disks(&self) -> Result<Vec<DiskInfo>> {
         let table = self.disks.read();
-        let mut disks: Vec<DiskInfo> =
-            table.by_name.iter().map(|(name, s)| DiskInfo { id: s.id, name: name.clone(), size: s.size.load(Ordering::Acquire) }).collect();
+        let mut disks: Vec<DiskInfo> = table.by_name.iter().map(|(name, s)| s.info(name)).collect();
         disks.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(disks)
     }
@@ -148,7 +149,7 @@ impl Store {
         if self.disks.read().by_name.contains_key(to) {
             return Err(StoreError::DiskExists(to.to_string()));
         }
-        let meta = DiskMeta { id: state.id.0, size: state.size.load(Ordering::Acquire) };
+        let meta = state.meta(state.size.load(Ordering::Acquire));
         let mut batch = WriteBatch::new();
         batch.delete(Cf::Disks, from.as_bytes());
         batch.put(Cf::Disks, to.as_bytes(), serde_json::to_vec(&meta).expect("json"));
@@ -166,6 +167,7 @@ impl Store {
         Self::validate_size(size)?;
         let _catalog = self.catalog.lock();
         let state = self.disks.read().by_name.get(name).cloned().ok_or_else(|| StoreError::DiskNotFound(name.to_string()))?;
+        state.check_writable(|| name.to_string())?;
         let _layout = state.layout.write();
         let old = state.size.load(Ordering::Acquire);
         if size < old {
@@ -178,13 +180,13 @@ impl Store {
             }
         }
         let mut batch = WriteBatch::new();
-        batch.put(Cf::Disks, name.as_bytes(), serde_json::to_vec(&DiskMeta { id: state.id.0, size }).expect("json"));
+        batch.put(Cf::Disks, name.as_bytes(), serde_json::to_vec(&state.meta(size)).expect("json"));
         self.engine.write(batch)?;
         state.size.store(size, Ordering::Release);
         if let Some(d) = state.dirty.lock().as_mut() {
             d.grow(size.div_ceil(u64::from(self.block_size)));
         }
-        Ok(DiskInfo { id: state.id, name: name.to_string(), size })
+        Ok(state.info(name))
     }
 
     /// Releases every map entry of `state` at block `from` or later, in bounded batches.

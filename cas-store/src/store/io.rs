@@ -87,6 +87,7 @@ impl Store {
             if state.deleted.load(Ordering::Acquire) {
                 return Err(StoreError::DiskNotFound(format!("#{}", disk.0)));
             }
+            state.check_writable(|| format!("#{}", disk.0))?;
             Self::check_range(&state, offset, len)?;
             self.update_range(&state, offset, len, source)?;
         }

@@ -47,6 +47,7 @@ impl Store {
     /// stored is left alone.
     pub fn map_existing(&self, disk: DiskId, entries: &[(u64, Fingerprint)]) -> Result<Vec<bool>> {
         let state = self.io_state(disk)?;
+        state.check_writable(|| format!("#{}", disk.0))?;
         let _layout = state.layout.read();
         let blocks = state.size.load(Ordering::Acquire).div_ceil(u64::from(self.block_size));
         if let Some(&(b, _)) = entries.iter().find(|(b, _)| *b >= blocks) {

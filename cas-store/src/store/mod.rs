@@ -32,6 +32,7 @@ mod compaction;
 mod fsck;
 mod io;
 mod migration;
+mod snapshot;
 mod types;
 mod upgrade;
 
@@ -159,11 +160,43 @@ struct DiskState {
     /// Shared by I/O, exclusive for resize and delete.
     layout: RwLock<()>,
     dirty: Mutex<Option<DirtyBitmap>>,
+    /// A snapshot: I/O that would change the map is refused.
+    read_only: bool,
+    origin: Option<String>,
 }
 
 impl DiskState {
     fn new(id: DiskId, size: u64) -> DiskState {
-        DiskState { id, size: AtomicU64::new(size), deleted: AtomicBool::new(false), layout: RwLock::new(()), dirty: Mutex::new(None) }
+        DiskState {
+            id,
+            size: AtomicU64::new(size),
+            deleted: AtomicBool::new(false),
+            layout: RwLock::new(()),
+            dirty: Mutex::new(None),
+            read_only: false,
+            origin: None,
+        }
+    }
+
+    fn from_meta(meta: &DiskMeta) -> DiskState {
+        DiskState { read_only: meta.read_only, origin: meta.origin.clone(), ..DiskState::new(DiskId(meta.id), meta.size) }
+    }
+
+    /// The catalogue record of this disk at `size`.
+    fn meta(&self, size: u64) -> DiskMeta {
+        DiskMeta { id: self.id.0, size, read_only: self.read_only, origin: self.origin.clone() }
+    }
+
+    fn info(&self, name: &str) -> DiskInfo {
+        DiskInfo { id: self.id, name: name.to_string(), size: self.size.load(Ordering::Acquire), read_only: self.read_only, origin: self.origin.clone() }
+    }
+
+    /// Refuses a change to a snapshot.
+    fn check_writable(&self, name: impl FnOnce() -> String) -> Result<()> {
+        if self.read_only {
+            return Err(StoreError::ReadOnly(name()));
+        }
+        Ok(())
     }
 }
 

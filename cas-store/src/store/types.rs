@@ -26,6 +26,12 @@ pub struct DiskId(pub u64);
 pub(crate) struct DiskMeta {
     pub(crate) id: u64,
     pub(crate) size: u64,
+    /// A snapshot: never written (absent in records of older stores: writable).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) read_only: bool,
+    /// The disk a snapshot or clone was copied from, when it was (informational).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) origin: Option<String>,
 }
 
 /// A disk as the catalogue knows it.
@@ -34,6 +40,12 @@ pub struct DiskInfo {
     pub id: DiskId,
     pub name: String,
     pub size: u64,
+    /// A snapshot: reads only (writes get [`crate::StoreError::ReadOnly`]).
+    #[serde(default)]
+    pub read_only: bool,
+    /// The disk it was snapshotted or cloned from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 /// A run of a disk's address space that is either allocated or reads as zeros.

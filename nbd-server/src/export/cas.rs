@@ -18,6 +18,7 @@ pub struct CasDevice {
     /// Size last seen, reported once the disk is deleted so that requests reach the store
     /// and fail with `ESHUTDOWN` rather than looking out of range.
     last_size: AtomicU64,
+    read_only: bool,
 }
 
 /// Which request an error came from: the same store error means different NBD errors.
@@ -32,7 +33,13 @@ impl CasDevice {
     /// The disk called `name`.
     pub fn open(store: Arc<Store>, name: &str) -> Result<CasDevice, StoreError> {
         let info = store.disk(name)?;
-        Ok(CasDevice { store, disk: info.id, name: info.name, last_size: AtomicU64::new(info.size) })
+        Ok(CasDevice {
+            store,
+            disk: info.id,
+            name: info.name,
+            last_size: AtomicU64::new(info.size),
+            read_only: info.read_only,
+        })
     }
 
     pub fn disk_id(&self) -> DiskId {
@@ -52,6 +59,7 @@ impl CasDevice {
         match err {
             StoreError::OutOfRange { .. } if access == Access::Write => DeviceError::NoSpace(message),
             StoreError::OutOfRange { .. } | StoreError::InvalidArgument(_) => DeviceError::InvalidArgument(message),
+            StoreError::ReadOnly(_) => DeviceError::ReadOnly,
             // The disk was deleted under the export: tell the client to go away.
             StoreError::DiskNotFound(_) => {
                 tracing::warn!(disk = %self.name, "{message}");
@@ -80,6 +88,11 @@ impl BlockDevice for CasDevice {
 
     fn preferred_block_size(&self) -> u32 {
         self.store.block_size()
+    }
+
+    fn is_read_only(&self) -> bool {
+        // A snapshot (read-only for ever: the catalogue's flag never changes).
+        self.read_only
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> DeviceResult<()> {

@@ -27,6 +27,8 @@ enum Command {
     Export(ExportCmd),
     Ls(LsCmd),
     Rm(RmCmd),
+    Snapshot(SnapshotCmd),
+    Clone(CloneCmd),
     Stats(StatsCmd),
     Fsck(FsckCmd),
     Gc(GcCmd),
@@ -129,6 +131,48 @@ struct LsCmd {
 #[argh(subcommand, name = "rm")]
 struct RmCmd {
     /// disk name
+    #[argh(positional)]
+    name: String,
+    /// store directory (opened directly; no server may hold it open)
+    #[argh(option)]
+    store: Option<PathBuf>,
+    /// a running server's control socket or host:port (instead of --store)
+    #[argh(option)]
+    server: Option<String>,
+    /// print JSON
+    #[argh(switch)]
+    json: bool,
+}
+
+/// Make a read-only, point-in-time copy of a disk (its map; no block is copied).
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "snapshot")]
+struct SnapshotCmd {
+    /// the disk to copy
+    #[argh(positional)]
+    disk: String,
+    /// the snapshot's name (a disk name, e.g. vm1@monday)
+    #[argh(positional)]
+    name: String,
+    /// store directory (opened directly; no server may hold it open)
+    #[argh(option)]
+    store: Option<PathBuf>,
+    /// a running server's control socket or host:port (instead of --store)
+    #[argh(option)]
+    server: Option<String>,
+    /// print JSON
+    #[argh(switch)]
+    json: bool,
+}
+
+/// Make a writable disk from a disk or a snapshot (its map; no block is copied).
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "clone")]
+struct CloneCmd {
+    /// the disk or snapshot to copy
+    #[argh(positional)]
+    source: String,
+    /// the new disk's name
     #[argh(positional)]
     name: String,
     /// store directory (opened directly; no server may hold it open)
@@ -295,6 +339,33 @@ fn bytes_bar(len: u64, hidden: bool, what: &str) -> ProgressBar {
     bar
 }
 
+/// `cas snapshot` and `cas clone`.
+fn copy_disk(from: &str, to: &str, store: &Option<PathBuf>, server: &Option<String>, json: bool, read_only: bool) -> Result<()> {
+    let started = std::time::Instant::now();
+    let info: cas_store::DiskInfo = match target(store, server)? {
+        Target::Store(path) => {
+            let store = open_store(&path, None, None, false)?;
+            let info = if read_only { store.snapshot_disk(from, to)? } else { store.clone_disk(from, to)? };
+            store.flush()?;
+            info
+        }
+        Target::Server(addr) => {
+            let method = if read_only { "disk.snapshot" } else { "disk.clone" };
+            serde_json::from_value(ControlClient::connect(&addr)?.call(method, json!({"source": from, "name": to}))?)?
+        }
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    if json {
+        let mut v = serde_json::to_value(&info)?;
+        v["seconds"] = json!(seconds);
+        print_json(&v)?;
+    } else {
+        let what = if read_only { "snapshot" } else { "clone" };
+        println!("{what} {} of {from} ({}) made in {seconds:.2} s", info.name, format_size(info.size));
+    }
+    Ok(())
+}
+
 fn print_json(value: &impl serde::Serialize) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
@@ -441,6 +512,8 @@ fn run(cas: Cas) -> Result<()> {
                 println!("deleted disk {}", c.name);
             }
         }
+        Command::Snapshot(c) => copy_disk(&c.disk, &c.name, &c.store, &c.server, c.json, true)?,
+        Command::Clone(c) => copy_disk(&c.source, &c.name, &c.store, &c.server, c.json, false)?,
         Command::Stats(c) => {
             let (total, disks): (cas_store::StoreStats, Vec<cas_store::DiskStats>) = match target(&c.store, &c.server)? {
                 Target::Store(path) => {

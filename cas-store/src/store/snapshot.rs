@@ -1,0 +1,171 @@
+//! Snapshots and clones: a new disk whose map is a copy of another's. In a content-addressed
+//! store that is all a copy needs: every block is shared, and only reference counts change.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::{DiskId, DiskInfo, DiskState, Store};
+use crate::engine::{Cf, WriteBatch};
+use crate::keys::*;
+use crate::{Fingerprint, Result, StoreError};
+
+/// Blocks whose map entries are copied per engine batch (with their counts).
+const COPY_CHUNK: u64 = 16 * 1024;
+
+impl Store {
+    /// A read-only, point-in-time copy of disk `from` named `to`.
+    pub fn snapshot_disk(&self, from: &str, to: &str) -> Result<DiskInfo> {
+        self.copy_disk(from, to, true)
+    }
+
+    /// A writable copy of disk (or snapshot) `from` named `to`.
+    pub fn clone_disk(&self, from: &str, to: &str) -> Result<DiskInfo> {
+        self.copy_disk(from, to, false)
+    }
+
+    /// Copies `from`'s map into a new disk `to`: no block is copied, each gains a reference.
+    ///
+    /// Point in time: I/O to `from` waits while its map is copied (about 7 us per allocated
+    /// block on the test machines: 3 s for 1.6 GiB allocated), so the copy holds every write
+    /// acknowledged before the call and none after.
+    ///
+    /// Crash-safe: the new disk's id is first recorded as *being deleted*, its map entries and
+    /// counts are committed in chunks, and one last batch names the disk and drops that
+    /// marker. A crash before that batch leaves the marker, and the next open releases what
+    /// was copied, as for an interrupted delete; a crash after it leaves a whole copy.
+    fn copy_disk(&self, from: &str, to: &str, read_only: bool) -> Result<DiskInfo> {
+        Self::validate_name(to)?;
+        let _catalog = self.catalog.lock();
+        let source = self.disks.read().by_name.get(from).cloned().ok_or_else(|| StoreError::DiskNotFound(from.to_string()))?;
+        if self.disks.read().by_name.contains_key(to) {
+            return Err(StoreError::DiskExists(to.to_string()));
+        }
+        let _frozen = source.layout.write();
+        let size = source.size.load(Ordering::Acquire);
+        let next = match self.engine.get(Cf::Meta, NEXT_DISK_ID_KEY)? {
+            Some(v) => parse_count(&v)?,
+            None => 1,
+        };
+        let copy = DiskState { read_only, origin: Some(from.to_string()), ..DiskState::new(DiskId(next), size) };
+        let mut batch = WriteBatch::new();
+        batch.put(Cf::Meta, NEXT_DISK_ID_KEY, encode_count(next + 1));
+        batch.put(Cf::Meta, deleting_key(copy.id), Vec::new());
+        self.engine.write(batch)?;
+        if let Err(e) = self.copy_map(&source, &copy) {
+            // Give back what was copied; if that fails too, the marker makes the next open do it.
+            if self.release_blocks_from(&copy, 0).is_ok() {
+                let mut batch = WriteBatch::new();
+                batch.delete(Cf::Meta, deleting_key(copy.id));
+                let _ = self.engine.write(batch);
+            }
+            return Err(e);
+        }
+        let mut batch = WriteBatch::new();
+        batch.put(Cf::Disks, to.as_bytes(), serde_json::to_vec(&copy.meta(size)).expect("json"));
+        batch.delete(Cf::Meta, deleting_key(copy.id));
+        self.engine.write(batch)?;
+        let info = copy.info(to);
+        let mut table = self.disks.write();
+        table.names.insert(copy.id, to.to_string());
+        table.by_name.insert(to.to_string(), Arc::new(copy));
+        Ok(info)
+    }
+
+    /// Maps every allocated block of `source` into `copy` (not yet in the catalogue, so
+    /// nothing else reaches it); the caller holds `source`'s layout lock. The disk is copied
+    /// in ranges of [`COPY_CHUNK`] blocks, each one batch: the map entries as they are
+    /// (location hints included) and each fingerprint's count raised by its uses in the
+    /// range, under the fingerprints' stripes (other disks' writes and compaction change the
+    /// same counts). Two threads were tried: no faster on two cores (the count lookups and
+    /// memtable inserts of the engine are the cost either way).
+    fn copy_map(&self, source: &DiskState, copy: &DiskState) -> Result<()> {
+        let blocks = source.size.load(Ordering::Acquire).div_ceil(u64::from(self.block_size));
+        for first in (0..blocks).step_by(COPY_CHUNK as usize) {
+            self.copy_range(source, copy, first, first.saturating_add(COPY_CHUNK))?;
+        }
+        Ok(())
+    }
+
+    /// Copies the map entries of blocks `first..end` (one batch).
+    fn copy_range(&self, source: &DiskState, copy: &DiskState, first: u64, end: u64) -> Result<()> {
+        let mut entries: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut uses: HashMap<Fingerprint, u64> = HashMap::new();
+        self.engine.for_each_in(Cf::Maps, &map_key(source.id, first), &map_key(source.id, end), &mut |k, v| {
+            *uses.entry(parse_map_entry(v)?.fp).or_default() += 1;
+            entries.push((parse_map_key(k)?.1, v.to_vec()));
+            Ok(())
+        })?;
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut fps: Vec<Fingerprint> = uses.keys().copied().collect();
+        fps.sort_unstable();
+        let mut stripes: Vec<usize> = fps.iter().map(|fp| self.fingerprint_stripe(fp)).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        let _guards: Vec<_> = stripes.iter().map(|&i| self.fingerprint_stripes[i].lock()).collect();
+        let mut batch = WriteBatch::new();
+        for (fp, entry) in fps.iter().zip(self.ref_entries(&fps)?) {
+            let entry =
+                entry.filter(|e| e.count > 0).ok_or_else(|| StoreError::Corrupt(format!("disk #{} maps {fp}, which the store does not hold", source.id.0)))?;
+            batch.put(Cf::Refs, fp.0, encode_ref(RefEntry { count: entry.count + uses[fp], location: entry.location }));
+        }
+        for (block, value) in entries {
+            batch.put(Cf::Maps, map_key(copy.id, block), value);
+        }
+        self.engine.write(batch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{Store, StoreError};
+
+    fn pattern(seed: u8, len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8).collect()
+    }
+
+    #[test]
+    fn snapshots_and_clones_share_every_block_and_stay_independent() {
+        let store = Store::open_in_memory(crate::StoreOptions::default()).unwrap();
+        let vm = store.create_disk("vm", 1 << 20).unwrap();
+        let data = pattern(1, 256 << 10);
+        store.write(vm.id, 64 << 10, &data, false).unwrap();
+        let unique_before = store.stats().unwrap().stored_bytes;
+
+        let snap = store.snapshot_disk("vm", "vm@monday").unwrap();
+        assert!(snap.read_only);
+        assert_eq!(snap.origin.as_deref(), Some("vm"));
+        let clone = store.clone_disk("vm@monday", "vm2").unwrap();
+        assert!(!clone.read_only);
+        assert_eq!(store.stats().unwrap().stored_bytes, unique_before, "no block is copied");
+
+        // The snapshot refuses writes; the clone and the origin change on their own.
+        assert!(matches!(store.write(snap.id, 0, &[1; 4096], false), Err(StoreError::ReadOnly(_))));
+        assert!(matches!(store.trim(snap.id, 0, 4096, false), Err(StoreError::ReadOnly(_))));
+        assert!(matches!(store.resize_disk("vm@monday", 2 << 20), Err(StoreError::ReadOnly(_))));
+        store.write(vm.id, 64 << 10, &pattern(2, 8192), false).unwrap();
+        store.write(clone.id, 0, &pattern(3, 4096), false).unwrap();
+        let mut got = vec![0u8; data.len()];
+        store.read(snap.id, 64 << 10, &mut got).unwrap();
+        assert_eq!(got, data, "the snapshot keeps the content at its time");
+        store.read(clone.id, 64 << 10, &mut got).unwrap();
+        assert_eq!(got, data);
+        let mut head = vec![0u8; 4096];
+        store.read(clone.id, 0, &mut head).unwrap();
+        assert_eq!(head, pattern(3, 4096));
+
+        // Deleting any of them leaves the others whole, and the counts right.
+        store.delete_disk("vm").unwrap();
+        store.read(snap.id, 64 << 10, &mut got).unwrap();
+        assert_eq!(got, data);
+        assert!(store.fsck(false).unwrap().is_clean());
+        store.delete_disk("vm@monday").unwrap();
+        store.read(clone.id, 64 << 10, &mut got).unwrap();
+        assert_eq!(got, data);
+        assert!(store.fsck(false).unwrap().is_clean());
+        assert!(matches!(store.snapshot_disk("nothing", "x"), Err(StoreError::DiskNotFound(_))));
+        assert!(matches!(store.clone_disk("vm2", "vm2"), Err(StoreError::DiskExists(_))));
+    }
+}
