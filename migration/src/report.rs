@@ -106,6 +106,9 @@ pub struct MigrationReport {
     /// "connecting", "up", or "down: <why>" (the source reconnects with backoff).
     #[serde(default)]
     pub link_state: String,
+    /// The source's bandwidth cap in force, bits per second (None: none).
+    #[serde(default)]
+    pub bandwidth_bps: Option<u64>,
 }
 
 impl MigrationReport {
@@ -137,6 +140,7 @@ impl MigrationReport {
             ready_to_switch: false,
             link_stream_memory_bytes: 0,
             link_state: "connecting".into(),
+            bandwidth_bps: None,
         }
     }
 

@@ -217,6 +217,14 @@ async fn on_store<T: Send + 'static>(
         .map_err(ControlError::from)
 }
 
+/// `migration.set_bandwidth`: the cap in bits per second (null or 0: none).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetBandwidth {
+    id: String,
+    bandwidth_bps: Option<u64>,
+}
+
 /// `disk.snapshot` and `disk.clone`: copy disk `source` as `name`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -413,6 +421,14 @@ async fn dispatch(node: &Arc<Node>, method: &str, p: Value) -> ControlResult {
             let Id { id } = params(p)?;
             let report = switch_migration(node, &id).await?;
             Ok(json!(report))
+        }
+        "migration.set_bandwidth" => {
+            let SetBandwidth { id, bandwidth_bps } = params(p)?;
+            let status = node
+                .migration_status(&id)
+                .ok_or_else(|| ControlError { kind: "not_found", message: format!("no migration {id:?}") })?;
+            status.set_bandwidth(bandwidth_bps.filter(|&r| r > 0)).map_err(refused)?;
+            Ok(json!(status.report()))
         }
         "migration.resume" => {
             let Id { id } = params(p)?;

@@ -446,3 +446,69 @@ fn sigkill_of_the_source_mid_migration_then_restart_and_migrate_resume_is_byte_e
 fn sigkill_of_the_source_in_post_copy_then_restart_and_migrate_resume_is_byte_exact() {
     kill_mid_migration(true, true);
 }
+
+/// Bytes a migration has put on its link so far, from its source's report.
+fn link_bytes(src: &Server, id: &str) -> u64 {
+    src.ok("migration.status", json!({ "id": id }))["link"]["total_bytes"].as_u64().expect("link.total_bytes")
+}
+
+/// The link rate over `window`, in bytes per second.
+fn link_rate(src: &Server, id: &str, window: Duration) -> f64 {
+    let (b0, t0) = (link_bytes(src, id), Instant::now());
+    std::thread::sleep(window);
+    (link_bytes(src, id) - b0) as f64 / t0.elapsed().as_secs_f64()
+}
+
+#[test]
+fn the_bandwidth_cap_of_a_running_migration_changes_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let dst = Server::start(d, "dst", &["--migration-listen", "127.0.0.1:0", "--migration-insecure"]);
+    let src = Server::start(d, "src", &["--migration-insecure"]);
+    let vm = d.join("vm.raw");
+    let content = image(&vm, 24576, 0, 9, 0); // 96 MiB, nothing at the destination
+    load(&src, "vm", &vm);
+    let mut run_migrate = Command::new(MIGRATE)
+        .args(["--source", src.ctl(), "--dest", dst.ctl(), "--disk", "vm", "--bandwidth", "8mbit", "--json", "--timeout", "300"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let id = loop {
+        if let Some(m) = src.ok("migration.list", json!({})).as_array().unwrap().first() {
+            break m["id"].as_str().unwrap().to_string();
+        }
+        assert!(started.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let set = |rate: &str| {
+        let out = run(Command::new(MIGRATE).args(["set-bandwidth", "--server", src.ctl(), &id, rate, "--json"]));
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()["bandwidth_bps"].clone()
+    };
+    // Wait for the data to flow (after the listing), then measure each setting for a second.
+    while link_bytes(&src, &id) < 1 << 20 {
+        assert!(started.elapsed() < Duration::from_secs(30), "no data on the link");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let capped = link_rate(&src, &id, Duration::from_millis(1500));
+    assert_eq!(set("200mbit"), json!(200_000_000u64));
+    let raised = link_rate(&src, &id, Duration::from_millis(600));
+    assert_eq!(set("8mbit"), json!(8_000_000u64));
+    std::thread::sleep(Duration::from_millis(300));
+    let lowered = link_rate(&src, &id, Duration::from_millis(1000));
+    eprintln!("link rate: {:.2} MB/s at 8 Mbit/s, {:.2} MB/s raised to 200 Mbit/s, {:.2} MB/s lowered again", capped / 1e6, raised / 1e6, lowered / 1e6);
+    assert!(capped > 0.4e6 && capped < 1.5e6, "capped at 1 MB/s: {capped:.0} B/s");
+    assert!(raised > 4.0 * capped, "raised: {raised:.0} B/s against {capped:.0}");
+    assert!(lowered < 1.5e6, "lowered again: {lowered:.0} B/s");
+    let status = src.ok("migration.status", json!({ "id": id }));
+    assert_eq!(status["bandwidth_bps"], json!(8_000_000u64));
+    assert_eq!(set("off"), Value::Null);
+    assert!(run_migrate.wait().unwrap().success());
+    let out = d.join("out.raw");
+    run(Command::new("nbdcopy").arg(dst.uri("vm")).arg(&out));
+    assert!(std::fs::read(&out).unwrap() == content, "byte-exact at the destination");
+    // At the destination, and once it has ended, the cap cannot be set.
+    let refused = Command::new(MIGRATE).args(["set-bandwidth", "--server", src.ctl(), &id, "10mbit"]).output().unwrap();
+    assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("already ended"));
+}

@@ -46,7 +46,9 @@ pub async fn run_source_with(
     state: Option<Arc<dyn StateStore>>,
 ) -> Result<MigrationReport, MigrationError> {
     let info = store.disk(disk)?;
+    status.cap.set(config.bandwidth_bps);
     status.update(|r| {
+        r.bandwidth_bps = config.bandwidth_bps;
         r.switch_after = config.switch_after;
         r.disk_bytes = info.size;
         r.block_size = store.block_size();

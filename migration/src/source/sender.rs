@@ -131,10 +131,10 @@ pub(crate) async fn run_writer<W: AsyncWrite + Unpin>(
     mut urgent: mpsc::Receiver<DataFrame>,
     mut low: mpsc::Receiver<DataFrame>,
     status: Arc<MigrationStatus>,
-    mut limiter: Option<crate::ratelimit::TokenBucket>,
     ever_sent: Arc<Mutex<RecentlySent>>,
 ) -> Result<(), MigrationError> {
     use tokio::io::AsyncWriteExt;
+    let mut cap = crate::ratelimit::LinkCap::new();
     loop {
         let notified = outbox.changed.notified();
         let mut sequenced = None;
@@ -171,14 +171,16 @@ pub(crate) async fn run_writer<W: AsyncWrite + Unpin>(
             f
         };
         // The cap applies to every frame, so on-demand data, which goes first, stays first
-        // under the cap.
-        if let Some(bucket) = limiter.as_mut() {
-            let wait = bucket.charge(frame.len());
-            if !wait.is_zero() {
-                writer.flush().await?;
-                tokio::time::sleep(wait).await;
+        // under the cap. It is looked at again while waiting: the operator may change it.
+        loop {
+            let wait = cap.wait(&status.cap);
+            if wait.is_zero() {
+                break;
             }
+            writer.flush().await?;
+            tokio::time::sleep(wait).await;
         }
+        cap.charge(frame.len());
         write_frame(&mut writer, &frame, &status.traffic).await?;
         if let Some(d) = data {
             let mut ever = ever_sent.lock();
@@ -347,7 +349,7 @@ mod tests {
         let hold = outbox.hold_background();
         let data = Message::Data { raw_len: 3, frame: vec![1, 2, 3] };
         low_tx.send(DataFrame { frame: Frame::new(&data), fps: vec![Fingerprint([9; 16])], record_bytes: 3 }).await.unwrap();
-        let writer = tokio::spawn(run_writer(ours, outbox.clone(), 0, urgent_rx, low_rx, status.clone(), None, Default::default()));
+        let writer = tokio::spawn(run_writer(ours, outbox.clone(), 0, urgent_rx, low_rx, status.clone(), Default::default()));
         let traffic = Traffic::default();
         let nothing = tokio::time::timeout(Duration::from_millis(100), read_message(&mut theirs, &traffic)).await;
         assert!(nothing.is_err(), "nothing goes out while only held data is queued: {nothing:?}");

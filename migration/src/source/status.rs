@@ -47,6 +47,8 @@ pub struct MigrationStatus {
     pub(crate) switch: Notify,
     /// Wakes whoever waits for the report to change (`wait_switched`).
     pub(crate) changed: Notify,
+    /// The bandwidth cap in force (the operator may change it while the migration runs).
+    pub(crate) cap: crate::ratelimit::CapSetting,
 }
 
 impl MigrationStatus {
@@ -63,7 +65,25 @@ impl MigrationStatus {
             switch_requested: AtomicBool::new(false),
             switch: Notify::new(),
             changed: Notify::new(),
+            cap: crate::ratelimit::CapSetting::default(),
         })
+    }
+
+    /// Sets the bandwidth cap of a migration at its source (None: no cap), from now on: the
+    /// link follows within a tenth of a second, across reconnections too.
+    pub fn set_bandwidth(&self, bits_per_second: Option<u64>) -> Result<(), RequestError> {
+        let mut r = self.report.lock();
+        if r.role != "source" {
+            return Err(RequestError::WrongSide { what: "set the bandwidth of" });
+        }
+        if r.is_finished() {
+            return Err(RequestError::Ended { id: r.id.clone(), phase: r.phase });
+        }
+        self.cap.set(bits_per_second);
+        r.bandwidth_bps = bits_per_second;
+        drop(r);
+        self.changed.notify_waiters();
+        Ok(())
     }
 
     /// Asks a source-side migration to stop before its switch-over. After the freeze it is

@@ -183,9 +183,7 @@ impl LinkSupervisor {
         let (urgent_tx, urgent_rx) = mpsc::channel::<DataFrame>(16);
         let (low_tx, low_rx) = mpsc::channel::<DataFrame>(4);
         let (work_tx, work_rx) = mpsc::unbounded_channel::<SendWork>();
-        let limiter = self.config.bandwidth_bps.map(crate::ratelimit::TokenBucket::new);
-        let mut writer_task =
-            tokio::spawn(run_writer(writer, self.outbox.clone(), cursor, urgent_rx, low_rx, self.status.clone(), limiter, self.ever_sent.clone()));
+        let mut writer_task = tokio::spawn(run_writer(writer, self.outbox.clone(), cursor, urgent_rx, low_rx, self.status.clone(), self.ever_sent.clone()));
         let reads = ReadServer::new(self.store.clone(), self.disk_id, urgent_tx.clone());
         let mut reader_task = tokio::spawn(run_reader(reader, self.events.clone(), work_tx, reads, self.outbox.clone(), self.status.clone()));
         let sender_task = tokio::spawn(run_data_sender(

@@ -72,6 +72,26 @@ enum Sub {
     Cancel(CancelCmd),
     Resume(ResumeCmd),
     Switch(SwitchCmd),
+    SetBandwidth(SetBandwidthCmd),
+}
+
+/// Change the bandwidth cap of a running migration (at its source server), up, down or off:
+/// the link follows within a tenth of a second.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "set-bandwidth")]
+struct SetBandwidthCmd {
+    /// control address of the source server
+    #[argh(option)]
+    server: String,
+    /// the migration id
+    #[argh(positional)]
+    id: String,
+    /// the new cap, e.g. 50mbit, 1gbit, or "off"
+    #[argh(positional)]
+    rate: String,
+    /// print the report as JSON
+    #[argh(switch)]
+    json: bool,
 }
 
 /// Switch a migration over now (at its source server): the source export holds the guest's
@@ -174,6 +194,7 @@ fn main() {
         Some(Sub::Cancel(ref c)) => cancel(c),
         Some(Sub::Resume(ref r)) => resume(r),
         Some(Sub::Switch(ref s)) => switch(s),
+        Some(Sub::SetBandwidth(ref s)) => set_bandwidth(s),
         None => run(&args),
     };
     if let Err(e) = result {
@@ -273,12 +294,13 @@ fn status(s: &StatusCmd) -> Result<()> {
                 r.link_state.clone(),
                 format!("{}/{}", r.blocks_sent, r.blocks_wanted),
                 format_size(r.link.total_bytes),
+                r.bandwidth_bps.map_or("-".into(), |b| format!("{:.1} Mbit/s", b as f64 / 1e6)),
                 format!("{:.1} s", r.total_seconds.unwrap_or(r.elapsed_seconds)),
                 r.error.clone().unwrap_or_default(),
             ]
         })
         .collect();
-    print!("{}", table::render(&["id", "disk", "role", "phase", "link", "blocks", "bytes", "time", "error"], &rows));
+    print!("{}", table::render(&["id", "disk", "role", "phase", "link", "blocks", "bytes", "cap", "time", "error"], &rows));
     Ok(())
 }
 
@@ -319,6 +341,24 @@ fn switch(s: &SwitchCmd) -> Result<()> {
             report.final_round_blocks.unwrap_or_default(),
             took.as_secs_f64() * 1000.0
         );
+    }
+    Ok(())
+}
+
+fn set_bandwidth(s: &SetBandwidthCmd) -> Result<()> {
+    let rate = match s.rate.trim() {
+        "off" | "none" | "0" => None,
+        r => Some(parse_rate(r)?),
+    };
+    let report: MigrationReport =
+        serde_json::from_value(ControlClient::connect(&s.server)?.call("migration.set_bandwidth", json!({"id": s.id, "bandwidth_bps": rate}))?)?;
+    if s.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        match report.bandwidth_bps {
+            Some(bps) => println!("migration {}: capped at {:.1} Mbit/s", report.id, bps as f64 / 1e6),
+            None => println!("migration {}: no bandwidth cap", report.id),
+        }
     }
     Ok(())
 }
