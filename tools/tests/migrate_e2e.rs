@@ -164,6 +164,25 @@ fn a_peer_without_a_valid_certificate_is_refused_before_data_moves() {
     dst.fsck_clean();
 }
 
+/// Starts `migrate` under a bandwidth cap in the background; returns it and the migration id
+/// once the source lists the migration.
+fn start_capped(src: &Server, dst: &Server, disk: &str, rate: &str) -> (std::process::Child, String) {
+    let child = Command::new(MIGRATE)
+        .args(["--source", src.ctl(), "--dest", dst.ctl(), "--disk", disk, "--bandwidth", rate, "--json", "--timeout", "300"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    loop {
+        if let Some(m) = src.ok("migration.list", json!({})).as_array().unwrap().first() {
+            return (child, m["id"].as_str().unwrap().to_string());
+        }
+        assert!(started.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn cancel_before_switch_over_keeps_the_source_and_cleans_the_destination() {
     let dir = tempfile::tempdir().unwrap();
@@ -174,21 +193,7 @@ fn cancel_before_switch_over_keeps_the_source_and_cleans_the_destination() {
     let content = image(&vm, 8192, 0, 5, 0); // 32 MiB, nothing at the destination
     load(&src, "vm", &vm);
     // 20 Mbit/s: about 10 s for the data, time enough to cancel.
-    let mut run_migrate = Command::new(MIGRATE)
-        .args(["--source", src.ctl(), "--dest", dst.ctl(), "--disk", "vm", "--bandwidth", "20mbit", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    let id = loop {
-        let list = src.ok("migration.list", json!({}));
-        if let Some(m) = list.as_array().unwrap().first() {
-            break m["id"].as_str().unwrap().to_string();
-        }
-        assert!(started.elapsed() < Duration::from_secs(20));
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let (mut run_migrate, id) = start_capped(&src, &dst, "vm", "20mbit");
     std::thread::sleep(Duration::from_millis(1000));
     let out = run(Command::new(MIGRATE).args(["cancel", "--server", src.ctl(), &id, "--json"]));
     let r: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -468,20 +473,8 @@ fn the_bandwidth_cap_of_a_running_migration_changes_at_once() {
     let vm = d.join("vm.raw");
     let content = image(&vm, 24576, 0, 9, 0); // 96 MiB, nothing at the destination
     load(&src, "vm", &vm);
-    let mut run_migrate = Command::new(MIGRATE)
-        .args(["--source", src.ctl(), "--dest", dst.ctl(), "--disk", "vm", "--bandwidth", "8mbit", "--json", "--timeout", "300"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (mut run_migrate, id) = start_capped(&src, &dst, "vm", "8mbit");
     let started = Instant::now();
-    let id = loop {
-        if let Some(m) = src.ok("migration.list", json!({})).as_array().unwrap().first() {
-            break m["id"].as_str().unwrap().to_string();
-        }
-        assert!(started.elapsed() < Duration::from_secs(20));
-        std::thread::sleep(Duration::from_millis(50));
-    };
     let set = |rate: &str| {
         let out = run(Command::new(MIGRATE).args(["set-bandwidth", "--server", src.ctl(), &id, rate, "--json"]));
         serde_json::from_slice::<Value>(&out.stdout).unwrap()["bandwidth_bps"].clone()
