@@ -43,6 +43,12 @@ impl KvEngine for MemEngine {
                 BatchOp::Delete(cf, k) => {
                     tables[cf.index()].remove(&k);
                 }
+                BatchOp::AddToCount(cf, k, addend) => {
+                    let table = &mut tables[cf.index()];
+                    let merged = super::add_to_counter(table.get(&k).map(Vec::as_slice), std::iter::once(&addend[..]))
+                        .ok_or_else(|| crate::StoreError::Corrupt(format!("counter merge on a value of {} bytes", table.get(&k).map_or(0, Vec::len))))?;
+                    table.insert(k, merged);
+                }
             }
         }
         Ok(())

@@ -35,6 +35,22 @@ impl std::fmt::Debug for RocksEngine {
     }
 }
 
+fn refs_full_merge(_key: &[u8], existing: Option<&[u8]>, operands: &rocksdb::MergeOperands) -> Option<Vec<u8>> {
+    super::add_to_counter(existing, operands.iter())
+}
+
+/// Operands combined among themselves: their sum, itself an addend.
+fn refs_partial_merge(_key: &[u8], existing: Option<&[u8]>, operands: &rocksdb::MergeOperands) -> Option<Vec<u8>> {
+    let mut sum = match existing {
+        Some(e) => u64::from_le_bytes(e.try_into().ok()?),
+        None => 0,
+    };
+    for a in operands.iter() {
+        sum = sum.checked_add(u64::from_le_bytes(a.try_into().ok()?))?;
+    }
+    Some(sum.to_le_bytes().to_vec())
+}
+
 fn engine_err(e: rocksdb::Error) -> StoreError {
     StoreError::Engine(e.into_string())
 }
@@ -77,6 +93,10 @@ impl RocksEngine {
             // Point lookups that miss the memtable's skiplist cost a bloom probe, not a search.
             o.set_memtable_whole_key_filtering(true);
             o.set_memtable_prefix_bloom_ratio(0.05);
+            if cf == Cf::Refs {
+                // Counts raised without reading them first (snapshots and clones).
+                o.set_merge_operator("cas.add-to-counter", refs_full_merge, refs_partial_merge);
+            }
             if cf == Cf::Blocks {
                 // Format 1 kept block bytes in blob files (RocksDB's integrated BlobDB): written once, not
                 // rewritten by every compaction as 4 KiB values inside SST files would be.
@@ -149,6 +169,7 @@ impl KvEngine for RocksEngine {
             match op {
                 BatchOp::Put(cf, k, v) => wb.put_cf(self.cf(*cf), k, v),
                 BatchOp::Delete(cf, k) => wb.delete_cf(self.cf(*cf), k),
+                BatchOp::AddToCount(cf, k, addend) => wb.merge_cf(self.cf(*cf), k, addend),
             }
         }
         // The WAL is written before this returns, so a crash of the process (kill -9) loses
