@@ -17,17 +17,20 @@ impl TokenBucket {
     /// `bits_per_second` as operators give link rates; bursts of 50 ms worth (at least one
     /// maximum frame would otherwise stall: a frame larger than the burst borrows ahead).
     pub fn new(bits_per_second: u64) -> TokenBucket {
-        let rate = bits_per_second as f64 / 8.0;
-        let burst = (rate * 0.05).max(64.0 * 1024.0);
+        let (rate, burst) = Self::rate_and_burst(bits_per_second);
         TokenBucket { rate, burst, tokens: burst, last: Instant::now() }
+    }
+
+    /// Bytes per second and the burst allowed, for a rate in bits per second.
+    fn rate_and_burst(bits_per_second: u64) -> (f64, f64) {
+        let rate = bits_per_second as f64 / 8.0;
+        (rate, (rate * 0.05).max(64.0 * 1024.0))
     }
 
     /// Changes the rate from now on; what was borrowed is repaid at the new rate.
     pub fn set_rate(&mut self, bits_per_second: u64) {
-        let fresh = TokenBucket::new(bits_per_second);
         self.refill();
-        self.rate = fresh.rate;
-        self.burst = fresh.burst;
+        (self.rate, self.burst) = Self::rate_and_burst(bits_per_second);
         self.tokens = self.tokens.min(self.burst);
     }
 
@@ -46,12 +49,9 @@ impl TokenBucket {
     /// How long to wait before sending `bytes`; the bytes are charged at once (the balance
     /// may go negative, which delays whatever comes next).
     pub fn charge(&mut self, bytes: usize) -> Duration {
-        let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
-        self.last = now;
-        let wait = if self.tokens >= 0.0 { 0.0 } else { -self.tokens / self.rate };
+        let wait = self.debt();
         self.tokens -= bytes as f64;
-        Duration::from_secs_f64(wait)
+        wait
     }
 }
 
@@ -75,7 +75,7 @@ impl CapSetting {
 }
 
 /// A connection's writer side of the cap: a bucket at the rate in force.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct LinkCap {
     bucket: Option<TokenBucket>,
     rate: Option<u64>,
@@ -85,10 +85,6 @@ impl LinkCap {
     /// How often a writer that waits for the cap looks at it again: a raised (or lifted) cap
     /// takes effect within this.
     pub const RECHECK: Duration = Duration::from_millis(100);
-
-    pub fn new() -> LinkCap {
-        LinkCap { bucket: None, rate: None }
-    }
 
     /// Follows the setting: a new rate re-paces what is owed, no cap drops the bucket.
     pub fn follow(&mut self, setting: &CapSetting) {
@@ -118,12 +114,6 @@ impl LinkCap {
     }
 }
 
-impl Default for LinkCap {
-    fn default() -> Self {
-        LinkCap::new()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,7 +133,7 @@ mod tests {
     #[test]
     fn a_changed_cap_re_paces_what_is_owed() {
         let setting = CapSetting::new(Some(8_000_000)); // 1 MB/s
-        let mut cap = LinkCap::new();
+        let mut cap = LinkCap::default();
         assert_eq!(cap.wait(&setting), Duration::ZERO);
         cap.charge(2_000_000);
         let slow = cap.wait(&setting);

@@ -35,20 +35,10 @@ impl std::fmt::Debug for RocksEngine {
     }
 }
 
-fn refs_full_merge(_key: &[u8], existing: Option<&[u8]>, operands: &rocksdb::MergeOperands) -> Option<Vec<u8>> {
+/// The refs merge, full and partial alike: RocksDB gives a partial merge no existing value,
+/// and the sum of addends it then returns (8 bytes) is itself an addend.
+fn refs_merge(_key: &[u8], existing: Option<&[u8]>, operands: &rocksdb::MergeOperands) -> Option<Vec<u8>> {
     super::add_to_counter(existing, operands.iter())
-}
-
-/// Operands combined among themselves: their sum, itself an addend.
-fn refs_partial_merge(_key: &[u8], existing: Option<&[u8]>, operands: &rocksdb::MergeOperands) -> Option<Vec<u8>> {
-    let mut sum = match existing {
-        Some(e) => u64::from_le_bytes(e.try_into().ok()?),
-        None => 0,
-    };
-    for a in operands.iter() {
-        sum = sum.checked_add(u64::from_le_bytes(a.try_into().ok()?))?;
-    }
-    Some(sum.to_le_bytes().to_vec())
 }
 
 fn engine_err(e: rocksdb::Error) -> StoreError {
@@ -95,7 +85,7 @@ impl RocksEngine {
             o.set_memtable_prefix_bloom_ratio(0.05);
             if cf == Cf::Refs {
                 // Counts raised without reading them first (snapshots and clones).
-                o.set_merge_operator("cas.add-to-counter", refs_full_merge, refs_partial_merge);
+                o.set_merge_operator_associative("cas.add-to-counter", refs_merge);
             }
             if cf == Cf::Blocks {
                 // Format 1 kept block bytes in blob files (RocksDB's integrated BlobDB): written once, not

@@ -75,10 +75,7 @@ impl Store {
         if self.disks.read().by_name.contains_key(name) {
             return Err(StoreError::DiskExists(name.to_string()));
         }
-        let next = match self.engine.get(Cf::Meta, NEXT_DISK_ID_KEY)? {
-            Some(v) => parse_count(&v)?,
-            None => 1,
-        };
+        let next = self.next_disk_id()?;
         let id = DiskId(next);
         let mut batch = WriteBatch::new();
         batch.put(Cf::Meta, NEXT_DISK_ID_KEY, encode_count(next + 1));
@@ -90,6 +87,15 @@ impl Store {
         table.names.insert(id, name.to_string());
         table.by_name.insert(name.to_string(), Arc::new(state));
         Ok(info)
+    }
+
+    /// The id the next new disk gets (the caller holds the catalogue lock and writes the
+    /// one after it back with the disk).
+    pub(super) fn next_disk_id(&self) -> Result<u64> {
+        Ok(match self.engine.get(Cf::Meta, NEXT_DISK_ID_KEY)? {
+            Some(v) => parse_count(&v)?,
+            None => 1,
+        })
     }
 
     pub fn disk(&self, name: &str) -> Result<DiskInfo> {

@@ -43,10 +43,7 @@ impl Store {
         }
         let _frozen = source.layout.write();
         let size = source.size.load(Ordering::Acquire);
-        let next = match self.engine.get(Cf::Meta, NEXT_DISK_ID_KEY)? {
-            Some(v) => parse_count(&v)?,
-            None => 1,
-        };
+        let next = self.next_disk_id()?;
         let copy = DiskState { read_only, origin: Some(from.to_string()), ..DiskState::new(DiskId(next), size) };
         let mut batch = WriteBatch::new();
         batch.put(Cf::Meta, NEXT_DISK_ID_KEY, encode_count(next + 1));

@@ -134,7 +134,7 @@ pub(crate) async fn run_writer<W: AsyncWrite + Unpin>(
     ever_sent: Arc<Mutex<RecentlySent>>,
 ) -> Result<(), MigrationError> {
     use tokio::io::AsyncWriteExt;
-    let mut cap = crate::ratelimit::LinkCap::new();
+    let mut cap = crate::ratelimit::LinkCap::default();
     loop {
         let notified = outbox.changed.notified();
         let mut sequenced = None;
