@@ -31,6 +31,8 @@ pub mod control;
 pub mod export;
 pub mod link_tls;
 #[cfg(feature = "cas")]
+pub mod metrics;
+#[cfg(feature = "cas")]
 pub mod node;
 pub mod proto;
 pub mod server;

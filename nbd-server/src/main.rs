@@ -12,6 +12,7 @@ use cas_store::{Store, StoreError, StoreOptions};
 use nbd_server::compaction::{spawn_compaction, DEFAULT_COMPACT_BELOW, DEFAULT_COMPACT_INTERVAL_SECS};
 use nbd_server::control::{serve_control, serve_migrations, ControlListener};
 use nbd_server::link_tls::LinkTls;
+use nbd_server::metrics::{serve_metrics, Metrics, SpaceSampler, DEFAULT_SPACE_INTERVAL};
 use nbd_server::node::Node;
 use nbd_server::{serve, ExportRegistry, Listener, ServerConfig, TlsConfig};
 use tokio::signal::unix::{signal, SignalKind};
@@ -151,6 +152,16 @@ struct Args {
     /// unauthenticated: for tests and trusted links only)
     #[argh(switch)]
     migration_insecure: bool,
+
+    /// TCP address where Prometheus scrapes /metrics (plain HTTP: bind it to a management
+    /// network or loopback)
+    #[argh(option)]
+    metrics_listen: Option<String>,
+
+    /// seconds between two walks of the reference index for the store-space metrics
+    /// (default 60)
+    #[argh(option)]
+    metrics_space_interval: Option<f64>,
 }
 
 /// `--disk NAME:SIZE`.
@@ -332,6 +343,14 @@ fn run(args: Args) -> anyhow::Result<()> {
         spawn_compaction(Arc::clone(&store), interval, below).context("starting the compaction thread")?;
     }
 
+    let space_interval = match args.metrics_space_interval {
+        Some(secs) => std::time::Duration::try_from_secs_f64(secs)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| anyhow::anyhow!("--metrics-space-interval {secs} is not a positive number of seconds"))?,
+        None => DEFAULT_SPACE_INTERVAL,
+    };
+
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         let mut listeners = Vec::new();
@@ -355,6 +374,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         for addr in &args.control_listen {
             control.push(ControlListener::bind_tcp(addr).await.with_context(|| format!("control on {addr}"))?);
         }
+        let metrics_listener = match &args.metrics_listen {
+            Some(addr) => {
+                Some(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("metrics on {addr}"))?)
+            }
+            None => None,
+        };
         let migration_listener = match &args.migration_listen {
             Some(addr) => {
                 Some(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("migrations on {addr}"))?)
@@ -366,6 +391,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             addresses.nbd = listeners.iter().map(|l| l.describe()).collect();
             addresses.control = control.iter().map(|c| c.describe()).collect();
             addresses.migration = migration_listener.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.to_string());
+            addresses.metrics =
+                metrics_listener.as_ref().and_then(|l| l.local_addr().ok()).map(|a| format!("http://{a}/metrics"));
         }
         // Migrations a restart interrupted: parked again (a switched disk is served post-copy)
         // before anything is served.
@@ -379,6 +406,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
         if let Some(addr) = &node.addresses.read().migration {
             writeln!(stdout, "migrations on {addr}")?;
+        }
+        if let Some(url) = &node.addresses.read().metrics {
+            writeln!(stdout, "metrics on {url}")?;
         }
         writeln!(stdout, "ready")?;
         stdout.flush()?;
@@ -411,11 +441,22 @@ fn run(args: Args) -> anyhow::Result<()> {
         });
         let control_task =
             tokio::spawn(serve_control(control, Arc::clone(&node), config.admission_limits(), stopped()));
+        let metrics_task = match metrics_listener {
+            Some(listener) => {
+                let space = SpaceSampler::start(&store, space_interval).context("starting the store-space sampler")?;
+                let metrics = Metrics::new(Arc::clone(&node), space);
+                Some(tokio::spawn(serve_metrics(listener, metrics, stopped())))
+            }
+            None => None,
+        };
         let migration_task = migration_listener
             .map(|l| tokio::spawn(serve_migrations(l, Arc::clone(&node), config.admission_limits(), stopped())));
         serve(listeners, Arc::clone(&registry), config, stopped()).await;
         let _ = control_task.await;
         if let Some(t) = migration_task {
+            let _ = t.await;
+        }
+        if let Some(t) = metrics_task {
             let _ = t.await;
         }
         anyhow::Ok(())

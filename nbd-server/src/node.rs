@@ -26,6 +26,8 @@ pub struct Addresses {
     /// Where other servers send migrations (host:port).
     pub migration: Option<String>,
     pub control: Vec<String>,
+    /// The Prometheus endpoint (`http://host:port/metrics`).
+    pub metrics: Option<String>,
 }
 
 #[derive(Debug)]

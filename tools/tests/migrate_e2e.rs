@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 mod common;
-use common::server::{certs, free_port, load, run, tls_args, wait_for_migration, workspace, Server, MIGRATE};
+use common::server::{certs, free_port, load, run, start_capped, tls_args, wait_for_migration, workspace, Server, MIGRATE};
 
 /// Deterministic content: `os` blocks any VM of that OS has, then blocks of its own.
 fn image(path: &Path, blocks: usize, os: usize, own_seed: u64, zero_every: usize) -> Vec<u8> {
@@ -162,25 +162,6 @@ fn a_peer_without_a_valid_certificate_is_refused_before_data_moves() {
         run(Command::new("qemu-io").args(["-f", "raw", &src.uri("vm"), "-c", "write -P 0x11 0 4k"]));
     }
     dst.fsck_clean();
-}
-
-/// Starts `migrate` under a bandwidth cap in the background; returns it and the migration id
-/// once the source lists the migration.
-fn start_capped(src: &Server, dst: &Server, disk: &str, rate: &str) -> (std::process::Child, String) {
-    let child = Command::new(MIGRATE)
-        .args(["--source", src.ctl(), "--dest", dst.ctl(), "--disk", disk, "--bandwidth", rate, "--json", "--timeout", "300"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    loop {
-        if let Some(m) = src.ok("migration.list", json!({})).as_array().unwrap().first() {
-            return (child, m["id"].as_str().unwrap().to_string());
-        }
-        assert!(started.elapsed() < Duration::from_secs(20));
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]

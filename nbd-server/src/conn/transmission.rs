@@ -509,6 +509,8 @@ impl Session {
             Job::Write { payload, .. } => (Op::Write, payload.len() as u64, true),
             Job::Other(request) => op_of(request),
         };
+        // The latency a client sees, less the network: a write held by a freeze counts.
+        let started = std::time::Instant::now();
         // A write waits here while the export is frozen (a switch-over takes milliseconds).
         let guard = match write.then(|| self.admit_write()) {
             Some(Err(refused)) => {
@@ -532,6 +534,7 @@ impl Session {
             self.calls.finish_write(&self.export);
         }
         self.export.stats().record(op, bytes, result.is_ok());
+        self.export.stats().record_latency(op, started.elapsed());
         let frame = match result {
             Ok(frame) => frame,
             Err(e) => {

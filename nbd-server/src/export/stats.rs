@@ -1,8 +1,11 @@
-//! Per-export counters: requests, bytes and errors by command, connections.
+//! Per-export counters: requests, bytes and errors by command, connections, and latency
+//! histograms of READ, WRITE and FLUSH.
 //!
-//! Plain relaxed atomics: counters are statistics, not synchronisation.
+//! Plain relaxed atomics: counters are statistics, not synchronisation. A connection's
+//! threads record into them without a lock; a scrape reads each one individually.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -49,6 +52,9 @@ pub struct ExportStats {
     rejected: AtomicU64,
     connections_active: AtomicU64,
     connections_total: AtomicU64,
+    read_latency: LatencyHistogram,
+    write_latency: LatencyHistogram,
+    flush_latency: LatencyHistogram,
 }
 
 impl ExportStats {
@@ -72,6 +78,27 @@ impl ExportStats {
             c.bytes.fetch_add(bytes, Relaxed);
         } else {
             c.errors.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Records how long the device took to serve one request (READ, WRITE and FLUSH only:
+    /// the commands whose latency a guest feels).
+    pub fn record_latency(&self, op: Op, took: Duration) {
+        match op {
+            Op::Read => self.read_latency.observe(took),
+            Op::Write => self.write_latency.observe(took),
+            Op::Flush => self.flush_latency.observe(took),
+            _ => {}
+        }
+    }
+
+    /// The latency histogram of READ, WRITE or FLUSH.
+    pub fn latency(&self, op: Op) -> Option<&LatencyHistogram> {
+        match op {
+            Op::Read => Some(&self.read_latency),
+            Op::Write => Some(&self.write_latency),
+            Op::Flush => Some(&self.flush_latency),
+            _ => None,
         }
     }
 
@@ -103,6 +130,47 @@ impl ExportStats {
             connections_active: self.connections_active.load(Relaxed),
             connections_total: self.connections_total.load(Relaxed),
         }
+    }
+}
+
+/// Upper bounds of the latency buckets, seconds (a last, unbounded bucket follows): from
+/// 10 us, a page-cache read, to 10 s, a request stuck behind a switch-over or a dying disk.
+pub const LATENCY_BUCKETS: [f64; 19] = [
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+    0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// A latency histogram with fixed buckets, updated with three relaxed atomic additions.
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    /// Observations per bucket (not cumulative); the last one is above every bound.
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_nanos: AtomicU64,
+    count: AtomicU64,
+}
+
+impl LatencyHistogram {
+    pub fn observe(&self, took: Duration) {
+        let seconds = took.as_secs_f64();
+        let i = LATENCY_BUCKETS.iter().position(|&bound| seconds <= bound).unwrap_or(LATENCY_BUCKETS.len());
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.sum_nanos.fetch_add(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX), Relaxed);
+        self.count.fetch_add(1, Relaxed);
+    }
+
+    /// (sum in seconds, count, observations per bucket by upper bound, the last bound
+    /// `f64::MAX` for +Inf): what the Prometheus client's encoder takes (it adds the buckets
+    /// up itself). The count is the buckets' total, so the figures agree with each other even
+    /// while requests are recorded.
+    pub fn buckets(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        let out: Vec<(f64, u64)> = self
+            .buckets
+            .iter()
+            .enumerate()
+            .map(|(i, bucket)| (LATENCY_BUCKETS.get(i).copied().unwrap_or(f64::MAX), bucket.load(Relaxed)))
+            .collect();
+        let count = out.iter().map(|(_, n)| n).sum();
+        (self.sum_nanos.load(Relaxed) as f64 / 1e9, count, out)
     }
 }
 
@@ -161,5 +229,24 @@ mod tests {
         s.connection_closed();
         assert_eq!(s.snapshot().connections_active, 0);
         assert_eq!(s.snapshot().connections_total, 1);
+    }
+
+    #[test]
+    fn latency_lands_in_its_bucket() {
+        let s = ExportStats::default();
+        s.record_latency(Op::Read, Duration::from_micros(5));
+        s.record_latency(Op::Read, Duration::from_micros(10));
+        s.record_latency(Op::Read, Duration::from_millis(3));
+        s.record_latency(Op::Read, Duration::from_secs(60));
+        s.record_latency(Op::Trim, Duration::from_secs(1));
+        let (sum, count, buckets) = s.latency(Op::Read).unwrap().buckets();
+        assert_eq!(count, 4);
+        assert!((sum - 60.003_015).abs() < 1e-9, "{sum}");
+        assert_eq!(buckets[0], (0.000_01, 2), "10 us is inside its bucket");
+        assert_eq!(buckets.iter().find(|(le, _)| *le == 0.005).unwrap().1, 1);
+        assert_eq!(buckets.iter().find(|(le, _)| *le == 10.0).unwrap().1, 0);
+        assert_eq!(*buckets.last().unwrap(), (f64::MAX, 1));
+        assert!(s.latency(Op::Trim).is_none());
+        assert_eq!(s.latency(Op::Write).unwrap().buckets().1, 0);
     }
 }

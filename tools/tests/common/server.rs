@@ -38,6 +38,8 @@ pub struct Server {
     pub tcp: Vec<String>,
     /// TCP control API addresses (`--control-listen`), host:port.
     pub control_tcp: Vec<String>,
+    /// The metrics URL (`--metrics-listen` in `extra`).
+    pub metrics: Option<String>,
     pub log: PathBuf,
 }
 
@@ -83,6 +85,7 @@ impl Server {
         let mut migration = None;
         let mut tcp = Vec::new();
         let mut control_tcp = Vec::new();
+        let mut metrics = None;
         let deadline = Instant::now() + START_TIMEOUT;
         let server = loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -103,8 +106,11 @@ impl Server {
             if let Some(addr) = line.strip_prefix("control on ").filter(|a| !a.starts_with('/')) {
                 control_tcp.push(addr.to_string());
             }
+            if let Some(url) = line.strip_prefix("metrics on ") {
+                metrics = Some(url.to_string());
+            }
             if line == "ready" {
-                break Server { child, control, socket, migration, tcp, control_tcp, log };
+                break Server { child, control, socket, migration, tcp, control_tcp, metrics, log };
             }
         };
         // Keep draining stdout (the thread ends at the server's exit).
@@ -190,6 +196,25 @@ pub fn load(server: &Server, name: &str, file: &Path) {
     let size = std::fs::metadata(file).unwrap_or_else(|e| panic!("{}: {e}", file.display())).len();
     server.ok("disk.create", json!({"name": name, "size": size}));
     run(Command::new("qemu-img").args(["convert", "-n", "-f", "raw", "-O", "raw"]).arg(file).arg(server.uri(name)));
+}
+
+/// Starts `migrate` under a bandwidth cap in the background; returns it and the migration id
+/// once the source lists the migration.
+pub fn start_capped(src: &Server, dst: &Server, disk: &str, rate: &str) -> (Child, String) {
+    let child = Command::new(MIGRATE)
+        .args(["--source", src.ctl(), "--dest", dst.ctl(), "--disk", disk, "--bandwidth", rate, "--json", "--timeout", "300"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start migrate");
+    let started = Instant::now();
+    loop {
+        if let Some(m) = src.ok("migration.list", json!({})).as_array().expect("a list").first() {
+            return (child, m["id"].as_str().expect("an id").to_string());
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "the migration did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 pub fn free_port() -> u16 {
