@@ -16,6 +16,7 @@ packages=(
   e2fsprogs        # mke2fs -d, test-images/
   rsync zstd       # peers and compression reference in the benchmark
   python3-prometheus-client  # a real OpenMetrics parser for the scrapes of /metrics in tests
+  systemd          # systemd-analyze verify on contrib/systemd
   iproute2         # network namespaces for the emulated WAN
   librados-dev     # cas-rados links librados (Ceph 16)
   ceph-mon ceph-osd ceph-common  # scripts/ceph-cluster.sh: the throwaway one-node cluster

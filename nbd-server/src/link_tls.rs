@@ -6,9 +6,10 @@
 //! destination's certificate against the CA and the address it dialled. A peer without a valid
 //! certificate is refused during the handshake, before any disk data moves.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use parking_lot::RwLock;
 use rustls::pki_types::ServerName;
 use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
@@ -18,10 +19,13 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use crate::tls::{read_certs, read_key, TlsError};
 
 /// TLS settings for both ends of a migration link.
+///
+/// Clones share one configuration, which [`LinkTls::reload`] (SIGHUP) replaces for the next
+/// handshake; links already up keep their sessions.
 #[derive(Clone)]
 pub struct LinkTls {
-    acceptor: TlsAcceptor,
-    connector: TlsConnector,
+    current: Arc<RwLock<(TlsAcceptor, TlsConnector)>>,
+    files: Arc<(PathBuf, PathBuf, PathBuf)>,
 }
 
 impl std::fmt::Debug for LinkTls {
@@ -33,6 +37,18 @@ impl std::fmt::Debug for LinkTls {
 impl LinkTls {
     /// This server's certificate and key, and the CA that signs every server's certificate.
     pub fn from_pem_files(cert: &Path, key: &Path, ca: &Path) -> Result<LinkTls, TlsError> {
+        let current = Self::load(cert, key, ca)?;
+        Ok(LinkTls { current: Arc::new(RwLock::new(current)), files: Arc::new((cert.into(), key.into(), ca.into())) })
+    }
+
+    /// Reads the certificate, key and CA files again; on failure nothing changes.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let (cert, key, ca) = &*self.files;
+        *self.current.write() = Self::load(cert, key, ca)?;
+        Ok(())
+    }
+
+    fn load(cert: &Path, key: &Path, ca: &Path) -> Result<(TlsAcceptor, TlsConnector), TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let chain = read_certs(cert)?;
         let key = read_key(key)?;
@@ -50,11 +66,12 @@ impl LinkTls {
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)?;
-        Ok(LinkTls { acceptor: TlsAcceptor::from(Arc::new(server)), connector: TlsConnector::from(Arc::new(client)) })
+        Ok((TlsAcceptor::from(Arc::new(server)), TlsConnector::from(Arc::new(client))))
     }
 
     pub async fn accept(&self, stream: TcpStream) -> std::io::Result<tokio_rustls::server::TlsStream<TcpStream>> {
-        self.acceptor.accept(stream).await
+        let acceptor = self.current.read().0.clone();
+        acceptor.accept(stream).await
     }
 
     /// Connects to `address` (host:port), checking the peer's certificate against `host`.
@@ -66,6 +83,7 @@ impl LinkTls {
         let host = address.rsplit_once(':').map_or(address, |(h, _)| h).trim_start_matches('[').trim_end_matches(']');
         let name = ServerName::try_from(host.to_string())
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{host}: {e}")))?;
-        self.connector.connect(name, stream).await
+        let connector = self.current.read().1.clone();
+        connector.connect(name, stream).await
     }
 }

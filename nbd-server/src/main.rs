@@ -1,14 +1,14 @@
 //! `nbd-server`: serve every disk of a CAS store over NBD.
 
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
 use std::process::ExitCode;
-use std::str::FromStr;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use argh::FromArgs;
 use cas_store::{Store, StoreError, StoreOptions};
+mod cli;
+
+use cli::{parse_size, Args};
 use nbd_server::compaction::{spawn_compaction, DEFAULT_COMPACT_BELOW, DEFAULT_COMPACT_INTERVAL_SECS};
 use nbd_server::control::{serve_control, serve_migrations, ControlListener};
 use nbd_server::link_tls::LinkTls;
@@ -18,191 +18,8 @@ use nbd_server::{serve, ExportRegistry, Listener, ServerConfig, TlsConfig};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
-/// Serve every disk of a CAS store as an NBD export.
-///
-/// Prints "listening on <uri>" for each listener, then "ready", on standard output.
-/// Logs go to standard error (filter with RUST_LOG, e.g. RUST_LOG=nbd_server=debug).
-#[derive(FromArgs, Debug)]
-struct Args {
-    /// store directory (created on first use)
-    #[argh(option)]
-    store: PathBuf,
-
-    /// TCP address to listen on, repeatable; port 0 picks a free port (default
-    /// 127.0.0.1:10809 when no --unix is given)
-    #[argh(option)]
-    listen: Vec<String>,
-
-    /// unix socket to listen on
-    #[argh(option)]
-    unix: Option<PathBuf>,
-
-    /// NAME:SIZE: create this disk if it does not exist (SIZE in bytes, or with a K, M, G or
-    /// T suffix; a multiple of 512); repeatable
-    #[argh(option)]
-    disk: Vec<DiskSpec>,
-
-    /// export every disk read-only
-    #[argh(switch)]
-    read_only: bool,
-
-    /// TLS certificate chain (PEM); enables NBD_OPT_STARTTLS
-    #[argh(option)]
-    tls_cert: Option<PathBuf>,
-
-    /// TLS private key (PEM)
-    #[argh(option)]
-    tls_key: Option<PathBuf>,
-
-    /// CA certificates (PEM): clients must present a certificate signed by one of them
-    #[argh(option)]
-    tls_client_ca: Option<PathBuf>,
-
-    /// refuse clients that do not start TLS
-    #[argh(switch)]
-    tls_required: bool,
-
-    /// block size of a new store (a power of two, 512 to 65536; default 4096)
-    #[argh(option)]
-    block_size: Option<u32>,
-
-    /// where a new store keeps its blocks: "rocksdb" (default: in block containers in the
-    /// store directory, RocksDB as their index) or
-    /// "rados:POOL[/NAMESPACE]" (a Ceph pool the datacentre's servers share); fixed at creation
-    #[argh(option, default = "String::from(\"rocksdb\")")]
-    blocks: String,
-
-    /// the Ceph configuration for --blocks rados:... (default /etc/ceph/ceph.conf)
-    #[argh(option)]
-    ceph_conf: Option<PathBuf>,
-
-    /// the Ceph user for --blocks rados:... (default client.admin)
-    #[argh(option)]
-    ceph_user: Option<String>,
-
-    /// seconds between background compaction passes over the block containers (default 300;
-    /// 0 turns them off; `cas gc` runs one at any time)
-    #[argh(option)]
-    compact_interval: Option<f64>,
-
-    /// size of the block containers a new container takes (default 64M; the unit compaction
-    /// rewrites)
-    #[argh(option)]
-    container_size: Option<String>,
-
-    /// compaction rewrites containers whose live blocks fill less than this share (default 0.5)
-    #[argh(option)]
-    compact_below: Option<f64>,
-
-    /// re-hash every block read from the containers and fail reads whose bytes do not match
-    /// their fingerprint (costs a hash per block read)
-    #[argh(switch)]
-    verify_reads: bool,
-
-    /// requests one connection serves at once, each on a thread of its own (default 16)
-    #[argh(option)]
-    max_in_flight: Option<usize>,
-    /// established NBD connections at most (default 1024); a newcomer is refused when they
-    /// are all taken, an established client is never dropped for it
-    #[argh(option)]
-    max_connections: Option<usize>,
-    /// NBD connections still negotiating at most, a budget apart from established ones
-    /// (default 256)
-    #[argh(option)]
-    max_negotiating: Option<usize>,
-    /// NBD connections negotiating from one source address at most (default 64)
-    #[argh(option)]
-    max_negotiating_per_peer: Option<usize>,
-    /// seconds a client has to negotiate while the negotiating budget is empty (default 30);
-    /// the deadline shrinks as it fills, to 1 s when it is nearly full
-    #[argh(option)]
-    handshake_timeout: Option<u64>,
-
-    /// export served to clients that ask for the empty name (default: the first --disk, or
-    /// the only disk of the store)
-    #[argh(option)]
-    default_export: Option<String>,
-
-    /// unix socket for the control API (JSON lines; see CONTROL.md)
-    #[argh(option)]
-    control: Option<PathBuf>,
-
-    /// TCP address for the control API, repeatable (no authentication: bind it to a
-    /// management network or loopback only)
-    #[argh(option)]
-    control_listen: Vec<String>,
-
-    /// TCP address where other servers send migrations (port 0 picks a free port)
-    #[argh(option)]
-    migration_listen: Option<String>,
-
-    /// this server's certificate for the migration link's mutual TLS (PEM)
-    #[argh(option)]
-    migration_cert: Option<PathBuf>,
-
-    /// the key of --migration-cert (PEM)
-    #[argh(option)]
-    migration_key: Option<PathBuf>,
-
-    /// the CA that signs every server's migration certificate (PEM)
-    #[argh(option)]
-    migration_ca: Option<PathBuf>,
-
-    /// allow migrations over plaintext TCP (tenant data crosses the WAN unencrypted and
-    /// unauthenticated: for tests and trusted links only)
-    #[argh(switch)]
-    migration_insecure: bool,
-
-    /// TCP address where Prometheus scrapes /metrics (plain HTTP: bind it to a management
-    /// network or loopback)
-    #[argh(option)]
-    metrics_listen: Option<String>,
-
-    /// seconds between two walks of the reference index for the store-space metrics
-    /// (default 60)
-    #[argh(option)]
-    metrics_space_interval: Option<f64>,
-}
-
-/// `--disk NAME:SIZE`.
-#[derive(Debug, Clone)]
-struct DiskSpec {
-    name: String,
-    size: u64,
-}
-
-impl FromStr for DiskSpec {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<DiskSpec, String> {
-        let (name, size) = s.rsplit_once(':').ok_or_else(|| format!("{s:?}: expected NAME:SIZE"))?;
-        if name.is_empty() {
-            return Err(format!("{s:?}: empty disk name"));
-        }
-        let size = parse_size(size)?;
-        if size == 0 || size % 512 != 0 {
-            return Err(format!("{s:?}: size must be a positive multiple of 512"));
-        }
-        Ok(DiskSpec { name: name.to_owned(), size })
-    }
-}
-
-/// "4096", "64M", "10G", "1T", "512k" (binary multiples).
-fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (digits, shift) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
-        Some('K') => (&s[..s.len() - 1], 10),
-        Some('M') => (&s[..s.len() - 1], 20),
-        Some('G') => (&s[..s.len() - 1], 30),
-        Some('T') => (&s[..s.len() - 1], 40),
-        _ => (s, 0),
-    };
-    let n: u64 = digits.parse().map_err(|_| format!("{s:?} is not a size"))?;
-    n.checked_mul(1 << shift).ok_or_else(|| format!("{s:?} is too large"))
-}
-
 fn main() -> ExitCode {
-    let args: Args = argh::from_env();
+    let args = Args::from_env_and_config();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -211,7 +28,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    match run(args) {
+    match args.and_then(run) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");
@@ -239,8 +56,10 @@ fn tls_config(args: &Args) -> anyhow::Result<Option<TlsConfig>> {
 /// Opens the store, creates the `--disk`s, and registers every disk as an export. All of it
 /// runs before the async runtime starts: RocksDB calls never run on a runtime thread.
 fn open_exports(args: &Args) -> anyhow::Result<(Arc<Store>, Arc<Node>)> {
-    let pool = cas_rados::pool_from_spec(&args.blocks, args.ceph_conf.as_deref(), args.ceph_user.as_deref())
-        .with_context(|| format!("block pool {}", args.blocks))?;
+    let store_dir = args.store.as_deref().context("--store is required (on the command line or in --config)")?;
+    let blocks = args.blocks.as_deref().unwrap_or("rocksdb");
+    let pool = cas_rados::pool_from_spec(blocks, args.ceph_conf.as_deref(), args.ceph_user.as_deref())
+        .with_context(|| format!("block pool {blocks}"))?;
     let mut options =
         StoreOptions { block_size: args.block_size, pool, verify_reads: args.verify_reads, ..StoreOptions::default() };
     if let Some(size) = &args.container_size {
@@ -250,7 +69,7 @@ fn open_exports(args: &Args) -> anyhow::Result<(Arc<Store>, Arc<Node>)> {
         }
         options.container_bytes = bytes;
     }
-    let store = Store::open(&args.store, options).with_context(|| format!("opening store {}", args.store.display()))?;
+    let store = Store::open(store_dir, options).with_context(|| format!("opening store {}", store_dir.display()))?;
     let store = Arc::new(store);
 
     for spec in &args.disk {
@@ -268,7 +87,7 @@ fn open_exports(args: &Args) -> anyhow::Result<(Arc<Store>, Arc<Node>)> {
 
     let registry = Arc::new(ExportRegistry::new());
     // Migration records live beside the store's data, so they move and vanish with it.
-    let records = args.store.join("migrations");
+    let records = store_dir.join("migrations");
     let state = migration::FileStateStore::open(&records)
         .with_context(|| format!("migration records in {}", records.display()))?;
     let node = Node::new(Arc::clone(&store), Arc::clone(&registry), args.read_only, link_tls(args)?, Arc::new(state))?;
@@ -417,6 +236,16 @@ fn run(args: Args) -> anyhow::Result<()> {
         let mut sigterm = signal(SignalKind::terminate())?;
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sigusr1 = signal(SignalKind::user_defined1())?;
+        let mut sighup = signal(SignalKind::hangup())?;
+        let (nbd_tls, link_tls) = (config.tls.clone(), node.link_tls.clone());
+        tokio::spawn(async move {
+            while sighup.recv().await.is_some() {
+                let (nbd_tls, link_tls) = (nbd_tls.clone(), link_tls.clone());
+                // Reading files: on the blocking pool.
+                let _ =
+                    tokio::task::spawn_blocking(move || reload_certificates(nbd_tls.as_ref(), link_tls.as_ref())).await;
+            }
+        });
         let stats_registry = Arc::clone(&registry);
         tokio::spawn(async move {
             while sigusr1.recv().await.is_some() {
@@ -469,6 +298,23 @@ fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// SIGHUP: the NBD and migration certificates are read again; the next handshake uses them,
+/// connections already up keep theirs. A file that does not load leaves the old one in force.
+fn reload_certificates(nbd: Option<&TlsConfig>, link: Option<&LinkTls>) {
+    if let Some(tls) = nbd {
+        match tls.reload() {
+            Ok(()) => info!("SIGHUP: NBD TLS certificates reloaded"),
+            Err(e) => error!("SIGHUP: NBD TLS certificates not reloaded, the old ones stay: {e}"),
+        }
+    }
+    if let Some(tls) = link {
+        match tls.reload() {
+            Ok(()) => info!("SIGHUP: migration link certificates reloaded"),
+            Err(e) => error!("SIGHUP: migration link certificates not reloaded, the old ones stay: {e}"),
+        }
+    }
+}
+
 fn log_stats(registry: &ExportRegistry) {
     for export in registry.list() {
         let s = export.stats().snapshot();
@@ -487,30 +333,5 @@ fn log_stats(registry: &ExportRegistry) {
             connections = s.connections_total,
             "export counters"
         );
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("64M"), Ok(64 << 20));
-        assert_eq!(parse_size("2g"), Ok(2 << 30));
-        assert_eq!(parse_size("1T"), Ok(1 << 40));
-        assert!(parse_size("x").is_err());
-        assert!(parse_size("99999999999999T").is_err());
-    }
-
-    #[test]
-    fn disk_specs() {
-        let d: DiskSpec = "vm-1:10G".parse().unwrap();
-        assert_eq!((d.name.as_str(), d.size), ("vm-1", 10 << 30));
-        assert!("novalue".parse::<DiskSpec>().is_err());
-        assert!(":1M".parse::<DiskSpec>().is_err());
-        assert!("d:1000".parse::<DiskSpec>().is_err());
-        assert!("d:0".parse::<DiskSpec>().is_err());
     }
 }

@@ -5,6 +5,7 @@ use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use parking_lot::RwLock;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
@@ -27,11 +28,24 @@ pub enum TlsError {
 
 /// The server's TLS setup: certificate, key, optional client CA, and whether plain clients
 /// are refused.
+///
+/// Clones share one configuration: [`TlsConfig::reload`] (the server runs it on SIGHUP)
+/// reads the files again and the next handshake uses them; sessions already established keep
+/// theirs, so no connection drops.
 #[derive(Clone)]
 pub struct TlsConfig {
-    server_config: Arc<rustls::ServerConfig>,
+    server_config: Arc<RwLock<Arc<rustls::ServerConfig>>>,
+    /// The files it came from (None: built from a ready rustls configuration).
+    files: Option<Arc<PemFiles>>,
     /// FORCEDTLS mode: every option but STARTTLS and ABORT gets `NBD_REP_ERR_TLS_REQD`.
     pub required: bool,
+}
+
+#[derive(Debug)]
+struct PemFiles {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: Option<PathBuf>,
 }
 
 impl fmt::Debug for TlsConfig {
@@ -43,7 +57,7 @@ impl fmt::Debug for TlsConfig {
 impl TlsConfig {
     /// Wraps a ready rustls configuration.
     pub fn new(server_config: Arc<rustls::ServerConfig>, required: bool) -> TlsConfig {
-        TlsConfig { server_config, required }
+        TlsConfig { server_config: Arc::new(RwLock::new(server_config)), files: None, required }
     }
 
     /// Loads a certificate chain and key (PEM). With `client_ca`, clients must present a
@@ -54,6 +68,29 @@ impl TlsConfig {
         client_ca: Option<&Path>,
         required: bool,
     ) -> Result<TlsConfig, TlsError> {
+        let files = PemFiles { cert: cert.to_owned(), key: key.to_owned(), client_ca: client_ca.map(Path::to_owned) };
+        let config = files.load()?;
+        Ok(TlsConfig { server_config: Arc::new(RwLock::new(config)), files: Some(Arc::new(files)), required })
+    }
+
+    /// Reads the certificate, key and client CA files again; on success the next handshake
+    /// uses them. On failure nothing changes (the error says why).
+    pub fn reload(&self) -> Result<(), TlsError> {
+        if let Some(files) = &self.files {
+            let config = files.load()?;
+            *self.server_config.write() = config;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(Arc::clone(&self.server_config.read()))
+    }
+}
+
+impl PemFiles {
+    fn load(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        let (cert, key, client_ca) = (&self.cert, &self.key, self.client_ca.as_deref());
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let chain = read_certs(cert)?;
         let key = read_key(key)?;
@@ -70,12 +107,7 @@ impl TlsConfig {
             }
             None => builder.with_no_client_auth(),
         };
-        let config = builder.with_single_cert(chain, key)?;
-        Ok(TlsConfig::new(Arc::new(config), required))
-    }
-
-    pub(crate) fn acceptor(&self) -> TlsAcceptor {
-        TlsAcceptor::from(Arc::clone(&self.server_config))
+        Ok(Arc::new(builder.with_single_cert(chain, key)?))
     }
 }
 

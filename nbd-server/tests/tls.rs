@@ -181,3 +181,76 @@ fn optional_tls() {
     let qemu_img = require_tool("qemu-img");
     run_ok(Command::new(qemu_img).args(["info", "-f", "raw", &server.uri("disk")]));
 }
+
+/// SIGHUP reloads the certificate files: a client connected before keeps its connection and
+/// its I/O, new clients meet the new certificate (one trusting only the old CA is refused),
+/// and a file that does not load leaves the certificate in force.
+#[test]
+fn sighup_reloads_certificates_without_dropping_connections() {
+    let old = tempfile::tempdir().unwrap();
+    let new = tempfile::tempdir().unwrap();
+    make_pki(old.path());
+    make_pki(new.path());
+    let (old_client, _) = client_dirs(old.path());
+    let (new_client, _) = client_dirs(new.path());
+    // The server reads its files from `live`, which starts as a copy of the old PKI.
+    let live = tempfile::tempdir().unwrap();
+    for f in ["server-cert.pem", "server-key.pem", "ca-cert.pem"] {
+        std::fs::copy(old.path().join(f), live.path().join(f)).unwrap();
+    }
+    let args = tls_args(live.path(), true, true);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (_dir, server) = start_server(&["disk:4M"], &args);
+    let python = require_python_libnbd();
+    let script = format!(
+        r#"
+import os, shutil, signal, time
+def client(certs):
+    h = nbd.NBD()
+    h.set_tls(nbd.TLS_REQUIRE)
+    h.set_tls_certificates(certs)
+    h.set_export_name("disk")
+    h.connect_tcp("localhost", "{port}")
+    return h
+before = client("{old_client}")
+before.pwrite(b"\x11" * 4096, 0, nbd.CMD_FLAG_FUA)
+# Garbage in the key file: the reload fails and the old certificate stays.
+open("{live}/server-key.pem", "w").write("not a key")
+os.kill({pid}, signal.SIGHUP)
+time.sleep(0.5)
+client("{old_client}").shutdown()
+for f in ["server-cert.pem", "server-key.pem", "ca-cert.pem"]:
+    shutil.copy(os.path.join("{new}", f), os.path.join("{live}", f))
+os.kill({pid}, signal.SIGHUP)
+time.sleep(0.5)
+assert before.pread(4096, 0) == b"\x11" * 4096, "the connection made before the reload goes on"
+before.pwrite(b"\x22" * 4096, 4096, nbd.CMD_FLAG_FUA)
+try:
+    client("{old_client}")
+    raise SystemExit("a client trusting only the old CA connected after the reload")
+except nbd.Error:
+    pass
+after = client("{new_client}")
+assert after.pread(8192, 0) == b"\x11" * 4096 + b"\x22" * 4096
+after.shutdown()
+before.shutdown()
+print("OK")
+"#,
+        port = server.port(),
+        pid = server.pid(),
+        old_client = old_client.display(),
+        new_client = new_client.display(),
+        live = live.path().display(),
+        new = new.path().display(),
+    );
+    let out = Command::new(python).args(["-m", "nbd", "-c", &script]).output().unwrap();
+    let log = std::fs::read_to_string(&server.stderr_path).unwrap_or_default();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("OK"),
+        "{}\n{}\nserver log:\n{log}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(log.contains("not reloaded, the old ones stay"), "the failed reload is logged: {log}");
+    assert!(log.contains("NBD TLS certificates reloaded"), "{log}");
+}
