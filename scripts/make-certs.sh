@@ -2,7 +2,8 @@
 # Makes a throwaway CA and one certificate per server for the migration link's mutual TLS.
 #   scripts/make-certs.sh DIR NAME[,NAME...] [IP-or-DNS ...]
 # writes DIR/ca.pem (and ca.key) and DIR/NAME.pem, DIR/NAME.key for each NAME, valid for
-# 127.0.0.1, ::1, localhost and every extra address given. Each certificate can serve and
+# 127.0.0.1, ::1, localhost and every extra address given, and naming NAME itself as a DNS
+# subject alternative name (the identity `nbd-server --allow` rules match). Each certificate can serve and
 # connect (serverAuth and clientAuth), as each server is a source and a destination in turn.
 set -euo pipefail
 [ $# -ge 2 ] || { echo "usage: $0 DIR NAME[,NAME...] [ADDRESS ...]" >&2; exit 2; }
@@ -22,7 +23,7 @@ for n in "${list[@]}"; do
   openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$n" \
     -keyout "$dir/$n.key" -out "$dir/$n.csr" 2>/dev/null
   openssl x509 -req -in "$dir/$n.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca.key" -CAcreateserial \
-    -days 3650 -out "$dir/$n.pem" -extfile <(printf 'subjectAltName=%s\nextendedKeyUsage=serverAuth,clientAuth\nkeyUsage=critical,digitalSignature\nbasicConstraints=CA:FALSE\n' "$san") 2>/dev/null
+    -days 3650 -out "$dir/$n.pem" -extfile <(printf 'subjectAltName=%s\nextendedKeyUsage=serverAuth,clientAuth\nkeyUsage=critical,digitalSignature\nbasicConstraints=CA:FALSE\n' "$san,DNS:$n") 2>/dev/null
   rm -f "$dir/$n.csr"
 done
 echo "$dir: ca.pem and ${names//,/ } certificates for $san"

@@ -126,10 +126,31 @@ pub struct Args {
     #[argh(option)]
     pub control: Option<PathBuf>,
 
-    /// TCP address for the control API, repeatable (no authentication: bind it to a
-    /// management network or loopback only)
+    /// TCP address for the control API, repeatable; needs mutual TLS (--control-cert,
+    /// --control-key, --control-ca)
     #[argh(option)]
     pub control_listen: Vec<String>,
+
+    /// certificate chain of the TCP control API (PEM)
+    #[argh(option)]
+    pub control_cert: Option<PathBuf>,
+
+    /// the key of --control-cert (PEM)
+    #[argh(option)]
+    pub control_key: Option<PathBuf>,
+
+    /// CA of the control API's clients (PEM): operators and hosts present a certificate it
+    /// signed (cas and migrate: NBD_CAS_CONTROL_CERT, _KEY and _CA)
+    #[argh(option)]
+    pub control_ca: Option<PathBuf>,
+
+    /// PATTERN=ID[,ID...]: clients whose certificate names one of the IDs (a DNS or URI
+    /// subject alternative name; * for any) may use the disks whose names match PATTERN (a
+    /// glob), over NBD and the TCP control API; repeatable. With any rule, whatever no rule
+    /// allows is refused, and PATTERN * makes administrators (store and migration methods).
+    /// Needs --tls-client-ca and --tls-required.
+    #[argh(option)]
+    pub allow: Vec<String>,
 
     /// TCP address where other servers send migrations (port 0 picks a free port)
     #[argh(option)]
@@ -281,6 +302,10 @@ impl Args {
             default_export,
             control,
             control_listen,
+            control_cert,
+            control_key,
+            control_ca,
+            allow,
             migration_listen,
             migration_cert,
             migration_key,
@@ -314,6 +339,10 @@ impl Args {
         self.default_export.overlay(default_export);
         self.control.overlay(control);
         self.control_listen.overlay(control_listen);
+        self.control_cert.overlay(control_cert);
+        self.control_key.overlay(control_key);
+        self.control_ca.overlay(control_ca);
+        self.allow.overlay(allow);
         self.migration_listen.overlay(migration_listen);
         self.migration_cert.overlay(migration_cert);
         self.migration_key.overlay(migration_key);

@@ -21,6 +21,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod access;
 pub mod admission;
 mod budget;
 mod buffer;

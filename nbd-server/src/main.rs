@@ -9,6 +9,7 @@ use cas_store::{Store, StoreError, StoreOptions};
 mod cli;
 
 use cli::{parse_size, Args};
+use nbd_server::access::AccessRules;
 use nbd_server::compaction::{spawn_compaction, DEFAULT_COMPACT_BELOW, DEFAULT_COMPACT_INTERVAL_SECS};
 use nbd_server::control::{serve_control, serve_migrations, ControlListener};
 use nbd_server::link_tls::LinkTls;
@@ -130,8 +131,30 @@ fn link_tls(args: &Args) -> anyhow::Result<Option<LinkTls>> {
     }
 }
 
+/// `--allow` rules, checked against the TLS settings they depend on.
+fn access_rules(args: &Args) -> anyhow::Result<Arc<AccessRules>> {
+    let rules = AccessRules::parse(args.allow.iter().map(String::as_str))?;
+    if !rules.is_open() && (args.tls_client_ca.is_none() || !args.tls_required) {
+        bail!("--allow needs --tls-client-ca and --tls-required: the rules match names in client certificates");
+    }
+    Ok(Arc::new(rules))
+}
+
+/// The TCP control API's mutual TLS; None when it has no TCP listener.
+fn control_tls(args: &Args) -> anyhow::Result<Option<TlsConfig>> {
+    match (&args.control_cert, &args.control_key, &args.control_ca) {
+        (Some(cert), Some(key), Some(ca)) => Ok(Some(TlsConfig::from_pem_files(cert, key, Some(ca), true)?)),
+        (None, None, None) if args.control_listen.is_empty() => Ok(None),
+        (None, None, None) => {
+            bail!("--control-listen needs mutual TLS: --control-cert, --control-key and --control-ca (or use --control, a Unix socket)")
+        }
+        _ => bail!("--control-cert, --control-key and --control-ca go together"),
+    }
+}
+
 fn run(args: Args) -> anyhow::Result<()> {
-    let mut config = ServerConfig { tls: tls_config(&args)?, ..ServerConfig::default() };
+    let mut config = ServerConfig { tls: tls_config(&args)?, access: access_rules(&args)?, ..ServerConfig::default() };
+    let control_tls = control_tls(&args)?;
     if let Some(n) = args.max_in_flight {
         config.max_in_flight_per_connection = n;
     }
@@ -191,7 +214,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             );
         }
         for addr in &args.control_listen {
-            control.push(ControlListener::bind_tcp(addr).await.with_context(|| format!("control on {addr}"))?);
+            let tls = control_tls.clone().context("the TCP control API has no TLS settings")?;
+            control.push(ControlListener::bind_tcp(addr, tls).await.with_context(|| format!("control on {addr}"))?);
         }
         let metrics_listener = match &args.metrics_listen {
             Some(addr) => {
@@ -237,13 +261,15 @@ fn run(args: Args) -> anyhow::Result<()> {
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sigusr1 = signal(SignalKind::user_defined1())?;
         let mut sighup = signal(SignalKind::hangup())?;
-        let (nbd_tls, link_tls) = (config.tls.clone(), node.link_tls.clone());
+        let (nbd_tls, link_tls, control_tls) = (config.tls.clone(), node.link_tls.clone(), control_tls.clone());
         tokio::spawn(async move {
             while sighup.recv().await.is_some() {
-                let (nbd_tls, link_tls) = (nbd_tls.clone(), link_tls.clone());
+                let (nbd_tls, link_tls, control_tls) = (nbd_tls.clone(), link_tls.clone(), control_tls.clone());
                 // Reading files: on the blocking pool.
-                let _ =
-                    tokio::task::spawn_blocking(move || reload_certificates(nbd_tls.as_ref(), link_tls.as_ref())).await;
+                let _ = tokio::task::spawn_blocking(move || {
+                    reload_certificates(nbd_tls.as_ref(), link_tls.as_ref(), control_tls.as_ref())
+                })
+                .await;
             }
         });
         let stats_registry = Arc::clone(&registry);
@@ -268,8 +294,13 @@ fn run(args: Args) -> anyhow::Result<()> {
             }
             let _ = stop_tx.send(true);
         });
-        let control_task =
-            tokio::spawn(serve_control(control, Arc::clone(&node), config.admission_limits(), stopped()));
+        let control_task = tokio::spawn(serve_control(
+            control,
+            Arc::clone(&node),
+            config.admission_limits(),
+            config.access.clone(),
+            stopped(),
+        ));
         let metrics_task = match metrics_listener {
             Some(listener) => {
                 let space = SpaceSampler::start(&store, space_interval).context("starting the store-space sampler")?;
@@ -300,11 +331,13 @@ fn run(args: Args) -> anyhow::Result<()> {
 
 /// SIGHUP: the NBD and migration certificates are read again; the next handshake uses them,
 /// connections already up keep theirs. A file that does not load leaves the old one in force.
-fn reload_certificates(nbd: Option<&TlsConfig>, link: Option<&LinkTls>) {
-    if let Some(tls) = nbd {
-        match tls.reload() {
-            Ok(()) => info!("SIGHUP: NBD TLS certificates reloaded"),
-            Err(e) => error!("SIGHUP: NBD TLS certificates not reloaded, the old ones stay: {e}"),
+fn reload_certificates(nbd: Option<&TlsConfig>, link: Option<&LinkTls>, control: Option<&TlsConfig>) {
+    for (what, tls) in [("NBD TLS", nbd), ("control API", control)] {
+        if let Some(tls) = tls {
+            match tls.reload() {
+                Ok(()) => info!("SIGHUP: {what} certificates reloaded"),
+                Err(e) => error!("SIGHUP: {what} certificates not reloaded, the old ones stay: {e}"),
+            }
         }
     }
     if let Some(tls) = link {

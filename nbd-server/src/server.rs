@@ -20,6 +20,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tracing::{info, info_span, warn, Instrument};
 
+use crate::access::AccessRules;
 use crate::admission::{Admission, AdmissionLimits};
 use crate::budget::Budget;
 use crate::buffer::BufferPool;
@@ -33,6 +34,8 @@ use crate::tls::TlsConfig;
 pub struct ServerConfig {
     /// `Some`: offer STARTTLS (and, with `required`, insist on it).
     pub tls: Option<TlsConfig>,
+    /// Which certified clients may see and open which exports (empty: all of them).
+    pub access: Arc<AccessRules>,
     /// Requests one connection serves at once: its threads, each of which reads a request,
     /// runs it and writes its reply (nbdkit's default is 16). A client with more requests in
     /// flight (the kernel client sends up to 128) queues them in the socket.
@@ -68,6 +71,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             tls: None,
+            access: Arc::new(AccessRules::default()),
             max_in_flight_per_connection: 16,
             max_in_flight_total: 512,
             max_buffered_bytes_per_connection: 128 << 20,

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::flood::{rss_kib, Flood};
-use common::server::{certs, free_port, load, run, tls_args, Server, TestDir, CAS, MIGRATE};
+use common::server::{as_client, certs, control_tls_args, free_port, load, run, tls_args, Server, TestDir, CAS, MIGRATE};
 use serde_json::Value;
 
 const IDLE: usize = 5000;
@@ -168,14 +168,21 @@ fn migration_listener_flood_does_not_stop_a_migration() {
 #[test]
 fn control_api_flood_does_not_lock_out_the_operator() {
     let dir = TestDir::new();
-    let server = Server::start(dir.path(), "a", &["--control-listen", "127.0.0.1:0", "--disk", "d0:16M"]);
+    let certs = certs(dir.path(), "dc,ops");
+    let args: Vec<String> = [vec!["--control-listen".into(), "127.0.0.1:0".into(), "--disk".into(), "d0:16M".into()], control_tls_args(&certs, "dc")].concat();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = Server::start(dir.path(), "a", &args);
     let control = server.control_tcp.first().expect("a TCP control address").clone();
     let flood = Flood::start(addr(&control), IDLE, TRICKLE);
     std::thread::sleep(Duration::from_secs(3));
     let mut slowest = Duration::ZERO;
     for _ in 0..10 {
-        slowest = slowest.max(within_a_second("migrate status", Command::new(MIGRATE).args(["status", "--server", &control, "--json"])));
-        slowest = slowest.max(within_a_second("cas ls", Command::new(CAS).args(["ls", "--server", &control])));
+        let mut status = Command::new(MIGRATE);
+        status.args(["status", "--server", &control, "--json"]);
+        slowest = slowest.max(within_a_second("migrate status", as_client(&mut status, &certs, "ops")));
+        let mut ls = Command::new(CAS);
+        ls.args(["ls", "--server", &control]);
+        slowest = slowest.max(within_a_second("cas ls", as_client(&mut ls, &certs, "ops")));
         std::thread::sleep(Duration::from_millis(200));
     }
     let rss = rss_kib(server.child.id());

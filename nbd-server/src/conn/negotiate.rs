@@ -9,6 +9,7 @@ use tracing::{debug, info, trace, warn};
 
 use super::transmission::Transmission;
 use super::{ConnError, BASE_ALLOCATION_ID};
+use crate::access::Client;
 use crate::export::{BlockDevice, Export};
 use crate::proto::consts::*;
 use crate::proto::handshake::{
@@ -37,7 +38,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Greeting<S> {
         // Unknown client flags: the spec says the server MUST drop the connection.
         let client = parse_client_flags(raw)?;
         trace!(?client, "client flags");
-        Ok(Options { io: self.io, client, structured: false, meta_export: None, out: Vec::with_capacity(256) })
+        Ok(Options {
+            io: self.io,
+            client,
+            who: Client::Anonymous,
+            structured: false,
+            meta_export: None,
+            out: Vec::with_capacity(256),
+        })
     }
 }
 
@@ -45,6 +53,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Greeting<S> {
 pub(super) struct Options<S> {
     io: Transport<S>,
     client: ClientFlags,
+    /// Who the client is, for the access rules: anonymous until its certificate is verified.
+    who: Client,
     structured: bool,
     /// Canonical name of the export `base:allocation` was selected for.
     meta_export: Option<String>,
@@ -106,12 +116,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Options<S> {
                     // The spec: no negotiation state survives STARTTLS.
                     self.structured = false;
                     self.meta_export = None;
-                    debug!("TLS established");
+                    self.who = Client::from_chain(self.io.peer_certificates());
+                    debug!(client = %self.who.describe(), "TLS established");
                 }
                 Step::Transmission(export) => {
                     let block_status = self.structured && self.meta_export.as_deref() == Some(export.name());
                     info!(
                         export = export.name(),
+                        client = %self.who.describe(),
                         structured = self.structured,
                         block_status,
                         tls = self.io.is_tls(),
@@ -141,9 +153,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Options<S> {
         encode_option_reply(&mut self.out, option, REP_ACK, &[]);
     }
 
-    /// Looks up an export that may be offered (exists and is not closed).
-    fn find_export(shared: &Shared, name: &str) -> Option<Arc<Export>> {
-        shared.registry.get(name).filter(|e| !e.is_closed())
+    /// Looks up an export that may be offered to this client: it exists, is not closed, and
+    /// the access rules allow it (one not allowed is answered as one that does not exist).
+    fn find_export(&self, shared: &Shared, name: &str) -> Option<Arc<Export>> {
+        shared.registry.get(name).filter(|e| !e.is_closed() && self.may_use(shared, e))
+    }
+
+    fn may_use(&self, shared: &Shared, export: &Export) -> bool {
+        let allowed = shared.config.access.may_use(&self.who, export.name());
+        if !allowed {
+            debug!(export = export.name(), client = %self.who.describe(), "export not allowed to this client");
+        }
+        allowed
     }
 
     /// Handles one option, appending its replies to `self.out`.
@@ -181,7 +202,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Options<S> {
                 if !data.is_empty() {
                     self.error(option, REP_ERR_INVALID, "NBD_OPT_LIST takes no data");
                 } else {
-                    for export in shared.registry.list().iter().filter(|e| !e.is_closed()) {
+                    let exports = shared.registry.list();
+                    for export in
+                        exports.iter().filter(|e| !e.is_closed() && shared.config.access.may_use(&self.who, e.name()))
+                    {
                         encode_rep_server(&mut self.out, export.name(), export.description());
                     }
                     self.ack(option);
@@ -214,7 +238,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Options<S> {
     fn export_name(&mut self, data: &[u8], shared: &Shared) -> Result<Step, ConnError> {
         // No way to report an error here: the spec says to end the session.
         let name = parse_string(data).map_err(|e| ConnError::Refused(format!("bad export name: {e}")))?;
-        let export = Self::find_export(shared, name)
+        let export = self
+            .find_export(shared, name)
             .ok_or_else(|| ConnError::Refused(format!("client asked for unknown export {name:?}")))?;
         let flags = transmission_flags(&export, self.structured);
         encode_export_name_reply(&mut self.out, export.size(), flags, self.client.no_zeroes);
@@ -246,7 +271,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Options<S> {
                 return Step::Continue;
             }
         };
-        let Some(export) = Self::find_export(shared, request.name) else {
+        let Some(export) = self.find_export(shared, request.name) else {
             self.error(option, REP_ERR_UNKNOWN, &format!("no export named {:?}", request.name));
             return Step::Continue;
         };
@@ -285,7 +310,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Options<S> {
                 return;
             }
         };
-        let Some(export) = Self::find_export(shared, request.export) else {
+        let Some(export) = self.find_export(shared, request.export) else {
             self.error(option, REP_ERR_UNKNOWN, &format!("no export named {:?}", request.export));
             return;
         };

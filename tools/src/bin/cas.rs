@@ -515,7 +515,9 @@ fn run(cas: Cas) -> Result<()> {
         Command::Snapshot(c) => copy_disk(&c.disk, &c.name, &c.store, &c.server, c.json, true)?,
         Command::Clone(c) => copy_disk(&c.source, &c.name, &c.store, &c.server, c.json, false)?,
         Command::Stats(c) => {
-            let (total, disks): (cas_store::StoreStats, Vec<cas_store::DiskStats>) = match target(&c.store, &c.server)? {
+            // The store's totals: absent when the server keeps them from this client (they
+            // cover every tenant's disks; see `nbd-server --allow`).
+            let (total, disks): (Option<cas_store::StoreStats>, Vec<cas_store::DiskStats>) = match target(&c.store, &c.server)? {
                 Target::Store(path) => {
                     let store = open_store(&path, None, None, false)?;
                     let names: Vec<String> = match &c.name {
@@ -523,7 +525,7 @@ fn run(cas: Cas) -> Result<()> {
                         None => store.list_disks()?.into_iter().map(|d| d.name).collect(),
                     };
                     let disks = names.iter().map(|n| store.disk_stats(n)).collect::<Result<Vec<_>, _>>()?;
-                    (store.stats()?, disks)
+                    (Some(store.stats()?), disks)
                 }
                 Target::Server(addr) => {
                     let v = ControlClient::connect(&addr)?.call("disk.stats", json!({"name": c.name}))?;
@@ -540,6 +542,7 @@ fn run(cas: Cas) -> Result<()> {
                     })
                     .collect();
                 print!("{}", table::render(&["disk", "size", "allocated", "shared", "exclusive"], &rows));
+                let Some(total) = total else { return Ok(()) };
                 println!(
                     "store: {} disks, {} logical, {} allocated, {} stored in {} blocks of {} ({}), dedupe {:.2}x{}",
                     total.disks,

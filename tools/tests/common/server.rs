@@ -175,14 +175,31 @@ pub fn certs(dir: &Path, names: &str) -> PathBuf {
 }
 
 pub fn tls_args(certs: &Path, name: &str) -> Vec<String> {
+    cert_args("migration", certs, name)
+}
+
+/// The TCP control API's mutual TLS for a server holding `certs/NAME.pem`.
+pub fn control_tls_args(certs: &Path, name: &str) -> Vec<String> {
+    cert_args("control", certs, name)
+}
+
+/// `--WHAT-cert certs/NAME.pem --WHAT-key certs/NAME.key --WHAT-ca certs/ca.pem`.
+fn cert_args(what: &str, certs: &Path, name: &str) -> Vec<String> {
     vec![
-        "--migration-cert".into(),
+        format!("--{what}-cert"),
         certs.join(format!("{name}.pem")).display().to_string(),
-        "--migration-key".into(),
+        format!("--{what}-key"),
         certs.join(format!("{name}.key")).display().to_string(),
-        "--migration-ca".into(),
+        format!("--{what}-ca"),
         certs.join("ca.pem").display().to_string(),
     ]
+}
+
+/// Makes `cmd` (cas, migrate) present `certs/NAME.pem` to a TCP control API.
+pub fn as_client<'a>(cmd: &'a mut Command, certs: &Path, name: &str) -> &'a mut Command {
+    cmd.env("NBD_CAS_CONTROL_CERT", certs.join(format!("{name}.pem")))
+        .env("NBD_CAS_CONTROL_KEY", certs.join(format!("{name}.key")))
+        .env("NBD_CAS_CONTROL_CA", certs.join("ca.pem"))
 }
 
 pub fn run(cmd: &mut Command) -> Output {
