@@ -123,6 +123,8 @@ impl Node {
                     Stage::Switched => Phase::PostCopy,
                 };
             });
+            // The cap as last recorded (set at the start or changed since).
+            let _ = status.set_bandwidth(r.config.as_ref().and_then(|c| c.bandwidth_bps));
             status.interrupt("the server restarted; resume or cancel it");
             tracing::warn!(id = %r.id, disk = %r.disk, stage = ?r.stage, "an outgoing migration was interrupted by a restart: `migrate resume` or `migrate cancel` it");
             self.migrations.lock().insert(r.id.clone(), status);

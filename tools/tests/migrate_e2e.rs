@@ -350,6 +350,8 @@ fn kill_mid_migration(kill_source: bool, post_copy: bool) {
     let m = wait_for_migration(&src, "data is crossing", |m| m["role"] == "source" && m["phase"] == phase && m["blocks_sent"].as_u64().unwrap_or(0) > 3000);
     let id = m["id"].as_str().unwrap().to_string();
     if kill_source {
+        // The operator changes the cap; the restarted source keeps the new one.
+        run(Command::new(MIGRATE).args(["set-bandwidth", "--server", src.ctl(), &id, "50mbit"]));
         src.child.kill().unwrap();
         src.child.wait().unwrap();
         // `migrate` was following the source, which is gone.
@@ -360,6 +362,7 @@ fn kill_mid_migration(kill_source: bool, post_copy: bool) {
         // disk is still served here (the switch-over had not happened).
         let r = src.ok("migration.status", json!({"id": id}));
         assert_eq!(r["phase"], "interrupted", "{r}");
+        assert_eq!(r["bandwidth_bps"], 50_000_000, "the cap set before the kill: {r}");
         // Before the switch-over the source still serves the disk; after it, never again.
         let exported = src.ok("server.info", json!({}))["exports"].as_array().unwrap().iter().any(|e| e == "vm");
         assert_eq!(exported, !post_copy);
@@ -369,6 +372,7 @@ fn kill_mid_migration(kill_source: bool, post_copy: bool) {
         let out = run(Command::new(MIGRATE).args(["resume", "--server", src.ctl(), &id, "--json", "--timeout", "300"]));
         let report: Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(report["phase"], "done", "{report}");
+        assert_eq!(report["bandwidth_bps"], 50_000_000, "the resumed migration ran under the cap set before the kill");
         eprintln!("source killed at {} blocks sent; after the restart: {} blocks sent, link {}", m["blocks_sent"], report["blocks_sent"], report["link"]);
         assert!(report["blocks_sent"].as_u64().unwrap() < 10288, "blocks the destination had were not sent again");
         // Cancel is refused after the switch-over, and for a finished migration.

@@ -126,13 +126,16 @@ impl Source {
             return;
         };
         let peer = self.status.report().peer;
+        let _record = self.status.record_lock.lock().await;
+        // The cap in force, which an operator may have changed since the start.
+        let config = SourceConfig { bandwidth_bps: self.status.cap.get(), ..self.config.clone() };
         let record = MigrationRecord {
             id: self.config.migration_id.clone(),
             role: "source".into(),
             disk: self.disk.clone(),
             peer,
             stage,
-            config: Some(self.config.clone()),
+            config: Some(config),
             hello: None,
         };
         let id = record.id.clone();

@@ -9,6 +9,7 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use crate::report::{MigrationReport, Phase};
+use crate::state::StateStore;
 use crate::wire::Traffic;
 
 /// Why an operator's request to a migration was refused.
@@ -49,6 +50,9 @@ pub struct MigrationStatus {
     pub(crate) changed: Notify,
     /// The bandwidth cap in force (the operator may change it while the migration runs).
     pub(crate) cap: crate::ratelimit::CapSetting,
+    /// Held while the migration's record is written, with the cap read under it: the last
+    /// record written holds the cap set last (the driver and `persist_cap` both write it).
+    pub(crate) record_lock: tokio::sync::Mutex<()>,
 }
 
 impl MigrationStatus {
@@ -66,6 +70,7 @@ impl MigrationStatus {
             switch: Notify::new(),
             changed: Notify::new(),
             cap: crate::ratelimit::CapSetting::default(),
+            record_lock: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -84,6 +89,22 @@ impl MigrationStatus {
         drop(r);
         self.changed.notify_waiters();
         Ok(())
+    }
+
+    /// Writes the cap in force into the migration's record in `state`, so that a restart of
+    /// this server keeps it (a migration without a record, finished or in memory only, has
+    /// nothing to update).
+    pub async fn persist_cap(&self, state: Arc<dyn StateStore>) -> std::io::Result<()> {
+        let _record = self.record_lock.lock().await;
+        let (id, cap) = (self.report.lock().id.clone(), self.cap.get());
+        let write = move || {
+            let Some(mut record) = state.load()?.into_iter().find(|r| r.id == id) else { return Ok(()) };
+            if let Some(config) = record.config.as_mut() {
+                config.bandwidth_bps = cap;
+            }
+            state.save(&record)
+        };
+        tokio::task::spawn_blocking(write).await.map_err(std::io::Error::other)?
     }
 
     /// Asks a source-side migration to stop before its switch-over. After the freeze it is

@@ -277,6 +277,11 @@ pub(super) async fn dispatch(node: &Arc<Node>, caller: &Caller, method: &str, p:
                 .migration_status(&id)
                 .ok_or_else(|| ControlError { kind: "not_found", message: format!("no migration {id:?}") })?;
             status.set_bandwidth(bandwidth_bps.filter(|&r| r > 0)).map_err(refused)?;
+            // In the record too: a restart of this server keeps the cap.
+            status.persist_cap(node.state.clone()).await.map_err(|e| ControlError {
+                kind: "failed",
+                message: format!("the cap is in force, but recording it for a restart failed: {e}"),
+            })?;
             Ok(json!(status.report()))
         }
         "migration.resume" => {

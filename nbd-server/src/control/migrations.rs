@@ -128,7 +128,13 @@ pub(super) fn resume_migration(node: &Arc<Node>, id: &str) -> Result<(), Control
 
 /// Runs an outgoing migration again from its record after a restart of this server.
 fn restart_source(node: &Arc<Node>, record: migration::MigrationRecord, status: Arc<MigrationStatus>, cancel: bool) {
-    let config = SourceConfig { restarted_at: Some(record.stage), ..record.config.clone().unwrap_or_default() };
+    // The cap in force: as recorded, or as changed since the restart (`migrate set-bandwidth`
+    // on the interrupted migration).
+    let config = SourceConfig {
+        restarted_at: Some(record.stage),
+        bandwidth_bps: status.report().bandwidth_bps,
+        ..record.config.clone().unwrap_or_default()
+    };
     status.update(|r| r.cancellable = record.stage == Stage::PreCopy);
     if cancel {
         let _ = status.request_cancel();
