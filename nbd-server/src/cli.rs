@@ -179,7 +179,7 @@ pub struct Args {
     pub metrics_listen: Option<String>,
 
     /// seconds between two walks of the reference index for the store-space metrics
-    /// (default 60)
+    /// (default 60; longer when a walk takes over 1 % of it)
     #[argh(option)]
     pub metrics_space_interval: Option<f64>,
 }
