@@ -2,6 +2,7 @@
 //! `systemd-analyze verify` (this machine has no systemd as PID 1 to start them), and the
 //! TOML file of `--config` configures a real server, with the command line winning over it.
 
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use serde_json::json;
@@ -79,4 +80,58 @@ max-in-flight = 4
     assert!(!out.status.success(), "a bad file must stop the server");
     assert!(err.contains("dc.toml") && err.contains("max-in-fligth"), "{err}");
     assert!(!d.join("never").exists(), "nothing was created");
+}
+
+/// SIGHUP reloads the migration link's certificates: after the destination moves to a new CA
+/// it refuses the source still on the old one; once the source has reloaded too, the
+/// migration goes through, byte-exact.
+#[test]
+fn sighup_reloads_the_migration_certificates() {
+    let dir = TestDir::new();
+    let d = dir.path();
+    let old = common::server::certs(&d.join("old"), "dc1,dc2");
+    let new = common::server::certs(&d.join("new"), "dc1,dc2");
+    // Each server reads its files from a directory of its own, first the old CA's.
+    let live = |name: &str| {
+        let live = d.join(format!("live-{name}"));
+        std::fs::create_dir_all(&live).unwrap();
+        for f in [format!("{name}.pem"), format!("{name}.key"), "ca.pem".into()] {
+            std::fs::copy(old.join(&f), live.join(&f)).unwrap();
+        }
+        live
+    };
+    let (live1, live2) = (live("dc1"), live("dc2"));
+    let port = common::server::free_port();
+    let dst_args: Vec<String> = [vec!["--migration-listen".to_string(), format!("127.0.0.1:{port}")], common::server::tls_args(&live2, "dc2")].concat();
+    let dst = Server::start(d, "dst", &dst_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let src_args = common::server::tls_args(&live1, "dc1");
+    let src = Server::start(d, "src", &src_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let image = d.join("vm.raw");
+    let content = common::data::noise(4 << 20);
+    std::fs::write(&image, &content).unwrap();
+    common::server::load(&src, "vm", &image);
+    let reload = |server: &Server, name: &str, live: &Path| {
+        for f in [format!("{name}.pem"), format!("{name}.key"), "ca.pem".into()] {
+            std::fs::copy(new.join(&f), live.join(&f)).unwrap();
+        }
+        run(Command::new("kill").args(["-HUP", &server.child.id().to_string()]));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !std::fs::read_to_string(&server.log).unwrap_or_default().contains("migration link certificates reloaded") {
+            assert!(std::time::Instant::now() < deadline, "{name} did not log the reload");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    let migrate = || {
+        Command::new(common::server::MIGRATE).args(["--source", src.ctl(), "--dest", dst.ctl(), "--disk", "vm", "--json", "--timeout", "120"]).output().unwrap()
+    };
+    reload(&dst, "dc2", &live2);
+    let out = migrate();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("certificate"), "a source on the old CA got through, or failed otherwise: {err}");
+    reload(&src, "dc1", &live1);
+    let out = migrate();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let copy = d.join("copy.raw");
+    run(Command::new("nbdcopy").arg(dst.uri("vm")).arg(&copy));
+    assert!(std::fs::read(&copy).unwrap() == content, "byte-exact after the reload");
 }
