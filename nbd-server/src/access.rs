@@ -5,7 +5,11 @@
 //! use exports whose name matches PATTERN (a glob: `tenant-a-*`). An identity is a DNS name
 //! or a URI in the certificate's subject alternative names (`host-a1.tenant-a.example`,
 //! `spiffe://tenant-a/host-a1`); the certificate chain was already checked against the
-//! client CA during the handshake, so these names are the CA's word. `*` as an ID admits any
+//! client CA during the handshake, so these names are the CA's word. The two kinds never
+//! match each other: an ID with a `:` is a URI and matches URI names only (exactly); any
+//! other ID is a DNS name and matches DNS names only (regardless of case). So a URI entry
+//! `ops` in a certificate (a CA that constrains DNS names may not constrain URIs) is not the
+//! DNS name `ops`, and URI entries without a scheme are ignored. `*` as an ID admits any
 //! certified client. A rule whose pattern is `*` also makes its IDs administrators of the
 //! control API (store-wide methods, migrations).
 //!
@@ -24,7 +28,33 @@ pub enum Client {
     /// No certificate (yet): before STARTTLS, or TLS without a client certificate.
     Anonymous,
     /// The identities of a verified client certificate.
-    Certified(Vec<String>),
+    Certified(Vec<Identity>),
+}
+
+/// One name of a certificate (or of a rule).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    /// A DNS name, lowercased.
+    Dns(String),
+    /// A URI, with its scheme.
+    Uri(String),
+}
+
+impl Identity {
+    /// An ID of a rule: a URI if it has a `:`, else a DNS name.
+    pub fn parse(id: &str) -> Identity {
+        if id.contains(':') {
+            Identity::Uri(id.to_owned())
+        } else {
+            Identity::Dns(id.to_ascii_lowercase())
+        }
+    }
+
+    fn describe(&self) -> &str {
+        match self {
+            Identity::Dns(s) | Identity::Uri(s) => s,
+        }
+    }
 }
 
 impl Client {
@@ -42,15 +72,20 @@ impl Client {
             Client::Local => "local".into(),
             Client::Anonymous => "anonymous".into(),
             Client::Certified(ids) if ids.is_empty() => "certified, no name".into(),
-            Client::Certified(ids) => ids.join(","),
+            Client::Certified(ids) => ids.iter().map(Identity::describe).collect::<Vec<_>>().join(","),
         }
     }
 }
 
-/// The DNS and URI names of a certificate's subject alternative names.
-pub fn identities(cert: &CertificateDer<'_>) -> Vec<String> {
+/// The DNS and URI names of a certificate's subject alternative names (URIs without a
+/// scheme left out).
+pub fn identities(cert: &CertificateDer<'_>) -> Vec<Identity> {
     match webpki::EndEntityCert::try_from(cert) {
-        Ok(ee) => ee.valid_dns_names().chain(ee.valid_uri_names()).map(str::to_owned).collect(),
+        Ok(ee) => ee
+            .valid_dns_names()
+            .map(|d| Identity::Dns(d.to_ascii_lowercase()))
+            .chain(ee.valid_uri_names().filter(|u| u.contains(':')).map(|u| Identity::Uri(u.to_owned())))
+            .collect(),
         Err(_) => Vec::new(),
     }
 }
@@ -67,7 +102,8 @@ pub enum AccessError {
 #[derive(Debug, Clone)]
 struct Rule {
     pattern: glob::Pattern,
-    identities: Vec<String>,
+    /// None: any certified client (`*`).
+    identities: Vec<Option<Identity>>,
 }
 
 /// The allow-rules of one server.
@@ -82,8 +118,12 @@ impl AccessRules {
         let mut rules = Vec::new();
         for spec in specs {
             let (pattern, ids) = spec.split_once('=').ok_or_else(|| AccessError::Syntax(spec.to_owned()))?;
-            let identities: Vec<String> =
-                ids.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect();
+            let identities: Vec<Option<Identity>> = ids
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|id| (id != "*").then(|| Identity::parse(id)))
+                .collect();
             if pattern.trim().is_empty() || identities.is_empty() {
                 return Err(AccessError::Syntax(spec.to_owned()));
             }
@@ -101,9 +141,10 @@ impl AccessRules {
 
     fn holds(rule: &Rule, client: &Client) -> bool {
         match client {
-            Client::Certified(ids) => {
-                rule.identities.iter().any(|allowed| allowed == "*" || ids.iter().any(|id| id == allowed))
-            }
+            Client::Certified(ids) => rule.identities.iter().any(|allowed| match allowed {
+                None => true,
+                Some(allowed) => ids.contains(allowed),
+            }),
             Client::Local | Client::Anonymous => false,
         }
     }
@@ -128,7 +169,7 @@ mod tests {
     use super::*;
 
     fn certified(ids: &[&str]) -> Client {
-        Client::Certified(ids.iter().map(|s| s.to_string()).collect())
+        Client::Certified(ids.iter().map(|s| Identity::parse(s)).collect())
     }
 
     #[test]
@@ -146,6 +187,18 @@ mod tests {
         assert!(rules.may_use(&ops, "tenant-b-vm") && rules.is_admin(&ops));
         assert!(rules.may_use(&Client::Local, "anything") && rules.is_admin(&Client::Local));
         assert!(!rules.may_use(&certified(&[]), "tenant-a-vm"));
+        assert!(rules.may_use(&certified(&["HOST-A1"]), "tenant-a-vm"), "DNS names regardless of case");
+    }
+
+    #[test]
+    fn dns_and_uri_names_never_stand_for_each_other() {
+        let rules = AccessRules::parse(["a-*=host-a", "b-*=spiffe://tenant-b/host", "*=ops"]).unwrap();
+        // A URI entry spelled like a DNS name is not that name.
+        let sneaky = Client::Certified(vec![Identity::Uri("ops".into()), Identity::Uri("host-a".into())]);
+        assert!(!rules.is_admin(&sneaky) && !rules.may_use(&sneaky, "a-vm"));
+        assert!(!rules.may_use(&certified(&["spiffe"]), "b-vm"));
+        assert!(rules.may_use(&certified(&["spiffe://tenant-b/host"]), "b-vm"));
+        assert!(!rules.may_use(&certified(&["spiffe://tenant-b/HOST"]), "b-vm"), "URIs exactly");
     }
 
     #[test]

@@ -329,8 +329,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// SIGHUP: the NBD and migration certificates are read again; the next handshake uses them,
-/// connections already up keep theirs. A file that does not load leaves the old one in force.
+/// SIGHUP: the NBD, control API and migration certificates are read again; the next
+/// handshake uses them, connections already up keep theirs. A file that does not load leaves the old one in force.
 fn reload_certificates(nbd: Option<&TlsConfig>, link: Option<&LinkTls>, control: Option<&TlsConfig>) {
     for (what, tls) in [("NBD TLS", nbd), ("control API", control)] {
         if let Some(tls) = tls {

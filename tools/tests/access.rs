@@ -165,6 +165,7 @@ fn one_tenant_cannot_reach_another_tenants_disks() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stats: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(stats["store"], Value::Null, "the store's totals are for administrators");
+    assert_eq!(stats["disks"][0]["shared_bytes"], Value::Null, "sharing would tell what other tenants store");
     assert_eq!(stats["disks"][0]["allocated_bytes"], 4096);
     let out = control(Command::new(CAS).args(["snapshot", "tenant-a-vm", "tenant-a-snap", "--server", &addr]), &certs, "host-a");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

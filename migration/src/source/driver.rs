@@ -146,6 +146,9 @@ impl Source {
 
     /// Removes the record (a file and a directory fsync: on the blocking pool).
     pub(crate) async fn forget(&self) {
+        // Under the record lock: a cap being recorded (`persist_cap`) cannot write the record
+        // back after this removed it.
+        let _record = self.status.record_lock.lock().await;
         if let Some(state) = self.state.clone() {
             let id = self.config.migration_id.clone();
             if let Err(e) = blocking(move || state.remove(&id)).await {

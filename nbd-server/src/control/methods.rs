@@ -27,7 +27,8 @@ impl Caller {
     }
 
     fn disk(&self, disk: &str) -> Result<(), ControlError> {
-        if self.sees(disk) {
+        // Disks of incoming migrations (`.incoming`) are an administrator's business.
+        if self.sees(disk) && (Node::is_exportable(disk) || self.access.is_admin(&self.client)) {
             Ok(())
         } else {
             tracing::info!(client = %self.client.describe(), disk, "control: disk not allowed to this client");
@@ -149,7 +150,9 @@ pub(super) async fn dispatch(node: &Arc<Node>, caller: &Caller, method: &str, p:
             Ok(json!(disks
                 .into_iter()
                 .filter(|d| Node::is_exportable(&d.name) && caller.sees(&d.name))
-                .map(|d| json!({"name": d.name, "size": d.size, "read_only": d.read_only, "origin": d.origin, "exported": node.exports.get(&d.name).is_some()}))
+                // The origin only if the caller may see it too (a clone made across tenants).
+                .map(|d| (d.origin.clone().filter(|o| caller.sees(o)), d))
+                .map(|(origin, d)| json!({"name": d.name, "size": d.size, "read_only": d.read_only, "origin": origin, "exported": node.exports.get(&d.name).is_some()}))
                 .collect::<Vec<_>>()))
         }
         "disk.create" => {
@@ -216,6 +219,15 @@ pub(super) async fn dispatch(node: &Arc<Node>, caller: &Caller, method: &str, p:
                 };
                 let disks = names.iter().map(|n| s.disk_stats(n)).collect::<Result<Vec<_>, _>>()?;
                 let store = if admin { Some(s.stats()?) } else { None };
+                let mut disks = json!(disks);
+                if !admin {
+                    // Sharing counts every tenant's blocks: writing a guessed block and reading
+                    // them again would tell whether another tenant holds that content.
+                    for d in disks.as_array_mut().into_iter().flatten() {
+                        d["shared_bytes"] = Value::Null;
+                        d["exclusive_bytes"] = Value::Null;
+                    }
+                }
                 Ok(json!({"store": store, "disks": disks}))
             })
             .await
@@ -240,7 +252,7 @@ pub(super) async fn dispatch(node: &Arc<Node>, caller: &Caller, method: &str, p:
                 Some(n) => vec![node
                     .exports
                     .get(&n)
-                    .filter(|_| caller.sees(&n))
+                    .filter(|e| caller.sees(e.name()))
                     .ok_or_else(|| ControlError::not_found(format_args!("export {n:?}")))?],
                 None => node.exports.list().into_iter().filter(|e| caller.sees(e.name())).collect(),
             };

@@ -515,9 +515,9 @@ fn run(cas: Cas) -> Result<()> {
         Command::Snapshot(c) => copy_disk(&c.disk, &c.name, &c.store, &c.server, c.json, true)?,
         Command::Clone(c) => copy_disk(&c.source, &c.name, &c.store, &c.server, c.json, false)?,
         Command::Stats(c) => {
-            // The store's totals: absent when the server keeps them from this client (they
-            // cover every tenant's disks; see `nbd-server --allow`).
-            let (total, disks): (Option<cas_store::StoreStats>, Vec<cas_store::DiskStats>) = match target(&c.store, &c.server)? {
+            // The store's totals, and each disk's sharing, are absent when the server keeps them
+            // from this client (they cover every tenant's disks; see `nbd-server --allow`).
+            let (total, disks): (Option<cas_store::StoreStats>, Vec<serde_json::Value>) = match target(&c.store, &c.server)? {
                 Target::Store(path) => {
                     let store = open_store(&path, None, None, false)?;
                     let names: Vec<String> = match &c.name {
@@ -525,7 +525,7 @@ fn run(cas: Cas) -> Result<()> {
                         None => store.list_disks()?.into_iter().map(|d| d.name).collect(),
                     };
                     let disks = names.iter().map(|n| store.disk_stats(n)).collect::<Result<Vec<_>, _>>()?;
-                    (Some(store.stats()?), disks)
+                    (Some(store.stats()?), disks.iter().map(serde_json::to_value).collect::<Result<_, _>>()?)
                 }
                 Target::Server(addr) => {
                     let v = ControlClient::connect(&addr)?.call("disk.stats", json!({"name": c.name}))?;
@@ -538,7 +538,9 @@ fn run(cas: Cas) -> Result<()> {
                 let rows: Vec<Vec<String>> = disks
                     .iter()
                     .map(|d| {
-                        vec![d.name.clone(), format_size(d.size), format_size(d.allocated_bytes), format_size(d.shared_bytes), format_size(d.exclusive_bytes)]
+                        let size = |field: &str| d[field].as_u64().map(format_size).unwrap_or_else(|| "-".into());
+                        let name = d["name"].as_str().unwrap_or_default().to_string();
+                        vec![name, size("size"), size("allocated_bytes"), size("shared_bytes"), size("exclusive_bytes")]
                     })
                     .collect();
                 print!("{}", table::render(&["disk", "size", "allocated", "shared", "exclusive"], &rows));
