@@ -124,11 +124,14 @@ pub async fn serve_control(
                     }),
                     ControlListener::Tcp(l, tls) => {
                         l.accept().await.map(|(s, peer)| match admission.begin(Some(peer.ip())) {
-                            Ok(negotiating) => {
+                            Ok(mut negotiating) => {
                                 let (node, admission, access) = (node.clone(), admission.clone(), access.clone());
                                 let acceptor = tls.acceptor();
                                 tokio::spawn(async move {
+                                    let started = std::time::Instant::now();
                                     let handshake = tokio::time::timeout(negotiating.timeout, acceptor.accept(s)).await;
+                                    // One deadline for the handshake and the first request together.
+                                    negotiating.timeout = negotiating.timeout.saturating_sub(started.elapsed());
                                     let stream = match handshake {
                                         Ok(Ok(stream)) => stream,
                                         Ok(Err(e)) => return tracing::debug!(%peer, "control client refused: TLS: {e}"),
