@@ -55,6 +55,9 @@ pub struct Node {
     run_tag: String,
 }
 
+/// Finished migrations a server keeps listing (the most recent ones).
+pub const FINISHED_KEPT: usize = 64;
+
 /// How long a destination keeps a parked migration whose source has not come back (before
 /// the switch-over; after it, it waits for the source as long as it takes).
 pub const PARK_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
@@ -187,8 +190,22 @@ impl Node {
         format!("{prefix}-{}-{}", self.run_tag, self.next_migration.fetch_add(1, Ordering::Relaxed))
     }
 
+    /// Registers a migration; of the finished ones, the [`FINISHED_KEPT`] most recent stay
+    /// listed (`migrate status`, metrics), so the list does not grow with every migration.
     pub fn register_migration(&self, id: &str, status: Arc<MigrationStatus>) {
-        self.migrations.lock().insert(id.to_string(), status);
+        let mut migrations = self.migrations.lock();
+        migrations.insert(id.to_string(), status);
+        let mut finished: Vec<(std::time::Instant, String)> = migrations
+            .iter()
+            .filter(|(_, s)| s.report().is_finished())
+            .map(|(id, s)| (s.started(), id.clone()))
+            .collect();
+        if finished.len() > FINISHED_KEPT {
+            finished.sort();
+            for (_, id) in &finished[..finished.len() - FINISHED_KEPT] {
+                migrations.remove(id);
+            }
+        }
     }
 
     pub fn migration(&self, id: &str) -> Option<MigrationReport> {
@@ -284,5 +301,36 @@ impl DestHooks for NodeDestHooks {
                 Err(e) => tracing::error!(disk = name, error = %e, "cannot reopen the migrated disk"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_most_recent_finished_migrations_stay_listed() {
+        let store = Arc::new(Store::open_in_memory(cas_store::StoreOptions::default()).unwrap());
+        let node = Node::new(
+            store,
+            Arc::new(ExportRegistry::new()),
+            false,
+            None,
+            Arc::new(migration::MemStateStore::default()),
+        )
+        .unwrap();
+        let running = MigrationStatus::new(MigrationReport::new("running", "vm", "source", "peer"));
+        node.register_migration("running", running);
+        for i in 0..FINISHED_KEPT + 10 {
+            let id = format!("done-{i}");
+            let status = MigrationStatus::new(MigrationReport::new(&id, "vm", "source", "peer"));
+            status.finish(Phase::Done, None);
+            node.register_migration(&id, status);
+        }
+        let listed = node.migrations();
+        assert_eq!(listed.len(), FINISHED_KEPT + 1);
+        assert!(listed.iter().any(|m| m.id == "running"), "a migration in progress is never dropped");
+        assert!(!listed.iter().any(|m| m.id == "done-0"), "the oldest finished ones go");
+        assert!(listed.iter().any(|m| m.id == format!("done-{}", FINISHED_KEPT + 9)));
     }
 }

@@ -231,6 +231,11 @@ impl MigrationStatus {
         self.changed.notify_waiters();
     }
 
+    /// When the migration started (this run of the server).
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
     pub(crate) fn since_start(&self) -> f64 {
         self.started.elapsed().as_secs_f64()
     }
