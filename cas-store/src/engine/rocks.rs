@@ -20,13 +20,7 @@ pub struct RocksTuning {
 
 impl Default for RocksTuning {
     fn default() -> Self {
-        // 16 MiB memtables rather than 64: a memtable insert or lookup is a skiplist search
-        // whose cost is cache misses, which grow with the memtable. Measured side by side
-        // (1 GiB of unique blocks, three alternating runs each): random reads at QD32 after
-        // the write 63-76 k IOPS against 51-55 k, `cas import` 4.4-6.2 s against 6.2-9.3 s,
-        // sequential and random writes within noise (3 % better), a snapshot of 1.6 GiB
-        // allocated 1.45-1.69 s against 1.77-2.04 s.
-        RocksTuning { block_cache_bytes: 128 << 20, write_buffer_bytes: 16 << 20 }
+        RocksTuning { block_cache_bytes: 128 << 20, write_buffer_bytes: 64 << 20 }
     }
 }
 
