@@ -896,8 +896,16 @@ def section_nbd(ctx):
     for name, path in contents.items():
         imports[name] = cas_import(ctx, store, name, path)
 
-    def measure(name, start, uri_of, empty):
-        """`empty(export)` makes a write export empty again (as it was at start)."""
+    def measure(name, start, uri_of, empty_export):
+        """`empty_export(export)` makes a write export empty again (as it was at start)."""
+
+        def empty(export):
+            empty_export(export)
+            # Each write pass starts with no dirty page cache left by an earlier one: the
+            # peers' truncated files drop theirs, ours' deleted containers too, but what is
+            # still live would otherwise be written back during the next pass.
+            ctx.sh(["sync"])
+
         procs = start()
         r = {}
         try:
@@ -939,13 +947,15 @@ def section_nbd(ctx):
     # ours: the contents imported as disks "unique" and "dup", empty disks for the writes
     port = free_port()
     ours_sock = os.path.join(sock_dir, "ours.sock")
+    ours_control = os.path.join(sock_dir, "ours.control")
 
     def start_ours():
         # the write tests' disks start empty on every run
         for e in exports[2:]:
             subprocess.run([ctx.exe("cas"), "rm", e, "--store", store], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         p = ctx.start([ctx.exe("nbd-server"), "--store", store, "--listen", "127.0.0.1:%d" % port, "--unix", ours_sock,
-                       "--disk", "wr-unique:%d" % size, "--disk", "wr-dup:%d" % size, "--compact-interval", "0"],
+                       "--control", ours_control, "--disk", "wr-unique:%d" % size, "--disk", "wr-dup:%d" % size,
+                       "--compact-interval", "0"],
                       stdout_pipe=True, log=os.path.join(ctx.out, "logs", "nbd-ours.log"))
         wait_ready(ctx, p, "nbd-server")
         return [p]
@@ -1001,10 +1011,17 @@ def section_nbd(ctx):
         return [p]
 
     def trim_all(uri_of):
-        # ours: a whole-disk TRIM empties the disk's map (its blocks become garbage)
+        # ours: a whole-disk TRIM empties the disk's map (its blocks become garbage), then a
+        # compaction pass deletes the containers that hold only garbage, as the peers'
+        # truncation deallocates their files (with compaction left to its timer, the garbage
+        # of one pass would be written back to disk during the next)
         # (nbdsh runs `python3`: the system one, which has libnbd's module)
         env = dict(os.environ, PATH="/usr/bin:" + os.environ.get("PATH", ""))
-        return lambda e: ctx.sh(["nbdsh", "-u", uri_of(e), "-c", "h.trim(h.get_size(), 0)"], env=env)
+
+        def empty(e):
+            ctx.sh(["nbdsh", "-u", uri_of(e), "-c", "h.trim(h.get_size(), 0)"], env=env)
+            ctx.sh([ctx.exe("cas"), "gc", "--server", ours_control])
+        return empty
 
     def empty_file(e):
         # the peers' raw files: deallocated, as a fresh sparse file is

@@ -453,7 +453,8 @@ def nbd_md(s, plots, verdict):
           "eighth repeated (*dup*); fio runs %d s per test, writing refilled random buffers (unique) or 80%% "
           "repeated ones (dup). Sequential reads: the median of three passes after one that warms the page cache. "
           "Sequential writes: the median of three copies of each set into an empty export (emptied before each: "
-          "ours by a whole-disk TRIM, the peers' raw files deallocated), each copy with 16 bytes of every block "
+          "ours by a whole-disk TRIM and a compaction pass that deletes the containers left holding only garbage, "
+          "the peers' raw files deallocated; then `sync`, so no pass inherits another's dirty pages), each copy with 16 bytes of every block "
           "changed in another way, so that every copy writes blocks no server holds yet (ours included). Ours serves them from a store; qemu-nbd (--cache=writeback --aio=threads) and "
           "nbdkit's file plugin serve raw files. Ratios > 1 mean ours is faster.\n\n"
           % (mib(s["content_bytes"]), s["content_image"], s["fio_runtime_s"])]

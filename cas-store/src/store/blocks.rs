@@ -44,7 +44,7 @@ impl Store {
     }
 
     pub(super) fn fingerprint_stripe(&self, fp: &Fingerprint) -> usize {
-        usize::from(u16::from_le_bytes([fp.0[0], fp.0[1]])) % FINGERPRINT_STRIPES
+        u32::from_le_bytes([fp.0[0], fp.0[1], fp.0[2], fp.0[3]]) as usize % FINGERPRINT_STRIPES
     }
 
     /// The `refs` entries of `fps` (None: not stored by this store).

@@ -1,7 +1,7 @@
 //! Disk I/O: reads, writes, zeroes, trims and block status.
 
 use std::borrow::Cow;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::{out_of_range, DiskId, DiskState, Extent, Source, Store, Target, BLOCK_STRIPES, CHUNK_BLOCKS};
@@ -99,60 +99,98 @@ impl Store {
     }
 
     /// Applies a range update; the caller holds the disk's layout lock (either way).
+    ///
+    /// A range of several chunks is applied by up to `write_threads` threads, each taking the
+    /// next chunk: chunks touch different blocks (different stripes), and NBD does not order
+    /// the parts of one request against each other, only the request against its reply.
     pub(super) fn update_range(&self, state: &DiskState, offset: u64, len: u64, source: Source<'_>) -> Result<()> {
         if len == 0 {
             return Ok(());
         }
         let bs = u64::from(self.block_size);
         let end = offset + len;
-        let mut first = offset / bs;
+        let first = offset / bs;
         let last = (end - 1) / bs;
-        while first <= last {
-            let chunk_last = last.min(first + CHUNK_BLOCKS - 1);
-            // Whole blocks are hashed before any lock is taken.
-            let mut full: Vec<Option<Target<'_>>> = Vec::with_capacity((chunk_last - first + 1) as usize);
-            for block in first..=chunk_last {
-                let start = block * bs;
-                let covered = offset <= start && start + bs <= end;
-                full.push(covered.then(|| match source {
-                    Source::Zeroes => Target::Zero,
-                    Source::Data(d) => {
-                        let bytes = &d[(start - offset) as usize..(start - offset + bs) as usize];
-                        self.target_for(Cow::Borrowed(bytes))
-                    }
-                }));
-            }
-            let stripes = self.stripe_indices(state.id, first, chunk_last);
-            let _guards: Vec<_> = stripes.iter().map(|&i| self.block_stripes[i].write()).collect();
-            let old = self.map_lookup(state.id, first, chunk_last)?;
-            let mut updates = Vec::with_capacity(full.len());
-            for (i, target) in full.into_iter().enumerate() {
-                let block = first + i as u64;
-                let target = match target {
-                    Some(t) => t,
-                    None => {
-                        // A partial block: read, modify, write, under the block's stripe.
-                        let start = block * bs;
-                        let mut bytes = match old[i] {
-                            Some(entry) => self.load_block(&entry.fp)?.to_vec(),
-                            None => vec![0u8; bs as usize],
-                        };
-                        let from = offset.max(start);
-                        let to = end.min(start + bs);
-                        let dst = &mut bytes[(from - start) as usize..(to - start) as usize];
-                        match source {
-                            Source::Zeroes => dst.fill(0),
-                            Source::Data(d) => dst.copy_from_slice(&d[(from - offset) as usize..(to - offset) as usize]),
-                        }
-                        self.target_for(Cow::Owned(bytes))
-                    }
-                };
-                updates.push((block, target));
-            }
-            let old: Vec<_> = old.iter().map(|e| e.map(|e| e.fp)).collect();
-            self.commit(state, updates, &old)?;
-            first = chunk_last + 1;
+        let chunks = (last - first) / CHUNK_BLOCKS + 1;
+        let chunk = |i: u64| {
+            let from = first + i * CHUNK_BLOCKS;
+            self.update_chunk(state, offset, end, from, last.min(from + CHUNK_BLOCKS - 1), source)
+        };
+        let threads = (self.write_threads as u64).min(chunks);
+        if threads <= 1 {
+            return (0..chunks).try_for_each(chunk);
         }
+        let next = AtomicU64::new(0);
+        let failed = AtomicBool::new(false);
+        let work = || -> Result<()> {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= chunks || failed.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
+                if let Err(e) = chunk(i) {
+                    // The other threads stop at their next chunk, as one thread would have.
+                    failed.store(true, Ordering::Relaxed);
+                    return Err(e);
+                }
+            }
+        };
+        std::thread::scope(|scope| {
+            let helpers: Vec<_> = (1..threads).map(|_| scope.spawn(work)).collect();
+            let mut outcome = work();
+            for helper in helpers {
+                let done = helper.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                outcome = outcome.and(done);
+            }
+            outcome
+        })
+    }
+
+    /// Applies the update of blocks `first..=chunk_last` of the range `offset..end`.
+    fn update_chunk(&self, state: &DiskState, offset: u64, end: u64, first: u64, chunk_last: u64, source: Source<'_>) -> Result<()> {
+        let bs = u64::from(self.block_size);
+        // Whole blocks are hashed before any lock is taken.
+        let mut full: Vec<Option<Target<'_>>> = Vec::with_capacity((chunk_last - first + 1) as usize);
+        for block in first..=chunk_last {
+            let start = block * bs;
+            let covered = offset <= start && start + bs <= end;
+            full.push(covered.then(|| match source {
+                Source::Zeroes => Target::Zero,
+                Source::Data(d) => {
+                    let bytes = &d[(start - offset) as usize..(start - offset + bs) as usize];
+                    self.target_for(Cow::Borrowed(bytes))
+                }
+            }));
+        }
+        let stripes = self.stripe_indices(state.id, first, chunk_last);
+        let _guards: Vec<_> = stripes.iter().map(|&i| self.block_stripes[i].write()).collect();
+        let old = self.map_lookup(state.id, first, chunk_last)?;
+        let mut updates = Vec::with_capacity(full.len());
+        for (i, target) in full.into_iter().enumerate() {
+            let block = first + i as u64;
+            let target = match target {
+                Some(t) => t,
+                None => {
+                    // A partial block: read, modify, write, under the block's stripe.
+                    let start = block * bs;
+                    let mut bytes = match old[i] {
+                        Some(entry) => self.load_block(&entry.fp)?.to_vec(),
+                        None => vec![0u8; bs as usize],
+                    };
+                    let from = offset.max(start);
+                    let to = end.min(start + bs);
+                    let dst = &mut bytes[(from - start) as usize..(to - start) as usize];
+                    match source {
+                        Source::Zeroes => dst.fill(0),
+                        Source::Data(d) => dst.copy_from_slice(&d[(from - offset) as usize..(to - offset) as usize]),
+                    }
+                    self.target_for(Cow::Owned(bytes))
+                }
+            };
+            updates.push((block, target));
+        }
+        let old: Vec<_> = old.iter().map(|e| e.map(|e| e.fp)).collect();
+        self.commit(state, updates, &old)?;
         Ok(())
     }
 

@@ -63,7 +63,10 @@ const CHUNK_BLOCKS: u64 = 256;
 const BLOCK_STRIPES: usize = 1024;
 /// Reads of more blocks than this at once bypass filling the hot-block cache (external pool).
 const SCAN_BLOCKS: u64 = 32;
-const FINGERPRINT_STRIPES: usize = 256;
+/// Many, so that two concurrent commits of a few hundred random fingerprints each rarely share
+/// a stripe (with 256, chunks of one large write almost always did, and the second waited for
+/// the first's whole commit). A stripe is one byte (`parking_lot::Mutex<()>`): 64 KiB in all.
+const FINGERPRINT_STRIPES: usize = 1 << 16;
 /// Format of a store whose blocks were values in its own RocksDB (before containers). Opening
 /// one is refused with the command that converts it ([`Store::upgrade`]).
 const FORMAT_VERSION_ENGINE_BLOCKS: u32 = 1;
@@ -98,6 +101,11 @@ pub struct StoreOptions {
     /// Re-hash every block read from a container and fail the read on a mismatch (a disk that
     /// returned other bytes). Off by default: the fingerprint is the checksum fsck verifies.
     pub verify_reads: bool,
+    /// Threads one large write uses at most: its chunks of [`CHUNK_BLOCKS`] blocks are hashed
+    /// and committed in parallel (1: one after the other). Clients that keep one large write in
+    /// flight at a time (`qemu-img convert` without `-W`) would otherwise leave all but one
+    /// core idle. Default: the CPUs available, at most 4.
+    pub write_threads: usize,
 }
 
 impl Default for StoreOptions {
@@ -110,6 +118,7 @@ impl Default for StoreOptions {
             pool: None,
             container_bytes: 64 << 20,
             verify_reads: false,
+            write_threads: std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
         }
     }
 }
@@ -258,6 +267,7 @@ pub struct Store {
     /// Hot blocks of an external pool (disabled for local blocks: the page cache serves them).
     cache: BlockCache,
     verify_reads: bool,
+    write_threads: usize,
     block_stripes: Vec<RwLock<()>>,
     fingerprint_stripes: Vec<Mutex<()>>,
     /// Serialises catalogue changes (create, delete, rename, resize).
@@ -414,6 +424,7 @@ impl Store {
             blocks,
             holder: config.blocks.map(|b| b.holder).unwrap_or_default(),
             verify_reads: opts.verify_reads,
+            write_threads: opts.write_threads.max(1),
             block_stripes: (0..BLOCK_STRIPES).map(|_| RwLock::new(())).collect(),
             fingerprint_stripes: (0..FINGERPRINT_STRIPES).map(|_| Mutex::new(())).collect(),
             catalog: Mutex::new(()),
