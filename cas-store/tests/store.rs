@@ -393,3 +393,28 @@ fn large_writes_on_several_threads_match_one_thread() {
     expect[3 << 20..(3 << 20) + (1 << 20) - 3].copy_from_slice(&data[..(1 << 20) - 3]);
     assert!(one == expect, "bytes differ from the model");
 }
+
+/// A lookup large enough to be split over threads answers each fingerprint in its place.
+#[test]
+fn has_many_of_a_large_batch_answers_in_order() {
+    both(512, |s| {
+        let d = s.create_disk("d", 4 << 20).unwrap();
+        let data: Vec<u8> = (0..4u32 << 20).map(|i| ((i / 512).wrapping_mul(2_654_435_761) >> 7) as u8 | 1).collect();
+        s.write(d.id, 0, &data, false).unwrap();
+        let stored: Vec<_> = data.chunks(512).map(|b| FingerprintAlgorithm::Blake3.fingerprint(b)).collect();
+        // Present and absent interleaved, unsorted, a duplicate or two.
+        let mut batch = Vec::new();
+        let mut expect = Vec::new();
+        for (i, fp) in stored.iter().enumerate().rev() {
+            batch.push(*fp);
+            expect.push(true);
+            let absent = FingerprintAlgorithm::Blake3.fingerprint(&(i as u64).to_le_bytes());
+            batch.push(absent);
+            expect.push(false);
+        }
+        batch.push(stored[0]);
+        expect.push(true);
+        assert!(batch.len() > 8192);
+        assert_eq!(s.has_many(&batch).unwrap(), expect);
+    });
+}

@@ -18,6 +18,7 @@ pub mod destination;
 pub mod link;
 pub mod protocol;
 pub mod ratelimit;
+mod recent;
 pub mod report;
 pub mod source;
 pub mod state;

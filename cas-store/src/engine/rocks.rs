@@ -27,7 +27,12 @@ impl Default for RocksTuning {
 /// A RocksDB database with one column family per [`Cf`].
 pub struct RocksEngine {
     db: Arc<DB>,
+    /// Threads one large existence lookup is split over (the CPUs available, at most 4).
+    lookup_threads: usize,
 }
+
+/// Below this many keys per thread, a thread costs more than it saves.
+const MIN_LOOKUPS_PER_THREAD: usize = 512;
 
 impl std::fmt::Debug for RocksEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -101,7 +106,28 @@ impl RocksEngine {
         };
         let descriptors: Vec<_> = Cf::ALL.iter().map(|&cf| cf_opts(cf)).collect();
         let db = DB::open_cf_descriptors(&db_opts, path, descriptors).map_err(engine_err)?;
-        Ok(RocksEngine { db: Arc::new(db) })
+        let lookup_threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+        Ok(RocksEngine { db: Arc::new(db), lookup_threads })
+    }
+
+    /// Whether `keys[order[k]]` exists, into `out[k]`, for sorted `order`.
+    fn contains_run(&self, cf: Cf, keys: &[&[u8]], order: &[usize], out: &mut [bool]) -> Result<()> {
+        perf_counters_off();
+        let sorted = order.iter().map(|&i| keys[i]);
+        for (slot, r) in out.iter_mut().zip(self.db.batched_multi_get_cf(self.cf(cf), sorted, true)) {
+            *slot = r.map_err(engine_err)?.is_some();
+        }
+        Ok(())
+    }
+
+    /// [`Self::contains_run`] with the answers scattered back to the keys' positions.
+    fn contains_sorted(&self, cf: Cf, keys: &[&[u8]], order: &[usize], found: &mut [bool]) -> Result<()> {
+        let mut out = vec![false; order.len()];
+        self.contains_run(cf, keys, order, &mut out)?;
+        for (&i, hit) in order.iter().zip(out) {
+            found[i] = hit;
+        }
+        Ok(())
     }
 
     fn cf(&self, cf: Cf) -> &ColumnFamily {
@@ -140,14 +166,26 @@ impl KvEngine for RocksEngine {
     }
 
     fn contains_many(&self, cf: Cf, keys: &[&[u8]]) -> Result<Vec<bool>> {
-        perf_counters_off();
         // Sorted input lets MultiGet walk each level once in order instead of sorting itself.
         let mut order: Vec<usize> = (0..keys.len()).collect();
         order.sort_unstable_by_key(|&i| keys[i]);
-        let sorted = order.iter().map(|&i| keys[i]);
         let mut found = vec![false; keys.len()];
-        for (&i, r) in order.iter().zip(self.db.batched_multi_get_cf(self.cf(cf), sorted, true)) {
-            found[i] = r.map_err(engine_err)?.is_some();
+        let threads = self.lookup_threads.min(keys.len() / MIN_LOOKUPS_PER_THREAD).max(1);
+        if threads == 1 {
+            self.contains_sorted(cf, keys, &order, &mut found)?;
+            return Ok(found);
+        }
+        // A migration's listing asks about hundreds of thousands of fingerprints at once:
+        // contiguous runs of the sorted keys, one per thread, each writing its own answers.
+        let per_thread = order.len().div_ceil(threads);
+        let mut answers: Vec<Vec<bool>> = order.chunks(per_thread).map(|run| vec![false; run.len()]).collect();
+        std::thread::scope(|scope| {
+            let workers: Vec<_> =
+                order.chunks(per_thread).zip(answers.iter_mut()).map(|(run, out)| scope.spawn(move || self.contains_run(cf, keys, run, out))).collect();
+            workers.into_iter().try_for_each(|w| w.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+        })?;
+        for (&i, hit) in order.iter().zip(answers.into_iter().flatten()) {
+            found[i] = hit;
         }
         Ok(found)
     }

@@ -11,6 +11,7 @@ use parking_lot::{Condvar, Mutex};
 use tokio::sync::mpsc;
 
 use crate::protocol::{DestReport, Message};
+use crate::recent::RecentFingerprints;
 use crate::wire::Frame;
 
 use super::*;
@@ -42,8 +43,9 @@ pub(crate) struct Pending {
     pub(crate) waiting: HashMap<Fingerprint, Vec<u64>>,
     /// Fingerprints asked for and not arrived.
     pub(crate) wanted: HashSet<Fingerprint>,
-    /// Fingerprints that arrived during this migration.
-    pub(crate) received: HashSet<Fingerprint>,
+    /// Fingerprints that arrived lately during this migration (bounded: see
+    /// [`RecentFingerprints`]), to count in-disk duplicates apart from neighbours' blocks.
+    pub(crate) received: RecentFingerprints,
     /// Fingerprints asked for on demand (a read or a partial write waits for them).
     pub(crate) urgent: HashSet<Fingerprint>,
     /// Missing content that deferred rounds listed (`Hello::defer_dirty`): asked for at the
@@ -60,7 +62,7 @@ impl Pending {
             by_block: HashMap::new(),
             waiting: HashMap::new(),
             wanted: HashSet::new(),
-            received: HashSet::new(),
+            received: RecentFingerprints::default(),
             urgent: HashSet::new(),
             deferred: HashSet::new(),
             phase,

@@ -189,7 +189,7 @@ impl Source {
             config: self.config.clone(),
             status: self.status.clone(),
             stop: stop_rx,
-            ever_sent: Arc::new(Mutex::new(RecentlySent::default())),
+            ever_sent: Arc::new(Mutex::new(RecentFingerprints::default())),
             ever_connected: false,
         };
         let link_task = tokio::spawn(supervisor.run());

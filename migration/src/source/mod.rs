@@ -7,7 +7,6 @@ mod driver;
 mod listing;
 mod outbox;
 mod plan;
-mod recent;
 mod sender;
 mod state;
 mod status;
@@ -25,7 +24,8 @@ use crate::report::SwitchAfter;
 use crate::state::Stage;
 
 // The submodules share their crate-internal items through this module.
-use {compressor::*, listing::*, outbox::*, recent::*, sender::*, supervisor::*};
+use crate::recent::RecentFingerprints;
+use {compressor::*, listing::*, outbox::*, sender::*, supervisor::*};
 
 /// Entries per FINGERPRINTS frame (about 130 KiB).
 pub(crate) const FINGERPRINTS_PER_FRAME: usize = 8192;

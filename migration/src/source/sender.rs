@@ -131,7 +131,7 @@ pub(crate) async fn run_writer<W: AsyncWrite + Unpin>(
     mut urgent: mpsc::Receiver<DataFrame>,
     mut low: mpsc::Receiver<DataFrame>,
     status: Arc<MigrationStatus>,
-    ever_sent: Arc<Mutex<RecentlySent>>,
+    ever_sent: Arc<Mutex<RecentFingerprints>>,
 ) -> Result<(), MigrationError> {
     use tokio::io::AsyncWriteExt;
     let mut cap = crate::ratelimit::LinkCap::default();
@@ -224,7 +224,7 @@ pub(crate) async fn run_data_sender(
     let per_batch = (config.batch_bytes / (block_size + 17)).max(1);
     let mut urgent: VecDeque<Fingerprint> = VecDeque::new();
     let mut background: VecDeque<Fingerprint> = VecDeque::new();
-    let mut sent = RecentlySent::default();
+    let mut sent = RecentFingerprints::default();
     loop {
         // Take everything queued, then block for more only when idle.
         loop {

@@ -46,7 +46,7 @@ pub(crate) struct LinkSupervisor {
     pub(crate) status: Arc<MigrationStatus>,
     pub(crate) stop: tokio::sync::watch::Receiver<bool>,
     /// Fingerprints sent lately on any connection (to count what a lost link made us resend).
-    pub(crate) ever_sent: Arc<Mutex<RecentlySent>>,
+    pub(crate) ever_sent: Arc<Mutex<RecentFingerprints>>,
     /// A connection was accepted once (later failures are lost links, not a bad address).
     pub(crate) ever_connected: bool,
 }
