@@ -119,7 +119,6 @@ impl Containers {
         let bs = self.block_size as usize;
         let mut out = Vec::with_capacity(blocks.len());
         let mut rest = blocks;
-        let mut buf: Vec<u8> = Vec::new();
         while !rest.is_empty() {
             let (file, id, first_slot, n) = self.reserve(rest.len(), ids)?;
             let run = &rest[..n];
@@ -127,11 +126,7 @@ impl Containers {
             if n == 1 {
                 file.write_at(run[0], offset)?;
             } else {
-                buf.clear();
-                for b in run {
-                    buf.extend_from_slice(b);
-                }
-                file.write_at(&buf, offset)?;
+                file.write_blocks_at(run, offset)?;
             }
             out.extend((0..n as u32).map(|i| Location { container: id, slot: first_slot + i }));
             rest = &rest[n..];
