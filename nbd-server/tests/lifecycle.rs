@@ -43,8 +43,21 @@ fn sigterm_drains_in_flight_requests_and_exits_cleanly() {
             done.push(handle);
         }
     }
-    // New requests after the shutdown began get ESHUTDOWN; options get ERR_SHUTDOWN.
-    assert_eq!(busy.read(0, 512), Err(108));
+    // New requests after the shutdown began get ESHUTDOWN; options get ERR_SHUTDOWN. The
+    // writes may all finish before the server has even seen the signal: wait for it to say
+    // so, then for the trigger that follows the log line.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !server.stderr().contains("shutting down") {
+        assert!(std::time::Instant::now() < deadline, "no shutdown logged after SIGTERM\n{}", server.stderr());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let refused = loop {
+        match busy.read(0, 512) {
+            Ok(_) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            other => break other,
+        }
+    };
+    assert_eq!(refused, Err(108));
     assert_eq!(negotiating.option_final(OPT_LIST, &[]), REP_ERR_SHUTDOWN);
     busy.disconnect();
 
