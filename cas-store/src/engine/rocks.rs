@@ -120,16 +120,6 @@ impl RocksEngine {
         Ok(())
     }
 
-    /// [`Self::contains_run`] with the answers scattered back to the keys' positions.
-    fn contains_sorted(&self, cf: Cf, keys: &[&[u8]], order: &[usize], found: &mut [bool]) -> Result<()> {
-        let mut out = vec![false; order.len()];
-        self.contains_run(cf, keys, order, &mut out)?;
-        for (&i, hit) in order.iter().zip(out) {
-            found[i] = hit;
-        }
-        Ok(())
-    }
-
     fn cf(&self, cf: Cf) -> &ColumnFamily {
         self.db.cf_handle(cf.name()).expect("every column family is created at open")
     }
@@ -169,21 +159,21 @@ impl KvEngine for RocksEngine {
         // Sorted input lets MultiGet walk each level once in order instead of sorting itself.
         let mut order: Vec<usize> = (0..keys.len()).collect();
         order.sort_unstable_by_key(|&i| keys[i]);
-        let mut found = vec![false; keys.len()];
-        let threads = self.lookup_threads.min(keys.len() / MIN_LOOKUPS_PER_THREAD).max(1);
-        if threads == 1 {
-            self.contains_sorted(cf, keys, &order, &mut found)?;
-            return Ok(found);
-        }
         // A migration's listing asks about hundreds of thousands of fingerprints at once:
         // contiguous runs of the sorted keys, one per thread, each writing its own answers.
-        let per_thread = order.len().div_ceil(threads);
+        let threads = self.lookup_threads.min(keys.len() / MIN_LOOKUPS_PER_THREAD).max(1);
+        let per_thread = order.len().div_ceil(threads).max(1);
         let mut answers: Vec<Vec<bool>> = order.chunks(per_thread).map(|run| vec![false; run.len()]).collect();
-        std::thread::scope(|scope| {
-            let workers: Vec<_> =
-                order.chunks(per_thread).zip(answers.iter_mut()).map(|(run, out)| scope.spawn(move || self.contains_run(cf, keys, run, out))).collect();
-            workers.into_iter().try_for_each(|w| w.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
-        })?;
+        match answers.as_mut_slice() {
+            [] => {}
+            [only] => self.contains_run(cf, keys, &order, only)?,
+            _ => std::thread::scope(|scope| {
+                let workers: Vec<_> =
+                    order.chunks(per_thread).zip(answers.iter_mut()).map(|(run, out)| scope.spawn(move || self.contains_run(cf, keys, run, out))).collect();
+                workers.into_iter().try_for_each(|w| w.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+            })?,
+        }
+        let mut found = vec![false; keys.len()];
         for (&i, hit) in order.iter().zip(answers.into_iter().flatten()) {
             found[i] = hit;
         }
