@@ -131,6 +131,10 @@ done
 IMAGES=${NBD_CAS_IMAGES:-/var/tmp/nbd-cas-images}
 if [ "$QUICK" = 1 ]; then
     IMGS=bookworm-minimal,bookworm-web,bookworm-web-b
+    # the gang section moves four VMs of one stack
+    if [ -z "$ONLY" ] || [[ ",$ONLY," == *,gang,* ]]; then
+        IMGS=$IMGS,bookworm-webdb,bookworm-db-b
+    fi
 else
     IMGS=bookworm-minimal,trixie-minimal,bookworm-web-b,bookworm-db-b,bookworm-web,bookworm-db,trixie-app,bookworm-webdb
 fi

@@ -72,6 +72,9 @@ CONFIGS = {
         "rados_hood": "paper",
         "rados_migrated": ["bookworm-web"],
         "rados_memstore_bytes": 12 * GiB,
+        # four VMs of one stack, migrated together into the paper neighbourhood
+        "gang_images": ["bookworm-web", "bookworm-web-b", "bookworm-webdb", "bookworm-db"],
+        "gang_hood": "paper",
     },
     "quick": {
         "scale": "small",
@@ -94,9 +97,11 @@ CONFIGS = {
         "rados_hood": "datacentre",  # about 150 k distinct blocks in RADOS: an OSD of about 3.7 GB
         "rados_migrated": ["bookworm-web"],
         "rados_memstore_bytes": 6 * GiB,
+        "gang_images": ["bookworm-web", "bookworm-web-b", "bookworm-webdb", "bookworm-db-b"],
+        "gang_hood": "paper",
     },
 }
-SECTIONS = ["similarity", "indexing", "migration", "downtime", "nbd", "store", "memory", "rados"]
+SECTIONS = ["similarity", "indexing", "migration", "downtime", "gang", "nbd", "store", "memory", "rados"]
 
 
 # ---------------------------------------------------------------------------------- plumbing
@@ -289,6 +294,16 @@ def rss_kib(pid, field="VmRSS"):
     return None
 
 
+def cpu_seconds(pid):
+    """User + system CPU seconds a process has used so far (None if it is gone)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def wait_ready(ctx, p, what, timeout=120):
     """Reads an nbd-server's stdout until "ready"; returns the lines."""
     lines, done = [], threading.Event()
@@ -465,6 +480,25 @@ def floor(ctx, image, neighbours, hood=None):
     return json.loads(r.stdout.decode())
 
 
+def start_pair(ctx, src, dst, tag, dst_args=()):
+    """Starts a source server on store `src` (namespace src) and a destination on `dst`
+    (namespace dst, migration listener on the WAN); returns their control and NBD sockets and
+    processes (source first). Logs go to OUT/logs/TAG-{src,dst}.log."""
+    s_ctl, d_ctl = os.path.join(ctx.run, "src.ctl"), os.path.join(ctx.run, "dst.ctl")
+    s_nbd, d_nbd = os.path.join(ctx.run, "src.nbd"), os.path.join(ctx.run, "dst.nbd")
+    for f in (s_ctl, d_ctl, s_nbd, d_nbd):
+        if os.path.exists(f):
+            os.unlink(f)
+    logdir = os.path.join(ctx.out, "logs")
+    tls = migration_tls(ctx)
+    dsrv = ctx.start([ctx.exe("nbd-server"), "--store", dst, "--unix", d_nbd, "--control", d_ctl,
+                      "--migration-listen", "%s:7700" % DST_ADDR] + tls("dst") + list(dst_args), ns="dst", stdout_pipe=True,
+                     log=os.path.join(logdir, "%s-dst.log" % tag))
+    ssrv = ctx.start([ctx.exe("nbd-server"), "--store", src, "--unix", s_nbd, "--control", s_ctl] + tls("src"),
+                     ns="src", stdout_pipe=True, log=os.path.join(logdir, "%s-src.log" % tag))
+    return s_ctl, d_ctl, s_nbd, d_nbd, ssrv, dsrv
+
+
 def ours_migration(ctx, image, hood_name, neighbours, load=False, dst_store=None, dst_args=(), label=None):
     """Our migration over the emulated WAN; returns a result row.
 
@@ -481,18 +515,8 @@ def ours_migration(ctx, image, hood_name, neighbours, load=False, dst_store=None
     tag = "%s-%s%s%s" % (image, hood_name, "-load" if load else "", "-" + label if label else "")
     src = copy_store(ctx, src_pristine, os.path.join(ctx.run, "mig-src"))
     dst = dst_store if dst_store is not None else copy_store(ctx, dst_pristine, os.path.join(ctx.run, "mig-dst"))
-    s_ctl, d_ctl = os.path.join(ctx.run, "src.ctl"), os.path.join(ctx.run, "dst.ctl")
-    s_nbd, d_nbd = os.path.join(ctx.run, "src.nbd"), os.path.join(ctx.run, "dst.nbd")
-    for f in (s_ctl, d_ctl, s_nbd, d_nbd):
-        if os.path.exists(f):
-            os.unlink(f)
+    s_ctl, d_ctl, s_nbd, d_nbd, ssrv, dsrv = start_pair(ctx, src, dst, "mig-" + tag, dst_args)
     logdir = os.path.join(ctx.out, "logs")
-    tls = migration_tls(ctx)
-    dsrv = ctx.start([ctx.exe("nbd-server"), "--store", dst, "--unix", d_nbd, "--control", d_ctl,
-                      "--migration-listen", "%s:7700" % DST_ADDR] + tls("dst") + list(dst_args), ns="dst", stdout_pipe=True,
-                     log=os.path.join(logdir, "mig-%s-dst.log" % tag))
-    ssrv = ctx.start([ctx.exe("nbd-server"), "--store", src, "--unix", s_nbd, "--control", s_ctl] + tls("src"),
-                     ns="src", stdout_pipe=True, log=os.path.join(logdir, "mig-%s-src.log" % tag))
     fio = guest = None
     row = {"tool": "ours", "image": image, "hood": hood_name, "neighbours": neighbours, "load": load}
     if label:
@@ -779,6 +803,11 @@ def section_migration(ctx):
             res["casync_missing"] = "casync is not installed (apt-get install casync)"
         write_section(ctx, "migration", res)
     ctx.wan_down()
+
+
+def section_gang(ctx):
+    import gang
+    gang.section_gang(ctx, sys.modules[__name__])
 
 
 # ---------------------------------------------------------------------------------- 4 downtime

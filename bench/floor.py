@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """The floor of a migration: what the destination lacks, compressed.
 
-    floor.py --migrated IMG [--neighbour IMG]... [--block-size 4096] [--levels 3,19L]
+    floor.py --migrated IMG [--migrated IMG]... [--neighbour IMG]... [--block-size 4096] [--levels 3,19L]
 
 The blocks the destination lacks are the aligned BLOCK-SIZE blocks of the migrated image
 that are not all zeros and whose content occurs as no block of any neighbour image; each
 distinct content counts once (in the order of first appearance). Their concatenation is
 compressed with the zstd command-line tool at each level ("19L" = -19 --long=27) and the
 compressed sizes are reported, with the fingerprint list a block-mapping protocol must send
-(16 bytes per non-zero block of the migrated image).
+(16 bytes per non-zero block of the migrated image). Several --migrated images (a gang) give
+the floor of their union: each distinct lacking content once for all of them, and the
+fingerprints of every image's non-zero blocks.
 
 Independent of the project's Rust code: plain Python (hashlib blake2b, 16-byte digests) and
 the zstd CLI. Holes are skipped with SEEK_DATA/SEEK_HOLE (they read as zeros). Prints JSON.
@@ -111,7 +113,7 @@ class Sink:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--migrated", required=True)
+    ap.add_argument("--migrated", action="append", required=True)
     ap.add_argument("--neighbour", action="append", default=[])
     ap.add_argument("--block-size", type=int, default=4096)
     ap.add_argument("--levels", default="3,19L")
@@ -129,7 +131,7 @@ def main():
     nonzero = lacking = dup = hits = 0
     buf = []
     buffered = 0
-    for d, blk in blocks(args.migrated, bs):
+    for d, blk in (x for m in args.migrated for x in blocks(m, bs)):
         nonzero += 1
         if d in have:
             hits += 1
@@ -149,7 +151,7 @@ def main():
     sizes = sink.close()
     fp = nonzero * args.fingerprint_bytes
     out = {
-        "migrated": os.path.basename(args.migrated),
+        "migrated": ",".join(os.path.basename(m) for m in args.migrated),
         "neighbours": [os.path.basename(n) for n in args.neighbour],
         "block_size": bs,
         "nonzero_blocks": nonzero,

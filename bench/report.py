@@ -19,7 +19,7 @@ import time
 
 MiB = 1 << 20
 LINK_BPS = 100e6
-SECTION_ORDER = ["similarity", "indexing", "migration", "downtime", "nbd", "store", "memory", "rados"]
+SECTION_ORDER = ["similarity", "indexing", "migration", "downtime", "gang", "nbd", "store", "memory", "rados"]
 PEER_TOOLS = ["full copy (nbdcopy)", "rsync", "casync (default 64 KiB chunks)", "casync (4 KiB chunks)"]
 
 
@@ -751,6 +751,9 @@ def main():
                 body.append(mig_md(s, plots, verdict, targets))
             elif name == "downtime":
                 pass
+            elif name == "gang":
+                import gang
+                body.append(gang.gang_md(s, plots, targets))
             elif name == "nbd":
                 body.append(nbd_md(s, plots, verdict))
             elif name == "store":

@@ -249,6 +249,33 @@ fn has_many_and_map_existing() {
 }
 
 #[test]
+fn verified_blocks_written_at_scattered_places_in_one_call() {
+    both(4096, |s| {
+        let d = s.create_disk("d", 600 * 4096).unwrap();
+        // More than one commit's worth, scattered, over blocks already written (replaced)
+        // and a zero block (a hole, not stored).
+        s.write(d.id, 7 * 4096, &pattern(1, 4096), false).unwrap();
+        let blocks: Vec<(u64, Vec<u8>)> = (0..300u64).map(|i| (i * 2 + 1, pattern((i % 200) as u8 + 2, 4096))).chain([(598, vec![0u8; 4096])]).collect();
+        let fps: Vec<_> = blocks.iter().map(|(_, b)| s.fingerprint(b)).collect();
+        let writes: Vec<(u64, cas_store::Fingerprint, &[u8])> = blocks.iter().zip(&fps).map(|((n, b), fp)| (*n, *fp, &b[..])).collect();
+        s.write_verified_blocks(d.id, &writes).unwrap();
+        let mut buf = vec![0u8; 4096];
+        for (n, b) in &blocks {
+            s.read(d.id, n * 4096, &mut buf).unwrap();
+            assert_eq!(&buf, b, "block {n}");
+        }
+        s.read(d.id, 2 * 4096, &mut buf).unwrap();
+        assert!(buf.iter().all(|&x| x == 0), "untouched blocks stay holes");
+        assert!(s.fsck(true).unwrap().is_clean());
+        assert_eq!(s.stats().unwrap().stored_blocks, 200, "200 distinct contents, block 7's old one released");
+        let short = [(0u64, fps[0], &blocks[0].1[..100])];
+        assert!(matches!(s.write_verified_blocks(d.id, &short), Err(StoreError::InvalidArgument(_))));
+        let past = [(600u64, fps[0], &blocks[0].1[..])];
+        assert!(s.write_verified_blocks(d.id, &past).is_err(), "past the end");
+    });
+}
+
+#[test]
 fn concurrent_writers_on_shared_blocks_keep_counts_exact() {
     both(512, |s| {
         let disks: Vec<_> = (0..4).map(|i| s.create_disk(&format!("d{i}"), 64 * 512).unwrap()).collect();

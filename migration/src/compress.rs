@@ -101,6 +101,13 @@ pub fn compress(raw: &[u8], level: i32) -> Vec<u8> {
 ///   moment of CPU contention (a build, the destination's own work on a shared host) does not
 ///   make the level collapse;
 /// * **waiting for blocks to compress** (listing, reading, the destination's WANT): no signal.
+///
+/// A gang's compressors share one controller (see `SharedLink`), fed each member's times
+/// weighed by the number of members, and a *core budget*: when they keep more cores busy
+/// than that (all of them but one), the level goes down one per window and never up. A
+/// member alone keeps at most one core busy, so the budget changes nothing for it; several,
+/// each blocked on a link they share (or on a destination short of CPU), would otherwise
+/// raise the level together until the CPU, not the link, held them all back.
 #[derive(Debug, Clone)]
 pub struct LevelController {
     level: i32,
@@ -112,6 +119,10 @@ pub struct LevelController {
     idle: Duration,
     /// Compression-bound windows in a row.
     strikes: u32,
+    /// Members whose times are summed, each divided by `members`, and the cores their
+    /// compression may keep busy together.
+    members: u32,
+    core_budget: f64,
 }
 
 /// The controller's observation window (compressor wall time).
@@ -142,7 +153,16 @@ impl LevelController {
             blocked: Duration::ZERO,
             idle: Duration::ZERO,
             strikes: 0,
+            members: 1,
+            core_budget: f64::INFINITY,
         }
+    }
+
+    /// The next observations come from `members` compressors (each duration divided by
+    /// `members`), which together may keep `core_budget` cores busy.
+    pub fn set_gang(&mut self, members: u32, core_budget: f64) {
+        self.members = members.max(1);
+        self.core_budget = core_budget;
     }
 
     pub fn level(&self) -> i32 {
@@ -163,7 +183,11 @@ impl LevelController {
             return None;
         }
         let before = self.level;
-        if self.blocked * 2 > window {
+        let busy_cores = self.busy.as_secs_f64() * f64::from(self.members) / window.as_secs_f64();
+        if busy_cores > self.core_budget {
+            self.level = (self.level - 1).max(self.min);
+            self.strikes = 0;
+        } else if self.blocked * 2 > window {
             self.level = (self.level + 2).min(self.max);
             self.strikes = 0;
         } else if self.blocked * 5 > window {
@@ -241,5 +265,32 @@ mod tests {
         let mut f = LevelController::new(Some(7));
         assert_eq!(f.observe(Duration::from_secs(1), Duration::ZERO, Duration::ZERO), None);
         assert_eq!(f.level(), 7);
+    }
+
+    #[test]
+    fn a_gang_over_its_core_budget_lowers_the_level_even_when_blocked_on_the_link() {
+        let ms = Duration::from_millis;
+        let mut c = LevelController::new(None);
+        for _ in 0..20 {
+            c.observe(ms(10), ms(40), ms(0));
+        }
+        assert_eq!(c.level(), 7);
+        // Four members, each compressing 60 % of the time (2.4 cores) and blocked the rest,
+        // on a budget of one core: down one level per window.
+        c.set_gang(4, 1.0);
+        for _ in 0..10 {
+            c.observe(ms(60) / 4, ms(40) / 4, ms(0));
+            c.observe(ms(60) / 4, ms(40) / 4, ms(0));
+            c.observe(ms(60) / 4, ms(40) / 4, ms(0));
+            c.observe(ms(60) / 4, ms(40) / 4, ms(0));
+        }
+        assert_eq!(c.level(), 5, "two windows over the budget");
+        // Within the budget (0.8 cores) and blocked on the link: up again.
+        for _ in 0..10 {
+            for _ in 0..4 {
+                c.observe(ms(20) / 4, ms(80) / 4, ms(0));
+            }
+        }
+        assert_eq!(c.level(), 9);
     }
 }

@@ -1,8 +1,11 @@
 //! A token bucket for the migration link (`--bandwidth`), whose rate an operator may change
-//! while a migration runs (`migrate set-bandwidth`).
+//! while a migration runs (`migrate set-bandwidth`), and what a gang's migrations share of
+//! the link ([`SharedLink`]).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+
+use crate::compress::{LevelController, LEVEL_WINDOW};
 
 /// Allows `rate` bytes per second on average, in bursts of at most `burst` bytes.
 #[derive(Debug)]
@@ -114,6 +117,171 @@ impl LinkCap {
     }
 }
 
+/// What the migrations of a gang share on their way out of this server (a migration alone is
+/// a gang of one): one bandwidth cap (one setting and one bucket that every connection of
+/// every member charges, so the gang as a whole keeps to it), and the right of way for
+/// on-demand data: while one member's destination waits for blocks a reader needs now, the
+/// others hold their background data back (each member's own writer already sends its
+/// on-demand data first).
+#[derive(Debug)]
+pub struct SharedLink {
+    setting: CapSetting,
+    bucket: parking_lot::Mutex<LinkCap>,
+    epoch: Instant,
+    /// Until when (milliseconds since `epoch`) on-demand data has the right of way, and whose.
+    urgent_until_ms: AtomicU64,
+    urgent_member: AtomicUsize,
+    /// The background zstd level, one for the whole gang (see [`SharedLink::observe_level`]).
+    level: parking_lot::Mutex<SharedLevel>,
+    /// Members between their freeze and SWITCHED: everyone's background data waits (for at
+    /// most [`SharedLink::MAX_SWITCH_HOLD`] after the latest freeze).
+    switching: std::sync::Arc<AtomicUsize>,
+    switch_since_ms: AtomicU64,
+}
+
+/// Holds the background data of every member of a gang while it lives (one member's
+/// switch-over, from its freeze to SWITCHED).
+#[derive(Debug)]
+pub struct SwitchHold(std::sync::Arc<AtomicUsize>);
+
+impl Drop for SwitchHold {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// One level controller for every compressor of a gang: the level trades the gang's CPU
+/// against the gang's link, and members that each chased their own share of the link raised
+/// their levels together until the CPU, not the link, held them all back.
+#[derive(Debug)]
+struct SharedLevel {
+    controller: Option<LevelController>,
+    /// Members that compressed since `since`, and how many did in the window before.
+    seen: Vec<usize>,
+    members: usize,
+    since: Instant,
+    /// Cores the gang's compression may keep busy together: all but one (one at least).
+    core_budget: f64,
+}
+
+impl Default for SharedLink {
+    fn default() -> Self {
+        SharedLink {
+            setting: CapSetting::default(),
+            bucket: parking_lot::Mutex::default(),
+            epoch: Instant::now(),
+            urgent_until_ms: AtomicU64::new(0),
+            urgent_member: AtomicUsize::new(0),
+            switching: std::sync::Arc::default(),
+            switch_since_ms: AtomicU64::new(0),
+            level: parking_lot::Mutex::new(SharedLevel {
+                controller: None,
+                seen: Vec::new(),
+                members: 1,
+                since: Instant::now(),
+                core_budget: std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1)) as f64,
+            }),
+        }
+    }
+}
+
+impl SharedLink {
+    /// How long the right of way lasts after the last sign of on-demand data (a FETCH, an
+    /// on-demand frame written): enough to read, compress and write a small frame. A hint
+    /// that lapses by itself, so nothing waits on a member that went away.
+    pub const URGENT_WINDOW: Duration = Duration::from_millis(50);
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Member `member` (any number that tells the members apart) has on-demand data coming.
+    pub fn urgent(&self, member: usize) {
+        self.urgent_member.store(member, Ordering::Relaxed);
+        self.urgent_until_ms.fetch_max(self.now_ms() + Self::URGENT_WINDOW.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Holds every member's background data until the returned guard is dropped: a member's
+    /// switch-over, whose downtime is the round trip of its final listing and SWITCH, must
+    /// not wait behind the others' data in the link's queue.
+    pub fn hold_for_switch(&self) -> SwitchHold {
+        self.switch_since_ms.store(self.now_ms(), Ordering::SeqCst);
+        self.switching.fetch_add(1, Ordering::SeqCst);
+        SwitchHold(self.switching.clone())
+    }
+
+    /// Whether a member of the gang is switching over (background data waits). A switch-over
+    /// takes milliseconds; one that waits longer (its link lost) stops holding the others.
+    pub fn switching(&self) -> bool {
+        self.switching.load(Ordering::SeqCst) > 0
+            && self.now_ms().saturating_sub(self.switch_since_ms.load(Ordering::SeqCst)) < Self::MAX_SWITCH_HOLD.as_millis() as u64
+    }
+
+    /// How long one member's switch-over holds the others' background data at most.
+    pub const MAX_SWITCH_HOLD: Duration = Duration::from_secs(2);
+
+    /// The background level now (`fixed`: the migration's own fixed level, if it has one).
+    pub fn level(&self, fixed: Option<i32>) -> i32 {
+        if let Some(l) = fixed {
+            return l;
+        }
+        self.level.lock().controller.get_or_insert_with(|| LevelController::new(None)).level()
+    }
+
+    /// One background frame of `member`: time spent compressing it, blocked handing it to the
+    /// link, and waiting for its blocks (see [`LevelController::observe`]). The members'
+    /// times are summed into one window, each weighed by the number of members, so the window
+    /// stays about [`LEVEL_WINDOW`] of wall time however many compress at once.
+    pub fn observe_level(&self, member: usize, fixed: Option<i32>, busy: Duration, blocked: Duration, idle: Duration) {
+        if fixed.is_some() {
+            return;
+        }
+        let mut l = self.level.lock();
+        if !l.seen.contains(&member) {
+            l.seen.push(member);
+        }
+        if l.since.elapsed() >= 2 * LEVEL_WINDOW {
+            l.members = l.seen.len();
+            l.seen.clear();
+            l.since = Instant::now();
+        }
+        let n = l.members.max(l.seen.len()).max(1) as u32;
+        let budget = l.core_budget;
+        let c = l.controller.get_or_insert_with(|| LevelController::new(None));
+        c.set_gang(n, budget);
+        c.observe(busy / n, blocked / n, idle / n);
+    }
+
+    /// How long `member` holds a background frame back now (at most [`LinkCap::RECHECK`]):
+    /// another member's on-demand data goes first.
+    pub fn yield_to_urgent(&self, member: usize) -> Duration {
+        let until = self.urgent_until_ms.load(Ordering::Relaxed);
+        let now = self.now_ms();
+        if now >= until || self.urgent_member.load(Ordering::Relaxed) == member {
+            return Duration::ZERO;
+        }
+        Duration::from_millis(until - now).min(LinkCap::RECHECK)
+    }
+
+    pub fn get(&self) -> Option<u64> {
+        self.setting.get()
+    }
+
+    pub fn set(&self, bits_per_second: Option<u64>) {
+        self.setting.set(bits_per_second)
+    }
+
+    /// How long a writer waits now before sending (at most [`LinkCap::RECHECK`]).
+    pub fn wait(&self) -> Duration {
+        self.bucket.lock().wait(&self.setting)
+    }
+
+    /// Charges a frame that goes out now.
+    pub fn charge(&self, bytes: usize) {
+        self.bucket.lock().charge(bytes)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,5 +312,64 @@ mod tests {
         cap.charge(1 << 30);
         assert_eq!(cap.wait(&setting), Duration::ZERO, "no cap");
         assert_eq!(CapSetting::new(None).get(), None);
+    }
+
+    #[test]
+    fn writers_sharing_a_cap_keep_to_it_together() {
+        let cap = SharedLink::default();
+        cap.set(Some(8_000_000)); // 1 MB/s for the gang
+        assert_eq!(cap.wait(), Duration::ZERO);
+        // Two members each send 1 MB at once: together they owe about 2 s.
+        cap.charge(1_000_000);
+        cap.charge(1_000_000);
+        assert_eq!(cap.wait(), LinkCap::RECHECK);
+        cap.set(None);
+        assert_eq!(cap.wait(), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_gang_has_one_level_for_all_its_compressors() {
+        let link = SharedLink::default();
+        let ms = Duration::from_millis;
+        assert_eq!(link.level(None), 3);
+        // Two members, each blocked on the link most of the time: together, one window.
+        for _ in 0..2 {
+            link.observe_level(1, None, ms(50), ms(250), Duration::ZERO);
+            link.observe_level(2, None, ms(50), ms(250), Duration::ZERO);
+        }
+        let up = link.level(None);
+        assert!(up >= 5, "up for the whole gang: {up}");
+        // Now compression holds the link up, window after window: down.
+        for _ in 0..20 {
+            link.observe_level(1, None, ms(300), Duration::ZERO, Duration::ZERO);
+            link.observe_level(2, None, ms(300), Duration::ZERO, Duration::ZERO);
+        }
+        assert!(link.level(None) < up);
+        assert_eq!(link.level(Some(9)), 9, "a fixed level is the migration's own");
+    }
+
+    #[test]
+    fn a_switch_over_holds_the_gangs_background_data_while_it_lasts() {
+        let link = SharedLink::default();
+        assert!(!link.switching());
+        let a = link.hold_for_switch();
+        let b = link.hold_for_switch();
+        assert!(link.switching());
+        drop(a);
+        assert!(link.switching(), "another member still switching");
+        drop(b);
+        assert!(!link.switching());
+    }
+
+    #[test]
+    fn on_demand_data_of_one_member_holds_the_others_background_back_for_a_while() {
+        let link = SharedLink::default();
+        assert_eq!(link.yield_to_urgent(1), Duration::ZERO);
+        link.urgent(2);
+        assert_eq!(link.yield_to_urgent(2), Duration::ZERO, "its own background is ordered by its own writer");
+        let wait = link.yield_to_urgent(1);
+        assert!(wait > Duration::ZERO && wait <= SharedLink::URGENT_WINDOW, "{wait:?}");
+        std::thread::sleep(SharedLink::URGENT_WINDOW + Duration::from_millis(5));
+        assert_eq!(link.yield_to_urgent(1), Duration::ZERO, "the right of way lapses by itself");
     }
 }

@@ -109,6 +109,9 @@ pub struct MigrationReport {
     /// The source's bandwidth cap in force, bits per second (None: none).
     #[serde(default)]
     pub bandwidth_bps: Option<u64>,
+    /// The gang this migration belongs to (disks moved together), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gang: Option<String>,
 }
 
 impl MigrationReport {
@@ -141,6 +144,7 @@ impl MigrationReport {
             link_stream_memory_bytes: 0,
             link_state: "connecting".into(),
             bandwidth_bps: None,
+            gang: None,
         }
     }
 

@@ -1,7 +1,7 @@
 //! One storage server's shared state: its store, its exports and its migrations. The control
 //! API and the migration listener work through it.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,6 +9,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use cas_store::{Store, StoreError};
+use migration::ratelimit::SharedLink;
 use migration::{
     DestHooks, Destination, MigratingDisk, MigrationRecord, MigrationReport, MigrationStatus, Phase, SourceHooks,
     Stage, StateStore,
@@ -53,6 +54,8 @@ pub struct Node {
     held: Mutex<HashSet<String>>,
     /// Distinguishes this run's migration ids from an earlier run's.
     run_tag: String,
+    /// The bandwidth cap each gang of outgoing migrations shares, while any member lives.
+    gang_caps: Mutex<HashMap<String, Weak<SharedLink>>>,
 }
 
 /// Finished migrations a server keeps listing (the most recent ones).
@@ -109,7 +112,24 @@ impl Node {
             dormant: Mutex::new(dormant),
             held: Mutex::new(held),
             run_tag: format!("{:x}", (nanos as u64) & 0xffff_ffff),
+            gang_caps: Mutex::default(),
         }))
+    }
+
+    /// The bandwidth cap of a new outgoing migration: its own, or its gang's (shared by every
+    /// member, so `set-bandwidth` on any of them paces the whole gang).
+    pub fn cap_for(&self, gang: Option<&str>) -> Arc<SharedLink> {
+        let Some(gang) = gang else {
+            return Arc::default();
+        };
+        let mut caps = self.gang_caps.lock();
+        caps.retain(|_, cap| cap.strong_count() > 0);
+        if let Some(cap) = caps.get(gang).and_then(Weak::upgrade) {
+            return cap;
+        }
+        let cap: Arc<SharedLink> = Arc::default();
+        caps.insert(gang.to_string(), Arc::downgrade(&cap));
+        cap
     }
 
     /// After a restart: parks incoming migrations again (serving switched disks post-copy),
@@ -117,8 +137,13 @@ impl Node {
     pub async fn restore_migrations(&self) -> Result<(), migration::MigrationError> {
         self.destination.restore().await?;
         for r in self.dormant.lock().values() {
-            let status = MigrationStatus::new(MigrationReport::new(&r.id, &r.disk, "source", &r.peer));
+            let gang = r.config.as_ref().and_then(|c| c.gang.clone());
+            let status = MigrationStatus::with_cap(
+                MigrationReport::new(&r.id, &r.disk, "source", &r.peer),
+                self.cap_for(gang.as_deref()),
+            );
             status.update(|rep| {
+                rep.gang = gang.clone();
                 rep.cancellable = r.stage == Stage::PreCopy;
                 rep.phase = match r.stage {
                     Stage::PreCopy => Phase::PreCopy,

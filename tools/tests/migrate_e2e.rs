@@ -2,39 +2,14 @@
 //! driven by the real `migrate` command, with a real NBD client writing to the disk.
 
 use std::io::Write;
-use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 mod common;
+use common::data::vm_image as image;
 use common::server::{certs, free_port, load, run, start_capped, tls_args, wait_for_migration, workspace, Server, MIGRATE};
-
-/// Deterministic content: `os` blocks any VM of that OS has, then blocks of its own.
-fn image(path: &Path, blocks: usize, os: usize, own_seed: u64, zero_every: usize) -> Vec<u8> {
-    let mut data = vec![0u8; blocks * 4096];
-    for b in 0..blocks {
-        if zero_every > 0 && b % zero_every == 0 {
-            continue;
-        }
-        let seed = if b < os { b as u64 + 1 } else { own_seed * 1_000_000 + b as u64 };
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        for (i, chunk) in data[b * 4096..(b + 1) * 4096].chunks_mut(8).enumerate() {
-            // Half text-like (compressible), half noise.
-            if i < 256 {
-                chunk.copy_from_slice(format!("{:08}", (seed + i as u64 / 16) % 100_000_000).as_bytes());
-            } else {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                chunk.copy_from_slice(&x.to_le_bytes());
-            }
-        }
-    }
-    std::fs::write(path, &data).unwrap();
-    data
-}
 
 fn migrate(src: &Server, dst: &Server, disk: &str, extra: &[&str]) -> Output {
     Command::new(MIGRATE).args(["--source", src.ctl(), "--dest", dst.ctl(), "--disk", disk, "--json", "--timeout", "300"]).args(extra).output().unwrap()

@@ -10,8 +10,17 @@ use crate::MigrationError;
 
 use super::*;
 
-/// `defer`: missing content is recorded for the switch-over instead of asked for now.
-pub(crate) fn apply_fingerprints(inc: &Incoming, runs: Vec<Run>, defer: bool) -> Result<Vec<Fingerprint>, MigrationError> {
+/// What a listing needs: content to ask for, and blocks to map to content already here (see
+/// [`map_hits`]).
+#[derive(Debug, Default)]
+pub(crate) struct Listed {
+    pub(crate) want: Vec<Fingerprint>,
+    pub(crate) hits: Vec<(u64, Fingerprint)>,
+}
+
+/// Records a listing: what is missing is asked for (or, with `defer`, recorded for the
+/// switch-over); what is here is returned to be mapped by [`map_hits`].
+pub(crate) fn apply_fingerprints(inc: &Incoming, runs: Vec<Run>, defer: bool) -> Result<Listed, MigrationError> {
     let store = &inc.store;
     let mut entries: Vec<(u64, Fingerprint)> = Vec::new();
     let mut zero_runs: Vec<(u64, u64)> = Vec::new();
@@ -32,7 +41,7 @@ pub(crate) fn apply_fingerprints(inc: &Incoming, runs: Vec<Run>, defer: bool) ->
         store.write_zeroes(inc.disk, first * bs, count * bs, false)?;
     }
     if entries.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Listed::default());
     }
     // A listed block supersedes whatever it was waiting for.
     {
@@ -52,7 +61,7 @@ pub(crate) fn apply_fingerprints(inc: &Incoming, runs: Vec<Run>, defer: bool) ->
     let mut want: Vec<Fingerprint> = Vec::new();
     let mut p = inc.pending.lock();
     for (block, fp) in entries {
-        if p.wanted.contains(&fp) {
+        if p.wanted.contains(&fp) || p.borrowed.contains(&fp) {
             p.report.duplicates += 1;
             p.by_block.insert(block, fp);
             p.waiting.entry(fp).or_default().push(block);
@@ -72,29 +81,30 @@ pub(crate) fn apply_fingerprints(inc: &Incoming, runs: Vec<Run>, defer: bool) ->
             p.by_block.insert(block, fp);
             p.waiting.entry(fp).or_default().push(block);
         } else {
-            p.report.wanted += 1;
-            p.wanted.insert(fp);
             p.by_block.insert(block, fp);
             p.waiting.entry(fp).or_default().push(block);
-            want.push(fp);
+            ask_for(inc, &mut p, fp, &mut want);
         }
         p.report.blocks_listed += 1;
     }
     drop(p);
-    if !to_map.is_empty() {
-        let applied = store.map_existing(inc.disk, &to_map)?;
-        // A block deleted here between the lookup and the mapping (another disk let go of
-        // it): ask for it like any missing block.
-        let mut p = inc.pending.lock();
-        for ((block, fp), ok) in to_map.into_iter().zip(applied) {
-            if !ok {
-                p.by_block.insert(block, fp);
-                p.waiting.entry(fp).or_default().push(block);
-                if p.wanted.insert(fp) {
-                    p.report.wanted += 1;
-                    want.push(fp);
-                }
-            }
+    Ok(Listed { want, hits: to_map })
+}
+
+/// Maps listed blocks to content already here; returns content to ask for after all (a
+/// block deleted between the lookup and the mapping: another disk let go of it).
+pub(crate) fn map_hits(inc: &Incoming, hits: Vec<(u64, Fingerprint)>) -> Result<Vec<Fingerprint>, MigrationError> {
+    let mut want = Vec::new();
+    if hits.is_empty() {
+        return Ok(want);
+    }
+    let applied = inc.store.map_existing(inc.disk, &hits)?;
+    let mut p = inc.pending.lock();
+    for ((block, fp), ok) in hits.into_iter().zip(applied) {
+        if !ok {
+            p.by_block.insert(block, fp);
+            p.waiting.entry(fp).or_default().push(block);
+            ask_for(inc, &mut p, fp, &mut want);
         }
     }
     Ok(want)
@@ -102,19 +112,32 @@ pub(crate) fn apply_fingerprints(inc: &Incoming, runs: Vec<Run>, defer: bool) ->
 
 pub(crate) fn apply_records(inc: &Incoming, records: Vec<Record>) -> Result<(), MigrationError> {
     let store = &inc.store;
-    let bs = inc.block_size;
+    // Every block is checked against its fingerprint before anything is applied, and before
+    // the pending lock, which readers of the disk wait for.
+    for record in &records {
+        if let Record::Block { fp, data } = record {
+            if store.fingerprint(data) != *fp {
+                return Err(MigrationError::Corrupt(format!("block {fp} arrived with content that does not match")));
+            }
+        }
+    }
     let mut p = inc.pending.lock();
-    for record in records {
-        match record {
-            Record::Block { fp, data } => {
-                if store.fingerprint(&data) != fp {
-                    return Err(MigrationError::Corrupt(format!("block {fp} arrived with content that does not match")));
-                }
+    // Content stored (or given up) here, which other migrations of the gang may wait for.
+    let mut arrived: Vec<Fingerprint> = Vec::new();
+    // One block per content is written, the others that wait for it mapped to it, all in a
+    // few engine commits for the whole frame.
+    let mut writes: Vec<(u64, Fingerprint, &[u8])> = Vec::new();
+    let mut maps: Vec<(u64, Fingerprint)> = Vec::new();
+    let mut done: Vec<u64> = Vec::new();
+    for record in &records {
+        match *record {
+            Record::Block { fp, ref data } => {
                 if !p.wanted.remove(&fp) {
                     // Not asked for (or already here): ignore, but do not trust it further.
                     continue;
                 }
                 p.received.insert(fp);
+                arrived.push(fp);
                 if !p.phase.has_switched() {
                     p.report.received_before_switch += 1;
                 } else if p.urgent.remove(&fp) {
@@ -126,25 +149,17 @@ pub(crate) fn apply_records(inc: &Incoming, records: Vec<Record>) -> Result<(), 
                 let Some((&first, rest)) = blocks.split_first() else {
                     continue;
                 };
-                // Written while the pending lock is held: a reader waits for the lock rather
-                // than seeing the block neither missing nor written.
-                store.write(inc.disk, first * bs, &data, false)?;
-                if !rest.is_empty() {
-                    let entries: Vec<(u64, Fingerprint)> = rest.iter().map(|&b| (b, fp)).collect();
-                    store.map_existing(inc.disk, &entries)?;
-                }
-                if let Some(j) = inc.journal.lock().as_mut() {
-                    j.note_removed(&blocks)?;
-                }
-                for b in blocks {
-                    p.by_block.remove(&b);
-                }
+                writes.push((first, fp, data));
+                maps.extend(rest.iter().map(|&b| (b, fp)));
+                done.extend(blocks);
             }
             Record::Gone(fp) => {
                 // The source changed every block that had this content; later rounds list
                 // their new content, which supersedes these entries.
                 p.report.gone += 1;
-                p.wanted.remove(&fp);
+                if p.wanted.remove(&fp) {
+                    arrived.push(fp);
+                }
                 p.urgent.remove(&fp);
                 for b in p.waiting.remove(&fp).unwrap_or_default() {
                     if p.by_block.get(&b) == Some(&fp) {
@@ -153,6 +168,25 @@ pub(crate) fn apply_records(inc: &Incoming, records: Vec<Record>) -> Result<(), 
                 }
             }
         }
+    }
+    // Written while the pending lock is held: a reader waits for the lock rather than seeing
+    // a block neither missing nor written. The copies are mapped once their content is in.
+    if !writes.is_empty() {
+        store.write_verified_blocks(inc.disk, &writes)?;
+    }
+    if !maps.is_empty() {
+        store.map_existing(inc.disk, &maps)?;
+    }
+    if !done.is_empty() {
+        if let Some(j) = inc.journal.lock().as_mut() {
+            j.note_removed(&done)?;
+        }
+        for b in &done {
+            p.by_block.remove(b);
+        }
+    }
+    if let Some(member) = &inc.gang {
+        member.release(&arrived);
     }
     Ok(())
 }

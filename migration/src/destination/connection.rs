@@ -151,7 +151,13 @@ impl Connection<'_> {
         if round == 0 {
             self.session.proto.lock().listed_round0 += listed;
         }
-        blocking(move || apply_fingerprints(&inc, runs, defer)).await
+        blocking(move || {
+            let listed = apply_fingerprints(&inc, runs, defer)?;
+            let mut want = listed.want;
+            want.extend(map_hits(&inc, listed.hits)?);
+            Ok::<_, MigrationError>(want)
+        })
+        .await
     }
 
     pub(crate) async fn apply_data(&self, raw_len: u32, frame: Vec<u8>) -> Result<(), MigrationError> {
@@ -214,7 +220,8 @@ impl Connection<'_> {
         let (temp, name) = (incoming_name(&session.hello.disk), session.hello.disk.clone());
         blocking(move || Ok::<_, MigrationError>(s.rename_disk(&temp, &name)?)).await?;
         let (report, deferred) = {
-            let mut p = session.incoming.pending.lock();
+            let inc = &session.incoming;
+            let mut p = inc.pending.lock();
             // Requests the standby export holds continue as post-copy requests from here.
             p.phase = DiskPhase::PostCopy;
             // What deferred rounds left is asked for now, once, for the blocks that still
@@ -223,9 +230,11 @@ impl Connection<'_> {
                 .into_iter()
                 .filter(|fp| p.waiting.get(fp).is_some_and(|blocks| blocks.iter().any(|b| p.by_block.get(b) == Some(fp))))
                 .collect();
-            p.report.wanted += deferred.len() as u64;
-            p.wanted.extend(deferred.iter().copied());
-            (p.report.clone(), deferred)
+            let mut ask = Vec::with_capacity(deferred.len());
+            for fp in deferred {
+                ask_for(inc, &mut p, fp, &mut ask);
+            }
+            (p.report.clone(), ask)
         };
         session.incoming.arrived.notify_all();
         session.proto.lock().processed_at_switch = processed;
@@ -256,15 +265,24 @@ impl Connection<'_> {
 
     /// Reports finished rounds, and completion after the switch-over.
     pub(crate) fn after_progress(&self) -> Result<(), MigrationError> {
+        report_progress(self.session, self.hooks)
+    }
+}
+
+/// Reports a session's finished rounds, and completion after the switch-over, once nothing
+/// it waits for is missing (from its own source or from its gang).
+pub(crate) fn report_progress(session: &Arc<Session>, hooks: &Arc<dyn DestHooks>) -> Result<(), MigrationError> {
+    let send = |msg: Message| session.out.send(Frame::new(&msg)).map_err(|_| MigrationError::Closed);
+    {
         let (idle, switched, report) = {
-            let p = self.incoming().pending.lock();
-            (p.wanted.is_empty(), p.phase.has_switched(), p.report.clone())
+            let p = session.incoming.pending.lock();
+            (p.wanted.is_empty() && p.borrowed.is_empty(), p.phase.has_switched(), p.report.clone())
         };
         if !idle {
             return Ok(());
         }
         let (rounds, complete_now) = {
-            let mut proto = self.session.proto.lock();
+            let mut proto = session.proto.lock();
             let rounds = std::mem::take(&mut proto.ended_rounds);
             if let Some(&r) = rounds.last() {
                 proto.last_done = Some(r);
@@ -276,12 +294,12 @@ impl Connection<'_> {
             (rounds, complete_now)
         };
         for round in rounds {
-            self.send(Message::RoundDone { round })?;
+            send(Message::RoundDone { round })?;
         }
         if complete_now {
-            self.hooks.complete(&self.session.hello.disk);
-            tracing::info!(disk = %self.session.hello.disk, "every block is local");
-            self.send(Message::Complete(report))?;
+            hooks.complete(&session.hello.disk);
+            tracing::info!(disk = %session.hello.disk, "every block is local");
+            send(Message::Complete(report))?;
         }
         Ok(())
     }

@@ -5,6 +5,7 @@
 
 mod apply;
 mod connection;
+mod gang;
 mod journal;
 mod plan;
 mod postcopy;
@@ -14,7 +15,7 @@ mod state;
 pub use postcopy::{MigratingDisk, PostCopyError};
 pub use registry::Destination;
 // The submodules share their crate-internal items through this module.
-use {apply::*, connection::*, journal::*, plan::*, postcopy::*, registry::*, state::*};
+use {apply::*, connection::*, gang::*, journal::*, plan::*, postcopy::*, registry::*, state::*};
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -43,6 +43,8 @@ pub(crate) struct Pending {
     pub(crate) waiting: HashMap<Fingerprint, Vec<u64>>,
     /// Fingerprints asked for and not arrived.
     pub(crate) wanted: HashSet<Fingerprint>,
+    /// Missing content another migration of the gang asked its source for (see `gang`).
+    pub(crate) borrowed: HashSet<Fingerprint>,
     /// Fingerprints that arrived lately during this migration (bounded: see
     /// [`RecentFingerprints`]), to count in-disk duplicates apart from neighbours' blocks.
     pub(crate) received: RecentFingerprints,
@@ -62,6 +64,7 @@ impl Pending {
             by_block: HashMap::new(),
             waiting: HashMap::new(),
             wanted: HashSet::new(),
+            borrowed: HashSet::new(),
             received: RecentFingerprints::default(),
             urgent: HashSet::new(),
             deferred: HashSet::new(),
@@ -86,6 +89,8 @@ pub(crate) struct Incoming {
     pub(crate) journal: Mutex<Option<PendingJournal>>,
     /// The source answers READ (its HELLO said so).
     pub(crate) read_through: bool,
+    /// The migration's place in its gang, if it has one.
+    pub(crate) gang: Option<GangMember>,
 }
 
 /// The disk as the destination serves it from the moment a migration arrives.
@@ -162,6 +167,14 @@ impl MigratingDisk {
                 return Err(PostCopyError::Unavailable(format!("migration failed: {why}")));
             }
             let ask: Vec<Fingerprint> = missing.into_iter().filter(|fp| guard.urgent.insert(*fp)).collect();
+            for fp in &ask {
+                // Content another migration of the gang is bringing: a reader waits for it,
+                // so this migration's own source sends it now.
+                if guard.borrowed.remove(fp) {
+                    guard.wanted.insert(*fp);
+                    guard.report.wanted += 1;
+                }
+            }
             if !ask.is_empty() {
                 let _ = self.inner.fetch.send(Frame::new(&Message::Fetch(ask)));
             }

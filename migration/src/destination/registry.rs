@@ -31,6 +31,8 @@ pub struct Destination {
     pub(crate) state: Arc<dyn StateStore>,
     pub(crate) sessions: Mutex<HashMap<String, Arc<Session>>>,
     pub(crate) park_timeout: Duration,
+    /// Gangs with migrations here, by name.
+    pub(crate) gangs: Mutex<HashMap<String, Arc<Gang>>>,
 }
 
 impl std::fmt::Debug for Destination {
@@ -70,7 +72,7 @@ pub(crate) struct Proto {
 
 impl Destination {
     pub fn new(store: Arc<Store>, hooks: Arc<dyn DestHooks>, state: Arc<dyn StateStore>, park_timeout: Duration) -> Arc<Destination> {
-        Arc::new(Destination { store, hooks, state, sessions: Mutex::new(HashMap::new()), park_timeout })
+        Arc::new(Destination { store, hooks, state, sessions: Mutex::new(HashMap::new()), park_timeout, gangs: Mutex::default() })
     }
 
     pub fn status(&self, id: &str) -> Option<Arc<MigrationStatus>> {
@@ -207,6 +209,7 @@ impl Destination {
             fetch: out_tx.clone(),
             journal: Mutex::new(journal),
             read_through: hello.read_through,
+            gang: hello.gang.as_deref().map(|name| GangMember::join(&self.gangs, name, &hello.migration_id)),
         });
         let session = Arc::new(Session {
             hello,
@@ -219,13 +222,18 @@ impl Destination {
             superseded: tokio::sync::Notify::new(),
             ended: AtomicBool::new(false),
         });
+        session.status.update(|r| r.gang = session.hello.gang.clone());
         self.sessions.lock().insert(session.hello.migration_id.clone(), session.clone());
         self.hooks.registered(&session.hello.migration_id, session.status.clone());
         let disk = Arc::new(MigratingDisk { inner: session.incoming.clone() });
         if let Err(why) = self.hooks.attach(&session.hello.disk, disk) {
             self.sessions.lock().remove(&session.hello.migration_id);
+            if let Some(member) = &session.incoming.gang {
+                member.leave(&self.gangs);
+            }
             return Err(MigrationError::Hook(why));
         }
+        spawn_borrow_settler(&session, self.hooks.clone());
         Ok(session)
     }
 
@@ -494,6 +502,9 @@ impl Destination {
             return;
         }
         self.sessions.lock().remove(&session.hello.migration_id);
+        if let Some(member) = &session.incoming.gang {
+            member.leave(&self.gangs);
+        }
         // File removals and a directory fsync: on the blocking pool. A crash before they land
         // leaves a record whose disk has every block, which the next start finishes at once.
         let (state, id) = (self.state.clone(), session.hello.migration_id.clone());
@@ -522,6 +533,10 @@ impl Destination {
         };
         session.incoming.arrived.notify_all();
         self.sessions.lock().remove(&session.hello.migration_id);
+        // What it was bringing for the rest of its gang, they now ask their own sources for.
+        if let Some(member) = &session.incoming.gang {
+            member.leave(&self.gangs);
+        }
         if !switched {
             // The source is still authoritative: the standby export goes, then the partial
             // disk.

@@ -364,6 +364,7 @@ mod tests {
             defer_dirty: true,
             read_through: true,
             data_stream: true,
+            gang: Some("g1".into()),
         }));
         round_trip(Message::Accept(AcceptInfo { processed: 7, switched: true, rebuild: false, data_stream: true }));
         round_trip(Message::Ack { processed: 1 << 40 });

@@ -97,6 +97,19 @@
 //! thaws once SWITCH may have reached the destination: only the destination can say whether
 //! it switched, so the source waits for it.
 //!
+//! # Gangs (several disks moved together)
+//! A gang is a set of ordinary migrations, one per disk, each with its own connection, rounds,
+//! switch-over, downtime, cancel and resume; their HELLOs carry the same `gang` name. The
+//! destination asks once for content that several members lack: the first member whose
+//! listing misses a content sends WANT for it to its own source; a member that lists the same
+//! content while it is on its way sends no WANT, and maps the blocks when the first member's
+//! copy is stored (a map entry, no copy). If that member ends without delivering it (its
+//! source answered GONE, or it failed or was cancelled), the others send their own WANT; a
+//! reader that needs such a block now sends FETCH to its own source at once. No message
+//! changes for this: a source that is not in a gang sees nothing new. At the source the
+//! members share one bandwidth cap and give way to each other's on-demand data (see
+//! [`crate::ratelimit::SharedLink`]). The destination's side is `destination/gang.rs`.
+//!
 //! # Version policy
 //! [`VERSION`] changes only when a message changes meaning or layout. Peers must speak the
 //! same version; a mismatch is answered with ERROR naming both versions. New optional JSON
@@ -182,6 +195,11 @@ pub struct Hello {
     /// urgency, see [`crate::stream`]); it does if ACCEPT says the destination can take it.
     #[serde(default)]
     pub data_stream: bool,
+    /// The migration belongs to a gang (disks moved together, see [`crate::destination`]'s
+    /// gang notes): content that another migration of the same gang already asked for is
+    /// not asked for again; it is mapped when that migration's copy arrives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gang: Option<String>,
 }
 
 /// The destination's answer to HELLO: where a resumed migration continues.
@@ -243,6 +261,10 @@ pub struct DestReport {
     pub fetched_background: u64,
     /// Fingerprints the source no longer had (the block changed; a later round resent it).
     pub gone: u64,
+    /// Distinct contents this migration took from another migration of its gang (sent
+    /// once, over that migration's link) instead of asking its own source.
+    #[serde(default)]
+    pub gang_shared: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -4,7 +4,8 @@
 //! into the connection's background zstd stream (or one frame each, without DATA_STREAM)
 //! and queues the frames for the link writer. Reading, compressing and sending overlap, and
 //! the thread's own timing (compressing, blocked on a full link queue, waiting for blocks)
-//! is what the [`LevelController`] reads: it raises the level while the link is the
+//! is what the [`LevelController`](crate::compress::LevelController) reads (one for a
+//! gang's compressors, in its [`SharedLink`](crate::ratelimit::SharedLink)): it raises the level while the link is the
 //! bottleneck and lowers it only when compression has held the link up for a while.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,7 +17,7 @@ use tokio::sync::mpsc;
 
 use super::sender::DataFrame;
 use super::MigrationStatus;
-use crate::compress::{compress, LevelController};
+use crate::compress::compress;
 use crate::protocol::Message;
 use crate::stream::{StreamEncoder, StreamId};
 use crate::wire::Frame;
@@ -56,13 +57,15 @@ pub(crate) fn spawn_compressor(
 ) -> std::io::Result<()> {
     std::thread::Builder::new().name("migration-zstd".into()).spawn(move || {
         let mut encoder: Option<StreamEncoder> = None;
-        let mut level = LevelController::new(fixed_level);
-        status.update(|r| r.record_level(status.started.elapsed().as_secs_f64(), level.level()));
+        // The level is the gang's (a migration alone is a gang of one): see `SharedLink`.
+        let member = status.link_member();
+        let mut recorded = status.cap.level(fixed_level);
+        status.update(|r| r.record_level(status.started.elapsed().as_secs_f64(), recorded));
         loop {
             let waiting = Instant::now();
             let Some(batch) = raw.blocking_recv() else { return };
             let idle = waiting.elapsed();
-            let lvl = level.level();
+            let lvl = status.cap.level(fixed_level);
             let compressing = Instant::now();
             let msg = if streaming {
                 let enc = match encoder.as_mut() {
@@ -96,9 +99,12 @@ pub(crate) fn spawn_compressor(
             if low.blocking_send(frame).is_err() {
                 return;
             }
-            if let Some(new) = level.observe(busy, sending.elapsed(), idle) {
-                tracing::debug!(level = new, "zstd level");
-                status.update(|r| r.record_level(status.started.elapsed().as_secs_f64(), new));
+            status.cap.observe_level(member, fixed_level, busy, sending.elapsed(), idle);
+            let now = status.cap.level(fixed_level);
+            if now != recorded {
+                recorded = now;
+                tracing::debug!(level = now, "zstd level");
+                status.update(|r| r.record_level(status.started.elapsed().as_secs_f64(), now));
             }
         }
     })?;

@@ -49,6 +49,7 @@ pub async fn run_source_with(
     status.cap.set(config.bandwidth_bps);
     status.update(|r| {
         r.bandwidth_bps = config.bandwidth_bps;
+        r.gang = config.gang.clone();
         r.switch_after = config.switch_after;
         r.disk_bytes = info.size;
         r.block_size = store.block_size();
@@ -174,6 +175,7 @@ impl Source {
             defer_dirty: self.config.switch_after != SwitchAfter::Converged,
             read_through: true,
             data_stream: self.config.data_stream,
+            gang: self.config.gang.clone(),
         };
         let outbox = Arc::new(Outbox::new(restarted.is_some()));
         let (event_tx, events) = mpsc::unbounded_channel();
@@ -324,6 +326,7 @@ impl Source {
         };
         let mut rounds = Rounds { round: 0, carried: Vec::new() };
         let mut hold: Option<BackgroundHold> = None;
+        let mut gang_hold: Option<crate::ratelimit::SwitchHold> = None;
         if tracking {
             let pre = async {
                 listing.await?;
@@ -346,6 +349,9 @@ impl Source {
             // From the freeze until SWITCH is written, no background data enters the link:
             // SWITCH must not wait behind it in the link's queue.
             hold = Some(link.outbox.hold_background());
+            // The other migrations of the gang hold theirs too, until SWITCHED: the final
+            // listing and SWITCH must not queue behind their data on the shared link.
+            gang_hold = Some(status.cap.hold_for_switch());
             let freeze_start = Instant::now();
             self.hooks.freeze(&self.disk).await.map_err(MigrationError::Hook)?;
             at.froze();
@@ -379,6 +385,7 @@ impl Source {
                 _ => {}
             }
         };
+        drop(gang_hold);
         let downtime = self.freeze_elapsed();
         status.update(|r| {
             r.rounds = round + 1;

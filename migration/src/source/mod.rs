@@ -76,6 +76,11 @@ pub struct SourceConfig {
     /// Offer DATA_STREAM (one long-window zstd stream per connection); false compresses each
     /// DATA frame on its own (to measure what the stream gives).
     pub data_stream: bool,
+    /// The gang this migration belongs to (disks moved together; see `Hello::gang`): the
+    /// destination asks once for content several of them lack, and the gang's migrations
+    /// share one bandwidth cap at this server.
+    #[serde(default)]
+    pub gang: Option<String>,
     /// Set when a restarted server resumes the migration: where its record said it stood.
     #[serde(skip)]
     pub restarted_at: Option<Stage>,
@@ -94,6 +99,7 @@ impl Default for SourceConfig {
             bandwidth_bps: None,
             reconnect_window_secs: 600,
             data_stream: true,
+            gang: None,
             restarted_at: None,
         }
     }

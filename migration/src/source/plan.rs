@@ -18,8 +18,9 @@ pub(crate) async fn send(tx: &mpsc::Sender<Frame>, msg: Message) -> Result<(), M
     tx.send(Frame::new(&msg)).await.map_err(|_| MigrationError::Closed)
 }
 
-/// Streams a map snapshot for a plan (no resume: a plan is cheap to run again).
-pub(crate) async fn send_plan_snapshot(mut snapshot: cas_store::MapSnapshot, tx: &mpsc::Sender<Frame>) -> Result<u64, MigrationError> {
+/// Streams a map snapshot for a plan (no resume: a plan is cheap to run again), its blocks
+/// numbered from `first` on (a gang's disks follow one another in one listing).
+pub(crate) async fn send_plan_snapshot(mut snapshot: cas_store::MapSnapshot, tx: &mpsc::Sender<Frame>, first: u64) -> Result<u64, MigrationError> {
     let mut listed = 0u64;
     loop {
         let (batch, snap) = next_batch(snapshot).await?;
@@ -28,15 +29,17 @@ pub(crate) async fn send_plan_snapshot(mut snapshot: cas_store::MapSnapshot, tx:
             return Ok(listed);
         }
         listed += batch.len() as u64;
-        let runs = runs_of(batch.into_iter().map(|(b, fp)| (b, Some(fp))));
+        let runs = runs_of(batch.into_iter().map(|(b, fp)| (first + b, Some(fp))));
         send(tx, Message::Fingerprints { round: 0, runs }).await?;
     }
 }
 
-/// Compares a disk's fingerprints with a destination's store without moving any data.
+/// Compares a disk's fingerprints with a destination's store without moving any data. Several
+/// disks (a gang) are planned as one migration of all of them: content they share, or that
+/// occurs twice among them, counts once, as a gang migration sends it once.
 pub async fn run_plan<S>(
     store: Arc<Store>,
-    disk: &str,
+    disks: &[String],
     destination: &str,
     mut stream: S,
     link_rate_bps: Option<u64>,
@@ -47,11 +50,14 @@ where
 {
     let traffic = Traffic::default();
     exchange_greetings(&mut stream, &traffic).await?;
-    let info = store.disk(disk)?;
+    let infos = disks.iter().map(|d| store.disk(d)).collect::<Result<Vec<_>, _>>()?;
+    let disk = disks.join("+");
+    let bs = u64::from(store.block_size());
+    let size: u64 = infos.iter().map(|i| i.size.div_ceil(bs) * bs).sum();
     let hello = Hello {
         migration_id: format!("plan-{disk}"),
-        disk: disk.to_string(),
-        size: info.size,
+        disk: disk.clone(),
+        size,
         block_size: store.block_size(),
         algorithm: store.algorithm().name().to_string(),
         mode: Mode::Plan,
@@ -60,6 +66,7 @@ where
         defer_dirty: false,
         read_through: false,
         data_stream: false,
+        gang: None,
     };
     crate::wire::write_message(&mut stream, &Message::Hello(hello), &traffic).await?;
     match read_message(&mut stream, &traffic).await? {
@@ -68,10 +75,6 @@ where
         Some(other) => return Err(MigrationError::Unexpected(other.name())),
         None => return Err(MigrationError::Closed),
     }
-    let snapshot = {
-        let s = store.clone();
-        blocking(move || s.map_snapshot(info.id)).await?
-    };
     let (mut reader, mut writer) = tokio::io::split(stream);
     let (tx, mut rx) = mpsc::channel::<Frame>(4);
     let traffic = Arc::new(traffic);
@@ -84,7 +87,16 @@ where
         writer.flush().await?;
         Ok::<_, MigrationError>(writer)
     });
-    let listed = send_plan_snapshot(snapshot, &tx).await?;
+    let mut listed = 0;
+    let mut first = 0;
+    for info in &infos {
+        let snapshot = {
+            let (s, id) = (store.clone(), info.id);
+            blocking(move || s.map_snapshot(id)).await?
+        };
+        listed += send_plan_snapshot(snapshot, &tx, first).await?;
+        first += info.size.div_ceil(bs);
+    }
     send(&tx, Message::RoundEnd { round: 0, last: true }).await?;
     drop(tx);
     let _writer = writer_task.await.map_err(|_| MigrationError::Closed)??;
@@ -119,9 +131,9 @@ where
     let fingerprint_bytes = traffic.report().total_bytes;
     let estimated = compressed + fingerprint_bytes;
     Ok(PlanReport {
-        disk: disk.to_string(),
+        disk,
         destination: destination.to_string(),
-        disk_bytes: info.size,
+        disk_bytes: infos.iter().map(|i| i.size).sum(),
         block_size: store.block_size(),
         allocated_blocks: listed,
         neighbour_hits: report.neighbour_hits,

@@ -89,7 +89,10 @@ pub(crate) async fn run_reader<R: AsyncRead + Unpin>(
                 status.update(|r| r.blocks_wanted += fps.len() as u64);
                 work.send(SendWork::Want(fps)).is_ok()
             }
-            Message::Fetch(fps) => work.send(SendWork::Fetch(fps)).is_ok(),
+            Message::Fetch(fps) => {
+                status.cap.urgent(status.link_member());
+                work.send(SendWork::Fetch(fps)).is_ok()
+            }
             Message::Read { id, offset, length } => {
                 reads.serve(id, offset, length).await;
                 true
@@ -134,12 +137,13 @@ pub(crate) async fn run_writer<W: AsyncWrite + Unpin>(
     ever_sent: Arc<Mutex<RecentFingerprints>>,
 ) -> Result<(), MigrationError> {
     use tokio::io::AsyncWriteExt;
-    let mut cap = crate::ratelimit::LinkCap::default();
     loop {
         let notified = outbox.changed.notified();
         let mut sequenced = None;
         let mut data = None;
+        let mut background = false;
         let frame = if let Ok(d) = urgent.try_recv() {
+            status.cap.urgent(status.link_member());
             let f = d.frame.clone();
             data = Some(d);
             f
@@ -150,37 +154,59 @@ pub(crate) async fn run_writer<W: AsyncWrite + Unpin>(
             sequenced = Some(cursor);
             cursor += 1;
             f
-        } else if let Some(d) = if outbox.background_held() { None } else { low.try_recv().ok() } {
+        } else if let Some(d) = if outbox.background_held() || status.cap.switching() { None } else { low.try_recv().ok() } {
+            background = true;
             let f = d.frame.clone();
             data = Some(d);
             f
         } else {
             writer.flush().await?;
-            let held = outbox.background_held();
+            // A member of the gang switching over holds everyone's background data; its end
+            // is looked for every few milliseconds.
+            let gang_held = status.cap.switching();
+            let held = outbox.background_held() || gang_held;
             let d = tokio::select! {
                 biased;
                 d = urgent.recv() => match d {
-                    Some(d) => d,
+                    Some(d) => {
+                        status.cap.urgent(status.link_member());
+                        d
+                    }
                     None => return Ok(()),
                 },
                 _ = notified => continue,
-                Some(d) = low.recv(), if !held => d,
+                _ = tokio::time::sleep(std::time::Duration::from_millis(5)), if gang_held => continue,
+                Some(d) = low.recv(), if !held => {
+                    background = true;
+                    d
+                }
             };
             let f = d.frame.clone();
             data = Some(d);
             f
         };
+        // Another migration of the gang has on-demand data on its way: it goes first.
+        if background {
+            loop {
+                let wait = status.cap.yield_to_urgent(status.link_member());
+                if wait.is_zero() {
+                    break;
+                }
+                writer.flush().await?;
+                tokio::time::sleep(wait).await;
+            }
+        }
         // The cap applies to every frame, so on-demand data, which goes first, stays first
         // under the cap. It is looked at again while waiting: the operator may change it.
         loop {
-            let wait = cap.wait(&status.cap);
+            let wait = status.cap.wait();
             if wait.is_zero() {
                 break;
             }
             writer.flush().await?;
             tokio::time::sleep(wait).await;
         }
-        cap.charge(frame.len());
+        status.cap.charge(frame.len());
         write_frame(&mut writer, &frame, &status.traffic).await?;
         if let Some(d) = data {
             let mut ever = ever_sent.lock();

@@ -49,7 +49,7 @@ pub struct MigrationStatus {
     /// Wakes whoever waits for the report to change (`wait_switched`).
     pub(crate) changed: Notify,
     /// The bandwidth cap in force (the operator may change it while the migration runs).
-    pub(crate) cap: crate::ratelimit::CapSetting,
+    pub(crate) cap: Arc<crate::ratelimit::SharedLink>,
     /// Held while the migration's record is written, with the cap read under it: the last
     /// record written holds the cap set last (the driver and `persist_cap` both write it).
     pub(crate) record_lock: tokio::sync::Mutex<()>,
@@ -57,6 +57,11 @@ pub struct MigrationStatus {
 
 impl MigrationStatus {
     pub fn new(report: MigrationReport) -> Arc<MigrationStatus> {
+        Self::with_cap(report, Arc::default())
+    }
+
+    /// A status whose bandwidth cap is `cap`, which the other migrations of a gang share.
+    pub fn with_cap(report: MigrationReport, cap: Arc<crate::ratelimit::SharedLink>) -> Arc<MigrationStatus> {
         Arc::new(MigrationStatus {
             traffic: Traffic::default(),
             report: Mutex::new(report),
@@ -69,9 +74,14 @@ impl MigrationStatus {
             switch_requested: AtomicBool::new(false),
             switch: Notify::new(),
             changed: Notify::new(),
-            cap: crate::ratelimit::CapSetting::default(),
+            cap,
             record_lock: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// Tells this migration apart from the others that share its [`SharedLink`](crate::ratelimit::SharedLink).
+    pub(crate) fn link_member(&self) -> usize {
+        self as *const MigrationStatus as usize
     }
 
     /// Sets the bandwidth cap of a migration at its source (None: no cap), from now on: the
@@ -220,6 +230,10 @@ impl MigrationStatus {
     pub fn report(&self) -> MigrationReport {
         let mut r = self.report.lock().clone();
         r.link = self.traffic.report();
+        if r.role == "source" && !r.is_finished() {
+            // A gang's members share the cap: another member's `set-bandwidth` shows here too.
+            r.bandwidth_bps = self.cap.get();
+        }
         if r.total_seconds.is_none() {
             r.elapsed_seconds = self.started.elapsed().as_secs_f64();
         }

@@ -113,12 +113,22 @@ pub(super) struct StartMigration {
     pub(super) reconnect_window_secs: Option<u64>,
     /// Compress block data as one zstd stream per connection (default true).
     pub(super) data_stream: Option<bool>,
+    /// A gang this migration joins (disks moved together): content several members lack
+    /// crosses once, and the members share one bandwidth cap.
+    pub(super) gang: Option<String>,
 }
+
+/// Disks a gang plan may name at most.
+const MAX_GANG: usize = 256;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Plan {
-    disk: String,
+    /// One disk, or several (`disks`): a gang planned as one migration.
+    #[serde(default)]
+    disk: Option<String>,
+    #[serde(default)]
+    disks: Vec<String>,
     destination: String,
     link_rate_bps: Option<u64>,
     zstd_level: Option<i32>,
@@ -303,11 +313,23 @@ pub(super) async fn dispatch(node: &Arc<Node>, caller: &Caller, method: &str, p:
         }
         "migration.plan" => {
             let req: Plan = params(p)?;
-            node.store.disk(&req.disk)?;
+            let disks: Vec<String> = req.disk.into_iter().chain(req.disks).collect();
+            if disks.is_empty() || disks.len() > MAX_GANG {
+                return Err(ControlError {
+                    kind: "invalid",
+                    message: format!("give one disk or a gang of up to {MAX_GANG} (disk or disks)"),
+                });
+            }
+            if disks.iter().collect::<std::collections::HashSet<_>>().len() != disks.len() {
+                return Err(ControlError { kind: "invalid", message: "a disk is named twice".into() });
+            }
+            for d in &disks {
+                node.store.disk(d)?;
+            }
             let stream = connect(node, &req.destination).await?;
             let report = migration::run_plan(
                 node.store.clone(),
-                &req.disk,
+                &disks,
                 &req.destination,
                 stream,
                 req.link_rate_bps,

@@ -46,6 +46,14 @@ fn connector(node: &Node, destination: &str) -> Arc<dyn Connector> {
 
 pub(super) async fn start_migration(node: &Arc<Node>, req: StartMigration) -> Result<String, ControlError> {
     node.store.disk(&req.disk)?;
+    if let Some(gang) = &req.gang {
+        if gang.is_empty() || gang.len() > 128 || gang.chars().any(char::is_control) {
+            return Err(ControlError {
+                kind: "invalid",
+                message: format!("gang name {gang:?}: give 1 to 128 printable characters"),
+            });
+        }
+    }
     if node.migrations().iter().any(|m| m.disk == req.disk && m.role == "source" && !m.is_finished()) {
         return Err(ControlError { kind: "busy", message: format!("disk {:?} is already migrating", req.disk) });
     }
@@ -64,9 +72,13 @@ pub(super) async fn start_migration(node: &Arc<Node>, req: StartMigration) -> Re
         bandwidth_bps: req.bandwidth_bps,
         reconnect_window_secs: req.reconnect_window_secs.unwrap_or(defaults.reconnect_window_secs),
         data_stream: req.data_stream.unwrap_or(defaults.data_stream),
+        gang: req.gang.clone(),
         restarted_at: None,
     };
-    let status = MigrationStatus::new(MigrationReport::new(&id, &req.disk, "source", &req.destination));
+    let status = MigrationStatus::with_cap(
+        MigrationReport::new(&id, &req.disk, "source", &req.destination),
+        node.cap_for(req.gang.as_deref()),
+    );
     node.register_migration(&id, status.clone());
     let first = parking_lot::Mutex::new(Some(first));
     let reconnect = connector(node, &req.destination);

@@ -12,8 +12,13 @@ use tools::control::ControlClient;
 use tools::size::format_size;
 use tools::table;
 
+mod gang;
+
 /// Migrate a disk between two servers: `migrate --source CONTROL --dest CONTROL --disk NAME`.
-/// CONTROL is a server's control socket path or host:port.
+/// CONTROL is a server's control socket path or host:port. Several `--disk` (or
+/// `--disks-from`) migrate a gang: content several of them lack crosses once, the
+/// `--bandwidth` cap is for the gang as a whole, and each disk switches over, can be
+/// cancelled and fails on its own.
 #[derive(FromArgs, Debug)]
 struct Migrate {
     #[argh(subcommand)]
@@ -24,9 +29,12 @@ struct Migrate {
     /// control address of the server to move it to
     #[argh(option)]
     dest: Option<String>,
-    /// the disk to move
+    /// the disk to move (repeat for a gang)
     #[argh(option)]
-    disk: Option<String>,
+    disk: Vec<String>,
+    /// a file naming the disks of a gang, one per line (# starts a comment)
+    #[argh(option)]
+    disks_from: Option<String>,
     /// when to switch over: fingerprints, precopy (default: one pre-copy pass and
     /// listing-only dirty rounds, then post-copy for what changed meanwhile), converged
     /// (dirty rounds with their data) or manual (pre-copy, then listing-only rounds until
@@ -175,9 +183,10 @@ struct PlanCmd {
     /// control address of a candidate destination (repeatable)
     #[argh(option)]
     dest: Vec<String>,
-    /// the disk to move
+    /// the disk to move (repeat for a gang: planned as one migration of all, against the
+    /// sum of the disks moved one by one)
     #[argh(option)]
-    disk: String,
+    disk: Vec<String>,
     /// link rate for the time estimate, e.g. 100mbit, 1gbit
     #[argh(option)]
     link_rate: Option<String>,
@@ -225,7 +234,7 @@ fn parse_rate(s: &str) -> Result<u64> {
     Ok((v * mult) as u64)
 }
 
-fn migration_address(dest: &mut ControlClient) -> Result<String> {
+pub(crate) fn migration_address(dest: &mut ControlClient) -> Result<String> {
     let info = dest.call("server.info", json!({}))?;
     info["addresses"]["migration"]
         .as_str()
@@ -239,11 +248,16 @@ fn plan(p: &PlanCmd) -> Result<()> {
     }
     let rate = p.link_rate.as_deref().map(parse_rate).transpose()?;
     let mut source = ControlClient::connect(&p.source)?;
+    match p.disk.len() {
+        0 => bail!("give --disk NAME"),
+        1 => {}
+        _ => return gang::plan(&mut source, &p.disk, &p.dest, rate, p.json),
+    }
     let mut plans: Vec<PlanReport> = Vec::new();
     for d in &p.dest {
         let mut dest = ControlClient::connect(d)?;
         let addr = migration_address(&mut dest)?;
-        let v = source.call("migration.plan", json!({"disk": p.disk, "destination": addr, "link_rate_bps": rate}))?;
+        let v = source.call("migration.plan", json!({"disk": p.disk[0], "destination": addr, "link_rate_bps": rate}))?;
         let mut report: PlanReport = serde_json::from_value(v)?;
         report.destination = d.clone();
         plans.push(report);
@@ -364,27 +378,55 @@ fn set_bandwidth(s: &SetBandwidthCmd) -> Result<()> {
 }
 
 fn run(args: &Migrate) -> Result<()> {
-    let (Some(source), Some(dest), Some(disk)) = (&args.source, &args.dest, &args.disk) else {
+    let mut disks = args.disk.clone();
+    if let Some(file) = &args.disks_from {
+        disks.extend(gang::read_disk_list(file)?);
+    }
+    let (Some(source), Some(dest), false) = (&args.source, &args.dest, disks.is_empty()) else {
         bail!("give --source CONTROL --dest CONTROL --disk NAME (or `migrate plan ...`)");
     };
     let mut src = ControlClient::connect(source)?;
     let mut dst = ControlClient::connect(dest)?;
     let addr = migration_address(&mut dst)?;
-    let v = src.call(
-        "migration.start",
-        json!({
-            "disk": disk, "destination": addr, "switch_after": args.switch_after,
-            "zstd_level": args.zstd_level, "max_rounds": args.max_rounds,
-            "converge_blocks": args.converge_blocks, "delete_source": args.delete_source,
-            "bandwidth_bps": args.bandwidth.as_deref().map(parse_rate).transpose()?,
-            "reconnect_window_secs": args.reconnect_window,
-            "data_stream": !args.no_stream,
-        }),
-    )?;
-    let id = v["id"].as_str().context("no migration id")?.to_string();
-    // Scripts (a hypervisor hook) find the id here, on stderr, whatever the output format.
-    eprintln!("migration {id} started: {disk} from {source} to {dest}");
-    follow(&mut src, &id, dest, args.json, args.timeout)
+    let start = |src: &mut ControlClient, disk: &str, gang: Option<&str>| -> Result<String> {
+        let v = src.call(
+            "migration.start",
+            json!({
+                "disk": disk, "destination": addr, "switch_after": args.switch_after,
+                "zstd_level": args.zstd_level, "max_rounds": args.max_rounds,
+                "converge_blocks": args.converge_blocks, "delete_source": args.delete_source,
+                "bandwidth_bps": args.bandwidth.as_deref().map(parse_rate).transpose()?,
+                "reconnect_window_secs": args.reconnect_window,
+                "data_stream": !args.no_stream,
+                "gang": gang,
+            }),
+        )?;
+        let id = v["id"].as_str().context("no migration id")?.to_string();
+        // Scripts (a hypervisor hook) find the id here, on stderr, whatever the output format.
+        eprintln!("migration {id} started: {disk} from {source} to {dest}");
+        Ok(id)
+    };
+    if disks.len() == 1 {
+        let id = start(&mut src, &disks[0], None)?;
+        return follow(&mut src, &id, dest, args.json, args.timeout);
+    }
+    gang::check_distinct(&disks)?;
+    let name = gang::new_name();
+    let mut ids = Vec::with_capacity(disks.len());
+    for disk in &disks {
+        match start(&mut src, disk, Some(&name)) {
+            Ok(id) => ids.push(id),
+            Err(e) => {
+                // Nothing half-started: the members already running are cancelled.
+                for id in &ids {
+                    let _ = src.call("migration.cancel", json!({"id": id}));
+                }
+                return Err(e.context(format!("starting the migration of {disk} (gang {name})")));
+            }
+        }
+    }
+    eprintln!("gang {name}: {} disks", ids.len());
+    gang::follow(&mut src, &name, &ids, args.json, args.timeout)
 }
 
 fn resume(r: &ResumeCmd) -> Result<()> {
