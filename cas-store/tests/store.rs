@@ -243,6 +243,9 @@ fn has_many_and_map_existing() {
         s.read(b.id, 4 * 4096, &mut buf).unwrap();
         assert!(buf.iter().all(|&x| x == 0));
         assert!(s.map_existing(b.id, &[(16, fp0)]).is_err(), "past the end");
+        // fp0 is used by a's block 0 and b's block 5, fp1 by a's 1 and b's 3.
+        s.map_existing(b.id, &[(6, fp0)]).unwrap();
+        assert_eq!(s.reference_counts(&[fp0, absent, fp1]).unwrap(), vec![Some(3), None, Some(2)]);
         assert!(s.fsck(true).unwrap().is_clean());
         assert_eq!(s.stats().unwrap().stored_blocks, 2);
     });

@@ -25,6 +25,17 @@ impl Store {
         }
     }
 
+    /// How many block references the store holds to each content (None: not stored here, or
+    /// its blocks live in an external pool, which counts references for every store sharing
+    /// it). A gang migration sends content that several disks use first.
+    pub fn reference_counts(&self, fps: &[Fingerprint]) -> Result<Vec<Option<u64>>> {
+        if self.external_pool().is_some() {
+            return Ok(vec![None; fps.len()]);
+        }
+        let keys: Vec<&[u8]> = fps.iter().map(|fp| &fp.0[..]).collect();
+        self.engine.multi_get(Cf::Refs, &keys)?.into_iter().map(|v| v.map(|v| parse_ref(&v).map(|e| e.count)).transpose()).collect()
+    }
+
     /// A stored block's bytes.
     pub fn get_block(&self, fp: &Fingerprint) -> Result<Option<Arc<[u8]>>> {
         Ok(self.fetch_blocks(&[Some(*fp)])?.pop().flatten())

@@ -249,12 +249,15 @@ pub(crate) async fn run_data_sender(
     let mut urgent_encoder: Option<StreamEncoder> = None;
     let per_batch = (config.batch_bytes / (block_size + 17)).max(1);
     let mut urgent: VecDeque<Fingerprint> = VecDeque::new();
+    // In a gang, content several disks use (more than one reference here) goes before the
+    // rest, each in the order asked: if the gang is cut short, what crossed serves most disks.
+    let mut shared: VecDeque<Fingerprint> = VecDeque::new();
     let mut background: VecDeque<Fingerprint> = VecDeque::new();
     let mut sent = RecentFingerprints::default();
     loop {
         // Take everything queued, then block for more only when idle.
         loop {
-            let item = if urgent.is_empty() && background.is_empty() {
+            let item = if urgent.is_empty() && shared.is_empty() && background.is_empty() {
                 match work.recv().await {
                     Some(w) => w,
                     None => return,
@@ -266,12 +269,35 @@ pub(crate) async fn run_data_sender(
                 }
             };
             match item {
+                SendWork::Want(fps) if config.gang.is_some() => {
+                    let s = store.clone();
+                    let lookup = fps.clone();
+                    match blocking(move || s.reference_counts(&lookup)).await {
+                        Ok(counts) => {
+                            for (fp, count) in fps.into_iter().zip(counts) {
+                                if count.unwrap_or(0) > 1 {
+                                    shared.push_back(fp);
+                                } else {
+                                    background.push_back(fp);
+                                }
+                            }
+                        }
+                        // Only the order is lost: the blocks are read (or found gone) as usual.
+                        Err(_) => background.extend(fps),
+                    }
+                }
                 SendWork::Want(fps) => background.extend(fps),
                 SendWork::Fetch(fps) => urgent.extend(fps),
             }
         }
         let is_urgent = !urgent.is_empty();
-        let queue = if is_urgent { &mut urgent } else { &mut background };
+        let queue = if is_urgent {
+            &mut urgent
+        } else if !shared.is_empty() {
+            &mut shared
+        } else {
+            &mut background
+        };
         let mut batch = Vec::with_capacity(per_batch.min(queue.len()));
         while batch.len() < per_batch {
             match queue.pop_front() {
@@ -388,5 +414,36 @@ mod tests {
         }
         assert_eq!(got, vec![Message::RoundEnd { round: 1, last: true }, Message::Switch, data]);
         writer.abort();
+    }
+
+    /// In a gang, content the source store references more than once (several disks use it)
+    /// is sent before the rest, each in the order asked.
+    #[tokio::test]
+    async fn gang_members_send_content_several_disks_use_first() {
+        let store = Arc::new(Store::open_in_memory(cas_store::StoreOptions::default()).unwrap());
+        let block = |seed: u8| vec![seed; 4096];
+        let a = store.create_disk("a", 4 * 4096).unwrap();
+        let b = store.create_disk("b", 2 * 4096).unwrap();
+        for (i, seed) in [1u8, 2, 3, 4].into_iter().enumerate() {
+            store.write(a.id, i as u64 * 4096, &block(seed), false).unwrap();
+        }
+        store.write(b.id, 0, &block(2), false).unwrap();
+        store.write(b.id, 4096, &block(4), false).unwrap();
+        let fp = |seed: u8| store.fingerprint(&block(seed));
+        let (work_tx, work_rx) = mpsc::unbounded_channel();
+        let (high_tx, _high_rx) = mpsc::channel(8);
+        let (low_tx, mut low_rx) = mpsc::channel(8);
+        // One block per frame, so the frames show the order.
+        let config = SourceConfig { gang: Some("g".into()), data_stream: false, zstd_level: Some(1), batch_bytes: 4096 + 17, ..SourceConfig::default() };
+        let status = MigrationStatus::new(MigrationReport::new("t", "a", "source", "peer"));
+        work_tx.send(SendWork::Want(vec![fp(1), fp(2), fp(3), fp(4)])).unwrap();
+        let sender = tokio::spawn(run_data_sender(store.clone(), work_rx, high_tx, low_tx, config, status, false));
+        let mut order = Vec::new();
+        for _ in 0..4 {
+            let frame = tokio::time::timeout(Duration::from_secs(10), low_rx.recv()).await.unwrap().unwrap();
+            order.extend(frame.fps);
+        }
+        assert_eq!(order, vec![fp(2), fp(4), fp(1), fp(3)]);
+        sender.abort();
     }
 }
