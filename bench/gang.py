@@ -102,7 +102,8 @@ def _floor3(fl):
     return (fl or {}).get("floor_bytes", {}).get("-3")
 
 
-def gang_md(s, plots, targets):
+def gang_md(s, plots, targets, table):
+    """The section's markdown; `table(head, rows)` is report.py's table renderer."""
     g = s.get("gang") or {}
     if not g:
         return "## Gang migration\n\nNo gang run: %s\n" % s.get("errors")
@@ -127,7 +128,7 @@ def gang_md(s, plots, targets):
         rows.append(["one by one (sum)", "%.1f" % (single_bytes / MB), "%.1f" % (sum_floors / MB),
                      "%.3f" % (single_bytes / union) if union else "-", "%.1f" % single_secs, "-",
                      "yes" if all((singles.get(im) or {}).get("verified") for im in images) else "no"])
-    md.append(b_table(["run", "link MB", "floor MB", "link / union floor", "seconds", "time bound s (1.1 x bytes/rate + 2)",
+    md.append(table(["run", "link MB", "floor MB", "link / union floor", "seconds", "time bound s (1.1 x bytes/rate + 2)",
                        "byte-exact"], rows))
     if single_bytes:
         md.append("\nThe gang sent %.3f of what the disks sent one by one.\n" % (lb / single_bytes))
@@ -140,7 +141,7 @@ def gang_md(s, plots, targets):
                       dest.get("gang_shared"), dest.get("neighbour_hits"), dest.get("duplicates")])
     if drows:
         md.append("\nPer disk:\n\n")
-        md.append(b_table(["disk", "phase", "downtime ms", "link MB", "blocks sent", "from the gang", "from neighbours",
+        md.append(table(["disk", "phase", "downtime ms", "link MB", "blocks sent", "from the gang", "from neighbours",
                            "duplicates"], drows))
     if union:
         targets.append(("gang bytes <= 1.05x the floor of the union", "%.3f" % (lb / union), lb <= 1.05 * union))
@@ -166,9 +167,3 @@ def gang_md(s, plots, targets):
         pass
     return "".join(md)
 
-
-def b_table(head, rows):
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        out.append("| " + " | ".join("" if c is None else str(c) for c in r) + " |")
-    return "\n".join(out) + "\n"

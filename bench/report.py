@@ -753,7 +753,7 @@ def main():
                 pass
             elif name == "gang":
                 import gang
-                body.append(gang.gang_md(s, plots, targets))
+                body.append(gang.gang_md(s, plots, targets, table))
             elif name == "nbd":
                 body.append(nbd_md(s, plots, verdict))
             elif name == "store":

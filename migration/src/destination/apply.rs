@@ -10,17 +10,9 @@ use crate::MigrationError;
 
 use super::*;
 
-/// What a listing needs: content to ask for, and blocks to map to content already here (see
-/// [`map_hits`]).
-#[derive(Debug, Default)]
-pub(crate) struct Listed {
-    pub(crate) want: Vec<Fingerprint>,
-    pub(crate) hits: Vec<(u64, Fingerprint)>,
-}
-
-/// Records a listing: what is missing is asked for (or, with `defer`, recorded for the
-/// switch-over); what is here is returned to be mapped by [`map_hits`].
-pub(crate) fn apply_fingerprints(inc: &Incoming, runs: Vec<Run>, defer: bool) -> Result<Listed, MigrationError> {
+/// Maps what is here, records what is missing; returns the fingerprints to ask for.
+/// `defer`: missing content is recorded for the switch-over instead of asked for now.
+pub(crate) fn apply_fingerprints(inc: &Incoming, runs: Vec<Run>, defer: bool) -> Result<Vec<Fingerprint>, MigrationError> {
     let store = &inc.store;
     let mut entries: Vec<(u64, Fingerprint)> = Vec::new();
     let mut zero_runs: Vec<(u64, u64)> = Vec::new();
@@ -41,7 +33,7 @@ pub(crate) fn apply_fingerprints(inc: &Incoming, runs: Vec<Run>, defer: bool) ->
         store.write_zeroes(inc.disk, first * bs, count * bs, false)?;
     }
     if entries.is_empty() {
-        return Ok(Listed::default());
+        return Ok(Vec::new());
     }
     // A listed block supersedes whatever it was waiting for.
     {
@@ -88,23 +80,17 @@ pub(crate) fn apply_fingerprints(inc: &Incoming, runs: Vec<Run>, defer: bool) ->
         p.report.blocks_listed += 1;
     }
     drop(p);
-    Ok(Listed { want, hits: to_map })
-}
-
-/// Maps listed blocks to content already here; returns content to ask for after all (a
-/// block deleted between the lookup and the mapping: another disk let go of it).
-pub(crate) fn map_hits(inc: &Incoming, hits: Vec<(u64, Fingerprint)>) -> Result<Vec<Fingerprint>, MigrationError> {
-    let mut want = Vec::new();
-    if hits.is_empty() {
-        return Ok(want);
-    }
-    let applied = inc.store.map_existing(inc.disk, &hits)?;
-    let mut p = inc.pending.lock();
-    for ((block, fp), ok) in hits.into_iter().zip(applied) {
-        if !ok {
-            p.by_block.insert(block, fp);
-            p.waiting.entry(fp).or_default().push(block);
-            ask_for(inc, &mut p, fp, &mut want);
+    if !to_map.is_empty() {
+        let applied = store.map_existing(inc.disk, &to_map)?;
+        // A block deleted here between the lookup and the mapping (another disk let go of
+        // it): ask for it like any missing block.
+        let mut p = inc.pending.lock();
+        for ((block, fp), ok) in to_map.into_iter().zip(applied) {
+            if !ok {
+                p.by_block.insert(block, fp);
+                p.waiting.entry(fp).or_default().push(block);
+                ask_for(inc, &mut p, fp, &mut want);
+            }
         }
     }
     Ok(want)

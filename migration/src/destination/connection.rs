@@ -151,13 +151,7 @@ impl Connection<'_> {
         if round == 0 {
             self.session.proto.lock().listed_round0 += listed;
         }
-        blocking(move || {
-            let listed = apply_fingerprints(&inc, runs, defer)?;
-            let mut want = listed.want;
-            want.extend(map_hits(&inc, listed.hits)?);
-            Ok::<_, MigrationError>(want)
-        })
-        .await
+        blocking(move || apply_fingerprints(&inc, runs, defer)).await
     }
 
     pub(crate) async fn apply_data(&self, raw_len: u32, frame: Vec<u8>) -> Result<(), MigrationError> {
@@ -273,34 +267,32 @@ impl Connection<'_> {
 /// it waits for is missing (from its own source or from its gang).
 pub(crate) fn report_progress(session: &Arc<Session>, hooks: &Arc<dyn DestHooks>) -> Result<(), MigrationError> {
     let send = |msg: Message| session.out.send(Frame::new(&msg)).map_err(|_| MigrationError::Closed);
-    {
-        let (idle, switched, report) = {
-            let p = session.incoming.pending.lock();
-            (p.wanted.is_empty() && p.borrowed.is_empty(), p.phase.has_switched(), p.report.clone())
-        };
-        if !idle {
-            return Ok(());
-        }
-        let (rounds, complete_now) = {
-            let mut proto = session.proto.lock();
-            let rounds = std::mem::take(&mut proto.ended_rounds);
-            if let Some(&r) = rounds.last() {
-                proto.last_done = Some(r);
-            }
-            let complete_now = switched && !proto.completed;
-            if complete_now {
-                proto.completed = true;
-            }
-            (rounds, complete_now)
-        };
-        for round in rounds {
-            send(Message::RoundDone { round })?;
-        }
-        if complete_now {
-            hooks.complete(&session.hello.disk);
-            tracing::info!(disk = %session.hello.disk, "every block is local");
-            send(Message::Complete(report))?;
-        }
-        Ok(())
+    let (idle, switched, report) = {
+        let p = session.incoming.pending.lock();
+        (p.wanted.is_empty() && p.borrowed.is_empty(), p.phase.has_switched(), p.report.clone())
+    };
+    if !idle {
+        return Ok(());
     }
+    let (rounds, complete_now) = {
+        let mut proto = session.proto.lock();
+        let rounds = std::mem::take(&mut proto.ended_rounds);
+        if let Some(&r) = rounds.last() {
+            proto.last_done = Some(r);
+        }
+        let complete_now = switched && !proto.completed;
+        if complete_now {
+            proto.completed = true;
+        }
+        (rounds, complete_now)
+    };
+    for round in rounds {
+        send(Message::RoundDone { round })?;
+    }
+    if complete_now {
+        hooks.complete(&session.hello.disk);
+        tracing::info!(disk = %session.hello.disk, "every block is local");
+        send(Message::Complete(report))?;
+    }
+    Ok(())
 }
