@@ -173,6 +173,12 @@ pub struct Args {
     #[argh(switch)]
     pub migration_insecure: bool,
 
+    /// TCP congestion control of migration links, both ends (default bbr: it keeps the WAN's
+    /// queue short, so switch-overs and on-demand fetches do not wait behind bulk data;
+    /// `system` keeps the kernel's default)
+    #[argh(option)]
+    pub migration_congestion: Option<String>,
+
     /// TCP address where Prometheus scrapes /metrics (plain HTTP: bind it to a management
     /// network or loopback)
     #[argh(option)]
@@ -311,6 +317,7 @@ impl Args {
             migration_key,
             migration_ca,
             migration_insecure,
+            migration_congestion,
             metrics_listen,
             metrics_space_interval,
         } = file;
@@ -348,6 +355,7 @@ impl Args {
         self.migration_key.overlay(migration_key);
         self.migration_ca.overlay(migration_ca);
         self.migration_insecure.overlay(migration_insecure);
+        self.migration_congestion.overlay(migration_congestion);
         self.metrics_listen.overlay(metrics_listen);
         self.metrics_space_interval.overlay(metrics_space_interval);
         self

@@ -30,6 +30,7 @@ mod conn;
 #[cfg(feature = "cas")]
 pub mod control;
 pub mod export;
+pub mod link_socket;
 pub mod link_tls;
 #[cfg(feature = "cas")]
 pub mod metrics;

@@ -12,6 +12,7 @@ use cli::{parse_size, Args};
 use nbd_server::access::AccessRules;
 use nbd_server::compaction::{spawn_compaction, DEFAULT_COMPACT_BELOW, DEFAULT_COMPACT_INTERVAL_SECS};
 use nbd_server::control::{serve_control, serve_migrations, ControlListener};
+use nbd_server::link_socket::LinkSocket;
 use nbd_server::link_tls::LinkTls;
 use nbd_server::metrics::{serve_metrics, Metrics, SpaceSampler, DEFAULT_SPACE_INTERVAL};
 use nbd_server::node::Node;
@@ -91,7 +92,14 @@ fn open_exports(args: &Args) -> anyhow::Result<(Arc<Store>, Arc<Node>)> {
     let records = store_dir.join("migrations");
     let state = migration::FileStateStore::open(&records)
         .with_context(|| format!("migration records in {}", records.display()))?;
-    let node = Node::new(Arc::clone(&store), Arc::clone(&registry), args.read_only, link_tls(args)?, Arc::new(state))?;
+    let node = Node::new(
+        Arc::clone(&store),
+        Arc::clone(&registry),
+        args.read_only,
+        link_tls(args)?,
+        link_socket(args),
+        Arc::new(state),
+    )?;
     node.export_all()?;
     let disks: Vec<_> =
         store.list_disks()?.into_iter().filter(|d| Node::is_exportable(&d.name) && !node.is_held(&d.name)).collect();
@@ -129,6 +137,10 @@ fn link_tls(args: &Args) -> anyhow::Result<Option<LinkTls>> {
         }
         _ => bail!("--migration-cert, --migration-key and --migration-ca go together"),
     }
+}
+
+fn link_socket(args: &Args) -> LinkSocket {
+    LinkSocket::new(args.migration_congestion.as_deref().unwrap_or(nbd_server::link_socket::DEFAULT_CONGESTION))
 }
 
 /// `--allow` rules, checked against the TLS settings they depend on.

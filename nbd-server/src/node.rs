@@ -17,6 +17,7 @@ use migration::{
 use parking_lot::{Mutex, RwLock};
 
 use crate::export::{CasDevice, Export, ExportRegistry, MigratingDevice};
+use crate::link_socket::LinkSocket;
 use crate::link_tls::LinkTls;
 
 /// Addresses a server listens on, as the control API reports them.
@@ -42,6 +43,8 @@ pub struct Node {
     next_migration: AtomicU64,
     /// Mutual TLS on migration links; None only with `--migration-insecure`.
     pub link_tls: Option<LinkTls>,
+    /// TCP settings of migration link sockets (congestion control, unsent bound).
+    pub link_socket: LinkSocket,
     /// Records of migrations in progress (they survive a restart).
     pub state: Arc<dyn StateStore>,
     /// Incoming migrations, live and parked.
@@ -73,6 +76,7 @@ impl Node {
         exports: Arc<ExportRegistry>,
         read_only: bool,
         link_tls: Option<LinkTls>,
+        link_socket: LinkSocket,
         state: Arc<dyn StateStore>,
     ) -> Result<Arc<Node>, StoreError> {
         let records = state.load().map_err(|e| StoreError::Engine(format!("reading migration records: {e}")))?;
@@ -108,6 +112,7 @@ impl Node {
             migrations: Mutex::new(BTreeMap::new()),
             next_migration: AtomicU64::new(1),
             link_tls,
+            link_socket,
             state,
             dormant: Mutex::new(dormant),
             held: Mutex::new(held),
@@ -341,6 +346,7 @@ mod tests {
             Arc::new(ExportRegistry::new()),
             false,
             None,
+            LinkSocket::default(),
             Arc::new(migration::MemStateStore::default()),
         )
         .unwrap();

@@ -186,6 +186,7 @@ impl Connection<'_> {
     pub(crate) async fn switch_over(&self) -> Result<(), MigrationError> {
         let session = self.session;
         let id = session.hello.migration_id.clone();
+        let started = std::time::Instant::now();
         // What is still missing is written down before the disk can be written: after a
         // restart, it tells blocks still to come from blocks the guest has written since.
         let processed = session.proto.lock().processed + 1;
@@ -196,6 +197,7 @@ impl Connection<'_> {
             blocking(move || PendingJournal::create(state.as_ref(), &id, &entries, processed)).await?
         };
         *session.incoming.journal.lock() = journal;
+        let journal_done = started.elapsed();
         // The record says Switched before the disk takes its real name: a restart in between
         // finishes the rename (see `restore_one`), so a partial disk never shows under the
         // real name without the list of what it still lacks.
@@ -210,6 +212,7 @@ impl Connection<'_> {
         };
         let state = self.state.clone();
         blocking(move || state.save(&record)).await?;
+        let record_done = started.elapsed();
         let s = session.incoming.store.clone();
         let (temp, name) = (incoming_name(&session.hello.disk), session.hello.disk.clone());
         blocking(move || Ok::<_, MigrationError>(s.rename_disk(&temp, &name)?)).await?;
@@ -239,7 +242,15 @@ impl Connection<'_> {
             r.switch_seconds = Some(at);
             r.cancellable = false;
         });
-        tracing::info!(disk = %session.hello.disk, missing = session.incoming.pending.lock().by_block.len(), "switched over: serving the disk here");
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+        tracing::info!(
+            disk = %session.hello.disk,
+            missing = session.incoming.pending.lock().by_block.len(),
+            journal_ms = ms(journal_done),
+            record_ms = ms(record_done - journal_done),
+            total_ms = ms(started.elapsed()),
+            "switched over: serving the disk here"
+        );
         self.send(Message::Switched(report))?;
         for chunk in deferred.chunks(crate::protocol::MAX_LIST) {
             self.send(Message::Want(chunk.to_vec()))?;

@@ -375,6 +375,7 @@ impl Source {
         send_dirty_round(store, disk_id, round, &blocks, &link.outbox, epoch).await?;
         link.outbox.push(epoch, &Message::RoundEnd { round, last: true }).await?;
         at.switch_sent();
+        let final_round = self.freeze_elapsed();
         link.outbox.push(epoch, &Message::Switch).await?;
         // The writer sends sequenced frames before background data, so SWITCH goes first.
         drop(hold);
@@ -395,7 +396,16 @@ impl Source {
             r.final_round_blocks = Some(blocks.len() as u64);
             r.downtime_ms = downtime.map(|d| d.as_secs_f64() * 1000.0);
         });
-        tracing::info!(disk = %self.disk, downtime_ms = downtime.map(|d| d.as_secs_f64() * 1000.0), "switched over");
+        // Where a long downtime went: the final round (dirty blocks listed and queued) or the
+        // answer (the link's queue, the destination's journal and record).
+        let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
+        tracing::info!(
+            disk = %self.disk,
+            downtime_ms = ms(downtime),
+            final_round_ms = ms(final_round),
+            final_round_blocks = blocks.len(),
+            "switched over"
+        );
         Ok(report)
     }
 

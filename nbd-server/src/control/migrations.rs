@@ -10,20 +10,25 @@ use tokio::net::{TcpListener, TcpStream};
 use super::methods::StartMigration;
 use super::ControlError;
 use crate::admission::{Admission, AdmissionLimits};
+use crate::link_socket::LinkSocket;
 use crate::node::{Node, NodeSourceHooks};
 
 pub(super) async fn connect(node: &Node, destination: &str) -> Result<LinkStream, ControlError> {
-    connect_link(node.link_tls.clone(), destination)
+    connect_link(node.link_tls.clone(), node.link_socket.clone(), destination)
         .await
         .map_err(|e| ControlError { kind: "unreachable", message: e.to_string() })
 }
 
 /// A migration link: TLS over TCP, or plain TCP with `--migration-insecure`.
-async fn connect_link(tls: Option<crate::link_tls::LinkTls>, destination: &str) -> std::io::Result<LinkStream> {
+async fn connect_link(
+    tls: Option<crate::link_tls::LinkTls>,
+    socket: LinkSocket,
+    destination: &str,
+) -> std::io::Result<LinkStream> {
     let stream = TcpStream::connect(destination)
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("connecting to {destination}: {e}")))?;
-    let _ = stream.set_nodelay(true);
+    socket.apply(&stream);
     match tls {
         Some(tls) => {
             let stream = tls.connect(destination, stream).await.map_err(|e| {
@@ -37,10 +42,10 @@ async fn connect_link(tls: Option<crate::link_tls::LinkTls>, destination: &str) 
 
 /// Connects to one destination, again after each lost link.
 fn connector(node: &Node, destination: &str) -> Arc<dyn Connector> {
-    let (tls, destination) = (node.link_tls.clone(), destination.to_string());
+    let (tls, socket, destination) = (node.link_tls.clone(), node.link_socket.clone(), destination.to_string());
     Arc::new(move || {
-        let (tls, destination) = (tls.clone(), destination.clone());
-        async move { connect_link(tls, &destination).await }
+        let (tls, socket, destination) = (tls.clone(), socket.clone(), destination.clone());
+        async move { connect_link(tls, socket, &destination).await }
     })
 }
 
@@ -231,7 +236,7 @@ pub async fn serve_migrations(
                     continue;
                 }
             };
-            let _ = stream.set_nodelay(true);
+            node.link_socket.apply(&stream);
             // The TLS handshake runs in the connection's task, so a slow peer cannot hold up
             // the listener.
             let tls = node.link_tls.clone();
