@@ -4,6 +4,7 @@
 # bookworm-db-b images laid side by side in a sparse 6 GiB file, imported into a store that a
 # running nbd-server holds; `cas snapshot` and `cas clone` go through its control socket.
 # Needs the small images (test-images/build.sh --size-scale small) and a release build.
+# ROUNDS=N (default 3) makes N snapshots and N clones.
 set -euo pipefail
 bin=${CARGO_TARGET_DIR:-/var/tmp/nbd-cas-target}/release
 images=${NBD_CAS_IMAGES:-/var/tmp/nbd-cas-images}/small
@@ -23,7 +24,7 @@ alloc=$("$bin/cas" stats vm --server ctl --json | python3 -c "import json,sys; p
 before=$(stat stored_bytes)
 printf '%-10s %12s %14s %10s\n' step seconds "stored bytes" "GiB alloc"
 printf '%-10s %12s %14s %10.2f\n' import - "$before" "$(echo "$alloc/1073741824" | bc -l)"
-for round in 1 2 3; do
+for round in $(seq "${ROUNDS:-3}"); do
   s=$("$bin/cas" snapshot vm "vm@s$round" --server ctl --json | python3 -c "import json,sys; print('%.3f' % json.load(sys.stdin)['seconds'])")
   c=$("$bin/cas" clone "vm@s$round" "vm-c$round" --server ctl --json | python3 -c "import json,sys; print('%.3f' % json.load(sys.stdin)['seconds'])")
   printf '%-10s %12s %14s\n' "snapshot" "$s" "$(stat stored_bytes)"

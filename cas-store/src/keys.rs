@@ -43,6 +43,24 @@ pub(crate) fn parse_count(value: &[u8]) -> Result<u64> {
     value.try_into().map(u64::from_le_bytes).map_err(|_| StoreError::Corrupt(format!("reference count of {} bytes", value.len())))
 }
 
+/// The deletion marker's value while a disk is being copied into (a delete's is empty).
+pub(crate) const COPY_MARKER: &[u8] = b"copy";
+/// Prefix of the records of a copy in progress: each names a block range whose counts it
+/// has raised (key: disk id and first block, big-endian; value: the end block, LE).
+pub(crate) const COUNTED_PREFIX: &[u8] = b"counted/";
+
+pub(crate) fn counted_key(disk: DiskId, first: u64) -> Vec<u8> {
+    let mut k = counted_prefix(disk);
+    k.extend_from_slice(&first.to_be_bytes());
+    k
+}
+
+pub(crate) fn counted_prefix(disk: DiskId) -> Vec<u8> {
+    let mut k = COUNTED_PREFIX.to_vec();
+    k.extend_from_slice(&disk.0.to_be_bytes());
+    k
+}
+
 pub(crate) fn deleting_key(disk: DiskId) -> Vec<u8> {
     let mut k = DELETING_PREFIX.to_vec();
     k.extend_from_slice(&disk.0.to_be_bytes());

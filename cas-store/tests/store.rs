@@ -368,6 +368,72 @@ fn interrupted_delete_is_finished_at_open() {
     assert!(s.fsck(true).unwrap().is_clean());
 }
 
+/// What a crash inside `snapshot_disk` leaves (the copy's map entries went in, and the counts
+/// of some block ranges were raised, each recorded) is undone at the next open: the origin
+/// keeps its blocks and counts, and the copy leaves nothing behind.
+#[test]
+fn interrupted_copy_is_undone_at_open() {
+    const COPY_CHUNK: u64 = 16 * 1024; // snapshot.rs: blocks whose counts one batch raises
+    for counted in [vec![], vec![COPY_CHUNK], vec![0, COPY_CHUNK]] {
+        let dir = tempfile::tempdir().unwrap();
+        let blocks = [0u64, 1, 2, 7, COPY_CHUNK + 1, COPY_CHUNK + 2];
+        {
+            let s = Store::open(dir.path(), opts(512)).unwrap();
+            let d = s.create_disk("vm", (COPY_CHUNK + 8) * 512).unwrap();
+            for (i, &b) in blocks.iter().enumerate() {
+                // Blocks 0 and COPY_CHUNK + 2 share content: its count spans both ranges.
+                s.write(d.id, b * 512, &pattern([9, 1, 2, 3, 4, 9][i], 512), true).unwrap();
+            }
+        }
+        {
+            let engine = cas_store::engine::RocksEngine::open(dir.path(), &Default::default()).unwrap();
+            let (origin, copy) = (1u64, 2u64);
+            let key = |disk: u64, block: u64| [disk.to_be_bytes(), block.to_be_bytes()].concat();
+            let entries: Vec<(Vec<u8>, Vec<u8>)> = engine
+                .scan(Cf::Maps, &key(origin, 0), Some(&key(origin, u64::MAX)))
+                .unwrap()
+                .map(|kv| {
+                    let (k, v) = kv.unwrap();
+                    (key(copy, u64::from_be_bytes(k[8..].try_into().unwrap())), v.to_vec())
+                })
+                .collect();
+            assert_eq!(entries.len(), blocks.len());
+            let mut batch = WriteBatch::new();
+            batch.put(Cf::Meta, b"next-disk-id".to_vec(), 3u64.to_le_bytes().to_vec());
+            batch.put(Cf::Meta, [b"deleting/".as_slice(), &copy.to_be_bytes()].concat(), b"copy".to_vec());
+            engine.write(batch).unwrap();
+            assert_eq!(engine.ingest_sorted(Cf::Maps, &mut entries.clone().into_iter().map(Ok)).unwrap(), blocks.len() as u64);
+            for &first in &counted {
+                let mut batch = WriteBatch::new();
+                for (k, v) in &entries {
+                    if (first..first + COPY_CHUNK).contains(&u64::from_be_bytes(k[8..].try_into().unwrap())) {
+                        batch.add_to_count(v[..16].to_vec(), 1);
+                    }
+                }
+                let record = [b"counted/".as_slice(), &copy.to_be_bytes(), &first.to_be_bytes()].concat();
+                batch.put(Cf::Meta, record, (first + COPY_CHUNK).to_le_bytes().to_vec());
+                engine.write(batch).unwrap();
+            }
+        }
+        let s = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        let disks = s.list_disks().unwrap();
+        assert_eq!(disks.len(), 1, "only the origin: {disks:?}");
+        assert_eq!(s.stats().unwrap().stored_blocks, 5);
+        let report = s.fsck(true).unwrap();
+        assert!(report.is_clean(), "ranges {counted:?} counted: {report:?}");
+        assert_eq!(report.map_entries, blocks.len() as u64, "the copy's entries are gone");
+        // The origin's blocks survive deleting it once a copy made now holds them.
+        let snap = s.snapshot_disk("vm", "vm@now").unwrap();
+        s.delete_disk("vm").unwrap();
+        let mut got = vec![0u8; 512];
+        s.read(snap.id, (COPY_CHUNK + 2) * 512, &mut got).unwrap();
+        assert_eq!(got, pattern(9, 512));
+        s.read(snap.id, 7 * 512, &mut got).unwrap();
+        assert_eq!(got, pattern(3, 512));
+        assert!(s.fsck(true).unwrap().is_clean());
+    }
+}
+
 #[test]
 fn large_reads_bypass_the_cache_and_return_the_same_bytes() {
     both(4096, |s| {

@@ -1,9 +1,13 @@
 //! The RocksDB engine.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use rocksdb::{BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, DBRawIteratorWithThreadMode, Options, ReadOptions, DB};
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, DBRawIteratorWithThreadMode, IngestExternalFileOptions, Options,
+    ReadOptions, SstFileWriter, DB,
+};
 
 use super::{BatchOp, Cf, KvEngine, KvPair, ScanIter, WriteBatch};
 use crate::{Result, StoreError};
@@ -29,7 +33,16 @@ pub struct RocksEngine {
     db: Arc<DB>,
     /// Threads one large existence lookup is split over (the CPUs available, at most 4).
     lookup_threads: usize,
+    /// Where table files for [`KvEngine::ingest_sorted`] are written before RocksDB links
+    /// them in (emptied at open: a crash may leave one behind).
+    ingest_dir: PathBuf,
+    next_ingest: AtomicU64,
+    /// Each column family's options, for the table files written for it.
+    cf_options: Vec<Options>,
 }
+
+/// The directory under the database that holds table files being written for ingestion.
+pub(crate) const INGEST_DIR: &str = "ingest";
 
 /// Below this many keys per thread, a thread costs more than it saves.
 const MIN_LOOKUPS_PER_THREAD: usize = 512;
@@ -102,12 +115,15 @@ impl RocksEngine {
                 o.set_blob_compression_type(DBCompressionType::Lz4);
                 o.set_enable_blob_gc(true);
             }
-            ColumnFamilyDescriptor::new(cf.name(), o)
+            o
         };
-        let descriptors: Vec<_> = Cf::ALL.iter().map(|&cf| cf_opts(cf)).collect();
+        let cf_options: Vec<Options> = Cf::ALL.iter().map(|&cf| cf_opts(cf)).collect();
+        let descriptors: Vec<_> = Cf::ALL.iter().zip(&cf_options).map(|(cf, o)| ColumnFamilyDescriptor::new(cf.name(), o.clone())).collect();
         let db = DB::open_cf_descriptors(&db_opts, path, descriptors).map_err(engine_err)?;
         let lookup_threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
-        Ok(RocksEngine { db: Arc::new(db), lookup_threads })
+        let ingest_dir = path.join(INGEST_DIR);
+        let _ = std::fs::remove_dir_all(&ingest_dir);
+        Ok(RocksEngine { db: Arc::new(db), lookup_threads, ingest_dir, next_ingest: AtomicU64::new(0), cf_options })
     }
 
     /// Whether `keys[order[k]]` exists, into `out[k]`, for sorted `order`.
@@ -229,6 +245,45 @@ impl KvEngine for RocksEngine {
             iter.next();
         }
         iter.status().map_err(engine_err)
+    }
+
+    fn ingest_sorted(&self, cf: Cf, entries: &mut dyn Iterator<Item = Result<(Vec<u8>, Vec<u8>)>>) -> Result<u64> {
+        perf_counters_off();
+        std::fs::create_dir_all(&self.ingest_dir).map_err(|e| StoreError::Engine(format!("creating {}: {e}", self.ingest_dir.display())))?;
+        let file = self.ingest_dir.join(format!("{}.sst", self.next_ingest.fetch_add(1, Ordering::Relaxed)));
+        let written = (|| {
+            let mut writer = SstFileWriter::create(&self.cf_options[cf.index()]);
+            writer.open(&file).map_err(engine_err)?;
+            let mut added = 0u64;
+            for entry in entries {
+                let (key, value) = entry?;
+                writer.put(key, value).map_err(engine_err)?;
+                added += 1;
+            }
+            if added > 0 {
+                writer.finish().map_err(engine_err)?;
+            }
+            Ok(added)
+        })();
+        let ingested = match written {
+            Ok(0) => Ok(0),
+            Ok(added) => {
+                let mut opts = IngestExternalFileOptions::default();
+                // Linked, not copied; RocksDB syncs the file and records it in its manifest.
+                opts.set_move_files(true);
+                self.db.ingest_external_file_cf_opts(self.cf(cf), &opts, vec![&file]).map(|()| added).map_err(engine_err)
+            }
+            Err(e) => Err(e),
+        };
+        // Whatever happened, this name is not needed any more (RocksDB keeps its own link).
+        let _ = std::fs::remove_file(&file);
+        ingested
+    }
+
+    fn fresh_memtable(&self, cf: Cf) -> Result<()> {
+        let mut opts = rocksdb::FlushOptions::default();
+        opts.set_wait(false);
+        self.db.flush_cf_opt(self.cf(cf), &opts).map_err(engine_err)
     }
 
     fn disk_usage_bytes(&self) -> Option<u64> {

@@ -23,7 +23,7 @@ impl Store {
         Ok(())
     }
 
-    /// A delete that was interrupted by a crash left a marker; release the rest of its blocks.
+    /// A delete or a copy that was interrupted by a crash left a marker; finish it.
     pub(super) fn finish_interrupted_deletes(&self) -> Result<()> {
         let pending: Vec<DiskId> = self
             .engine
@@ -39,13 +39,68 @@ impl Store {
             .collect::<Result<_>>()?;
         for id in pending {
             tracing::info!(disk = id.0, "finishing a disk deletion interrupted by a restart");
-            let state = DiskState::new(id, 0);
-            self.release_blocks_from(&state, 0)?;
-            let mut batch = WriteBatch::new();
-            batch.delete(Cf::Meta, deleting_key(id));
-            self.engine.write(batch)?;
+            self.finish_deletion(id)?;
         }
         Ok(())
+    }
+
+    /// Releases what is left of a disk that a deletion marker names, then drops the marker.
+    /// An empty marker (a delete) means every remaining map entry holds a reference; a copy's
+    /// (see `snapshot.rs`) means only the entries in the block ranges its `counted/` records
+    /// name do, and the rest are dropped without releasing anything.
+    pub(super) fn finish_deletion(&self, id: DiskId) -> Result<()> {
+        let state = DiskState::new(id, 0);
+        let mut batch = WriteBatch::new();
+        match self.engine.get(Cf::Meta, &deleting_key(id))?.as_deref() {
+            None => return Ok(()),
+            Some([]) => self.release_blocks_from(&state, 0)?,
+            Some(_copy) => {
+                for (first, end) in self.counted_ranges(id)? {
+                    self.release_blocks_between(&state, first, end)?;
+                    batch.delete(Cf::Meta, counted_key(id, first));
+                }
+                self.drop_map_entries_from(id, 0)?;
+            }
+        }
+        batch.delete(Cf::Meta, deleting_key(id));
+        self.engine.write(batch)
+    }
+
+    /// The block ranges (first, end) whose counts a copy into disk `id` has raised so far.
+    pub(super) fn counted_ranges(&self, id: DiskId) -> Result<Vec<(u64, u64)>> {
+        let prefix = counted_prefix(id);
+        self.engine
+            .scan(Cf::Meta, &prefix, prefix_end(&prefix).as_deref())?
+            .map(|kv| {
+                let (k, v) = kv?;
+                let first = k.get(prefix.len()..).and_then(|b| <[u8; 8]>::try_from(b).ok()).ok_or_else(|| StoreError::Corrupt("bad copy record".into()))?;
+                Ok((u64::from_be_bytes(first), parse_count(&v)?))
+            })
+            .collect()
+    }
+
+    /// Deletes the map entries of disk `id` at block `from` or later without touching any
+    /// count (entries whose references were never counted).
+    fn drop_map_entries_from(&self, id: DiskId, from: u64) -> Result<()> {
+        let end = map_key(id, u64::MAX);
+        let mut from = from;
+        loop {
+            let keys: Vec<Box<[u8]>> = self
+                .engine
+                .scan(Cf::Maps, &map_key(id, from), Some(&end))?
+                .take(CHUNK_BLOCKS as usize * 4)
+                .map(|kv| kv.map(|(k, _)| k))
+                .collect::<Result<_>>()?;
+            let Some(last) = keys.last() else {
+                return Ok(());
+            };
+            from = parse_map_key(last)?.1 + 1;
+            let mut batch = WriteBatch::new();
+            for key in keys {
+                batch.delete(Cf::Maps, key.into_vec());
+            }
+            self.engine.write(batch)?;
+        }
     }
 
     pub(super) fn validate_name(name: &str) -> Result<()> {
@@ -197,7 +252,13 @@ impl Store {
 
     /// Releases every map entry of `state` at block `from` or later, in bounded batches.
     pub(super) fn release_blocks_from(&self, state: &DiskState, from: u64) -> Result<()> {
-        let end = map_key(DiskId(state.id.0), u64::MAX);
+        // The all-ones block number is outside every disk (sizes are at most 1 EiB).
+        self.release_blocks_between(state, from, u64::MAX)
+    }
+
+    /// Releases the map entries of `state` in blocks `from..until`, in bounded batches.
+    pub(super) fn release_blocks_between(&self, state: &DiskState, from: u64, until: u64) -> Result<()> {
+        let end = map_key(DiskId(state.id.0), until);
         let mut from = from;
         loop {
             let entries: Vec<(u64, Fingerprint)> = self
@@ -209,7 +270,6 @@ impl Store {
                     Ok((parse_map_key(&k)?.1, parse_map_entry(&v)?.fp))
                 })
                 .collect::<Result<_>>()?;
-            // The all-ones block number is outside every disk (sizes are at most 1 EiB).
             if entries.is_empty() {
                 return Ok(());
             }

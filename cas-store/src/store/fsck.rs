@@ -100,13 +100,13 @@ impl Store {
         report.disks = disks.len() as u64;
         let bs = u64::from(self.block_size);
         // Disks being deleted (a delete in progress, or one a crash interrupted) still own
-        // their remaining map entries and the references those hold.
-        let deleting: HashSet<DiskId> = self
-            .engine
-            .scan(Cf::Meta, DELETING_PREFIX, prefix_end(DELETING_PREFIX).as_deref())?
-            .filter_map(|kv| kv.ok())
-            .filter_map(|(k, _)| <[u8; 8]>::try_from(&k[DELETING_PREFIX.len()..]).ok().map(|b| DiskId(u64::from_be_bytes(b))))
-            .collect();
+        // their remaining map entries and the references those hold; a copy in progress
+        // owns references for the block ranges it has counted only (None: every block).
+        let mut deleting: HashMap<DiskId, Option<Vec<(u64, u64)>>> = HashMap::new();
+        for (k, v) in self.engine.scan(Cf::Meta, DELETING_PREFIX, prefix_end(DELETING_PREFIX).as_deref())?.filter_map(|kv| kv.ok()) {
+            let Some(id) = <[u8; 8]>::try_from(&k[DELETING_PREFIX.len()..]).ok().map(|b| DiskId(u64::from_be_bytes(b))) else { continue };
+            deleting.insert(id, if v.is_empty() { None } else { Some(self.counted_ranges(id)?) });
+        }
         let containers = self.containers();
         // Per fingerprint: map entries naming it, and the first hint of one that names a
         // container that still exists.
@@ -117,7 +117,13 @@ impl Store {
             let (disk, block) = parse_map_key(&k)?;
             let entry = parse_map_entry(&v)?;
             match disks.get(&disk) {
-                None if deleting.contains(&disk) => {}
+                None if deleting
+                    .get(&disk)
+                    .is_some_and(|counted| counted.as_ref().is_some_and(|ranges| !ranges.iter().any(|r| (r.0..r.1).contains(&block)))) =>
+                {
+                    continue
+                }
+                None if deleting.contains_key(&disk) => {}
                 None => report.problem(format!("map entry of unknown disk #{} block {block}", disk.0)),
                 Some((name, size)) if block >= size.div_ceil(bs) => report.problem(format!("disk {name:?}: block {block} is past the end")),
                 Some(_) => {}
