@@ -73,8 +73,22 @@ impl Connection<'_> {
 
     pub(crate) async fn run<R: AsyncRead + Unpin>(&self, reader: &mut R) -> Result<(), MigrationError> {
         let status = &self.session.status;
+        // How long the last message took to arrive and to apply: a slow switch-over's log says
+        // whether SWITCH waited on the link or behind the frames before it.
+        let mut previous_apply = std::time::Duration::ZERO;
         loop {
+            let reading = std::time::Instant::now();
             let msg = read_message(reader, &status.traffic).await?.ok_or(MigrationError::Closed)?;
+            let read_wait = reading.elapsed();
+            let applying = std::time::Instant::now();
+            if matches!(msg, Message::Switch) {
+                tracing::debug!(
+                    disk = %self.session.hello.disk,
+                    read_wait_ms = read_wait.as_secs_f64() * 1000.0,
+                    previous_apply_ms = previous_apply.as_secs_f64() * 1000.0,
+                    "SWITCH read"
+                );
+            }
             match msg {
                 Message::Fingerprints { round, runs } => {
                     if self.incoming().pending.lock().phase.has_switched() {
@@ -127,6 +141,7 @@ impl Connection<'_> {
                 Message::Error(e) => return Err(MigrationError::Refused(e.message)),
                 other => return Err(MigrationError::Unexpected(other.name())),
             }
+            previous_apply = applying.elapsed();
         }
     }
 
