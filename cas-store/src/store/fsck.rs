@@ -117,14 +117,12 @@ impl Store {
             let (disk, block) = parse_map_key(&k)?;
             let entry = parse_map_entry(&v)?;
             match disks.get(&disk) {
-                None if deleting
-                    .get(&disk)
-                    .is_some_and(|counted| counted.as_ref().is_some_and(|ranges| !ranges.iter().any(|r| (r.0..r.1).contains(&block)))) =>
-                {
-                    continue
-                }
-                None if deleting.contains_key(&disk) => {}
-                None => report.problem(format!("map entry of unknown disk #{} block {block}", disk.0)),
+                None => match deleting.get(&disk) {
+                    // A copy in progress: an entry of a range not counted yet holds no reference.
+                    Some(Some(counted)) if !counted.iter().any(|&(first, end)| (first..end).contains(&block)) => continue,
+                    Some(_) => {}
+                    None => report.problem(format!("map entry of unknown disk #{} block {block}", disk.0)),
+                },
                 Some((name, size)) if block >= size.div_ceil(bs) => report.problem(format!("disk {name:?}: block {block} is past the end")),
                 Some(_) => {}
             }
