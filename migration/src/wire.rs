@@ -103,6 +103,16 @@ impl Frame {
         self.bytes.len()
     }
 
+    /// Adds this frame's bytes to its kind's counter.
+    fn count(&self, traffic: &Traffic) {
+        match self.kind {
+            FrameKind::Fingerprints => &traffic.fingerprints,
+            FrameKind::Data => &traffic.data_wire,
+            FrameKind::Control => &traffic.control,
+        }
+        .fetch_add(self.bytes.len() as u64, Ordering::Relaxed);
+    }
+
     pub fn is_empty(&self) -> bool {
         self.bytes.is_empty()
     }
@@ -111,12 +121,21 @@ impl Frame {
 /// Writes frames and counts them.
 pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame, traffic: &Traffic) -> Result<(), MigrationError> {
     w.write_all(&frame.bytes).await?;
-    match frame.kind {
-        FrameKind::Fingerprints => &traffic.fingerprints,
-        FrameKind::Data => &traffic.data_wire,
-        FrameKind::Control => &traffic.control,
+    frame.count(traffic);
+    Ok(())
+}
+
+/// Writes several frames with one write: small frames that are ready together leave in one
+/// TCP segment (and one TLS record) instead of one each.
+pub async fn write_frames<W: AsyncWrite + Unpin>(w: &mut W, frames: &[Frame], traffic: &Traffic) -> Result<(), MigrationError> {
+    let mut bytes = Vec::with_capacity(frames.iter().map(Frame::len).sum());
+    for frame in frames {
+        bytes.extend_from_slice(&frame.bytes);
     }
-    .fetch_add(frame.bytes.len() as u64, Ordering::Relaxed);
+    w.write_all(&bytes).await?;
+    for frame in frames {
+        frame.count(traffic);
+    }
     Ok(())
 }
 

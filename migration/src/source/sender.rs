@@ -13,7 +13,7 @@ use super::*;
 use crate::compress::{compress, encode_records, Record};
 use crate::protocol::Message;
 use crate::stream::{StreamEncoder, StreamId};
-use crate::wire::{read_message, write_frame, Frame};
+use crate::wire::{read_message, write_frame, write_frames, Frame};
 use crate::{blocking, MigrationError};
 
 #[derive(Debug)]
@@ -36,6 +36,9 @@ pub(crate) struct ReadServer {
 
 /// READs served at once.
 const CONCURRENT_READS: usize = 8;
+
+/// Sequenced frames that are ready together are written at once up to this many bytes.
+const COALESCE_BYTES: usize = 64 << 10;
 
 impl ReadServer {
     pub(crate) fn new(store: Arc<Store>, disk: DiskId, replies: mpsc::Sender<DataFrame>) -> ReadServer {
@@ -140,6 +143,8 @@ pub(crate) async fn run_writer<W: AsyncWrite + Unpin>(
     loop {
         let notified = outbox.changed.notified();
         let mut sequenced = None;
+        // Sequenced frames written with `frame` in the same write.
+        let mut following: Vec<Frame> = Vec::new();
         let mut data = None;
         let mut background = false;
         let frame = if let Ok(d) = urgent.try_recv() {
@@ -153,6 +158,21 @@ pub(crate) async fn run_writer<W: AsyncWrite + Unpin>(
             }
             sequenced = Some(cursor);
             cursor += 1;
+            // Small sequenced frames that are ready together (the final round's end and
+            // SWITCH) leave in one write, so in one TCP segment, not one segment each.
+            let mut bytes = f.len();
+            while let Some((next, again)) = outbox.get(cursor) {
+                if bytes + next.len() > COALESCE_BYTES {
+                    break;
+                }
+                if again {
+                    status.traffic.replayed.fetch_add(next.len() as u64, Ordering::Relaxed);
+                }
+                bytes += next.len();
+                sequenced = Some(cursor);
+                cursor += 1;
+                following.push(next);
+            }
             f
         } else if let Some(d) = if outbox.background_held() || status.cap.switching() { None } else { low.try_recv().ok() } {
             background = true;
@@ -206,8 +226,13 @@ pub(crate) async fn run_writer<W: AsyncWrite + Unpin>(
             writer.flush().await?;
             tokio::time::sleep(wait).await;
         }
-        status.cap.charge(frame.len());
-        write_frame(&mut writer, &frame, &status.traffic).await?;
+        status.cap.charge(frame.len() + following.iter().map(Frame::len).sum::<usize>());
+        if following.is_empty() {
+            write_frame(&mut writer, &frame, &status.traffic).await?;
+        } else {
+            following.insert(0, frame);
+            write_frames(&mut writer, &following, &status.traffic).await?;
+        }
         if let Some(d) = data {
             let mut ever = ever_sent.lock();
             let again = d.fps.iter().filter(|fp| !ever.insert(**fp)).count() as u64;
