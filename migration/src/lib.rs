@@ -25,7 +25,7 @@ pub mod state;
 pub mod stream;
 pub mod wire;
 
-pub use destination::{incoming_name, run_destination, DestHooks, Destination, MigratingDisk, PostCopyError};
+pub use destination::{incoming_name, run_destination, run_destination_windowed, DestHooks, Destination, MigratingDisk, PostCopyError, LISTING_WINDOW_BLOCKS};
 pub use link::{Connector, LinkIo, LinkStream, OneShot};
 pub use report::{MigrationReport, Phase, PlanReport, SwitchAfter};
 pub use source::{run_plan, run_source, run_source_with, MigrationStatus, NoHooks, RequestError, SourceConfig, SourceHooks};

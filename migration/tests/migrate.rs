@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cas_store::{Store, StoreOptions};
-use migration::{run_destination, run_source, DestHooks, MigratingDisk, MigrationReport, NoHooks, SourceConfig, SourceHooks, SwitchAfter};
+use migration::{
+    run_destination, run_destination_windowed, run_source, DestHooks, MigratingDisk, MigrationReport, NoHooks, SourceConfig, SourceHooks, SwitchAfter,
+};
 use parking_lot::Mutex;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -80,11 +82,25 @@ async fn migrate(
     src_hooks: Arc<dyn SourceHooks>,
     dst_hooks: Arc<dyn DestHooks>,
 ) -> (MigrationReport, MigrationReport) {
+    migrate_windowed(src, dst, disk, config, src_hooks, dst_hooks, migration::LISTING_WINDOW_BLOCKS).await
+}
+
+/// [`migrate`] with the destination's listing window set.
+async fn migrate_windowed(
+    src: Arc<Store>,
+    dst: Arc<Store>,
+    disk: &str,
+    config: SourceConfig,
+    src_hooks: Arc<dyn SourceHooks>,
+    dst_hooks: Arc<dyn DestHooks>,
+    window: usize,
+) -> (MigrationReport, MigrationReport) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let dest = tokio::spawn(async move {
         let (conn, peer) = listener.accept().await.unwrap();
-        run_destination(dst, conn, dst_hooks, migration::MigrationStatus::new(MigrationReport::new("?", "?", "destination", &peer.to_string()))).await
+        let status = migration::MigrationStatus::new(MigrationReport::new("?", "?", "destination", &peer.to_string()));
+        run_destination_windowed(dst, conn, dst_hooks, status, window).await
     });
     let conn = TcpStream::connect(addr).await.unwrap();
     let status = migration::MigrationStatus::new(MigrationReport::new("t", disk, "source", &addr.to_string()));
@@ -183,6 +199,50 @@ async fn writes_during_converging_rounds_are_resent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_with_switch_after_fingerprints() {
     migrate_while_writing(SwitchAfter::Fingerprints).await;
+}
+
+/// Entries in one FINGERPRINTS frame of the source (`FINGERPRINTS_PER_FRAME`).
+const LISTING_FRAME: u64 = 8192;
+
+/// A disk of five listing frames' worth of blocks with 1000 distinct contents in turn: the
+/// listing runs far ahead of the data unless the destination's window holds it back.
+async fn listing_held_by_the_window(switch_after: SwitchAfter) {
+    let (src, dst) = (store(), store());
+    let blocks = 5 * LISTING_FRAME;
+    let d = src.create_disk("vm", blocks * BS as u64).unwrap();
+    let mut content = vec![0u8; blocks as usize * BS];
+    for (i, b) in content.chunks_mut(BS).enumerate() {
+        b.copy_from_slice(&own_block(1, i as u64 % 1000));
+    }
+    src.write(d.id, 0, &content, false).unwrap();
+    let window = 100;
+    let config = SourceConfig { switch_after, ..Default::default() };
+    let (report, _) = migrate_windowed(src.clone(), dst.clone(), "vm", config, Arc::new(NoHooks), Arc::new(CaptureHooks::default()), window).await;
+    assert_eq!(read_all(&dst, "vm"), content, "{switch_after:?}: byte-exact");
+    let d = &report.destination;
+    assert_eq!(d.blocks_listed, blocks);
+    assert_eq!(d.wanted, 1000);
+    if switch_after != SwitchAfter::Fingerprints {
+        // A frame is let in while fewer than `window` blocks are missing: at most one over.
+        assert!(d.missing_peak > 0 && d.missing_peak <= window as u64 + LISTING_FRAME, "{switch_after:?}: {} blocks missing at once", d.missing_peak);
+    }
+    // Switched over right after the listing, every block not yet here is post-copy's to fetch,
+    // and the destination has to know them all: the window cannot bound that.
+    assert!(dst.fsck(true).unwrap().is_clean());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listing_window_bounds_what_the_destination_tracks() {
+    listing_held_by_the_window(SwitchAfter::Precopy).await;
+}
+
+/// With `--switch-after fingerprints` the source freezes (and holds its data back) right
+/// after listing, while the destination may still hold listing frames back waiting for data:
+/// the switch-over's frames must get through (they make the destination apply what it held)
+/// or the migration would wait for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_over_right_after_the_listing_is_not_held_by_the_window() {
+    listing_held_by_the_window(SwitchAfter::Fingerprints).await;
 }
 
 /// Reads the whole disk through the post-copy device as soon as it is switched over.

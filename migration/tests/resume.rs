@@ -206,7 +206,21 @@ struct Outcome {
 }
 
 async fn run(src: Arc<Store>, dst: Arc<Store>, config: SourceConfig, src_hooks: Arc<dyn SourceHooks>, dst_hooks: Arc<Hooks>, rule: Rule) -> Outcome {
-    let dest_addr = serve_destination(Destination::new(dst, dst_hooks.clone(), Arc::new(MemStateStore::default()), Duration::from_secs(120))).await;
+    run_windowed(src, dst, config, src_hooks, dst_hooks, rule, migration::LISTING_WINDOW_BLOCKS).await
+}
+
+async fn run_windowed(
+    src: Arc<Store>,
+    dst: Arc<Store>,
+    config: SourceConfig,
+    src_hooks: Arc<dyn SourceHooks>,
+    dst_hooks: Arc<Hooks>,
+    rule: Rule,
+    listing_window: usize,
+) -> Outcome {
+    let dest = Destination::new(dst, dst_hooks.clone(), Arc::new(MemStateStore::default()), Duration::from_secs(120));
+    dest.set_listing_window(listing_window);
+    let dest_addr = serve_destination(dest).await;
     let p = proxy(dest_addr, rule).await;
     let addr = p.addr;
     let connector = Arc::new(move || async move {
@@ -277,6 +291,25 @@ async fn simple(name: &str, config: SourceConfig, rule: Rule, min_cuts: u64) -> 
 async fn cut_while_listing_fingerprints() {
     let o = simple("listing", SourceConfig::default(), cut_once(FINGERPRINTS, 0, Cut::Before), 1).await;
     assert!(o.source.link.replayed_bytes > 0, "the lost FINGERPRINTS frame was sent again");
+}
+
+/// The destination holds the second listing frame back (its window of 64 blocks is full of
+/// the first frame's 3072 missing blocks) when the link drops: the held frame was never
+/// acknowledged, so the source sends it again on the new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_while_the_listing_window_holds_a_frame_back() {
+    let (src, dst) = (store(), store());
+    // 3072 + 10240 allocated blocks: two listing frames of 8192, the missing ones in the first.
+    let content = fill(&src, "vm", 3072, 10240, 0, 7);
+    fill(&dst, "neighbour", 0, 10240, 0, 1);
+    let o = run_windowed(src.clone(), dst.clone(), SourceConfig::default(), Arc::new(NoHooks), Arc::new(Hooks::default()), cut_once(DATA, 1, Cut::Before), 64)
+        .await;
+    assert_eq!(read_all(&dst, "vm"), content, "byte-exact at the destination");
+    assert!(dst.fsck(true).unwrap().is_clean());
+    check("window", &o, 1);
+    assert!(o.source.link.replayed_bytes > 0, "the held FINGERPRINTS frame was sent again");
+    assert_eq!(o.source.destination.neighbour_hits, 10240);
+    assert!(o.source.destination.missing_peak <= 64 + 8192, "{:?}", o.source.destination);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

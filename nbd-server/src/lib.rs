@@ -23,6 +23,7 @@
 
 pub mod access;
 pub mod admission;
+pub mod arenas;
 mod budget;
 mod buffer;
 pub mod compaction;

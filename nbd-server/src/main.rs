@@ -21,6 +21,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
 fn main() -> ExitCode {
+    nbd_server::arenas::bound_malloc_arenas();
     let args = Args::from_env_and_config();
     tracing_subscriber::fmt()
         .with_env_filter(

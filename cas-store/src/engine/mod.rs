@@ -173,6 +173,22 @@ pub trait KvEngine: Send + Sync + fmt::Debug {
     fn disk_usage_bytes(&self) -> Option<u64> {
         None
     }
+
+    /// What the engine holds in memory, if it can tell.
+    fn memory(&self) -> Option<EngineMemory> {
+        None
+    }
+}
+
+/// Memory an engine holds, by purpose (RocksDB's own figures).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EngineMemory {
+    /// Memtables, active and immutable (not yet flushed), of every column family.
+    pub memtable_bytes: u64,
+    /// The block cache's use (data, index and filter blocks; and memtables when charged to it).
+    pub block_cache_bytes: u64,
+    /// Table readers' memory outside the block cache.
+    pub table_reader_bytes: u64,
 }
 
 /// The smallest key greater than every key that starts with `prefix` (None: no such key).

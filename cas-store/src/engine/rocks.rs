@@ -9,7 +9,7 @@ use rocksdb::{
     ReadOptions, SstFileWriter, DB,
 };
 
-use super::{BatchOp, Cf, KvEngine, KvPair, ScanIter, WriteBatch};
+use super::{BatchOp, Cf, EngineMemory, KvEngine, KvPair, ScanIter, WriteBatch};
 use crate::{Result, StoreError};
 
 /// Knobs for RocksDB that an operator may want to change.
@@ -75,6 +75,10 @@ impl RocksEngine {
         // Bound WAL growth: column families with little traffic (meta, disks) would otherwise
         // keep old WAL files alive.
         db_opts.set_max_total_wal_size(256 << 20);
+        // Memtables of all column families together: the maps and the references both take
+        // bursts of writes (an import, a migration), and each would otherwise hold up to two
+        // full write buffers. Past this the largest is flushed.
+        db_opts.set_db_write_buffer_size(tuning.write_buffer_bytes * 3 / 2);
         // Many NBD requests write at once: let the WAL append of one write group overlap the
         // memtable inserts of the previous one.
         db_opts.set_enable_pipelined_write(true);
@@ -296,6 +300,19 @@ impl KvEngine for RocksEngine {
             total += self.db.property_int_value_cf(self.cf(cf), "rocksdb.cur-size-all-mem-tables").ok()?.unwrap_or(0);
         }
         Some(total)
+    }
+
+    fn memory(&self) -> Option<EngineMemory> {
+        let mut m = EngineMemory::default();
+        for cf in Cf::ALL {
+            let int = |name: &str| self.db.property_int_value_cf(self.cf(cf), name).ok().flatten().unwrap_or(0);
+            m.memtable_bytes += int("rocksdb.cur-size-all-mem-tables");
+            m.table_reader_bytes += int("rocksdb.estimate-table-readers-mem");
+        }
+        // One cache for every column family but RocksDB's default one, which the store leaves
+        // empty.
+        m.block_cache_bytes = self.db.property_int_value_cf(self.cf(Cf::Maps), "rocksdb.block-cache-usage").ok().flatten().unwrap_or(0);
+        Some(m)
     }
 }
 

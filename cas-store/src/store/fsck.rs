@@ -40,6 +40,7 @@ impl Store {
             container_bytes,
             reclaimable_bytes: container_bytes.map_or(0, |c| c.saturating_sub(stored_bytes)),
             index_bytes_per_block: engine_bytes.filter(|_| stored_blocks > 0).map(|e| e as f64 / stored_blocks as f64),
+            engine_memory: self.engine.memory(),
         })
     }
 

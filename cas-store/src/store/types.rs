@@ -97,6 +97,9 @@ pub struct StoreStats {
     /// Index bytes per stored block (engine bytes / stored blocks).
     #[serde(default)]
     pub index_bytes_per_block: Option<f64>,
+    /// What the engine holds in memory now, if it can tell.
+    #[serde(default)]
+    pub engine_memory: Option<crate::engine::EngineMemory>,
 }
 
 /// What one compaction pass did.

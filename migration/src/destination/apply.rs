@@ -79,6 +79,9 @@ pub(crate) fn apply_fingerprints(inc: &Incoming, runs: Vec<Run>, defer: bool) ->
         }
         p.report.blocks_listed += 1;
     }
+    if !p.phase.has_switched() {
+        p.report.missing_peak = p.report.missing_peak.max(p.by_block.len() as u64);
+    }
     drop(p);
     if !to_map.is_empty() {
         let applied = store.map_existing(inc.disk, &to_map)?;

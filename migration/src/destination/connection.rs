@@ -25,6 +25,8 @@ pub(crate) struct Connection<'a> {
     /// This connection's zstd streams (DATA_STREAM), when ACCEPT offered them; they start
     /// afresh with every connection, as the source's do.
     pub(crate) streams: Option<Arc<Mutex<StreamDecoders>>>,
+    /// Blocks of the initial listing that may be missing at once (see [`LISTING_WINDOW_BLOCKS`]).
+    pub(crate) listing_window: usize,
 }
 
 /// The decoding ends of a connection's two streams, made on their first frame.
@@ -52,6 +54,74 @@ impl StreamDecoders {
     }
 }
 
+/// Blocks of the initial listing that may be missing at once (listed, not yet local) before
+/// the destination holds back further listing frames: what bounds the memory of the missing
+/// blocks' bookkeeping (about 130 bytes each: 17 MiB here) whatever the disk's size. A window
+/// of 512 MiB of 4 KiB blocks keeps far more data asked for than a link carries in a round
+/// trip (0.4 s of 10 Gbit/s), so the link does not wait for it.
+pub const LISTING_WINDOW_BLOCKS: usize = 1 << 17;
+
+/// Sequenced messages read but not applied yet (held back while the listing window is full)
+/// are at most this many: the source keeps at most [`crate::source::OUTBOX_FRAMES`]
+/// unacknowledged, plus the few of a switch-over; a source that sends more is broken.
+const MAX_HELD_BACK: usize = 4 * crate::source::OUTBOX_FRAMES;
+
+/// Whether the connection goes on after a message.
+#[derive(Debug, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Ended,
+}
+
+/// Sequenced messages read and not applied yet, in order. Not acknowledged, so the source
+/// stops listing when its outbox is full: this is the listing's flow control, with no
+/// message of its own. Held messages belong to the connection: after a lost link the source
+/// resends them, as they were never acknowledged.
+#[derive(Debug, Default)]
+struct HeldBack {
+    messages: std::collections::VecDeque<Message>,
+    /// A message other than the initial listing is held: the source is past the listing (the
+    /// switch-over, which holds data back, may be among them), so everything is applied now
+    /// regardless of the window.
+    draining: bool,
+}
+
+impl HeldBack {
+    fn is_holding(&self) -> bool {
+        !self.messages.is_empty()
+    }
+
+    fn hold(&mut self, msg: Message) -> Result<(), MigrationError> {
+        if self.messages.len() >= MAX_HELD_BACK {
+            return Err(MigrationError::Protocol(crate::protocol::ProtocolError::Malformed {
+                what: "FINGERPRINTS",
+                why: format!("more than {MAX_HELD_BACK} sequenced messages sent without acknowledgement"),
+            }));
+        }
+        if !matches!(msg, Message::Fingerprints { round: 0, .. } | Message::RoundEnd { round: 0, .. }) {
+            self.draining = true;
+        }
+        self.messages.push_back(msg);
+        Ok(())
+    }
+
+    fn front(&self) -> Option<&Message> {
+        self.messages.front()
+    }
+
+    fn draining(&self) -> bool {
+        self.draining
+    }
+
+    fn pop(&mut self) -> Option<Message> {
+        let msg = self.messages.pop_front();
+        if self.messages.is_empty() {
+            self.draining = false;
+        }
+        msg
+    }
+}
+
 impl Connection<'_> {
     pub(crate) fn send(&self, msg: Message) -> Result<(), MigrationError> {
         self.session.out.send(Frame::new(&msg)).map_err(|_| MigrationError::Closed)
@@ -76,6 +146,7 @@ impl Connection<'_> {
         // How long the last message took to arrive and to apply: a slow switch-over's log says
         // whether SWITCH waited on the link or behind the frames before it.
         let mut previous_apply = std::time::Duration::ZERO;
+        let mut held = HeldBack::default();
         loop {
             let reading = std::time::Instant::now();
             let msg = read_message(reader, &status.traffic).await?.ok_or(MigrationError::Closed)?;
@@ -89,60 +160,98 @@ impl Connection<'_> {
                     "SWITCH read"
                 );
             }
-            match msg {
-                Message::Fingerprints { round, runs } => {
-                    if self.incoming().pending.lock().phase.has_switched() {
-                        return Err(MigrationError::Unexpected("FINGERPRINTS after SWITCH"));
-                    }
-                    let defer = round > 0 && self.session.hello.defer_dirty;
-                    let want = self.apply_fingerprints(round, runs, defer).await?;
-                    if !want.is_empty() {
-                        self.send(Message::Want(want))?;
-                    }
-                    self.applied()?;
-                }
-                Message::RoundEnd { round, .. } => {
-                    {
-                        let mut proto = self.session.proto.lock();
-                        if round == 0 {
-                            let blocks = self.session.hello.size.div_ceil(u64::from(self.session.hello.block_size));
-                            self.incoming().pending.lock().report.zero_blocks = blocks.saturating_sub(proto.listed_round0);
-                        }
-                        proto.ended_rounds.push(round);
-                    }
-                    self.applied()?;
-                    self.after_progress()?;
-                }
-                Message::Data { raw_len, frame } => {
-                    self.apply_data(raw_len, frame).await?;
-                    self.after_progress()?;
-                }
-                Message::DataStream { stream, raw_len, frame } => {
-                    let (Some(streams), Some(id)) = (self.streams.clone(), StreamId::from_u8(stream)) else {
-                        return Err(MigrationError::Unexpected("DATA_STREAM on a connection that did not agree to it"));
-                    };
-                    self.apply_stream(streams, id, raw_len, frame).await?;
-                    self.after_progress()?;
-                }
-                Message::Switch => {
-                    if !self.incoming().pending.lock().phase.has_switched() {
-                        self.switch_over().await?;
-                    }
-                    self.applied()?;
-                    self.after_progress()?;
-                }
-                Message::Bye => {
-                    if !self.session.proto.lock().completed {
-                        return Err(MigrationError::Unexpected("BYE before COMPLETE"));
-                    }
+            if msg.is_sequenced() {
+                if held.is_holding() || self.window_full_for(&msg) {
+                    held.hold(msg)?;
+                } else if self.apply_sequenced(msg).await? == Flow::Ended {
                     return Ok(());
                 }
-                Message::ReadData { id, result } => self.read_answered(id, result),
-                Message::Error(e) => return Err(MigrationError::Refused(e.message)),
-                other => return Err(MigrationError::Unexpected(other.name())),
+            } else {
+                match msg {
+                    Message::Data { raw_len, frame } => {
+                        self.apply_data(raw_len, frame).await?;
+                        self.after_progress()?;
+                    }
+                    Message::DataStream { stream, raw_len, frame } => {
+                        let (Some(streams), Some(id)) = (self.streams.clone(), StreamId::from_u8(stream)) else {
+                            return Err(MigrationError::Unexpected("DATA_STREAM on a connection that did not agree to it"));
+                        };
+                        self.apply_stream(streams, id, raw_len, frame).await?;
+                        self.after_progress()?;
+                    }
+                    Message::ReadData { id, result } => self.read_answered(id, result),
+                    Message::Error(e) => return Err(MigrationError::Refused(e.message)),
+                    other => return Err(MigrationError::Unexpected(other.name())),
+                }
+            }
+            // What arrived may have made room in the window for what was held back.
+            while let Some(front) = held.front() {
+                if !held.draining() && self.window_full_for(front) {
+                    break;
+                }
+                let msg = held.pop().expect("front exists");
+                if self.apply_sequenced(msg).await? == Flow::Ended {
+                    return Ok(());
+                }
             }
             previous_apply = applying.elapsed();
         }
+    }
+
+    /// Whether `msg` must wait for room in the listing window: it lists blocks of the initial
+    /// pass while the window's worth of blocks are missing and content this connection
+    /// asked for is still on its way (which will make room: nothing else is waited for, so
+    /// blocks that wait on a gang's other member or on the switch-over never hold it back).
+    fn window_full_for(&self, msg: &Message) -> bool {
+        if !matches!(msg, Message::Fingerprints { round: 0, .. }) {
+            return false;
+        }
+        let p = self.incoming().pending.lock();
+        !p.wanted.is_empty() && p.by_block.len() >= self.listing_window
+    }
+
+    /// Applies one sequenced message (in order) and acknowledges it.
+    async fn apply_sequenced(&self, msg: Message) -> Result<Flow, MigrationError> {
+        match msg {
+            Message::Fingerprints { round, runs } => {
+                if self.incoming().pending.lock().phase.has_switched() {
+                    return Err(MigrationError::Unexpected("FINGERPRINTS after SWITCH"));
+                }
+                let defer = round > 0 && self.session.hello.defer_dirty;
+                let want = self.apply_fingerprints(round, runs, defer).await?;
+                if !want.is_empty() {
+                    self.send(Message::Want(want))?;
+                }
+                self.applied()?;
+            }
+            Message::RoundEnd { round, .. } => {
+                {
+                    let mut proto = self.session.proto.lock();
+                    if round == 0 {
+                        let blocks = self.session.hello.size.div_ceil(u64::from(self.session.hello.block_size));
+                        self.incoming().pending.lock().report.zero_blocks = blocks.saturating_sub(proto.listed_round0);
+                    }
+                    proto.ended_rounds.push(round);
+                }
+                self.applied()?;
+                self.after_progress()?;
+            }
+            Message::Switch => {
+                if !self.incoming().pending.lock().phase.has_switched() {
+                    self.switch_over().await?;
+                }
+                self.applied()?;
+                self.after_progress()?;
+            }
+            Message::Bye => {
+                if !self.session.proto.lock().completed {
+                    return Err(MigrationError::Unexpected("BYE before COMPLETE"));
+                }
+                return Ok(Flow::Ended);
+            }
+            other => return Err(MigrationError::Unexpected(other.name())),
+        }
+        Ok(Flow::Continue)
     }
 
     /// Maps what is here, records what is missing; returns the fingerprints to ask for.

@@ -12,6 +12,7 @@ mod postcopy;
 mod registry;
 mod state;
 
+pub use connection::LISTING_WINDOW_BLOCKS;
 pub use postcopy::{MigratingDisk, PostCopyError};
 pub use registry::Destination;
 // The submodules share their crate-internal items through this module.
@@ -57,7 +58,22 @@ pub async fn run_destination<S>(
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
+    run_destination_windowed(store, stream, hooks, status, LISTING_WINDOW_BLOCKS).await
+}
+
+/// [`run_destination`] with another listing window (see [`Destination::set_listing_window`]).
+pub async fn run_destination_windowed<S>(
+    store: Arc<Store>,
+    stream: S,
+    hooks: Arc<dyn DestHooks>,
+    status: Arc<MigrationStatus>,
+    listing_window: usize,
+) -> Result<MigrationReport, MigrationError>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
     let dest = Destination::new(store, hooks, Arc::new(crate::state::MemStateStore::default()), Duration::ZERO);
+    dest.set_listing_window(listing_window);
     let result = dest.serve(stream, status.clone()).await;
     if let Err(e) = &result {
         let sessions: Vec<Arc<Session>> = dest.sessions.lock().values().cloned().collect();

@@ -33,6 +33,9 @@ pub struct Destination {
     pub(crate) park_timeout: Duration,
     /// Gangs with migrations here, by name.
     pub(crate) gangs: Mutex<HashMap<String, Arc<Gang>>>,
+    /// Blocks of the initial listing that may be missing at once (see
+    /// [`LISTING_WINDOW_BLOCKS`]).
+    pub(crate) listing_window: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Destination {
@@ -72,7 +75,22 @@ pub(crate) struct Proto {
 
 impl Destination {
     pub fn new(store: Arc<Store>, hooks: Arc<dyn DestHooks>, state: Arc<dyn StateStore>, park_timeout: Duration) -> Arc<Destination> {
-        Arc::new(Destination { store, hooks, state, sessions: Mutex::new(HashMap::new()), park_timeout, gangs: Mutex::default() })
+        Arc::new(Destination {
+            store,
+            hooks,
+            state,
+            sessions: Mutex::new(HashMap::new()),
+            park_timeout,
+            gangs: Mutex::default(),
+            listing_window: std::sync::atomic::AtomicUsize::new(LISTING_WINDOW_BLOCKS),
+        })
+    }
+
+    /// Sets how many blocks of a migration's initial listing may be missing at once before
+    /// the destination holds further listing back (default [`LISTING_WINDOW_BLOCKS`]; at
+    /// least one listing frame is always let in). Connections made after the call use it.
+    pub fn set_listing_window(&self, blocks: usize) {
+        self.listing_window.store(blocks, Ordering::Relaxed);
     }
 
     pub fn status(&self, id: &str) -> Option<Arc<MigrationStatus>> {
@@ -434,7 +452,8 @@ impl Destination {
 
         let result = {
             let streams = session.hello.data_stream.then(|| Arc::new(Mutex::new(StreamDecoders::default())));
-            let conn = Connection { session: &session, hooks: &self.hooks, state: &self.state, streams };
+            let listing_window = self.listing_window.load(Ordering::Relaxed);
+            let conn = Connection { session: &session, hooks: &self.hooks, state: &self.state, streams, listing_window };
             let superseded = async {
                 loop {
                     let n = session.superseded.notified();

@@ -42,6 +42,15 @@
 //!                     <------------------------------  COMPLETE {report}: every block local
 //!   BYE -------------------------------------------->  [source releases its disk]
 //! ```
+//! **Listing window.** The destination holds back the initial listing's FINGERPRINTS (reads
+//! them, neither applies nor acknowledges them) while [`crate::LISTING_WINDOW_BLOCKS`] listed
+//! blocks are missing and content it asked for is on its way; the source, which keeps at most
+//! `OUTBOX_FRAMES` unacknowledged, stops listing. What either side tracks per missing block
+//! is then bounded whatever the disk's size. Frames of the switch-over are pushed past that
+//! cap, and the destination applies everything it held when it reads one (the source holds
+//! its data back during the freeze, so waiting for room then would wait for ever). No
+//! message is added: an older peer on either side still works, unbounded as before.
+//!
 //! The switch-over's pause is the final listing's round trip, so everything before the freeze
 //! works to keep that listing small and the link empty: dirty rounds repeat while the dirty
 //! set shrinks (with `defer_dirty` they carry fingerprints only, so they take milliseconds),
@@ -265,6 +274,10 @@ pub struct DestReport {
     /// once, over that migration's link) instead of asking its own source.
     #[serde(default)]
     pub gang_shared: u64,
+    /// Most blocks listed and not yet local at one time before the switch-over (what the
+    /// destination's bookkeeping held; the listing window bounds it).
+    #[serde(default)]
+    pub missing_peak: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -372,11 +372,11 @@ impl Source {
             blocks.sort_unstable();
             blocks.dedup();
         }
-        send_dirty_round(store, disk_id, round, &blocks, &link.outbox, epoch).await?;
-        link.outbox.push(epoch, &Message::RoundEnd { round, last: true }).await?;
+        send_dirty_round(store, disk_id, round, &blocks, &link.outbox, epoch, true).await?;
+        link.outbox.push_switch_over(epoch, &Message::RoundEnd { round, last: true }).await?;
         at.switch_sent();
         let final_round = self.freeze_elapsed();
-        link.outbox.push(epoch, &Message::Switch).await?;
+        link.outbox.push_switch_over(epoch, &Message::Switch).await?;
         // The writer sends sequenced frames before background data, so SWITCH goes first.
         drop(hold);
         let report = loop {
@@ -465,7 +465,7 @@ impl Source {
     pub(crate) async fn listing_round(&self, link: &mut LinkHandle, epoch: u64, rounds: &mut Rounds, blocks: &[u64]) -> Result<(), MigrationError> {
         rounds.round += 1;
         let round = rounds.round;
-        send_dirty_round(&self.store, self.disk_id, round, blocks, &link.outbox, epoch).await?;
+        send_dirty_round(&self.store, self.disk_id, round, blocks, &link.outbox, epoch, false).await?;
         self.status.update(|r| {
             r.rounds = round + 1;
             if r.round_blocks.len() < MAX_ROUNDS_REPORTED {

@@ -52,13 +52,27 @@ pub(crate) async fn send_snapshot(mut snapshot: cas_store::MapSnapshot, outbox: 
 }
 
 /// Lists the current content of dirty blocks (zero runs for blocks that read as zeros).
-pub(crate) async fn send_dirty_round(store: &Arc<Store>, disk: DiskId, round: u32, blocks: &[u64], outbox: &Outbox, epoch: u64) -> Result<(), MigrationError> {
+/// `switch_over`: the final round, inside the freeze (see [`Outbox::push_switch_over`]).
+pub(crate) async fn send_dirty_round(
+    store: &Arc<Store>,
+    disk: DiskId,
+    round: u32,
+    blocks: &[u64],
+    outbox: &Outbox,
+    epoch: u64,
+    switch_over: bool,
+) -> Result<(), MigrationError> {
     for chunk in blocks.chunks(FINGERPRINTS_PER_FRAME) {
         let s = store.clone();
         let owned = chunk.to_vec();
         let fps = blocking(move || s.block_fingerprints(disk, &owned)).await?;
         let runs = runs_of(chunk.iter().copied().zip(fps));
-        outbox.push(epoch, &Message::Fingerprints { round, runs }).await?;
+        let msg = Message::Fingerprints { round, runs };
+        if switch_over {
+            outbox.push_switch_over(epoch, &msg).await?;
+        } else {
+            outbox.push(epoch, &msg).await?;
+        }
     }
     Ok(())
 }

@@ -17,6 +17,7 @@ use std::pin::Pin;
 
 pub use driver::{run_source, run_source_with};
 pub(crate) use listing::runs_of;
+pub(crate) use outbox::OUTBOX_FRAMES;
 pub use plan::run_plan;
 pub use status::{MigrationStatus, RequestError};
 

@@ -73,6 +73,19 @@ impl Outbox {
     /// Appends a sequenced message, waiting while the destination is far behind. Fails with
     /// `Restart` once the listing has started over.
     pub(crate) async fn push(&self, epoch: u64, msg: &Message) -> Result<u64, MigrationError> {
+        self.push_with(epoch, msg, false).await
+    }
+
+    /// Appends a message of the switch-over (the final round, SWITCH) without waiting for
+    /// room. The destination may hold back acknowledgements of the initial listing while its
+    /// listing window is full (see the destination's `connection.rs`), waiting for data the
+    /// source holds back from the freeze until SWITCH: a switch-over waiting for room would
+    /// wait for ever. The destination applies everything it held back when it sees them.
+    pub(crate) async fn push_switch_over(&self, epoch: u64, msg: &Message) -> Result<u64, MigrationError> {
+        self.push_with(epoch, msg, true).await
+    }
+
+    async fn push_with(&self, epoch: u64, msg: &Message, beyond_cap: bool) -> Result<u64, MigrationError> {
         debug_assert!(msg.is_sequenced() || matches!(msg, Message::Error(_)));
         let frame = Frame::new(msg);
         loop {
@@ -82,7 +95,7 @@ impl Outbox {
                 if g.epoch != epoch {
                     return Err(MigrationError::Restart);
                 }
-                if g.frames.len() < OUTBOX_FRAMES || matches!(msg, Message::Error(_)) {
+                if g.frames.len() < OUTBOX_FRAMES || beyond_cap || matches!(msg, Message::Error(_)) {
                     g.frames.push_back(frame);
                     let seq = g.base + g.frames.len() as u64 - 1;
                     drop(g);
