@@ -11,6 +11,7 @@
 //! another thread.
 
 mod negotiate;
+mod replies;
 mod reply;
 mod socket;
 mod transmission;
