@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, DBRawIteratorWithThreadMode, IngestExternalFileOptions, MemtableFactory,
-    Options, ReadOptions, SliceTransform, SstFileWriter, DB,
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, DBRawIteratorWithThreadMode, IngestExternalFileOptions, Options,
+    ReadOptions, SstFileWriter, DB,
 };
 
 use super::{BatchOp, Cf, EngineMemory, KvEngine, KvPair, ScanIter, WriteBatch};
@@ -82,8 +82,6 @@ impl RocksEngine {
         // Many NBD requests write at once: let the WAL append of one write group overlap the
         // memtable inserts of the previous one.
         db_opts.set_enable_pipelined_write(true);
-        // The refs memtable is a hash of skiplists (below), which takes one writer at a time.
-        db_opts.set_allow_concurrent_memtable_write(false);
 
         let cf_opts = |cf: Cf| {
             let mut table = BlockBasedOptions::default();
@@ -110,16 +108,6 @@ impl RocksEngine {
             if cf == Cf::Refs {
                 // Counts raised without reading them first (snapshots and clones).
                 o.set_merge_operator_associative("cas.add-to-counter", refs_merge);
-                // Fingerprints are random keys: in the default skiplist memtable each insert and
-                // lookup is a walk of ~20 cache-missing levels, a third of an import's CPU. A
-                // hash of skiplists keyed by the first 8 bytes makes both about one probe
-                // (import 1.48-1.94 s of CPU for 512 MiB before, 1.20-1.35 s after; `has_many`
-                // on the memtable 0.87-1.03 M lookups/s before, 1.26-1.84 M after). Its costs:
-                // a 2 MiB bucket array per memtable, a sorted copy of the nodes when a scan or a
-                // flush needs key order, and no concurrent memtable inserts (below). A key
-                // shorter than 8 bytes is its own prefix.
-                o.set_prefix_extractor(SliceTransform::create("cas.first-8-bytes", |k: &[u8]| &k[..k.len().min(8)], None));
-                o.set_memtable_factory(MemtableFactory::HashSkipList { bucket_count: 1 << 18, height: 4, branching_factor: 4 });
             }
             if cf == Cf::Blocks {
                 // Format 1 kept block bytes in blob files (RocksDB's integrated BlobDB): written once, not
@@ -239,9 +227,6 @@ impl KvEngine for RocksEngine {
         }
         // Big scans (fsck, snapshots of whole disks) should not evict the hot working set.
         opts.fill_cache(false);
-        // Key order across prefixes: the refs column family's prefix extractor would
-        // otherwise confine a scan to its first key's prefix.
-        opts.set_total_order_seek(true);
         let iter = self.db.raw_iterator_cf_opt(self.cf(cf), opts);
         // SAFETY: the iterator borrows the DB. `RocksScan` owns an `Arc<DB>` and declares the
         // iterator first, so the iterator is dropped before that reference to the DB; the column
@@ -255,7 +240,6 @@ impl KvEngine for RocksEngine {
         perf_counters_off();
         let mut opts = ReadOptions::default();
         opts.set_iterate_upper_bound(end.to_vec());
-        opts.set_total_order_seek(true);
         let mut iter = self.db.raw_iterator_cf_opt(self.cf(cf), opts);
         iter.seek(start);
         while iter.valid() {

@@ -11,7 +11,6 @@
 //! another thread.
 
 mod negotiate;
-mod replies;
 mod reply;
 mod socket;
 mod transmission;

@@ -1,6 +1,8 @@
 //! Replies as the session writes them: a small fixed header, small encoded chunks, or READ
 //! data in the pooled buffer it was read into (header in front, no copy).
 
+use std::io::{self, Write};
+
 use super::BASE_ALLOCATION_ID;
 use crate::buffer::{is_all_zero, PooledBuf};
 use crate::export::{BlockDevice, DeviceResult};
@@ -28,12 +30,12 @@ impl Frame {
         Frame::Simple(encode_simple_reply(handle, 0))
     }
 
-    /// The reply as it goes on the wire.
-    pub(super) fn bytes(&self) -> &[u8] {
+    /// Writes the whole reply (one write call for all but huge READ data).
+    pub(super) fn write_to<W: Write>(&self, out: &mut W) -> io::Result<()> {
         match self {
-            Frame::Simple(bytes) => bytes,
-            Frame::Bytes(bytes) => bytes,
-            Frame::Data(buf) => buf,
+            Frame::Simple(bytes) => out.write_all(bytes),
+            Frame::Bytes(bytes) => out.write_all(bytes),
+            Frame::Data(buf) => out.write_all(buf),
         }
     }
 }

@@ -26,9 +26,7 @@
 //!   read, and READ/WRITE buffer bytes from the connection's and the server's byte budgets
 //!   (all [`Budget`]s). When one is spent the reader waits, holding the read lock: the socket
 //!   is not read and TCP pushes back on the client.
-//! * Replies are written whole, in completion order, in batches by whichever thread finds the
-//!   socket free ([`ReplyWriter`]: a finished thread does not wait for another's `send`
-//!   system call). A READ reply is
+//! * Replies are written whole under the write lock, in completion order. A READ reply is
 //!   written only after all its data was read, so a simple-reply header is never followed by
 //!   an error.
 //! * DISC stops reading; the threads still running finish their replies, and the last thread
@@ -52,7 +50,6 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tracing::{debug, trace, warn, Instrument};
 
-use super::replies::ReplyWriter;
 use super::reply::{block_status_reply, error_frame, read_reply, Frame};
 use super::socket::{bridge, BlockingSocket, IntoBlockingSocket};
 use super::ConnError;
@@ -109,7 +106,7 @@ impl<S: IntoBlockingSocket> Transmission<S> {
                 rd: BufReader::with_capacity(READ_BUFFER, socket.try_clone()?),
                 state: ReadState::Open,
             }),
-            replies: ReplyWriter::new(socket.try_clone()?),
+            writer: Mutex::new(socket.try_clone()?),
             socket,
             bytes: Budget::new(shared.config.max_buffered_bytes_per_connection),
             max_threads: shared.config.max_in_flight_per_connection,
@@ -205,7 +202,7 @@ struct Session {
     /// For shutdown and the payload read timeout (both apply to every handle).
     socket: BlockingSocket,
     reader: Mutex<ReadSide>,
-    replies: ReplyWriter<BlockingSocket, Slot>,
+    writer: Mutex<BlockingSocket>,
     /// READ/WRITE buffer bytes of this connection.
     bytes: Arc<Budget>,
     max_threads: usize,
@@ -587,10 +584,12 @@ impl Session {
         self.runtime.block_on(async move { export.admit_write(FREEZE_HOLD_LIMIT).await }.in_current_span())
     }
 
-    /// Queues a reply (written by this thread or by the one writing the others'); the slot
-    /// is released once it is on the socket.
+    /// Writes a reply; the slot is released once it is on the socket.
     fn send(&self, frame: Frame, slot: Slot) {
-        if let Err(e) = self.replies.send(frame, slot) {
+        let written = frame.write_to(&mut *self.writer.lock());
+        drop(frame);
+        drop(slot);
+        if let Err(e) = written {
             // The client is gone or stuck; the reader sees the cut socket and stops.
             self.fail(e.into());
         }
