@@ -18,7 +18,8 @@ pub struct RocksTuning {
     /// RocksDB's own block cache (compressed and uncompressed SST blocks), shared by all column
     /// families. The store's hot-block cache sits in front of it.
     pub block_cache_bytes: usize,
-    /// Memtable size per column family.
+    /// Memtable size per column family, and the cap on all column families' memtables
+    /// together.
     pub write_buffer_bytes: usize,
 }
 
