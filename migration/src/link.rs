@@ -15,6 +15,16 @@ pub type LinkStream = Box<dyn LinkIo>;
 
 pub type ConnectFuture<'a> = Pin<Box<dyn Future<Output = io::Result<LinkStream>> + Send + 'a>>;
 
+/// What a link's transport can tell about its send queue. Before a member of a gang freezes,
+/// the gang waits until its links hold nothing unacknowledged (see
+/// [`SharedLink::drain`](crate::ratelimit::SharedLink::drain)): the final round and SWITCH
+/// would otherwise queue behind the others' data in the network, inside the downtime.
+pub trait LinkQueue: Send + Sync + std::fmt::Debug {
+    /// Bytes written to the connection that the peer has not acknowledged yet (unsent, or in
+    /// flight in the network's queues); None when the transport cannot tell or is closed.
+    fn unacknowledged_bytes(&self) -> Option<u64>;
+}
+
 /// Opens a connection to the destination's migration listener (called again after a lost
 /// link).
 pub trait Connector: Send + Sync {

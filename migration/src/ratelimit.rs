@@ -3,9 +3,11 @@
 //! the link ([`SharedLink`]).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use crate::compress::{LevelController, LEVEL_WINDOW};
+use crate::link::LinkQueue;
 
 /// Allows `rate` bytes per second on average, in bursts of at most `burst` bytes.
 #[derive(Debug)]
@@ -137,6 +139,17 @@ pub struct SharedLink {
     /// most [`SharedLink::MAX_SWITCH_HOLD`] after the latest freeze).
     switching: std::sync::Arc<AtomicUsize>,
     switch_since_ms: AtomicU64,
+    /// The members' link connections whose send queues can be read (see [`SharedLink::drain`]).
+    queues: parking_lot::Mutex<Vec<Weak<dyn LinkQueue>>>,
+}
+
+/// What [`SharedLink::drain`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// How long it waited.
+    pub waited: Duration,
+    /// Bytes still unacknowledged when it stopped waiting (0: drained; None: no link could tell).
+    pub left: Option<u64>,
 }
 
 /// Holds the background data of every member of a gang while it lives (one member's
@@ -174,6 +187,7 @@ impl Default for SharedLink {
             urgent_member: AtomicUsize::new(0),
             switching: std::sync::Arc::default(),
             switch_since_ms: AtomicU64::new(0),
+            queues: parking_lot::Mutex::default(),
             level: parking_lot::Mutex::new(SharedLevel {
                 controller: None,
                 seen: Vec::new(),
@@ -219,6 +233,39 @@ impl SharedLink {
 
     /// How long one member's switch-over holds the others' background data at most.
     pub const MAX_SWITCH_HOLD: Duration = Duration::from_secs(2);
+
+    /// Watches a member's link connection (forgotten when its owner drops it).
+    pub fn watch_queue(&self, queue: Weak<dyn LinkQueue>) {
+        let mut queues = self.queues.lock();
+        queues.retain(|q| q.strong_count() > 0);
+        queues.push(queue);
+    }
+
+    /// Bytes the gang's links hold unacknowledged now; None when no link can tell.
+    pub fn unacknowledged_bytes(&self) -> Option<u64> {
+        let live: Vec<Arc<dyn LinkQueue>> = self.queues.lock().iter().filter_map(Weak::upgrade).collect();
+        live.iter().filter_map(|q| q.unacknowledged_bytes()).reduce(|a, b| a + b)
+    }
+
+    /// Waits, at most `max`, until the gang's links hold nothing unacknowledged: everything
+    /// written has crossed the network. A member whose switch-over it decides (not a
+    /// hypervisor) calls this between holding the gang's background data and its freeze, so
+    /// the freeze starts with the network's queues empty. Returns at once when no link can
+    /// tell.
+    pub async fn drain(&self, max: Duration) -> Drained {
+        let start = Instant::now();
+        loop {
+            let left = self.unacknowledged_bytes();
+            if left.is_none_or(|b| b == 0) || start.elapsed() >= max {
+                return Drained { waited: start.elapsed(), left };
+            }
+            tokio::time::sleep(Self::DRAIN_POLL).await;
+        }
+    }
+
+    /// How often [`SharedLink::drain`] reads the queues: a tenth of a 100 Mbit/s link's
+    /// typical queue of a few milliseconds is noise.
+    const DRAIN_POLL: Duration = Duration::from_millis(1);
 
     /// The background level now (`fixed`: the migration's own fixed level, if it has one).
     pub fn level(&self, fixed: Option<i32>) -> i32 {
@@ -285,6 +332,52 @@ impl SharedLink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A link connection whose send queue a test sets.
+    #[derive(Debug, Default)]
+    struct QueueOf(AtomicU64);
+
+    impl LinkQueue for QueueOf {
+        fn unacknowledged_bytes(&self) -> Option<u64> {
+            Some(self.0.load(Ordering::Relaxed))
+        }
+    }
+
+    fn watch(link: &SharedLink, queue: &Arc<QueueOf>) {
+        let weak: Weak<dyn LinkQueue> = Arc::downgrade(queue) as Weak<dyn LinkQueue>;
+        link.watch_queue(weak);
+    }
+
+    #[tokio::test]
+    async fn drain_waits_for_every_watched_link_and_forgets_closed_ones() {
+        let link = SharedLink::default();
+        let nothing = link.drain(Duration::from_secs(5)).await;
+        assert_eq!(nothing.left, None, "no link can tell: nothing to wait for");
+        assert!(nothing.waited < Duration::from_secs(1));
+
+        let (busy, idle) = (Arc::new(QueueOf::default()), Arc::new(QueueOf::default()));
+        busy.0.store(1000, Ordering::Relaxed);
+        watch(&link, &busy);
+        watch(&link, &idle);
+        assert_eq!(link.unacknowledged_bytes(), Some(1000));
+        let gave_up = link.drain(Duration::from_millis(20)).await;
+        assert_eq!(gave_up.left, Some(1000));
+        assert!(gave_up.waited >= Duration::from_millis(20));
+
+        let emptied = busy.clone();
+        let acks = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            emptied.0.store(0, Ordering::Relaxed);
+        });
+        let drained = link.drain(Duration::from_secs(5)).await;
+        assert_eq!(drained.left, Some(0));
+        assert!(drained.waited >= Duration::from_millis(25), "returned before the queue emptied: {drained:?}");
+        acks.await.unwrap();
+
+        busy.0.store(5, Ordering::Relaxed);
+        drop(busy);
+        assert_eq!(link.unacknowledged_bytes(), Some(0), "a closed connection no longer counts");
+    }
 
     #[test]
     fn long_run_rate_is_the_configured_one() {

@@ -10,10 +10,17 @@
 //! megabytes on its own), so urgent frames that the sender queues ahead of background data
 //! are not stuck behind background data the kernel already holds.
 
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
+use migration::link::LinkQueue;
+use migration::ratelimit::SharedLink;
 use socket2::SockRef;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 /// Unsent bytes the kernel keeps per link socket: 20 ms at 100 Mbit/s, 2 ms at 1 Gbit/s,
@@ -75,6 +82,81 @@ impl LinkSocket {
     }
 }
 
+/// An outgoing link's TCP stream whose send queue its gang can read (the kernel's `SIOCOUTQ`:
+/// bytes written and not yet acknowledged), so that a switch-over this server decides starts
+/// with the network's queues empty (`SharedLink::drain`).
+#[derive(Debug)]
+pub struct WatchedTcp {
+    queue: Arc<SocketQueue>,
+    stream: TcpStream,
+}
+
+/// The descriptor of a live [`WatchedTcp`]; None once the stream is dropped, so a reading
+/// never reaches a descriptor number the process has reused.
+#[derive(Debug)]
+struct SocketQueue(parking_lot::Mutex<Option<RawFd>>);
+
+impl LinkQueue for SocketQueue {
+    fn unacknowledged_bytes(&self) -> Option<u64> {
+        let fd = self.0.lock();
+        let fd = (*fd)?;
+        let mut bytes: libc::c_int = 0;
+        // SAFETY: `fd` is the open socket of a live `WatchedTcp` (its drop clears it under this
+        // lock before the socket closes); SIOCOUTQ (= TIOCOUTQ) writes one int.
+        let r = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut bytes) };
+        (r == 0 && bytes >= 0).then_some(bytes as u64)
+    }
+}
+
+impl WatchedTcp {
+    /// Wraps `stream` and registers its send queue with `shared` (the gang's link).
+    pub fn new(stream: TcpStream, shared: &SharedLink) -> WatchedTcp {
+        let queue = Arc::new(SocketQueue(parking_lot::Mutex::new(Some(stream.as_raw_fd()))));
+        let weak: std::sync::Weak<dyn LinkQueue> = Arc::downgrade(&queue) as std::sync::Weak<dyn LinkQueue>;
+        shared.watch_queue(weak);
+        WatchedTcp { queue, stream }
+    }
+}
+
+impl Drop for WatchedTcp {
+    fn drop(&mut self) {
+        // Before the field `stream` closes the descriptor.
+        *self.queue.0.lock() = None;
+    }
+}
+
+impl AsyncRead for WatchedTcp {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for WatchedTcp {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -84,6 +166,39 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
         (client.unwrap(), accepted.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn a_watched_stream_reports_what_its_peer_has_not_acknowledged() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let shared = SharedLink::default();
+        let (client, mut server) = pair().await;
+        let mut client = WatchedTcp::new(client, &shared);
+        assert_eq!(shared.unacknowledged_bytes(), Some(0));
+
+        // The peer does not read: once its receive buffer is full, what is written waits
+        // unacknowledged in the sender's queue.
+        let chunk = vec![7u8; 1 << 20];
+        let mut written = 0usize;
+        while let Ok(Ok(n)) = tokio::time::timeout(std::time::Duration::from_millis(200), client.write(&chunk)).await {
+            written += n;
+        }
+        let queued = shared.unacknowledged_bytes().unwrap();
+        assert!(queued > 0 && queued <= written as u64, "queued {queued} of {written} written");
+
+        // Once the peer has read everything, the queue drains.
+        let reader = tokio::spawn(async move {
+            let mut buf = vec![0u8; written];
+            server.read_exact(&mut buf).await.unwrap();
+            assert!(buf.iter().all(|&b| b == 7));
+            server
+        });
+        let drained = shared.drain(std::time::Duration::from_secs(10)).await;
+        assert_eq!(drained.left, Some(0), "{drained:?}");
+        let _server = reader.await.unwrap();
+
+        drop(client);
+        assert_eq!(shared.unacknowledged_bytes(), None, "a closed stream is no longer read");
     }
 
     /// The socket's algorithm (the kernel pads the name with NULs).

@@ -75,11 +75,11 @@ impl LinkTls {
     }
 
     /// Connects to `address` (host:port), checking the peer's certificate against `host`.
-    pub async fn connect(
+    pub async fn connect<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
         &self,
         address: &str,
-        stream: TcpStream,
-    ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        stream: S,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<S>> {
         let host = address.rsplit_once(':').map_or(address, |(h, _)| h).trim_start_matches('[').trim_end_matches(']');
         let name = ServerName::try_from(host.to_string())
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{host}: {e}")))?;

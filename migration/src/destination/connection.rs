@@ -131,6 +131,13 @@ impl Connection<'_> {
         &self.session.incoming
     }
 
+    /// Before background data: another member of the gang switching over goes first.
+    async fn yield_to_switch(&self) {
+        if let Some(gang) = &self.session.incoming.gang {
+            gang.yield_to_switch().await;
+        }
+    }
+
     /// Counts an applied sequenced message and acknowledges it.
     pub(crate) fn applied(&self) -> Result<(), MigrationError> {
         let processed = {
@@ -169,6 +176,7 @@ impl Connection<'_> {
             } else {
                 match msg {
                     Message::Data { raw_len, frame } => {
+                        self.yield_to_switch().await;
                         self.apply_data(raw_len, frame).await?;
                         self.after_progress()?;
                     }
@@ -176,6 +184,9 @@ impl Connection<'_> {
                         let (Some(streams), Some(id)) = (self.streams.clone(), StreamId::from_u8(stream)) else {
                             return Err(MigrationError::Unexpected("DATA_STREAM on a connection that did not agree to it"));
                         };
+                        if id == StreamId::Background {
+                            self.yield_to_switch().await;
+                        }
                         self.apply_stream(streams, id, raw_len, frame).await?;
                         self.after_progress()?;
                     }
@@ -311,6 +322,7 @@ impl Connection<'_> {
         let session = self.session;
         let id = session.hello.migration_id.clone();
         let started = std::time::Instant::now();
+        let _switching = session.incoming.gang.as_ref().map(GangMember::hold_for_switch);
         // What is still missing is written down before the disk can be written: after a
         // restart, it tells blocks still to come from blocks the guest has written since.
         let processed = session.proto.lock().processed + 1;
@@ -340,6 +352,7 @@ impl Connection<'_> {
         let s = session.incoming.store.clone();
         let (temp, name) = (incoming_name(&session.hello.disk), session.hello.disk.clone());
         blocking(move || Ok::<_, MigrationError>(s.rename_disk(&temp, &name)?)).await?;
+        let renamed = started.elapsed();
         let (report, deferred) = {
             let inc = &session.incoming;
             let mut p = inc.pending.lock();
@@ -372,6 +385,7 @@ impl Connection<'_> {
             missing = session.incoming.pending.lock().by_block.len(),
             journal_ms = ms(journal_done),
             record_ms = ms(record_done - journal_done),
+            rename_ms = ms(renamed - record_done),
             total_ms = ms(started.elapsed()),
             "switched over: serving the disk here"
         );

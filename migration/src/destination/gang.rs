@@ -19,6 +19,7 @@
 //! Lock order: a migration's pending lock, then the gang's; never the reverse.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,7 +41,26 @@ const BORROW_RECHECK: Duration = Duration::from_secs(1);
 #[derive(Debug, Default)]
 pub(crate) struct Gang {
     inner: Mutex<GangInner>,
+    /// Members between SWITCH and SWITCHED here: the others apply no background data
+    /// meanwhile, whose CPU and writes would lengthen the paused VM's downtime.
+    switching: AtomicUsize,
+    switched: Notify,
 }
+
+/// A member's switch-over in progress (see [`GangMember::hold_for_switch`]).
+#[derive(Debug)]
+pub(crate) struct GangSwitch(Arc<Gang>);
+
+impl Drop for GangSwitch {
+    fn drop(&mut self) {
+        self.0.switching.fetch_sub(1, Ordering::SeqCst);
+        self.0.switched.notify_waiters();
+    }
+}
+
+/// How long background data of one member waits at most for the others' switch-overs (one
+/// takes milliseconds; a stuck one must not stall the gang).
+const MAX_SWITCH_YIELD: Duration = Duration::from_millis(200);
 
 #[derive(Debug, Default)]
 struct GangInner {
@@ -153,6 +173,28 @@ impl GangMember {
     /// This migration stored `fps` or let go of them.
     pub(crate) fn release(&self, fps: &[Fingerprint]) {
         self.gang.release(fps, &self.id)
+    }
+
+    /// This migration is switching over until the guard is dropped: the others hold their
+    /// background data (see [`GangMember::yield_to_switch`]).
+    pub(crate) fn hold_for_switch(&self) -> GangSwitch {
+        self.gang.switching.fetch_add(1, Ordering::SeqCst);
+        GangSwitch(self.gang.clone())
+    }
+
+    /// Waits while another member switches over (at most [`MAX_SWITCH_YIELD`]), before
+    /// applying background data.
+    pub(crate) async fn yield_to_switch(&self) {
+        let deadline = tokio::time::Instant::now() + MAX_SWITCH_YIELD;
+        loop {
+            let switched = self.gang.switched.notified();
+            if self.gang.switching.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, switched).await.is_err() {
+                return;
+            }
+        }
     }
 }
 

@@ -60,6 +60,12 @@ impl MigrationStatus {
         Self::with_cap(report, Arc::default())
     }
 
+    /// What this migration shares with the other migrations of its gang (its own when alone):
+    /// the transport registers each link connection's send queue with it.
+    pub fn shared_link(&self) -> Arc<crate::ratelimit::SharedLink> {
+        self.cap.clone()
+    }
+
     /// A status whose bandwidth cap is `cap`, which the other migrations of a gang share.
     pub fn with_cap(report: MigrationReport, cap: Arc<crate::ratelimit::SharedLink>) -> Arc<MigrationStatus> {
         Arc::new(MigrationStatus {

@@ -4,31 +4,48 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use migration::ratelimit::SharedLink;
 use migration::{Connector, LinkStream, MigrationReport, MigrationStatus, SourceConfig, Stage};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::methods::StartMigration;
 use super::ControlError;
 use crate::admission::{Admission, AdmissionLimits};
-use crate::link_socket::LinkSocket;
+use crate::link_socket::{LinkSocket, WatchedTcp};
 use crate::node::{Node, NodeSourceHooks};
 
+/// A link for a request that moves no disk (a plan).
 pub(super) async fn connect(node: &Node, destination: &str) -> Result<LinkStream, ControlError> {
-    connect_link(node.link_tls.clone(), node.link_socket.clone(), destination)
-        .await
-        .map_err(|e| ControlError { kind: "unreachable", message: e.to_string() })
+    connect_link(node.link_tls.clone(), node.link_socket.clone(), destination, None).await.map_err(unreachable)
 }
 
-/// A migration link: TLS over TCP, or plain TCP with `--migration-insecure`.
+fn unreachable(e: std::io::Error) -> ControlError {
+    ControlError { kind: "unreachable", message: e.to_string() }
+}
+
+/// A migration link: TLS over TCP, or plain TCP with `--migration-insecure`. With `shared`,
+/// the gang (or the migration alone) can read the connection's send queue.
 async fn connect_link(
     tls: Option<crate::link_tls::LinkTls>,
     socket: LinkSocket,
     destination: &str,
+    shared: Option<Arc<SharedLink>>,
 ) -> std::io::Result<LinkStream> {
     let stream = TcpStream::connect(destination)
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("connecting to {destination}: {e}")))?;
     socket.apply(&stream);
+    match shared {
+        Some(shared) => secure(tls, WatchedTcp::new(stream, &shared), destination).await,
+        None => secure(tls, stream, destination).await,
+    }
+}
+
+async fn secure<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static>(
+    tls: Option<crate::link_tls::LinkTls>,
+    stream: S,
+    destination: &str,
+) -> std::io::Result<LinkStream> {
     match tls {
         Some(tls) => {
             let stream = tls.connect(destination, stream).await.map_err(|e| {
@@ -40,12 +57,13 @@ async fn connect_link(
     }
 }
 
-/// Connects to one destination, again after each lost link.
-fn connector(node: &Node, destination: &str) -> Arc<dyn Connector> {
+/// Connects to one destination, again after each lost link; each connection's send queue is
+/// watched through `shared`.
+fn connector(node: &Node, destination: &str, shared: Arc<SharedLink>) -> Arc<dyn Connector> {
     let (tls, socket, destination) = (node.link_tls.clone(), node.link_socket.clone(), destination.to_string());
     Arc::new(move || {
-        let (tls, socket, destination) = (tls.clone(), socket.clone(), destination.clone());
-        async move { connect_link(tls, socket, &destination).await }
+        let (tls, socket, destination, shared) = (tls.clone(), socket.clone(), destination.clone(), shared.clone());
+        async move { connect_link(tls, socket, &destination, Some(shared)).await }
     })
 }
 
@@ -62,8 +80,11 @@ pub(super) async fn start_migration(node: &Arc<Node>, req: StartMigration) -> Re
     if node.migrations().iter().any(|m| m.disk == req.disk && m.role == "source" && !m.is_finished()) {
         return Err(ControlError { kind: "busy", message: format!("disk {:?} is already migrating", req.disk) });
     }
+    let shared = node.cap_for(req.gang.as_deref());
     // Fail fast when the destination cannot be reached at all (a later lost link is retried).
-    let first = connect(node, &req.destination).await?;
+    let first = connect_link(node.link_tls.clone(), node.link_socket.clone(), &req.destination, Some(shared.clone()))
+        .await
+        .map_err(unreachable)?;
     let id = node.new_migration_id("mig");
     let defaults = SourceConfig::default();
     let config = SourceConfig {
@@ -80,13 +101,11 @@ pub(super) async fn start_migration(node: &Arc<Node>, req: StartMigration) -> Re
         gang: req.gang.clone(),
         restarted_at: None,
     };
-    let status = MigrationStatus::with_cap(
-        MigrationReport::new(&id, &req.disk, "source", &req.destination),
-        node.cap_for(req.gang.as_deref()),
-    );
+    let status =
+        MigrationStatus::with_cap(MigrationReport::new(&id, &req.disk, "source", &req.destination), shared.clone());
     node.register_migration(&id, status.clone());
     let first = parking_lot::Mutex::new(Some(first));
-    let reconnect = connector(node, &req.destination);
+    let reconnect = connector(node, &req.destination, shared);
     let connect_first: Arc<dyn Connector> = Arc::new(FirstThen { first, then: reconnect });
     spawn_source(node, &req.disk, connect_first, config, status);
     Ok(id)
@@ -157,7 +176,7 @@ fn restart_source(node: &Arc<Node>, record: migration::MigrationRecord, status: 
         let _ = status.request_cancel();
     }
     tracing::info!(id = %record.id, disk = %record.disk, stage = ?record.stage, "resuming an outgoing migration after a restart");
-    let connector = connector(node, &record.peer);
+    let connector = connector(node, &record.peer, status.shared_link());
     spawn_source(node, &record.disk, connector, config, status);
 }
 
