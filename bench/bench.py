@@ -385,6 +385,10 @@ def pristine_store(ctx, key, images):
 def copy_store(ctx, src, dst):
     shutil.rmtree(dst, ignore_errors=True)
     ctx.sh(["cp", "-a", "--reflink=auto", src, dst])
+    # The copy (and the pristine store before it) is written back now, not by the kernel's
+    # flusher 30 s later in the middle of the run that follows, where its writes stretched
+    # the switch-overs' fsyncs.
+    ctx.sh(["sync"])
     return dst
 
 
