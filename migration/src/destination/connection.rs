@@ -134,7 +134,9 @@ impl Connection<'_> {
     /// Before background data: another member of the gang switching over goes first.
     async fn yield_to_switch(&self) {
         if let Some(gang) = &self.session.incoming.gang {
-            gang.yield_to_switch().await;
+            if !gang.yield_to_switch().await {
+                tracing::debug!(disk = %self.session.hello.disk, "a gang member's switch-over outlasted the wait; background data goes on");
+            }
         }
     }
 

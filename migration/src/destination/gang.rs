@@ -183,16 +183,16 @@ impl GangMember {
     }
 
     /// Waits while another member switches over (at most [`MAX_SWITCH_YIELD`]), before
-    /// applying background data.
-    pub(crate) async fn yield_to_switch(&self) {
+    /// applying background data. False: it stopped waiting for a switch-over still going.
+    pub(crate) async fn yield_to_switch(&self) -> bool {
         let deadline = tokio::time::Instant::now() + MAX_SWITCH_YIELD;
         loop {
             let switched = self.gang.switched.notified();
             if self.gang.switching.load(Ordering::SeqCst) == 0 {
-                return;
+                return true;
             }
             if tokio::time::timeout_at(deadline, switched).await.is_err() {
-                return;
+                return false;
             }
         }
     }
@@ -308,4 +308,33 @@ pub(crate) fn spawn_borrow_settler(session: &Arc<Session>, hooks: Arc<dyn DestHo
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn background_data_waits_while_another_member_switches_over() {
+        let gangs = Mutex::new(HashMap::new());
+        let (switching, other) = (GangMember::join(&gangs, "g", "a"), GangMember::join(&gangs, "g", "b"));
+        assert!(other.yield_to_switch().await, "no switch-over: no wait");
+
+        let hold = switching.hold_for_switch();
+        let waiting = tokio::spawn(async move { other.yield_to_switch().await });
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(!waiting.is_finished(), "background data went during a switch-over");
+        drop(hold);
+        assert!(waiting.await.unwrap(), "released by the end of the switch-over, not by the time limit");
+    }
+
+    #[tokio::test]
+    async fn a_stuck_switch_over_holds_the_others_for_a_bounded_time() {
+        let gangs = Mutex::new(HashMap::new());
+        let (switching, other) = (GangMember::join(&gangs, "g", "a"), GangMember::join(&gangs, "g", "b"));
+        let _hold = switching.hold_for_switch();
+        let start = tokio::time::Instant::now();
+        assert!(!other.yield_to_switch().await, "gave up on the stuck switch-over");
+        assert!(start.elapsed() >= MAX_SWITCH_YIELD);
+    }
 }
