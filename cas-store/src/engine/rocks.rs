@@ -88,7 +88,7 @@ impl RocksEngine {
         // The write group's leader inserts every member's batch into the memtable itself, and
         // waiting writers sleep instead of spinning: with parallel inserts the members spun in
         // `sched_yield` until the slowest insert ended, 20 % of the server's CPU under 4 KiB
-        // random writes at QD32 on two cores (11 % without). Nine of twelve alternating
+        // random writes at QD32 on two cores (11 % without). Twelve of fifteen alternating
         // rounds faster (median about +15 %); sequential writes and a 10 M-block migration's
         // destination (several writers at once) no slower.
         db_opts.set_allow_concurrent_memtable_write(false);
