@@ -4,7 +4,7 @@
 //! what can be in flight at a cut.
 
 mod common;
-use common::{guest_writer, read_all};
+use common::{guest_writer, read_all, serve_destination};
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -177,25 +177,6 @@ impl DestHooks for Hooks {
     fn registered(&self, _id: &str, status: Arc<MigrationStatus>) {
         *self.status.lock() = Some(status);
     }
-}
-
-/// A destination server on loopback: every connection goes to `dest`.
-async fn serve_destination(dest: Arc<Destination>) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((conn, peer)) = listener.accept().await else {
-                return;
-            };
-            let dest = dest.clone();
-            tokio::spawn(async move {
-                let status = MigrationStatus::new(MigrationReport::new("?", "?", "destination", &peer.to_string()));
-                let _ = dest.serve(conn, status).await;
-            });
-        }
-    });
-    addr
 }
 
 struct Outcome {

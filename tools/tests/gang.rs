@@ -172,3 +172,35 @@ fn a_gang_survives_a_restart_of_the_destination() {
     g.dst.fsck_clean();
     g.src.fsck_clean();
 }
+
+#[test]
+fn a_gang_survives_a_restart_of_the_source_and_resumes_as_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut g = gang(d, &listen);
+    let child = start_gang(&g, &["--bandwidth", "40mbit", "--reconnect-window", "120"]);
+    let m = wait_for_migration(&g.src, "data is crossing", |m| m["blocks_sent"].as_u64().unwrap_or(0) > 1000);
+    let name = m["gang"].as_str().expect("a member names its gang").to_string();
+    g.src.child.kill().unwrap();
+    g.src.child.wait().unwrap();
+    // `migrate` was following the source, which is gone.
+    assert!(!child.wait_with_output().unwrap().status.success());
+    g.src = Server::start(d, "src", &["--migration-insecure"]);
+    let listed = g.src.ok("migration.list", json!({}));
+    let members: Vec<&Value> = listed.as_array().unwrap().iter().filter(|m| m["gang"] == name.as_str()).collect();
+    assert_eq!(members.len(), DISKS.len(), "every member is back after the restart: {listed}");
+    assert!(members.iter().all(|m| m["phase"] == "interrupted"), "{listed}");
+    // One command resumes the gang and follows it to its end.
+    let out = run(Command::new(MIGRATE).args(["resume", "--server", g.src.ctl(), "--gang", &name, "--json", "--timeout", "300"]));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let disks = report["disks"].as_array().unwrap();
+    assert_eq!(disks.len(), DISKS.len(), "{report}");
+    assert!(disks.iter().all(|m| m["phase"] == "done"), "{report}");
+    for (disk, content) in DISKS.iter().zip(&g.contents) {
+        wait_for_migration(&g.dst, "destination done", |m| m["disk"] == *disk && m["phase"] == "done");
+        assert_same(&g.dst, disk, content, d);
+    }
+    g.dst.fsck_clean();
+    g.src.fsck_clean();
+}

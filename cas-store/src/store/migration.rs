@@ -1,6 +1,7 @@
 //! What migration needs of a store: batched lookups and reads by fingerprint, mapping blocks
 //! a neighbour holds, point-in-time map snapshots, and dirty-block tracking.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -79,7 +80,25 @@ impl Store {
     }
 
     /// Commits updates of scattered blocks, a chunk at a time under the chunk's block stripes.
-    fn commit_scattered(&self, disk: DiskId, mut updates: Vec<(u64, Target<'_>)>) -> Result<Vec<bool>> {
+    /// A block named more than once takes its last update (as writes in that order would):
+    /// one commit reads each block's old content once, so a repeated block would otherwise
+    /// count its new content's reference twice for one map entry.
+    fn commit_scattered(&self, disk: DiskId, updates: Vec<(u64, Target<'_>)>) -> Result<Vec<bool>> {
+        let mut last: HashMap<u64, usize> = HashMap::with_capacity(updates.len());
+        for (i, (b, _)) in updates.iter().enumerate() {
+            last.insert(*b, i);
+        }
+        if last.len() == updates.len() {
+            return self.commit_distinct(disk, updates);
+        }
+        let blocks: Vec<u64> = updates.iter().map(|(b, _)| *b).collect();
+        let distinct: Vec<(u64, Target<'_>)> = updates.into_iter().enumerate().filter(|(i, (b, _))| last[b] == *i).map(|(_, u)| u).collect();
+        let order: HashMap<u64, usize> = distinct.iter().enumerate().map(|(i, (b, _))| (*b, i)).collect();
+        let applied = self.commit_distinct(disk, distinct)?;
+        Ok(blocks.iter().map(|b| applied[order[b]]).collect())
+    }
+
+    fn commit_distinct(&self, disk: DiskId, mut updates: Vec<(u64, Target<'_>)>) -> Result<Vec<bool>> {
         let state = self.io_state(disk)?;
         state.check_writable(|| format!("#{}", disk.0))?;
         let _layout = state.layout.read();

@@ -324,33 +324,22 @@ impl Connection<'_> {
         let session = self.session;
         let id = session.hello.migration_id.clone();
         let started = std::time::Instant::now();
-        let _switching = session.incoming.gang.as_ref().map(GangMember::hold_for_switch);
+        let switching = session.incoming.gang.as_ref().map(GangMember::hold_for_switch);
         // What is still missing is written down before the disk can be written: after a
         // restart, it tells blocks still to come from blocks the guest has written since.
         let processed = session.proto.lock().processed + 1;
         let entries: Vec<(u64, Fingerprint)> = session.incoming.pending.lock().by_block.iter().map(|(b, fp)| (*b, *fp)).collect();
         let state = self.state.clone();
+        let prepared = session.incoming.prepared_journal.lock().take();
         let journal = {
             let id = id.clone();
-            blocking(move || PendingJournal::create(state.as_ref(), &id, &entries, processed)).await?
+            blocking(move || PendingJournal::commit(state.as_ref(), &id, prepared, &entries, processed)).await?
         };
         *session.incoming.journal.lock() = journal;
         let journal_done = started.elapsed();
-        // The record says Switched before the disk takes its real name: a restart in between
-        // finishes the rename (see `restore_one`), so a partial disk never shows under the
-        // real name without the list of what it still lacks.
-        let record = MigrationRecord {
-            id: id.clone(),
-            role: "destination".into(),
-            disk: session.hello.disk.clone(),
-            peer: session.status.report().peer,
-            stage: Stage::Switched,
-            config: None,
-            hello: Some(session.hello.clone()),
-        };
-        let state = self.state.clone();
-        blocking(move || state.save(&record)).await?;
-        let record_done = started.elapsed();
+        // From here a restart serves the disk as switched over (the committed journal is the
+        // mark; `restore_one` finishes the rename). The record that says so costs a new file
+        // and two fsyncs, so it is written after SWITCHED has gone, outside the downtime.
         let s = session.incoming.store.clone();
         let (temp, name) = (incoming_name(&session.hello.disk), session.hello.disk.clone());
         blocking(move || Ok::<_, MigrationError>(s.rename_disk(&temp, &name)?)).await?;
@@ -386,14 +375,30 @@ impl Connection<'_> {
             disk = %session.hello.disk,
             missing = session.incoming.pending.lock().by_block.len(),
             journal_ms = ms(journal_done),
-            record_ms = ms(record_done - journal_done),
-            rename_ms = ms(renamed - record_done),
+            rename_ms = ms(renamed - journal_done),
             total_ms = ms(started.elapsed()),
             "switched over: serving the disk here"
         );
         self.send(Message::Switched(report))?;
         for chunk in deferred.chunks(crate::protocol::MAX_LIST) {
             self.send(Message::Want(chunk.to_vec()))?;
+        }
+        drop(switching);
+        let record = MigrationRecord {
+            id: id.clone(),
+            role: "destination".into(),
+            disk: session.hello.disk.clone(),
+            peer: session.status.report().peer,
+            stage: Stage::Switched,
+            config: None,
+            hello: Some(session.hello.clone()),
+        };
+        let state = self.state.clone();
+        let recording = std::time::Instant::now();
+        // A failure here loses nothing: the committed journal already marks the switch-over.
+        match blocking(move || state.save(&record)).await {
+            Ok(()) => tracing::debug!(disk = %session.hello.disk, record_ms = recording.elapsed().as_secs_f64() * 1000.0, "switch-over recorded"),
+            Err(e) => tracing::warn!(disk = %session.hello.disk, error = %e, "cannot record the switch-over; the journal marks it"),
         }
         Ok(())
     }

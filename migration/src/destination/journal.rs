@@ -1,53 +1,178 @@
 //! Post-copy's journal of missing blocks, kept across a restart.
+//!
+//! Two files beside the migration's record: `{id}.pending`, the blocks still missing at the
+//! switch-over, and `{id}.removed`, the blocks that stopped missing since (arrived, or
+//! overwritten by the guest).
+//!
+//! The pending file is written inside the disk's downtime, so it is laid out beforehand: when
+//! a migration arrives (or is restored before its switch-over), [`PendingJournal::prepare`]
+//! writes the file at full size in zeros and syncs it and its directory. The switch-over then
+//! overwrites it in place and syncs its data only (`fdatasync`): no block is allocated and no
+//! size changes, so the sync does not wait for the filesystem's journal, which other
+//! migrations' writes keep busy (on ext4 that commit took 0.8-15.9 ms under a gang of four,
+//! the in-place data sync well under one). A list longer than the prepared room, or no
+//! prepared file, takes the slow path: a new file, written, synced and renamed into place.
+//!
+//! A committed pending file *is* the switch-over's durable mark: its header carries a
+//! checksum over the whole list, so a file torn by a crash in the middle of the overwrite
+//! reads as not committed (the source never heard SWITCHED and still owns the disk), and a
+//! committed one makes a restart serve the disk as switched even if the record written after
+//! it still says pre-copy (see `restore_one`).
+//!
+//! Format (little-endian): `CASPEND2` magic, the sequenced count at the switch-over (u64),
+//! the number of entries (u64), XXH3-128 of the 16 bytes before it and the entries, then the
+//! entries (block u64, fingerprint 16 bytes). The previous format (no magic: the count, then
+//! the entries to the end of the file) is still read.
 
 use std::collections::HashSet;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
 
 use cas_store::Fingerprint;
 
 use crate::state::StateStore;
 use crate::MigrationError;
 
-/// After the switch-over, the blocks still missing, and the ones that stopped missing since
-/// (arrived, or overwritten by the guest), as two files beside the migration's record. The
-/// removals file is appended to without a sync; it is synced before any flush or FUA write
-/// of the disk completes, so a write the guest was promised is never undone by a restart.
+const MAGIC: &[u8; 8] = b"CASPEND2";
+const HEADER: usize = 40;
+const ENTRY: usize = 24;
+
+/// A pending file laid out in zeros, ready for the switch-over to overwrite in place.
+#[derive(Debug)]
+pub(crate) struct PreparedJournal {
+    file: std::fs::File,
+    capacity: usize,
+}
+
+/// After the switch-over: the removals file, appended to without a sync; it is synced before
+/// any flush or FUA write of the disk completes, so a write the guest was promised is never
+/// undone by a restart.
 #[derive(Debug)]
 pub(crate) struct PendingJournal {
     pub(crate) removed: std::fs::File,
-    /// Removals appended since the last sync.
     /// Appends so far, and how many of them an fsync has covered.
     pub(crate) appended: u64,
     pub(crate) synced: u64,
 }
 
+fn encode(entries: &[(u64, Fingerprint)], processed: u64) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(HEADER + entries.len() * ENTRY);
+    buf.extend_from_slice(MAGIC);
+    buf.extend_from_slice(&processed.to_le_bytes());
+    buf.extend_from_slice(&(entries.len() as u64).to_le_bytes());
+    buf.extend_from_slice(&[0; 16]);
+    for (b, fp) in entries {
+        buf.extend_from_slice(&b.to_le_bytes());
+        buf.extend_from_slice(&fp.0);
+    }
+    let sum = checksum(&buf);
+    buf[24..HEADER].copy_from_slice(&sum);
+    buf
+}
+
+fn checksum(buf: &[u8]) -> [u8; 16] {
+    let mut hasher = twox_hash::XxHash3_128::new();
+    hasher.write(&buf[8..24]);
+    hasher.write(&buf[HEADER..]);
+    hasher.finish_128().to_le_bytes()
+}
+
+/// A committed list in the current format: (processed, entries bytes), or None if the file
+/// is not one (zeros of a prepared file, a torn overwrite, the previous format).
+fn committed_list(buf: &[u8]) -> Option<(u64, &[u8])> {
+    if buf.len() < HEADER || &buf[..8] != MAGIC {
+        return None;
+    }
+    let processed = u64::from_le_bytes(buf[8..16].try_into().expect("8 bytes"));
+    let count = usize::try_from(u64::from_le_bytes(buf[16..24].try_into().expect("8 bytes"))).ok()?;
+    let end = count.checked_mul(ENTRY)?.checked_add(HEADER)?;
+    if end > buf.len() {
+        return None;
+    }
+    let mut sum = [0u8; 16];
+    sum.copy_from_slice(&buf[24..HEADER]);
+    let list = &buf[..end];
+    (checksum(list) == sum).then(|| (processed, &list[HEADER..]))
+}
+
 impl PendingJournal {
-    pub(crate) fn paths(state: &dyn StateStore, id: &str) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    pub(crate) fn paths(state: &dyn StateStore, id: &str) -> Option<(PathBuf, PathBuf)> {
         let dir = state.dir()?;
         Some((dir.join(format!("{id}.pending")), dir.join(format!("{id}.removed"))))
     }
 
-    pub(crate) fn create(state: &dyn StateStore, id: &str, entries: &[(u64, Fingerprint)], processed: u64) -> Result<Option<PendingJournal>, MigrationError> {
-        use std::io::Write;
+    /// Lays out the pending file for up to `capacity` entries (zeros: not committed) and an
+    /// empty removals file, both synced with their directory. None if the store keeps no
+    /// files.
+    pub(crate) fn prepare(state: &dyn StateStore, id: &str, capacity: usize) -> Result<Option<PreparedJournal>, MigrationError> {
         let Some((pending, removed)) = Self::paths(state, id) else {
             return Ok(None);
         };
-        let mut buf = Vec::with_capacity(8 + entries.len() * 24);
-        buf.extend_from_slice(&processed.to_le_bytes());
-        for (b, fp) in entries {
-            buf.extend_from_slice(&b.to_le_bytes());
-            buf.extend_from_slice(&fp.0);
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&pending)?;
+        // Written, not just sized: a hole or an unwritten extent would allocate or convert at
+        // the switch-over, a metadata change that waits for the filesystem's journal.
+        let zeros = vec![0u8; 1 << 20];
+        let total = HEADER + capacity * ENTRY;
+        let mut at = 0;
+        while at < total {
+            let n = zeros.len().min(total - at);
+            file.write_all_at(&zeros[..n], at as u64)?;
+            at += n;
         }
-        let tmp = pending.with_extension("pending.tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&buf)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &pending)?;
-        let removed = std::fs::File::create(&removed)?;
-        removed.sync_all()?;
+        file.sync_all()?;
+        std::fs::File::create(&removed)?.sync_all()?;
         if let Some(dir) = state.dir() {
             std::fs::File::open(dir)?.sync_all()?;
         }
+        Ok(Some(PreparedJournal { file, capacity }))
+    }
+
+    /// Writes the list of blocks still missing at the switch-over, durably: in place into the
+    /// prepared file when it fits, else as a new file. From its return a restart serves the
+    /// disk as switched over.
+    pub(crate) fn commit(
+        state: &dyn StateStore,
+        id: &str,
+        prepared: Option<PreparedJournal>,
+        entries: &[(u64, Fingerprint)],
+        processed: u64,
+    ) -> Result<Option<PendingJournal>, MigrationError> {
+        let Some((pending, removed)) = Self::paths(state, id) else {
+            return Ok(None);
+        };
+        let buf = encode(entries, processed);
+        match prepared {
+            Some(p) if entries.len() <= p.capacity => {
+                p.file.write_all_at(&buf, 0)?;
+                p.file.sync_data()?;
+            }
+            _ => {
+                let tmp = pending.with_extension("pending.tmp");
+                let mut f = std::fs::File::create(&tmp)?;
+                std::io::Write::write_all(&mut f, &buf)?;
+                f.sync_all()?;
+                std::fs::rename(&tmp, &pending)?;
+                std::fs::File::create(&removed)?.sync_all()?;
+                if let Some(dir) = state.dir() {
+                    std::fs::File::open(dir)?.sync_all()?;
+                }
+            }
+        }
+        let removed = std::fs::OpenOptions::new().append(true).create(true).open(removed)?;
         Ok(Some(PendingJournal { removed, appended: 0, synced: 0 }))
+    }
+
+    /// Whether a committed list of the current format is on disk: the switch-over happened,
+    /// whatever the record says.
+    pub(crate) fn committed(state: &dyn StateStore, id: &str) -> Result<bool, MigrationError> {
+        let Some((pending, _)) = Self::paths(state, id) else {
+            return Ok(false);
+        };
+        match std::fs::read(pending) {
+            Ok(buf) => Ok(committed_list(&buf).is_some()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 
     pub(crate) fn open(state: &dyn StateStore, id: &str) -> Result<Option<PendingJournal>, MigrationError> {
@@ -64,17 +189,21 @@ impl PendingJournal {
             return Err(MigrationError::Hook("post-copy state is not kept for this store".into()));
         };
         let buf = std::fs::read(pending)?;
-        if buf.len() < 8 || (buf.len() - 8) % 24 != 0 {
-            return Err(MigrationError::Corrupt("the pending-blocks file is truncated".into()));
-        }
-        let processed = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
+        let (processed, list) = if buf.starts_with(MAGIC) {
+            committed_list(&buf).ok_or_else(|| MigrationError::Corrupt("the pending-blocks file is torn or damaged".into()))?
+        } else {
+            if buf.len() < 8 || (buf.len() - 8) % ENTRY != 0 {
+                return Err(MigrationError::Corrupt("the pending-blocks file is truncated".into()));
+            }
+            (u64::from_le_bytes(buf[..8].try_into().expect("8 bytes")), &buf[8..])
+        };
         let gone: HashSet<u64> = match std::fs::read(removed) {
             Ok(r) => r.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => HashSet::new(),
             Err(e) => return Err(e.into()),
         };
-        let entries = buf[8..]
-            .chunks_exact(24)
+        let entries = list
+            .chunks_exact(ENTRY)
             .map(|c| (u64::from_le_bytes(c[..8].try_into().expect("8 bytes")), Fingerprint(c[8..].try_into().expect("16 bytes"))))
             .filter(|(b, _)| !gone.contains(b))
             .collect();
@@ -113,5 +242,71 @@ impl PendingJournal {
     /// An fsync begun at `covered` appends succeeded.
     pub(crate) fn synced_to(&mut self, covered: u64) {
         self.synced = self.synced.max(covered);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::FileStateStore;
+
+    fn entries(n: u64) -> Vec<(u64, Fingerprint)> {
+        (0..n).map(|i| (i * 3, Fingerprint([i as u8; 16]))).collect()
+    }
+
+    #[test]
+    fn a_prepared_journal_is_not_committed_until_the_switch_over_writes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = FileStateStore::open(dir.path()).unwrap();
+        let prepared = PendingJournal::prepare(&state, "m1", 100).unwrap().unwrap();
+        let (pending, _) = PendingJournal::paths(&state, "m1").unwrap();
+        assert_eq!(std::fs::metadata(&pending).unwrap().len(), (HEADER + 100 * ENTRY) as u64);
+        assert!(!PendingJournal::committed(&state, "m1").unwrap());
+        let list = entries(40);
+        let mut j = PendingJournal::commit(&state, "m1", Some(prepared), &list, 77).unwrap().unwrap();
+        // In place: the file kept its size.
+        assert_eq!(std::fs::metadata(&pending).unwrap().len(), (HEADER + 100 * ENTRY) as u64);
+        assert!(PendingJournal::committed(&state, "m1").unwrap());
+        j.note_removed(&[3, 6]).unwrap();
+        let (left, processed) = PendingJournal::load_from(&state, "m1").unwrap();
+        assert_eq!(processed, 77);
+        assert_eq!(left.len(), 38);
+        assert!(left.iter().all(|(b, _)| *b != 3 && *b != 6));
+        assert_eq!(left[0], list[0]);
+    }
+
+    #[test]
+    fn a_list_longer_than_the_prepared_room_or_no_prepared_file_takes_a_new_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = FileStateStore::open(dir.path()).unwrap();
+        let prepared = PendingJournal::prepare(&state, "m2", 4).unwrap();
+        PendingJournal::commit(&state, "m2", prepared, &entries(10), 5).unwrap();
+        assert!(PendingJournal::committed(&state, "m2").unwrap());
+        assert_eq!(PendingJournal::load_from(&state, "m2").unwrap(), (entries(10), 5));
+        PendingJournal::commit(&state, "m3", None, &[], 9).unwrap();
+        assert_eq!(PendingJournal::load_from(&state, "m3").unwrap(), (vec![], 9));
+    }
+
+    #[test]
+    fn a_torn_overwrite_reads_as_not_committed_and_the_old_format_still_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = FileStateStore::open(dir.path()).unwrap();
+        let prepared = PendingJournal::prepare(&state, "m4", 100).unwrap();
+        PendingJournal::commit(&state, "m4", prepared, &entries(50), 1).unwrap();
+        let (pending, _) = PendingJournal::paths(&state, "m4").unwrap();
+        // A crash that wrote the header's page but not the rest of the list.
+        let f = std::fs::OpenOptions::new().write(true).open(&pending).unwrap();
+        f.write_all_at(&[0u8; 24], (HEADER + 45 * ENTRY) as u64).unwrap();
+        assert!(!PendingJournal::committed(&state, "m4").unwrap());
+        assert!(matches!(PendingJournal::load_from(&state, "m4"), Err(MigrationError::Corrupt(_))));
+        // The previous format: the count, then the entries.
+        let mut old = 12u64.to_le_bytes().to_vec();
+        for (b, fp) in entries(3) {
+            old.extend_from_slice(&b.to_le_bytes());
+            old.extend_from_slice(&fp.0);
+        }
+        std::fs::write(&pending, &old).unwrap();
+        assert!(!PendingJournal::committed(&state, "m4").unwrap());
+        assert_eq!(PendingJournal::load_from(&state, "m4").unwrap(), (entries(3), 12));
     }
 }

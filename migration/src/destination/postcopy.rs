@@ -87,6 +87,8 @@ pub(crate) struct Incoming {
     pub(crate) fetch: mpsc::UnboundedSender<Frame>,
     /// After the switch-over: what is still missing, kept across a restart.
     pub(crate) journal: Mutex<Option<PendingJournal>>,
+    /// Before the switch-over: the pending file laid out for it (see `journal.rs`).
+    pub(crate) prepared_journal: Mutex<Option<PreparedJournal>>,
     /// The source answers READ (its HELLO said so).
     pub(crate) read_through: bool,
     /// The migration's place in its gang, if it has one.

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cas_store::{DiskId, Store};
-use migration::SourceHooks;
+use migration::{Destination, MigrationReport, MigrationStatus, SourceHooks};
+use parking_lot::Mutex;
+use tokio::net::{TcpListener, TcpStream};
 
 /// A disk's whole content.
 pub fn read_all(store: &Store, name: &str) -> Vec<u8> {
@@ -72,4 +74,38 @@ pub fn guest_writer(
         }
     });
     (WriterFreeze { frozen, gate }, thread)
+}
+
+/// The destination a test's listener hands connections to, with the runtime they run on; a
+/// test swaps it to restart the destination (none: connections are dropped).
+pub type CurrentDestination = Arc<Mutex<Option<(Arc<Destination>, tokio::runtime::Handle)>>>;
+
+/// A destination server on loopback: each accepted connection goes to whichever destination
+/// is current, on that destination's runtime (so a test can end every task of one by
+/// shutting its runtime down, as a crash would).
+pub async fn serve_destinations(current: CurrentDestination) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((conn, peer)) = listener.accept().await else {
+                return;
+            };
+            let Some((dest, rt)) = current.lock().clone() else {
+                continue;
+            };
+            let conn = conn.into_std().unwrap();
+            rt.spawn(async move {
+                let conn = TcpStream::from_std(conn).unwrap();
+                let status = MigrationStatus::new(MigrationReport::new("?", "?", "destination", &peer.to_string()));
+                let _ = dest.serve(conn, status).await;
+            });
+        }
+    });
+    addr
+}
+
+/// One destination, for good, on the caller's runtime.
+pub async fn serve_destination(dest: Arc<Destination>) -> std::net::SocketAddr {
+    serve_destinations(Arc::new(Mutex::new(Some((dest, tokio::runtime::Handle::current()))))).await
 }

@@ -149,6 +149,28 @@ impl GangTotal {
     }
 }
 
+/// Resumes every unfinished outgoing member of gang `name` at its source server (after a
+/// restart of that server each waits, interrupted, for this), then follows the gang.
+pub fn resume(src: &mut ControlClient, name: &str, no_wait: bool, json_out: bool, timeout: Option<u64>) -> Result<()> {
+    let all: Vec<MigrationReport> = serde_json::from_value(src.call("migration.list", json!({}))?)?;
+    let members: Vec<&MigrationReport> = all.iter().filter(|r| r.role == "source" && r.gang.as_deref() == Some(name)).collect();
+    if members.is_empty() {
+        bail!("no outgoing migration of gang {name:?} at this server");
+    }
+    let mut ids = Vec::with_capacity(members.len());
+    for r in &members {
+        if !r.is_finished() {
+            src.call("migration.resume", json!({"id": r.id}))?;
+            eprintln!("gang {name}: resuming {} ({})", r.id, r.disk);
+        }
+        ids.push(r.id.clone());
+    }
+    if no_wait {
+        return Ok(());
+    }
+    follow(src, name, &ids, json_out, timeout)
+}
+
 /// Shows a gang's progress at its source until every member ends; fails unless all are done.
 pub fn follow(src: &mut ControlClient, name: &str, ids: &[String], hidden: bool, timeout: Option<u64>) -> Result<()> {
     let started = Instant::now();

@@ -128,9 +128,12 @@ struct ResumeCmd {
     /// control address of the source server
     #[argh(option)]
     server: String,
-    /// the migration id
+    /// the migration id (or --gang)
     #[argh(positional)]
-    id: String,
+    id: Option<String>,
+    /// resume every unfinished outgoing member of this gang at the server, and follow the gang
+    #[argh(option)]
+    gang: Option<String>,
     /// return at once instead of following the migration
     #[argh(switch)]
     no_wait: bool,
@@ -431,9 +434,14 @@ fn run(args: &Migrate) -> Result<()> {
 
 fn resume(r: &ResumeCmd) -> Result<()> {
     let mut server = ControlClient::connect(&r.server)?;
-    server.call("migration.resume", json!({"id": r.id}))?;
+    let id = match (&r.id, &r.gang) {
+        (Some(id), None) => id.clone(),
+        (None, Some(name)) => return gang::resume(&mut server, name, r.no_wait, r.json, r.timeout),
+        _ => bail!("give a migration id or --gang NAME"),
+    };
+    server.call("migration.resume", json!({"id": id}))?;
     if r.no_wait {
-        let report: MigrationReport = serde_json::from_value(server.call("migration.status", json!({"id": r.id}))?)?;
+        let report: MigrationReport = serde_json::from_value(server.call("migration.status", json!({"id": id}))?)?;
         if r.json {
             println!("{}", serde_json::to_string_pretty(&report)?);
         } else {
@@ -441,8 +449,8 @@ fn resume(r: &ResumeCmd) -> Result<()> {
         }
         return Ok(());
     }
-    let peer = server.call("migration.status", json!({"id": r.id}))?["peer"].as_str().unwrap_or("the destination").to_string();
-    follow(&mut server, &r.id, &peer, r.json, r.timeout)
+    let peer = server.call("migration.status", json!({"id": id}))?["peer"].as_str().unwrap_or("the destination").to_string();
+    follow(&mut server, &id, &peer, r.json, r.timeout)
 }
 
 /// Shows a migration's progress at its source until it ends; fails unless it is done.
