@@ -118,11 +118,7 @@ impl Destination {
                 Err(e) => {
                     tracing::error!(id = %record.id, error = %e, "cannot restore an incoming migration");
                     let (state, id) = (self.state.clone(), record.id.clone());
-                    let _ = blocking(move || {
-                        PendingJournal::remove(state.as_ref(), &id);
-                        state.remove(&id)
-                    })
-                    .await;
+                    let _ = blocking(move || forget(state.as_ref(), &id)).await;
                 }
             }
         }
@@ -153,7 +149,7 @@ impl Destination {
         }
         let name = if switched { hello.disk.clone() } else { incoming_name(&hello.disk) };
         if switched {
-            // Stopped between recording the switch-over and renaming the disk: rename it now.
+            // Stopped between committing the switch-over and renaming the disk: rename it now.
             let s = self.store.clone();
             let (temp, real) = (incoming_name(&hello.disk), hello.disk.clone());
             blocking(move || {
@@ -566,10 +562,9 @@ impl Destination {
         // leaves a record whose disk has every block, which the next start finishes at once.
         let (state, id) = (self.state.clone(), session.hello.migration_id.clone());
         tokio::task::spawn_blocking(move || {
-            if let Err(e) = state.remove(&id) {
+            if let Err(e) = forget(state.as_ref(), &id) {
                 tracing::warn!(error = %e, "cannot remove a finished migration's record");
             }
-            PendingJournal::remove(state.as_ref(), &id);
         });
         let report = session.incoming.pending.lock().report.clone();
         session.status.update(|r| {
@@ -604,11 +599,7 @@ impl Destination {
                 tracing::error!(error = %err, "cannot delete a partial incoming disk");
             }
             let (state, id) = (self.state.clone(), session.hello.migration_id.clone());
-            let _ = blocking(move || {
-                PendingJournal::remove(state.as_ref(), &id);
-                state.remove(&id)
-            })
-            .await;
+            let _ = blocking(move || forget(state.as_ref(), &id)).await;
             tracing::warn!(disk = %session.hello.disk, error = %e, "migration failed before the switch-over; partial disk removed");
         } else {
             // Keep the record: after a restart the disk must still be known as incomplete.
@@ -619,6 +610,14 @@ impl Destination {
         let cancelled = matches!(e, MigrationError::Cancelled) || matches!(e, MigrationError::Refused(m) if m.contains("cancelled"));
         session.status.finish(if cancelled { Phase::Cancelled } else { Phase::Failed }, Some(e.to_string()));
     }
+}
+
+/// Removes a migration's record and its post-copy journal files (the journal even if the
+/// record cannot be removed).
+fn forget(state: &dyn StateStore, id: &str) -> std::io::Result<()> {
+    let removed = state.remove(id);
+    PendingJournal::remove(state, id);
+    removed
 }
 
 pub(crate) fn is_link_error(e: &MigrationError) -> bool {
