@@ -131,12 +131,16 @@ done
 IMAGES=${NBD_CAS_IMAGES:-/var/tmp/nbd-cas-images}
 if [ "$QUICK" = 1 ]; then
     IMGS=bookworm-minimal,bookworm-web,bookworm-web-b
+    # the migration section moves bookworm-webdb-later into its older version's datacentre
+    if [ -z "$ONLY" ] || [[ ",$ONLY," == *,migration,* ]]; then
+        IMGS=$IMGS,bookworm-webdb,bookworm-webdb-later
+    fi
     # the gang section moves four VMs of one stack
     if [ -z "$ONLY" ] || [[ ",$ONLY," == *,gang,* ]]; then
         IMGS=$IMGS,bookworm-webdb,bookworm-db-b
     fi
 else
-    IMGS=bookworm-minimal,trixie-minimal,bookworm-web-b,bookworm-db-b,bookworm-web,bookworm-db,trixie-app,bookworm-webdb
+    IMGS=bookworm-minimal,trixie-minimal,bookworm-web-b,bookworm-db-b,bookworm-web,bookworm-db,trixie-app,bookworm-webdb,bookworm-webdb-later
 fi
 if [ "$IMAGES_BUILD" = 1 ]; then
     log "test images ($SCALE): test-images/build.sh --size-scale $SCALE --only $IMGS"

@@ -40,6 +40,11 @@ NEIGHBOURS_PAPER = ["bookworm-minimal", "trixie-minimal"]
 NEIGHBOURS_DC = ["bookworm-minimal", "trixie-minimal", "bookworm-web-b", "bookworm-db-b"]
 MIGRATED = ["bookworm-web", "bookworm-db", "trixie-app", "bookworm-webdb"]
 ALL_IMAGES = NEIGHBOURS_DC + MIGRATED
+# The same VM four days on (test-images: activity, upgrades), migrated into a datacentre that
+# holds its older version (bookworm-webdb) beside fresh installs: where delta against similar
+# blocks can pay. Its own neighbourhood replaces the common ones.
+LATER = "bookworm-webdb-later"
+NEIGHBOURS_OLDER = ["bookworm-minimal", "trixie-minimal", "bookworm-webdb"]
 
 CONFIGS = {
     "full": {
@@ -47,17 +52,18 @@ CONFIGS = {
         "similarity_images": ALL_IMAGES,
         "similarity_reference": True,
         "indexing_images": ALL_IMAGES,
-        "migrated": MIGRATED,
+        "migrated": MIGRATED + [LATER],
         "hoods": {"paper": NEIGHBOURS_PAPER, "datacentre": NEIGHBOURS_DC},
+        "image_hoods": {LATER: {"older": NEIGHBOURS_OLDER}},
         "full_copy": True,
         "rsync": True,
         "casync_chunkings": ["default", "4k"],
         # 4 KiB casync fetches one HTTP request per chunk: tens of minutes per run on large
         # images, so only where it matters most (the realistic neighbourhood)
-        "casync_4k_hoods": ["datacentre"],
+        "casync_4k_hoods": ["datacentre", "older"],
         "floor_levels": "3",
         # zstd -19 --long on a GiB of lacking blocks takes minutes: only for the datacentre
-        "floor_levels_hoods": {"datacentre": "3,19L"},
+        "floor_levels_hoods": {"datacentre": "3,19L", "older": "3,19L"},
         "load_images": ["bookworm-db", "bookworm-webdb"],
         "load_hood": "datacentre",
         "nbd_image": "bookworm-db",
@@ -81,13 +87,15 @@ CONFIGS = {
         "similarity_images": ["bookworm-minimal", "bookworm-web", "bookworm-web-b"],
         "similarity_reference": True,
         "indexing_images": ["bookworm-minimal", "bookworm-web-b", "bookworm-web"],
-        "migrated": ["bookworm-web"],
+        "migrated": ["bookworm-web", LATER],
         "hoods": {"paper": ["bookworm-minimal"], "datacentre": ["bookworm-minimal", "bookworm-web-b"]},
+        "image_hoods": {LATER: {"older": ["bookworm-minimal", "bookworm-webdb"]}},
         "full_copy": False,
         "rsync": True,
         "casync_chunkings": ["default"],
-        "casync_hoods": ["datacentre"],
+        "casync_hoods": ["datacentre", "older"],
         "floor_levels": "3",
+        "floor_levels_hoods": {"older": "3,19L"},
         "load_images": ["bookworm-web"],
         "load_hood": "datacentre",
         "nbd_image": "bookworm-web",
@@ -740,6 +748,11 @@ def git_commit():
         return None
 
 
+def hoods_of(cfg, image):
+    """The neighbourhoods an image is migrated into: its own if it has some, else the common ones."""
+    return cfg.get("image_hoods", {}).get(image, cfg["hoods"])
+
+
 def section_migration(ctx):
     cfg = ctx.cfg
     path = os.path.join(ctx.out, "sections", "migration.json")
@@ -760,7 +773,8 @@ def section_migration(ctx):
         except (OSError, ValueError):
             pass
     for image in migrated:
-        im = {"floor": {}, "ours": {}, "rsync": [], "casync": [], "full_copy": None, "errors": [],
+        hoods = hoods_of(cfg, image)
+        im = {"floor": {}, "ours": {}, "rsync": [], "casync": [], "full_copy": None, "errors": [], "hoods": hoods,
               # images re-run alone (BENCH_MIGRATED) keep the others' rows: each says when
               # and from which commit it was measured
               "measured": {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": git_commit()}}
@@ -777,11 +791,11 @@ def section_migration(ctx):
 
         # floors
         im["floor"]["empty"] = attempt("floor empty", lambda: floor(ctx, image, []))
-        for h, nb in cfg["hoods"].items():
+        for h, nb in hoods.items():
             im["floor"][h] = attempt("floor " + h, lambda h=h, nb=nb: floor(ctx, image, nb, h))
         # ours
         im["ours"]["empty"] = attempt("ours empty", lambda: ours_migration(ctx, image, "empty", []))
-        for h, nb in cfg["hoods"].items():
+        for h, nb in hoods.items():
             im["ours"][h] = attempt("ours " + h, lambda h=h, nb=nb: ours_migration(ctx, image, h, nb))
         write_section(ctx, "migration", res)
         # peers
@@ -789,12 +803,12 @@ def section_migration(ctx):
             im["full_copy"] = attempt("full copy", lambda: full_copy(ctx, image))
         if cfg["rsync"]:
             every = []
-            for nb in cfg["hoods"].values():
+            for nb in hoods.values():
                 every += [n for n in nb if n not in every]
             im["rsync"] = attempt("rsync", lambda: rsync_runs(ctx, image, every)) or []
         if shutil.which("casync"):
-            for h, nb in cfg["hoods"].items():
-                if h not in cfg.get("casync_hoods", cfg["hoods"].keys()):
+            for h, nb in hoods.items():
+                if h not in cfg.get("casync_hoods", hoods.keys()):
                     continue
                 for ch in cfg["casync_chunkings"]:
                     if ch == "4k" and (h not in cfg.get("casync_4k_hoods", [h])

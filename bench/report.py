@@ -258,8 +258,8 @@ def mig_md(s, plots, verdict, targets):
     hoods = s.get("hoods", {})
     plot_rows = []
     for image, im in s.get("images", {}).items():
-        im["hood_neighbours"] = hoods
-        for hood, nb in list(hoods.items()):
+        im["hood_neighbours"] = im.get("hoods", hoods)
+        for hood, nb in list(im["hood_neighbours"].items()):
             rows = migration_rows(im, hood)
             if not rows:
                 continue

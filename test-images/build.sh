@@ -45,6 +45,7 @@ bookworm-web-b|bookworm|web|web|2|neighbour|same stack and CMS code as bookworm-
 bookworm-db|bookworm|db|db|1|migrated|Debian 12 PostgreSQL 15 server with a generated shop database (seed 1)
 bookworm-db-b|bookworm|db|db|2|neighbour|same stack and schema as bookworm-db, other rows (seed 2)
 bookworm-webdb|bookworm|webdb|webdb|3|migrated|Debian 12 nginx + PHP + PostgreSQL on one VM, own site and database (seed 3)
+bookworm-webdb-later|bookworm|webdb|later|3|migrated|bookworm-webdb four days later: security and point-release upgrades, new and changed orders, rotated logs, new and edited posts (seed 3)
 trixie-minimal|trixie|minimal|none|0|neighbour|fresh Debian 13 minimal install (cloud kernel, systemd, ssh), no application
 trixie-app|trixie|app|app|1|migrated|Debian 13 application server: nginx + gunicorn + Flask app with SQLite data (seed 1)"
 
@@ -115,8 +116,24 @@ recipe_text() {   # $1 name $2 suite $3 stack $4 kind $5 seed
     printf 'script_version=%s\nname=%s\nsuite=%s\narch=%s\nbase_packages=%s\nstack=%s\nstack_packages=%s\ntrees=%s/%s\ndata_kind=%s\nseed=%s\ndata_scale=%s\nsize=%s\ngenerator_sha256=%s\n' \
         "$SCRIPT_VERSION" "$1" "$2" "$ARCH" "$BASE_PACKAGES" "$3" "$(stack_packages "$3")" \
         "$(base_key "$2")" "$(stack_key "$2" "$3")" "$4" "$5" "$DATA_SCALE" "$SIZE" "$(file_sha "$GENERATOR")"
+    if [ "$4" = later ]; then later_recipe "$1"; fi
 }
 recipe_hash() { recipe_text "$@" | sha; }
+
+# An image of kind "later" is its parent (the name without "-later") after LATER_DAYS days of
+# activity (activity.py, then apt-get upgrade from the suite's -updates and -security): the
+# same VM some days on, made from the parent image's own files.
+LATER_DAYS=4
+ACTIVITY="$HERE/activity.py"
+image_line() { echo "$IMAGES" | grep "^$1|"; }
+parent_of() { echo "${1%-later}"; }
+later_recipe() {  # $1 name -> the parent's recipe hash and the activity's inputs
+    local name suite stack kind seed role desc
+    IFS='|' read -r name suite stack kind seed role desc <<<"$(image_line "$(parent_of "$1")")"
+    printf 'parent=%s\nparent_recipe=%s\nactivity_sha256=%s\ndays=%s\nupgrade=%s-updates,%s-security\n' \
+        "$name" "$(recipe_hash "$name" "$suite" "$stack" "$kind" "$seed")" "$(file_sha "$ACTIVITY")" \
+        "$LATER_DAYS" "$suite" "$suite"
+}
 
 image_status() {  # $1 name $2 hash -> up-to-date|stale|missing
     local raw="$OUT/$1.raw" meta="$OUT/$1.json"
@@ -126,11 +143,11 @@ image_status() {  # $1 name $2 hash -> up-to-date|stale|missing
 
 # ------------------------------------------------------------------ --list
 if [ "$LIST" = 1 ]; then
-    printf '%-16s %-10s %-11s %s\n' NAME ROLE STATUS PATH
+    printf '%-21s %-10s %-11s %s\n' NAME ROLE STATUS PATH
     while IFS='|' read -r name suite stack kind seed role desc; do
         selected "$name" || continue
         h=$(recipe_hash "$name" "$suite" "$stack" "$kind" "$seed")
-        printf '%-16s %-10s %-11s %s\n' "$name" "$role" "$(image_status "$name" "$h")" "$OUT/$name.raw"
+        printf '%-21s %-10s %-11s %s\n' "$name" "$role" "$(image_status "$name" "$h")" "$OUT/$name.raw"
         printf '    %s\n' "$desc"
     done <<<"$IMAGES"
     echo "manifest: $OUT/manifest.json (all scales: $CACHE/manifest.json)"
@@ -270,6 +287,23 @@ ensure_base() {   # $1 suite -> prints tree dir
     echo "$dir"
 }
 
+# apt-get update, then apt-get CMD in the tree's chroot (no daemons started); downloaded
+# .debs are shared through the package cache (hard links) and leave the tree
+apt_in_tree() {   # $1 root $2 log name $3 apt-get command and arguments
+    local root=$1 f
+    cp -L /etc/resolv.conf "$root/etc/resolv.conf" 2>/dev/null || true
+    no_daemons "$root"
+    for f in "$CACHE"/debs/*.deb; do
+        [ -e "$f" ] && { ln -f "$f" "$root/var/cache/apt/archives/" 2>/dev/null || cp "$f" "$root/var/cache/apt/archives/"; }
+    done
+    run_logged "$CACHE/logs/$2.log" chroot_ns "$root" /bin/sh -c \
+        "apt-get update -q && apt-get $3 -y -q -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold"
+    for f in "$root"/var/cache/apt/archives/*.deb; do
+        [ -e "$f" ] && [ ! -e "$CACHE/debs/${f##*/}" ] && { ln "$f" "$CACHE/debs/" 2>/dev/null || cp "$f" "$CACHE/debs/"; }
+    done
+    rm -f "$root"/var/cache/apt/archives/*.deb
+}
+
 # base tree + apt-get install STACK -> $CACHE/trees/SUITE-STACK-KEY
 ensure_stack() {  # $1 suite $2 stack -> prints tree dir
     local suite=$1 stack=$2 base key dir tmp pkgs f
@@ -284,18 +318,7 @@ ensure_stack() {  # $1 suite $2 stack -> prints tree dir
         rm -rf "$tmp"
         log "installing the $stack stack on $suite: $pkgs"
         cp -a "$base" "$tmp"
-        cp -L /etc/resolv.conf "$tmp/etc/resolv.conf" 2>/dev/null || true
-        no_daemons "$tmp"
-        # share downloaded .debs through the package cache (hard links)
-        for f in "$CACHE"/debs/*.deb; do
-            [ -e "$f" ] && { ln -f "$f" "$tmp/var/cache/apt/archives/" 2>/dev/null || cp "$f" "$tmp/var/cache/apt/archives/"; }
-        done
-        run_logged "$CACHE/logs/stack-$suite-$stack.log" chroot_ns "$tmp" /bin/sh -c \
-            "apt-get update -q && apt-get install -y -q -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold $pkgs"
-        for f in "$tmp"/var/cache/apt/archives/*.deb; do
-            [ -e "$f" ] && [ ! -e "$CACHE/debs/${f##*/}" ] && { ln "$f" "$CACHE/debs/" 2>/dev/null || cp "$f" "$CACHE/debs/"; }
-        done
-        rm -f "$tmp"/var/cache/apt/archives/*.deb
+        apt_in_tree "$tmp" "stack-$suite-$stack" "install $pkgs"
         mv "$tmp" "$dir"
         log "stack tree $suite-$stack ready in $((SECONDS - t0)) s"
     fi
@@ -346,22 +369,8 @@ pg_load() {       # $1 root $2 seed dir inside the root $3 image name
     rm -rf "${r:?}$seeddir"
 }
 
-build_image() {   # name suite stack kind seed role desc
-    local name=$1 suite=$2 stack=$3 kind=$4 seed=$5 role=$6 desc=$7
-    local t0=$SECONDS h tree root uuid tmpimg action arg
-    h=$(recipe_hash "$name" "$suite" "$stack" "$kind" "$seed")
-    tree=$(ensure_stack "$suite" "$stack")
-    local t1=$SECONDS
-    log "image $name: copying tree, generating data ($kind, seed $seed, scale $DATA_SCALE)"
-    root="$WORK/img-$name"
-    rm -rf "$root"
-    cp -a "$tree" "$root"
-    clean_tree "$root"
-    uuid=$(uuid_from "$name/$h")
-    printf '# /etc/fstab: static file system information.\nUUID=%s\t/\text4\trw,discard,errors=remount-ro\t0\t1\n' "$uuid" >"$root/etc/fstab"
-    "$PYTHON" "$GENERATOR" "$kind" --root "$root" --seed "$seed" --scale "$DATA_SCALE" --name "$name" \
-        >"$WORK/actions-$name" 2>"$CACHE/logs/gen-$name.log" \
-        || { cat "$CACHE/logs/gen-$name.log" >&2; die "data generator failed for $name"; }
+run_actions() {    # $1 root $2 image name $3 actions file (gen_data.py's or activity.py's)
+    local root=$1 name=$2 action arg
     while read -r action arg; do
         case "$action" in
             CHOWN) chroot_ns "$root" chown -R ${arg} ;;
@@ -370,11 +379,92 @@ build_image() {   # name suite stack kind seed role desc
             "") ;;
             *) die "unknown generator action: $action" ;;
         esac
-    done <"$WORK/actions-$name"
-    # the chroot steps may have left logs/pids; clean again
-    find "$root/var/log" -type f ! -path "*/nginx/*" ! -path "*/ledgerline/*" -delete
-    find "$root/tmp" "$root/var/tmp" "$root/run" "$root/dev" -mindepth 1 -delete
-    rm -f "$root/usr/sbin/policy-rc.d"
+    done <"$3"
+}
+
+# the chroot steps may have left logs/pids; clean again ($2: more logs to keep)
+clean_after_chroot() {  # $1 root [$2 find expression of kept logs]
+    local r=$1
+    find "$r/var/log" -type f ! -path "*/nginx/*" ! -path "*/ledgerline/*" ${2:-} -delete
+    find "$r/tmp" "$r/var/tmp" "$r/run" "$r/dev" -mindepth 1 -delete
+    rm -f "$r/usr/sbin/policy-rc.d"
+}
+
+make_root() {     # name suite stack kind seed uuid -> the image's file tree in $WORK/img-NAME
+    local name=$1 suite=$2 stack=$3 kind=$4 seed=$5 uuid=$6 tree root
+    tree=$(ensure_stack "$suite" "$stack")
+    log "image $name: copying tree, generating data ($kind, seed $seed, scale $DATA_SCALE)"
+    root="$WORK/img-$name"
+    rm -rf "$root"
+    cp -a "$tree" "$root"
+    clean_tree "$root"
+    printf '# /etc/fstab: static file system information.\nUUID=%s\t/\text4\trw,discard,errors=remount-ro\t0\t1\n' "$uuid" >"$root/etc/fstab"
+    "$PYTHON" "$GENERATOR" "$kind" --root "$root" --seed "$seed" --scale "$DATA_SCALE" --name "$name" \
+        >"$WORK/actions-$name" 2>"$CACHE/logs/gen-$name.log" \
+        || { cat "$CACHE/logs/gen-$name.log" >&2; die "data generator failed for $name"; }
+    run_actions "$root" "$name" "$WORK/actions-$name"
+    clean_after_chroot "$root"
+}
+
+# The parent image's files (debugfs rdump: no mount), then days of activity and upgrades.
+make_later_root() {  # name suite stack seed -> $WORK/img-NAME
+    local name=$1 suite=$2 stack=$3 seed=$4 parent pkind root tree f mode path
+    parent=$(parent_of "$name")
+    IFS='|' read -r _ _ _ pkind _ _ _ <<<"$(image_line "$parent")"
+    root="$WORK/img-$name"
+    rm -rf "$root"
+    mkdir -p "$root"
+    log "image $name: the files of $parent (debugfs rdump), then $LATER_DAYS days of activity"
+    run_logged "$CACHE/logs/rdump-$name.log" debugfs -R "rdump / $root" "$OUT/$parent.raw"
+    # rdump sets the mode before the owner, and chown drops set-uid/set-gid bits: restore
+    # them from the tree the parent was made from
+    tree=$(ensure_stack "$suite" "$stack")
+    (cd "$tree" && find . -type f -perm /6000 -printf '%m %p\n') | while read -r mode path; do
+        [ -f "$root/$path" ] && chmod "$mode" "$root/$path"
+    done
+    "$PYTHON" "$ACTIVITY" "$pkind" --root "$root" --seed "$seed" --scale "$DATA_SCALE" --days "$LATER_DAYS" \
+        >"$WORK/actions-$name" 2>"$CACHE/logs/activity-$name.log" \
+        || { cat "$CACHE/logs/activity-$name.log" >&2; die "activity.py failed for $name"; }
+    # the parent's /dev was emptied; apt and maintainer scripts need these
+    mknod -m 666 "$root/dev/null" c 1 3; mknod -m 666 "$root/dev/zero" c 1 5
+    mknod -m 666 "$root/dev/random" c 1 8; mknod -m 666 "$root/dev/urandom" c 1 9
+    run_actions "$root" "$name" "$WORK/actions-$name"
+    # what an admin does on such a VM in those days: upgrades from -updates and -security
+    # (upgrade, not dist-upgrade: a kernel with a new ABI is a new package and waits)
+    local sec=${NBD_CAS_SECURITY_MIRROR:-${MIRROR%/debian}/debian-security}
+    printf 'deb %s %s-updates main\ndeb %s %s-security main\n' "$MIRROR" "$suite" "$sec" "$suite" \
+        >"$root/etc/apt/sources.list.d/updates.list"
+    apt_in_tree "$root" "upgrade-$name" upgrade
+    UPGRADED=$(grep -c ' upgrade ' "$root/var/log/dpkg.log" 2>/dev/null || true)
+    log "image $name: $UPGRADED package(s) upgraded: $(awk '$3 == "upgrade" {print $4}' "$root/var/log/dpkg.log" 2>/dev/null | cut -d: -f1 | tr '\n' ' ')"
+    rm -f "$root"/var/cache/apt/*.bin
+    rm -rf "$root"/var/cache/apt/archives/partial/* "$root"/var/lib/apt/lists/*
+    mkdir -p "$root/var/lib/apt/lists/partial"
+    : >"$root/etc/resolv.conf"
+    # dpkg's and apt's logs of those upgrades stay, as on the VM
+    clean_after_chroot "$root" '! -name dpkg.log ! -path */apt/*'
+}
+
+build_image() {   # name suite stack kind seed role desc
+    local name=$1 suite=$2 stack=$3 kind=$4 seed=$5 role=$6 desc=$7
+    local t0=$SECONDS h root uuid tmpimg t1
+    h=$(recipe_hash "$name" "$suite" "$stack" "$kind" "$seed")
+    UPGRADED=""
+    if [ "$kind" = later ]; then
+        local parent ph; parent=$(parent_of "$name")
+        ph=$(later_recipe "$name" | sed -n 's/^parent_recipe=//p')
+        [ "$(image_status "$parent" "$ph")" = up-to-date ] || die "$name is made from $parent, which is not built or stale: build $parent first (--only $parent,$name)"
+        # the same VM: the parent's file system UUID
+        uuid=$(uuid_from "$parent/$ph")
+        t1=$SECONDS
+        make_later_root "$name" "$suite" "$stack" "$seed"
+    else
+        uuid=$(uuid_from "$name/$h")
+        ensure_stack "$suite" "$stack" >/dev/null
+        t1=$SECONDS
+        make_root "$name" "$suite" "$stack" "$kind" "$seed" "$uuid"
+    fi
+    root="$WORK/img-$name"
 
     log "image $name: mke2fs -t ext4 -d ($(du -sh "$root" | cut -f1) of files) into $SIZE bytes"
     tmpimg="$OUT/.$name.raw.tmp.$$"
@@ -394,7 +484,7 @@ build_image() {   # name suite stack kind seed role desc
     RECIPE="$(recipe_text "$name" "$suite" "$stack" "$kind" "$seed")" \
     NAME=$name SUITE=$suite STACK=$stack KIND=$kind SEED=$seed ROLE=$role DESC=$desc \
     HASH=$h DIGEST=$digest APPARENT=$apparent ALLOCATED=$allocated UUID=$uuid \
-    SECS=$((SECONDS - t0)) DATA_SECS=$((SECONDS - t1)) SCALE=$SCALE PKGS="$(stack_packages "$stack")" \
+    SECS=$((SECONDS - t0)) DATA_SECS=$((SECONDS - t1)) SCALE=$SCALE UPGRADED="$UPGRADED" PKGS="$(stack_packages "$stack")" \
     BASE_PACKAGES=$BASE_PACKAGES MIRROR=$MIRROR OUTF="$OUT/.$name.json.tmp" RAW="$OUT/$name.raw" \
     "$PYTHON" - <<'EOF'
 import json, os, time
@@ -416,6 +506,8 @@ meta = {
     "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     "build_seconds": int(e["SECS"]), "image_seconds": int(e["DATA_SECS"]),
 }
+if e["UPGRADED"]:
+    meta["packages_upgraded"] = int(e["UPGRADED"])
 with open(e["OUTF"], "w") as f:
     json.dump(meta, f, indent=2)
     f.write("\n")

@@ -46,6 +46,16 @@ fn fingerprint_only(c: &mut Criterion) {
     g.finish();
 }
 
+/// The resemblance sketch delta would compute for each block (see `cas_store::resemblance`).
+fn sketch_only(c: &mut Criterion) {
+    let mut g = c.benchmark_group("sketch");
+    g.throughput(Throughput::Bytes(BS as u64));
+    let mut block = vec![0u8; BS];
+    unique_blocks(&mut block, &mut 1);
+    g.bench_function("4k_block", |b| b.iter(|| black_box(cas_store::resemblance::sketch(black_box(&block)))));
+    g.finish();
+}
+
 fn import(c: &mut Criterion) {
     let mut g = c.benchmark_group("import_4k_blocks");
     g.throughput(Throughput::Bytes(CHUNK as u64));
@@ -160,6 +170,6 @@ fn lookups(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(4));
-    targets = fingerprint_only, import, read, lookups
+    targets = fingerprint_only, sketch_only, import, read, lookups
 }
 criterion_main!(benches);

@@ -52,6 +52,7 @@ mod error;
 mod fingerprint;
 mod keys;
 pub mod pool;
+pub mod resemblance;
 mod store;
 
 pub use dirty::DirtyBitmap;
