@@ -61,6 +61,6 @@ pub use error::{Result, StoreError};
 pub use fingerprint::{Fingerprint, FingerprintAlgorithm};
 pub use pool::{BlockPool, MemPool};
 pub use store::{
-    CompactionReport, CompactionStop, DiskId, DiskInfo, DiskStats, Extent, FsckReport, MapSnapshot, RepairReport, Store, StoreOptions, StoreStats,
-    UpgradeReport, CONTAINERS_DIR,
+    CompactionReport, CompactionStop, DiskId, DiskInfo, DiskStats, Extent, FsckReport, MapSnapshot, RepairReport, SketchReport, Store, StoreOptions,
+    StoreStats, UpgradeReport, CONTAINERS_DIR,
 };

@@ -79,10 +79,23 @@ pub fn sketch(block: &[u8]) -> Option<Sketch> {
     let mut features = [0u64; FEATURES];
     let mut hash = 0u64;
     let mut samples = 0usize;
-    for &byte in block {
+    // A run of one byte value settles the hash on one value: sampled everywhere or nowhere,
+    // and either way it says nothing about resemblance.
+    let mut first_sample = None;
+    let mut varied = false;
+    // Sample positions only once the hash covers a full window of 64 bytes.
+    let (head, tail) = block.split_at(block.len().min(63));
+    for &byte in head {
+        hash = (hash << 1).wrapping_add(gear[byte as usize]);
+    }
+    for &byte in tail {
         hash = (hash << 1).wrapping_add(gear[byte as usize]);
         if hash & SAMPLE_MASK == 0 {
             samples += 1;
+            match first_sample {
+                None => first_sample = Some(hash),
+                Some(first) => varied |= first != hash,
+            }
             for (feature, &(m, a)) in features.iter_mut().zip(transforms.iter()) {
                 let value = hash.wrapping_mul(m).wrapping_add(a);
                 if value > *feature {
@@ -91,7 +104,7 @@ pub fn sketch(block: &[u8]) -> Option<Sketch> {
             }
         }
     }
-    if samples < 2 {
+    if samples < 2 || !varied {
         return None;
     }
     let mut supers = [0u64; SUPER_FEATURES];
@@ -176,7 +189,8 @@ mod tests {
 
     #[test]
     fn a_run_of_one_byte_has_no_sketch() {
-        assert_eq!(sketch(&[0u8; 4096]), None);
-        assert_eq!(sketch(&[0xAAu8; 4096]), None);
+        for value in 0..=255u8 {
+            assert_eq!(sketch(&[value; 4096]), None, "a block of {value:#x}");
+        }
     }
 }

@@ -30,10 +30,13 @@ pub enum Cf {
     Refs,
     /// Fingerprint -> block bytes: stores of format 1 only (blocks are in containers since).
     Blocks,
+    /// Super-feature (index u8, value u64 BE) -> location of a block that has it: the
+    /// resemblance index (see `Store::update_sketches`).
+    Sketches,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 5] = [Cf::Meta, Cf::Disks, Cf::Maps, Cf::Refs, Cf::Blocks];
+    pub const ALL: [Cf; 6] = [Cf::Meta, Cf::Disks, Cf::Maps, Cf::Refs, Cf::Blocks, Cf::Sketches];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -42,6 +45,7 @@ impl Cf {
             Cf::Maps => "maps",
             Cf::Refs => "refs",
             Cf::Blocks => "blocks",
+            Cf::Sketches => "sketches",
         }
     }
 

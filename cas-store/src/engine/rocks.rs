@@ -110,7 +110,7 @@ impl RocksEngine {
                 // Format 1's block bytes (read only by `cas upgrade` now).
                 Cf::Blocks => DBCompressionType::Lz4,
                 // Fingerprints are random; compressing them only costs CPU.
-                Cf::Refs | Cf::Maps => DBCompressionType::None,
+                Cf::Refs | Cf::Maps | Cf::Sketches => DBCompressionType::None,
                 Cf::Meta | Cf::Disks => DBCompressionType::None,
             });
             // Point lookups that miss the memtable's skiplist cost a bloom probe, not a search.

@@ -32,12 +32,14 @@ mod compaction;
 mod fsck;
 mod io;
 mod migration;
+mod sketches;
 mod snapshot;
 mod types;
 mod upgrade;
 
 pub use compaction::CompactionStop;
 pub use migration::MapSnapshot;
+pub use sketches::SketchReport;
 pub use types::*;
 pub use upgrade::UpgradeReport;
 
