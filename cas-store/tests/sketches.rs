@@ -4,23 +4,11 @@
 use cas_store::resemblance::sketch;
 use cas_store::{SketchReport, Store, StoreOptions};
 
-const BS: usize = 4096;
+mod common;
+use common::blocks::{unique, BS};
+
 const BLOCKS: usize = 200;
 const SLOTS_PER_CONTAINER: usize = 64;
-
-fn unique(seed: u64, blocks: usize) -> Vec<u8> {
-    let mut out = vec![0u8; blocks * BS];
-    for (i, block) in out.chunks_mut(BS).enumerate() {
-        let mut x = (seed << 32 | i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        for word in block.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            word.copy_from_slice(&x.to_le_bytes());
-        }
-    }
-    out
-}
 
 /// The same blocks, each with eight bytes changed at a place of its own (a row updated).
 fn changed(data: &[u8]) -> Vec<u8> {
