@@ -55,6 +55,8 @@ CONFIGS = {
         "migrated": MIGRATED + [LATER],
         "hoods": {"paper": NEIGHBOURS_PAPER, "datacentre": NEIGHBOURS_DC},
         "image_hoods": {LATER: {"older": NEIGHBOURS_OLDER}},
+        "source_keeps": {LATER: ["bookworm-webdb"]},
+        "no_delta_hoods": ["older"],
         "full_copy": True,
         "rsync": True,
         "casync_chunkings": ["default", "4k"],
@@ -90,6 +92,8 @@ CONFIGS = {
         "migrated": ["bookworm-web", LATER],
         "hoods": {"paper": ["bookworm-minimal"], "datacentre": ["bookworm-minimal", "bookworm-web-b"]},
         "image_hoods": {LATER: {"older": ["bookworm-minimal", "bookworm-webdb"]}},
+        "source_keeps": {LATER: ["bookworm-webdb"]},
+        "no_delta_hoods": ["older"],
         "full_copy": False,
         "rsync": True,
         "casync_chunkings": ["default"],
@@ -511,7 +515,7 @@ def start_pair(ctx, src, dst, tag, dst_args=()):
     return s_ctl, d_ctl, s_nbd, d_nbd, ssrv, dsrv
 
 
-def ours_migration(ctx, image, hood_name, neighbours, load=False, dst_store=None, dst_args=(), label=None):
+def ours_migration(ctx, image, hood_name, neighbours, load=False, dst_store=None, dst_args=(), label=None, migrate_args=()):
     """Our migration over the emulated WAN; returns a result row.
 
     By default the destination is a copy of a store holding `neighbours` (made offline once
@@ -520,7 +524,10 @@ def ours_migration(ctx, image, hood_name, neighbours, load=False, dst_store=None
     destination server's command line (e.g. --blocks/--ceph-conf) and `label` to its log
     names and the row."""
     ctx.wan_up()
-    src_pristine = pristine_store(ctx, "src-" + image, [image])
+    # The source may keep other disks too (the older version of a VM, as the snapshot its
+    # copy at the destination was made from): they go in first, the migrated disk last.
+    keeps = ctx.cfg.get("source_keeps", {}).get(image, [])
+    src_pristine = pristine_store(ctx, "-".join(["src"] + keeps + [image]), keeps + [image])
     if dst_store is None:
         key = "dst-" + ("-".join(neighbours) if neighbours else "empty")
         dst_pristine = pristine_store(ctx, key, neighbours)
@@ -559,8 +566,8 @@ def ours_migration(ctx, image, hood_name, neighbours, load=False, dst_store=None
                                "--stats", gw_stats], log=os.path.join(logdir, "mig-%s-guest.log" % tag))
             time.sleep(3)
         b0 = ctx.link_bytes()
-        r, dt = ctx.sh([ctx.exe("migrate"), "--source", s_ctl, "--dest", d_ctl, "--disk", image, "--json"],
-                       timeout=7200)
+        r, dt = ctx.sh([ctx.exe("migrate"), "--source", s_ctl, "--dest", d_ctl, "--disk", image, "--json"]
+                       + list(migrate_args), timeout=7200)
         b1 = ctx.link_bytes()
         rep = json.loads(r.stdout.decode())
         row.update({
@@ -797,6 +804,11 @@ def section_migration(ctx):
         im["ours"]["empty"] = attempt("ours empty", lambda: ours_migration(ctx, image, "empty", []))
         for h, nb in hoods.items():
             im["ours"][h] = attempt("ours " + h, lambda h=h, nb=nb: ours_migration(ctx, image, h, nb))
+            if h in cfg.get("no_delta_hoods", []):
+                # what deltas give: the same migration with every block sent whole
+                im["ours_no_delta"] = im.get("ours_no_delta", {})
+                im["ours_no_delta"][h] = attempt("ours %s --no-delta" % h, lambda h=h, nb=nb: ours_migration(
+                    ctx, image, h, nb, label="no-delta", migrate_args=["--no-delta"]))
         write_section(ctx, "migration", res)
         # peers
         if cfg["full_copy"]:

@@ -228,7 +228,15 @@ def migration_rows(im, hood):
     rows = []
     o = im.get("ours", {}).get(hood)
     if o and "link_bytes" in o:
-        rows.append(("ours (neighbours)", o["link_bytes"], o["seconds"], o.get("verified"), ""))
+        rep = o.get("report") or {}
+        note = ""
+        if rep.get("blocks_sent_as_delta"):
+            note = "%d of %d blocks sent as deltas (%.2f MiB)" % (rep["blocks_sent_as_delta"], rep.get("blocks_sent", 0),
+                                                                  rep.get("delta_bytes", 0) / MiB)
+        rows.append(("ours (neighbours)", o["link_bytes"], o["seconds"], o.get("verified"), note))
+    nd = im.get("ours_no_delta", {}).get(hood)
+    if nd and "link_bytes" in nd:
+        rows.append(("ours, every block whole (--no-delta)", nd["link_bytes"], nd["seconds"], nd.get("verified"), "stream alone"))
     e = im.get("ours", {}).get("empty")
     if e and "link_bytes" in e:
         rows.append(("ours (empty destination)", e["link_bytes"], e["seconds"], e.get("verified"), ""))

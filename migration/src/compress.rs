@@ -3,7 +3,8 @@
 //!
 //! A record is `fingerprint (16) | flag (u8) | block bytes (if flag = 0)`; flag 1 means the
 //! source no longer holds that block (it changed since it was listed; a later round lists
-//! its new content). Compressing many blocks in one frame lets zstd find redundancy across
+//! its new content); flag 2 is a delta: `reference fingerprint (16) | length (u16 LE) |
+//! delta` (see [`crate::delta`]). Compressing many blocks in one frame lets zstd find redundancy across
 //! blocks, which 4 KiB blocks compressed one by one cannot.
 
 use std::time::Duration;
@@ -14,12 +15,22 @@ use crate::protocol::{ProtocolError, MAX_RAW_DATA};
 
 const RECORD_DATA: u8 = 0;
 const RECORD_GONE: u8 = 1;
+const RECORD_DELTA: u8 = 2;
 
 /// One block in a DATA frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
-    Block { fp: Fingerprint, data: Vec<u8> },
+    Block {
+        fp: Fingerprint,
+        data: Vec<u8>,
+    },
     Gone(Fingerprint),
+    /// Block `fp` as a difference from block `reference`, which the destination holds.
+    Delta {
+        fp: Fingerprint,
+        reference: Fingerprint,
+        delta: Vec<u8>,
+    },
 }
 
 /// Serialises records (uncompressed).
@@ -34,6 +45,13 @@ pub fn encode_records(records: &[Record], out: &mut Vec<u8>) {
             Record::Gone(fp) => {
                 out.extend_from_slice(&fp.0);
                 out.push(RECORD_GONE);
+            }
+            Record::Delta { fp, reference, delta } => {
+                out.extend_from_slice(&fp.0);
+                out.push(RECORD_DELTA);
+                out.extend_from_slice(&reference.0);
+                out.extend_from_slice(&(delta.len() as u16).to_le_bytes());
+                out.extend_from_slice(delta);
             }
         }
     }
@@ -76,6 +94,18 @@ pub fn parse_records(raw: &[u8], block_size: usize) -> Result<Vec<Record>, Proto
             RECORD_GONE => {
                 records.push(Record::Gone(fp));
                 rest = &rest[17..];
+            }
+            RECORD_DELTA => {
+                if rest.len() < 17 + 16 + 2 {
+                    return Err(bad("truncated delta".into()));
+                }
+                let reference = Fingerprint(rest[17..33].try_into().expect("16 bytes"));
+                let len = u16::from_le_bytes([rest[33], rest[34]]) as usize;
+                if len > block_size || rest.len() < 35 + len {
+                    return Err(bad(format!("delta of {len} bytes does not fit")));
+                }
+                records.push(Record::Delta { fp, reference, delta: rest[35..35 + len].to_vec() });
+                rest = &rest[35 + len..];
             }
             f => return Err(bad(format!("record flag {f}"))),
         }

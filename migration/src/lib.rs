@@ -14,6 +14,7 @@
 //! [`destination::MigratingDisk`] (standby before the switch-over, post-copy after it).
 
 pub mod compress;
+pub mod delta;
 pub mod destination;
 pub mod link;
 pub mod protocol;

@@ -79,6 +79,15 @@ pub struct MigrationReport {
     /// Distinct blocks the destination asked for, and data records sent so far.
     pub blocks_wanted: u64,
     pub blocks_sent: u64,
+    /// Of the blocks sent, those sent as deltas against a block the destination holds, the
+    /// bytes of those deltas (before the link stream), and the blocks whose sketch named a
+    /// candidate reference (asked about with REF_QUERY).
+    #[serde(default)]
+    pub blocks_sent_as_delta: u64,
+    #[serde(default)]
+    pub delta_bytes: u64,
+    #[serde(default)]
+    pub delta_candidates: u64,
     pub zstd_level: i32,
     /// The adaptive level over time: one sample per change, seconds since the start (at
     /// most [`LEVEL_HISTORY`] samples; past that, every other one is dropped).
@@ -130,6 +139,9 @@ impl MigrationReport {
             final_round_blocks: None,
             blocks_wanted: 0,
             blocks_sent: 0,
+            blocks_sent_as_delta: 0,
+            delta_bytes: 0,
+            delta_candidates: 0,
             zstd_level: 0,
             zstd_level_history: Vec::new(),
             elapsed_seconds: 0.0,

@@ -364,6 +364,7 @@ async fn bad_peers_get_a_clear_error_and_change_nothing() {
             read_through: false,
             data_stream: false,
             gang: None,
+            delta: false,
         }))
     };
     for frame in [hello("existing", BS as u32), hello("new", 512)] {

@@ -190,13 +190,15 @@ fn run(args: Args) -> anyhow::Result<()> {
         bail!("--compact-below {below} is not a share from 0 to 1");
     }
     let interval = args.compact_interval.unwrap_or(DEFAULT_COMPACT_INTERVAL_SECS as f64);
-    if interval == 0.0 {
+    let (interval, below) = if interval == 0.0 {
         info!("background compaction off (--compact-interval 0)");
+        (DEFAULT_COMPACT_INTERVAL_SECS as f64, None)
     } else {
-        let interval = std::time::Duration::try_from_secs_f64(interval)
-            .map_err(|_| anyhow::anyhow!("--compact-interval {interval} is not a number of seconds"))?;
-        spawn_compaction(Arc::clone(&store), interval, below).context("starting the compaction thread")?;
-    }
+        (interval, Some(below))
+    };
+    let interval = std::time::Duration::try_from_secs_f64(interval)
+        .map_err(|_| anyhow::anyhow!("--compact-interval {interval} is not a number of seconds"))?;
+    spawn_compaction(Arc::clone(&store), interval, below).context("starting the background thread")?;
 
     let space_interval = match args.metrics_space_interval {
         Some(secs) => std::time::Duration::try_from_secs_f64(secs)

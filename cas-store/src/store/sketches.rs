@@ -2,8 +2,10 @@
 //!
 //! Delta against similar blocks (the migration's issue 14) needs, for a block the peer lacks,
 //! a block of this store that differs from it by a few bytes. Each super-feature of each
-//! stored block's sketch ([`crate::resemblance`]) is a key of [`Cf::Sketches`] whose value is
-//! where the block is (its container and slot), so a lookup is three point reads.
+//! stored block's sketch ([`crate::resemblance`]) makes a key of [`Cf::Sketches`]: the
+//! super-feature followed by where the block is (its container and slot), so a lookup is
+//! three short prefix scans, and a block and its older version, which share super-features,
+//! are both found (the caller skips the block itself).
 //!
 //! The index is built lazily, a container at a time, by [`Store::update_sketches`], never on
 //! the write path: a container is sketched once it is sealed (no longer appended to; slots
@@ -13,9 +15,10 @@
 //! what they were while the container exists (a dead slot is still a good reference if the
 //! peer holds that content: the peer checks by fingerprint), and a location whose container
 //! compaction deleted fails to read and is skipped. Relocated blocks are sketched again in the
-//! container they moved to; a newer entry replaces an older one with the same key.
+//! container they moved to. Entries of deleted containers stay until a rebuild (known
+//! limitation: the index grows with the blocks ever sketched, 3 x 17 bytes each).
 //!
-//! Cost: three entries of 17 bytes per sketched block in the engine; CPU about 3 µs per
+//! Cost: three keys of 17 bytes per sketched block in the engine; CPU about 3 µs per
 //! block (the sketch) plus a sequential read of the container.
 
 use super::Store;
@@ -40,11 +43,27 @@ pub struct SketchReport {
     pub unsketchable: u64,
 }
 
-fn sketch_key(index: usize, super_feature: u64) -> [u8; 9] {
+/// Locations read per super-feature at most (the oldest first).
+const LOCATIONS_PER_FEATURE: usize = 4;
+
+fn feature_prefix(index: usize, super_feature: u64) -> [u8; 9] {
     let mut k = [0u8; 9];
     k[0] = index as u8;
     k[1..].copy_from_slice(&super_feature.to_be_bytes());
     k
+}
+
+fn sketch_key(index: usize, super_feature: u64, at: Location) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[..9].copy_from_slice(&feature_prefix(index, super_feature));
+    k[9..13].copy_from_slice(&at.container.to_be_bytes());
+    k[13..].copy_from_slice(&at.slot.to_be_bytes());
+    k
+}
+
+fn location_of(key: &[u8]) -> Option<Location> {
+    let tail: [u8; 8] = key.get(9..17)?.try_into().ok()?;
+    Some(Location { container: u32::from_be_bytes(tail[..4].try_into().ok()?), slot: u32::from_be_bytes(tail[4..].try_into().ok()?) })
 }
 
 impl Store {
@@ -71,10 +90,8 @@ impl Store {
                 let n = SKETCH_RUN_SLOTS.min(slots - first);
                 buf.resize(n as usize * bs, 0);
                 let at = Location { container: id, slot: first as u32 };
-                if containers.read(at, &mut buf).is_err() {
-                    // Deleted by a compaction pass since the listing: nothing to index.
-                    break;
-                }
+                // Compaction, the only deleter of containers, waits for this pass.
+                containers.read(at, &mut buf)?;
                 let mut batch = WriteBatch::new();
                 for (i, block) in buf.chunks_exact(bs).enumerate() {
                     let loc = Location { container: id, slot: (first + i as u64) as u32 };
@@ -82,7 +99,7 @@ impl Store {
                         Some(Sketch(supers)) => {
                             report.blocks += 1;
                             for (j, sf) in supers.iter().enumerate() {
-                                batch.put(Cf::Sketches, sketch_key(j, *sf).to_vec(), loc.encode().to_vec());
+                                batch.put(Cf::Sketches, sketch_key(j, *sf, loc).to_vec(), Vec::new());
                             }
                         }
                         None => report.unsketchable += 1,
@@ -103,13 +120,16 @@ impl Store {
     /// more first, each once. A location may name a dead slot (its bytes are still the block
     /// they were) or a deleted container ([`Store::read_location`] then fails).
     pub fn similar_blocks(&self, sketch: &Sketch) -> Result<Vec<Location>> {
-        let keys: Vec<[u8; 9]> = sketch.0.iter().enumerate().map(|(j, sf)| sketch_key(j, *sf)).collect();
-        let refs: Vec<&[u8]> = keys.iter().map(|k| &k[..]).collect();
-        let mut found: Vec<(Location, usize)> = Vec::with_capacity(SUPER_FEATURES);
-        for loc in self.engine.multi_get(Cf::Sketches, &refs)?.into_iter().flatten().filter_map(|v| Location::decode(&v)) {
-            match found.iter_mut().find(|(l, _)| *l == loc) {
-                Some((_, n)) => *n += 1,
-                None => found.push((loc, 1)),
+        let mut found: Vec<(Location, usize)> = Vec::with_capacity(SUPER_FEATURES * LOCATIONS_PER_FEATURE);
+        for (j, sf) in sketch.0.iter().enumerate() {
+            let start = feature_prefix(j, *sf);
+            let end = sketch_key(j, *sf, Location { container: u32::MAX, slot: u32::MAX });
+            for kv in self.engine.scan(Cf::Sketches, &start, Some(&end))?.take(LOCATIONS_PER_FEATURE) {
+                let Some(loc) = location_of(&kv?.0) else { continue };
+                match found.iter_mut().find(|(l, _)| *l == loc) {
+                    Some((_, n)) => *n += 1,
+                    None => found.push((loc, 1)),
+                }
             }
         }
         found.sort_by(|a, b| b.1.cmp(&a.1));

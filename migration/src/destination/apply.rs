@@ -99,8 +99,53 @@ pub(crate) fn apply_fingerprints(inc: &Incoming, runs: Vec<Run>, defer: bool) ->
     Ok(want)
 }
 
-pub(crate) fn apply_records(inc: &Incoming, records: Vec<Record>) -> Result<(), MigrationError> {
+/// Rebuilds the blocks that came as deltas from the blocks they name here. A delta that
+/// cannot be used (its reference is not here, it does not decode, or what it decodes to does
+/// not match its fingerprint) is dropped and returned, to be asked for whole; nothing of it
+/// is stored.
+fn resolve_deltas(inc: &Incoming, records: Vec<Record>) -> Result<(Vec<Record>, Vec<Fingerprint>), MigrationError> {
+    if !records.iter().any(|r| matches!(r, Record::Delta { .. })) {
+        return Ok((records, Vec::new()));
+    }
     let store = &inc.store;
+    let refs: Vec<Fingerprint> = records.iter().filter_map(|r| if let Record::Delta { reference, .. } = r { Some(*reference) } else { None }).collect();
+    let mut bases = store.get_blocks(&refs)?.into_iter();
+    let (mut out, mut refetch) = (Vec::with_capacity(records.len()), Vec::new());
+    for record in records {
+        let Record::Delta { fp, reference, delta } = record else {
+            out.push(record);
+            continue;
+        };
+        let base = bases.next().expect("one per delta");
+        let decoded = match base {
+            None => Err("the reference block is not here".to_string()),
+            Some(base) => crate::delta::decode(&delta, &base, inc.block_size as usize).and_then(|data| {
+                if store.fingerprint(&data) == fp {
+                    Ok(data)
+                } else {
+                    Err("the decoded block does not match its fingerprint".to_string())
+                }
+            }),
+        };
+        match decoded {
+            Ok(data) => out.push(Record::Block { fp, data }),
+            Err(why) => {
+                tracing::warn!(block = %fp, reference = %reference, why, "a delta could not be used; asking for the block whole");
+                refetch.push(fp);
+            }
+        }
+    }
+    let mut p = inc.pending.lock();
+    p.report.delta_blocks += (refs.len() - refetch.len()) as u64;
+    p.report.delta_refetched += refetch.len() as u64;
+    Ok((out, refetch))
+}
+
+/// Applies block records; returns the blocks that came as deltas it could not use, which
+/// the caller asks for whole (REFETCH).
+pub(crate) fn apply_records(inc: &Incoming, records: Vec<Record>) -> Result<Vec<Fingerprint>, MigrationError> {
+    let store = &inc.store;
+    let (records, refetch) = resolve_deltas(inc, records)?;
     // Every block is checked against its fingerprint before anything is applied, and before
     // the pending lock, which readers of the disk wait for.
     for record in &records {
@@ -142,6 +187,8 @@ pub(crate) fn apply_records(inc: &Incoming, records: Vec<Record>) -> Result<(), 
                 maps.extend(rest.iter().map(|&b| (b, fp)));
                 done.extend(blocks);
             }
+            // Resolved into blocks (or left out to be asked for again) above.
+            Record::Delta { .. } => {}
             Record::Gone(fp) => {
                 // The source changed every block that had this content; later rounds list
                 // their new content, which supersedes these entries.
@@ -177,5 +224,5 @@ pub(crate) fn apply_records(inc: &Incoming, records: Vec<Record>) -> Result<(), 
     if let Some(member) = &inc.gang {
         member.release(&arrived);
     }
-    Ok(())
+    Ok(refetch)
 }

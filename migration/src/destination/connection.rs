@@ -193,6 +193,7 @@ impl Connection<'_> {
                         self.after_progress()?;
                     }
                     Message::ReadData { id, result } => self.read_answered(id, result),
+                    Message::RefQuery { id, refs } => self.answer_ref_query(id, refs).await?,
                     Message::Error(e) => return Err(MigrationError::Refused(e.message)),
                     other => return Err(MigrationError::Unexpected(other.name())),
                 }
@@ -293,13 +294,31 @@ impl Connection<'_> {
 
     pub(crate) async fn apply_data(&self, raw_len: u32, frame: Vec<u8>) -> Result<(), MigrationError> {
         let inc = self.incoming().clone();
-        blocking(move || {
+        let refetch = blocking(move || {
             let records = decode_frame(raw_len, &frame, inc.block_size as usize)?;
             apply_records(&inc, records)
         })
         .await?;
         self.incoming().arrived.notify_all();
-        Ok(())
+        self.refetch(refetch)
+    }
+
+    /// Asks again, whole, for blocks whose deltas could not be used.
+    fn refetch(&self, fps: Vec<Fingerprint>) -> Result<(), MigrationError> {
+        if fps.is_empty() {
+            return Ok(());
+        }
+        self.send(Message::Refetch(fps))
+    }
+
+    /// Answers a source's REF_QUERY: which candidate references are held here.
+    async fn answer_ref_query(&self, id: u64, refs: Vec<Fingerprint>) -> Result<(), MigrationError> {
+        if !self.session.hello.delta {
+            return Err(MigrationError::Unexpected("REF_QUERY on a connection that did not agree to deltas"));
+        }
+        let store = self.incoming().store.clone();
+        let held = blocking(move || store.has_many(&refs)).await?;
+        self.send(Message::RefHeld { id, held })
     }
 
     /// Decodes the next piece of a stream and applies its records (frames of a connection are
@@ -311,13 +330,14 @@ impl Connection<'_> {
             let records = parse_records(s.decode(id, &frame, raw_len as usize)?, inc.block_size as usize)?;
             let memory = s.memory();
             drop(s);
-            apply_records(&inc, records)?;
-            Ok::<_, MigrationError>(memory)
+            let refetch = apply_records(&inc, records)?;
+            Ok::<_, MigrationError>((memory, refetch))
         })
         .await?;
+        let (memory, refetch) = memory;
         self.session.status.update(|r| r.link_stream_memory_bytes = memory as u64);
         self.incoming().arrived.notify_all();
-        Ok(())
+        self.refetch(refetch)
     }
 
     pub(crate) async fn switch_over(&self) -> Result<(), MigrationError> {

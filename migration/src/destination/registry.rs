@@ -421,7 +421,7 @@ impl Destination {
                 let keep_switch = proto.processed_at_switch;
                 *proto = Proto { processed_at_switch: keep_switch, ..Default::default() };
             }
-            AcceptInfo { processed: proto.processed, switched, rebuild, data_stream: session.hello.data_stream }
+            AcceptInfo { processed: proto.processed, switched, rebuild, data_stream: session.hello.data_stream, delta: session.hello.delta }
         };
         crate::wire::write_message(&mut stream, &Message::Accept(info.clone()), &status.traffic).await?;
         status.link_up();

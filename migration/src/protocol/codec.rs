@@ -25,6 +25,9 @@ mod tag {
     pub const READ: u8 = 16;
     pub const READ_DATA: u8 = 17;
     pub const DATA_STREAM: u8 = 18;
+    pub const REF_QUERY: u8 = 19;
+    pub const REF_HELD: u8 = 20;
+    pub const REFETCH: u8 = 21;
 }
 
 pub fn greeting() -> [u8; GREETING_LEN] {
@@ -52,7 +55,7 @@ pub fn decode_header(h: &[u8; HEADER_LEN]) -> Result<(u8, usize), ProtocolError>
     if len > MAX_PAYLOAD {
         return Err(ProtocolError::TooLarge(len));
     }
-    if !(tag::HELLO..=tag::DATA_STREAM).contains(&h[0]) {
+    if !(tag::HELLO..=tag::REFETCH).contains(&h[0]) {
         return Err(ProtocolError::UnknownType(h[0]));
     }
     Ok((h[0], len))
@@ -170,6 +173,25 @@ pub fn encode(msg: &Message) -> Vec<u8> {
                 }
             }
             tag::READ_DATA
+        }
+        Message::RefQuery { id, refs } => {
+            payload.extend_from_slice(&id.to_be_bytes());
+            put_fps(&mut payload, refs);
+            tag::REF_QUERY
+        }
+        Message::RefHeld { id, held } => {
+            payload.extend_from_slice(&id.to_be_bytes());
+            payload.extend_from_slice(&(held.len() as u32).to_be_bytes());
+            let mut bits = vec![0u8; held.len().div_ceil(8)];
+            for (i, _) in held.iter().enumerate().filter(|(_, h)| **h) {
+                bits[i / 8] |= 1 << (i % 8);
+            }
+            payload.extend_from_slice(&bits);
+            tag::REF_HELD
+        }
+        Message::Refetch(fps) => {
+            put_fps(&mut payload, fps);
+            tag::REFETCH
         }
     };
     let mut frame = Vec::with_capacity(HEADER_LEN + payload.len());
@@ -334,6 +356,30 @@ pub fn decode(t: u8, payload: &[u8]) -> Result<Message, ProtocolError> {
             };
             Ok(Message::ReadData { id, result })
         }
+        tag::REF_QUERY => {
+            let mut c = Cursor { buf: payload, what: "REF_QUERY" };
+            let id = c.u64()?;
+            let refs = c.fps()?;
+            c.done()?;
+            Ok(Message::RefQuery { id, refs })
+        }
+        tag::REF_HELD => {
+            let mut c = Cursor { buf: payload, what: "REF_HELD" };
+            let id = c.u64()?;
+            let n = c.u32()? as usize;
+            if n > MAX_LIST {
+                return Err(malformed("REF_HELD", format!("{n} answers is over the limit")));
+            }
+            let bits = c.take(n.div_ceil(8))?;
+            c.done()?;
+            Ok(Message::RefHeld { id, held: (0..n).map(|i| bits[i / 8] & (1 << (i % 8)) != 0).collect() })
+        }
+        tag::REFETCH => {
+            let mut c = Cursor { buf: payload, what: "REFETCH" };
+            let fps = c.fps()?;
+            c.done()?;
+            Ok(Message::Refetch(fps))
+        }
         other => Err(ProtocolError::UnknownType(other)),
     }
 }
@@ -365,8 +411,13 @@ mod tests {
             read_through: true,
             data_stream: true,
             gang: Some("g1".into()),
+            delta: true,
         }));
-        round_trip(Message::Accept(AcceptInfo { processed: 7, switched: true, rebuild: false, data_stream: true }));
+        round_trip(Message::Accept(AcceptInfo { processed: 7, switched: true, rebuild: false, data_stream: true, delta: true }));
+        round_trip(Message::RefQuery { id: 3, refs: vec![fp(6), fp(7)] });
+        round_trip(Message::RefHeld { id: 3, held: vec![true, false, false, true, true, false, true, false, true] });
+        round_trip(Message::RefHeld { id: 4, held: vec![] });
+        round_trip(Message::Refetch(vec![fp(8)]));
         round_trip(Message::Ack { processed: 1 << 40 });
         round_trip(Message::Fingerprints { round: 3, runs: vec![Run::Mapped { first: 7, fps: vec![fp(1), fp(2)] }, Run::Zero { first: 9, count: 100 }] });
         round_trip(Message::RoundEnd { round: 2, last: true });
@@ -408,6 +459,9 @@ mod tests {
         assert!(decode(tag::READ_DATA, &[0, 0, 0, 0, 0, 0, 0, 1, 5]).is_err(), "bad READ_DATA status");
         assert!(decode(tag::DATA_STREAM, &[2, 0, 0, 0, 1]).is_err(), "unknown stream");
         assert!(decode(tag::DATA_STREAM, &[0, 0xff, 0xff, 0xff, 0xff]).is_err(), "huge raw length");
+        assert!(decode(tag::REF_HELD, &[0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 9, 0xff]).is_err(), "nine answers in one byte");
+        assert!(decode(tag::REF_HELD, &[0, 0, 0, 0, 0, 0, 0, 1, 0xff, 0xff, 0xff, 0xff]).is_err(), "huge count");
+        assert!(decode(tag::REF_QUERY, &[0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 1]).is_err(), "short fingerprint");
         let mut g = greeting();
         assert!(check_greeting(&g).is_ok());
         g[9] = 9;

@@ -119,6 +119,28 @@
 //! members share one bandwidth cap and give way to each other's on-demand data (see
 //! [`crate::ratelimit::SharedLink`]). The destination's side is `destination/gang.rs`.
 //!
+//! # Delta (blocks sent as differences from similar blocks)
+//! When HELLO and ACCEPT both say `delta`, the source looks, for each wanted block, for a
+//! similar block in its own store (the resemblance index, `cas_store::Store::similar_blocks`)
+//! and asks whether the destination holds it, before that block's turn to be sent:
+//! ```text
+//!                     <------------------------------  WANT [x, y, ...]
+//!   REF_QUERY {id, [r(x), ...]} -------------------->  has_many
+//!                     <------------------------------  REF_HELD {id, bitmap}
+//!   DATA_STREAM: record x as a delta against r(x) -->  decode with its copy of r(x),
+//!                                                      check x's fingerprint
+//!                     <------------------------------  REFETCH [x] (only if that failed)
+//!   DATA_STREAM: record x whole -------------------->
+//! ```
+//! A delta record is `fingerprint | 2 | reference fingerprint | length (u16 LE) | a zstd
+//! frame compressed with the reference as raw-content dictionary` (see [`crate::compress`]);
+//! it decodes to at most one block. The queries run ahead of the data (blocks without a
+//! candidate go at once, the others when the answer comes), so the round trip does not stall
+//! the link. The destination checks the decoded block's fingerprint as for any block; a
+//! delta it cannot use (reference not held, damaged, or a mismatch) is logged, counted
+//! (`delta_refetched`) and asked for whole with REFETCH; nothing unverified is stored. Query
+//! state belongs to one connection: after a lost link WANT comes again and so do the queries.
+//!
 //! # Version policy
 //! [`VERSION`] changes only when a message changes meaning or layout. Peers must speak the
 //! same version; a mismatch is answered with ERROR naming both versions. New optional JSON
@@ -126,7 +148,8 @@
 //! Version 2 added resume (ACCEPT's payload, ACK, HELLO's resume fields). READ and READ_DATA
 //! came later without a version change: a destination sends READ only to a source whose
 //! HELLO says `read_through` (an older source's destination holds standby reads until the
-//! switch-over instead).
+//! switch-over instead). REF_QUERY, REF_HELD, REFETCH and delta records came the same way:
+//! they are sent only when both HELLO and ACCEPT say `delta`.
 
 mod codec;
 
@@ -209,6 +232,10 @@ pub struct Hello {
     /// not asked for again; it is mapped when that migration's copy arrives.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gang: Option<String>,
+    /// The source can send blocks as deltas against similar blocks both sides hold (see
+    /// "Delta" above); it does if ACCEPT says the destination can decode them.
+    #[serde(default)]
+    pub delta: bool,
 }
 
 /// The destination's answer to HELLO: where a resumed migration continues.
@@ -225,6 +252,9 @@ pub struct AcceptInfo {
     /// The destination takes DATA_STREAM on this connection (the source offered it).
     #[serde(default)]
     pub data_stream: bool,
+    /// The destination answers REF_QUERY and decodes delta records (the source offered it).
+    #[serde(default)]
+    pub delta: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -278,6 +308,13 @@ pub struct DestReport {
     /// destination's bookkeeping held; the listing window bounds it).
     #[serde(default)]
     pub missing_peak: u64,
+    /// Blocks that arrived as deltas against a block held here, and deltas that could not
+    /// be used (reference not held, or the result did not match its fingerprint), asked for
+    /// whole again with REFETCH.
+    #[serde(default)]
+    pub delta_blocks: u64,
+    #[serde(default)]
+    pub delta_refetched: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -332,6 +369,21 @@ pub enum Message {
         id: u64,
         result: Result<Vec<u8>, String>,
     },
+    /// Source to destination: does the destination hold these blocks (candidate references
+    /// for deltas)? Answered by REF_HELD with the same `id`.
+    RefQuery {
+        id: u64,
+        refs: Vec<Fingerprint>,
+    },
+    /// Destination to source: for each fingerprint of REF_QUERY `id`, in order, whether it
+    /// is held here (a bitmap on the wire).
+    RefHeld {
+        id: u64,
+        held: Vec<bool>,
+    },
+    /// Destination to source: these blocks arrived as deltas that could not be used; send
+    /// them whole.
+    Refetch(Vec<Fingerprint>),
 }
 
 /// Largest READ (the standby export splits larger reads).
@@ -367,6 +419,9 @@ impl Message {
             Message::Bye => "BYE",
             Message::Read { .. } => "READ",
             Message::ReadData { .. } => "READ_DATA",
+            Message::RefQuery { .. } => "REF_QUERY",
+            Message::RefHeld { .. } => "REF_HELD",
+            Message::Refetch(_) => "REFETCH",
         }
     }
 }

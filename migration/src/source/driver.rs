@@ -181,6 +181,7 @@ impl Source {
             read_through: true,
             data_stream: self.config.data_stream,
             gang: self.config.gang.clone(),
+            delta: self.config.delta,
         };
         let outbox = Arc::new(Outbox::new(restarted.is_some()));
         let (event_tx, events) = mpsc::unbounded_channel();

@@ -3,6 +3,7 @@
 //! has everything.
 
 mod compressor;
+mod delta;
 mod driver;
 mod listing;
 mod outbox;
@@ -77,6 +78,9 @@ pub struct SourceConfig {
     /// Offer DATA_STREAM (one long-window zstd stream per connection); false compresses each
     /// DATA frame on its own (to measure what the stream gives).
     pub data_stream: bool,
+    /// Offer deltas: a wanted block similar to one the destination holds (found in this
+    /// store's resemblance index, confirmed with REF_QUERY) crosses as the difference.
+    pub delta: bool,
     /// The gang this migration belongs to (disks moved together; see `Hello::gang`): the
     /// destination asks once for content several of them lack, and the gang's migrations
     /// share one bandwidth cap at this server.
@@ -100,6 +104,7 @@ impl Default for SourceConfig {
             bandwidth_bps: None,
             reconnect_window_secs: 600,
             data_stream: true,
+            delta: true,
             gang: None,
             restarted_at: None,
         }

@@ -66,6 +66,7 @@ where
         defer_dirty: false,
         read_through: false,
         data_stream: false,
+        delta: false,
         gang: None,
     };
     crate::wire::write_message(&mut stream, &Message::Hello(hello), &traffic).await?;

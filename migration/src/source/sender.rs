@@ -9,6 +9,7 @@ use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 
+use super::delta::DeltaPlanner;
 use super::*;
 use crate::compress::{compress, encode_records, Record};
 use crate::protocol::Message;
@@ -20,6 +21,13 @@ use crate::{blocking, MigrationError};
 pub(crate) enum SendWork {
     Want(Vec<Fingerprint>),
     Fetch(Vec<Fingerprint>),
+    /// The destination's answer to REF_QUERY `id`.
+    RefsHeld {
+        id: u64,
+        held: Vec<bool>,
+    },
+    /// Deltas the destination could not use: send these blocks whole.
+    Refetch(Vec<Fingerprint>),
 }
 
 /// Answers the destination's READs (its standby export, before the switch-over) from the
@@ -99,6 +107,11 @@ pub(crate) async fn run_reader<R: AsyncRead + Unpin>(
             Message::Read { id, offset, length } => {
                 reads.serve(id, offset, length).await;
                 true
+            }
+            Message::RefHeld { id, held } => work.send(SendWork::RefsHeld { id, held }).is_ok(),
+            Message::Refetch(fps) => {
+                tracing::info!(blocks = fps.len(), "the destination could not use some deltas; sending those blocks whole");
+                work.send(SendWork::Refetch(fps)).is_ok()
             }
             Message::RoundDone { round } => events.send(Event::RoundDone(round)).is_ok(),
             Message::Switched(r) => events.send(Event::Switched(r)).is_ok(),
@@ -253,6 +266,9 @@ pub(crate) async fn run_writer<W: AsyncWrite + Unpin>(
 /// Sends DATA frames for wanted blocks: on-demand fetches go first, in small frames
 /// compressed here, on the urgent queue; background blocks are read here and compressed
 /// ahead of the link by the connection's compressor thread (see [`super::compressor`]).
+/// With `delta`, wanted background blocks are first looked up in the resemblance index (see
+/// [`super::delta`]); those with a candidate reference wait for the destination's REF_HELD.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn run_data_sender(
     store: Arc<Store>,
     mut work: mpsc::UnboundedReceiver<SendWork>,
@@ -261,6 +277,7 @@ pub(crate) async fn run_data_sender(
     config: SourceConfig,
     status: Arc<MigrationStatus>,
     streaming: bool,
+    delta: bool,
 ) {
     let block_size = store.block_size() as usize;
     let memory = Arc::new(StreamMemory::default());
@@ -279,10 +296,11 @@ pub(crate) async fn run_data_sender(
     let mut shared: VecDeque<Fingerprint> = VecDeque::new();
     let mut background: VecDeque<Fingerprint> = VecDeque::new();
     let mut sent = RecentFingerprints::default();
+    let mut deltas = DeltaPlanner::new(delta);
     loop {
         // Take everything queued, then block for more only when idle.
         loop {
-            let item = if urgent.is_empty() && shared.is_empty() && background.is_empty() {
+            let item = if urgent.is_empty() && shared.is_empty() && background.is_empty() && !deltas.has_work() {
                 match work.recv().await {
                     Some(w) => w,
                     None => return,
@@ -311,8 +329,24 @@ pub(crate) async fn run_data_sender(
                         Err(_) => background.extend(fps),
                     }
                 }
+                SendWork::Want(fps) if deltas.enabled() => deltas.wanted(fps, &mut background),
                 SendWork::Want(fps) => background.extend(fps),
                 SendWork::Fetch(fps) => urgent.extend(fps),
+                SendWork::RefsHeld { id, held } => deltas.answered(id, &held, &mut background),
+                SendWork::Refetch(fps) => {
+                    for fp in &fps {
+                        sent.remove(fp);
+                    }
+                    deltas.refused(&fps);
+                    background.extend(fps);
+                }
+            }
+        }
+        // Look for references for the next wanted blocks, a slice at a time between data
+        // frames, and ask the destination about them ahead of their turn.
+        if let Some(query) = deltas.propose_next(&store, &status, &mut background).await {
+            if high.send(DataFrame { frame: Frame::new(&query), fps: Vec::new(), record_bytes: 0 }).await.is_err() {
+                return;
             }
         }
         let is_urgent = !urgent.is_empty();
@@ -338,20 +372,15 @@ pub(crate) async fn run_data_sender(
         // On-demand frames are small and compressed at once at the background's level.
         let lvl = status.report.lock().zstd_level.max(1);
         let mut encoder = if is_urgent && streaming { Some(urgent_encoder.take()) } else { None };
+        let references = deltas.references_for(&batch);
         let built = blocking(move || {
             let blocks = s.get_blocks(&batch)?;
-            let records: Vec<Record> = batch
-                .iter()
-                .zip(blocks)
-                .map(|(fp, b)| match b {
-                    Some(data) => Record::Block { fp: *fp, data: data.to_vec() },
-                    None => Record::Gone(*fp),
-                })
-                .collect();
+            let records = super::delta::block_records(&s, &batch, blocks, references, lvl);
+            let deltas = super::delta::DeltaCount::of(&records);
             let (mut sent_fps, mut gone) = (Vec::with_capacity(records.len()), Vec::new());
             for r in &records {
                 match r {
-                    Record::Block { fp, .. } => sent_fps.push(*fp),
+                    Record::Block { fp, .. } | Record::Delta { fp, .. } => sent_fps.push(*fp),
                     Record::Gone(fp) => gone.push(*fp),
                 }
             }
@@ -372,10 +401,10 @@ pub(crate) async fn run_data_sender(
                     }
                 })
             };
-            Ok::<_, MigrationError>((raw, msg, sent_fps, gone, encoder))
+            Ok::<_, MigrationError>((raw, msg, sent_fps, gone, encoder, deltas))
         })
         .await;
-        let (raw, msg, sent_fps, gone, encoder) = match built {
+        let (raw, msg, sent_fps, gone, encoder, sent_deltas) = match built {
             Ok(v) => v,
             Err(e) => {
                 tracing::error!(error = %e, "reading blocks to send failed");
@@ -391,6 +420,12 @@ pub(crate) async fn run_data_sender(
         // A block that is gone was not sent; if it is asked for again, try again.
         for fp in &gone {
             sent.remove(fp);
+        }
+        if sent_deltas.blocks > 0 {
+            status.update(|r| {
+                r.blocks_sent_as_delta += sent_deltas.blocks;
+                r.delta_bytes += sent_deltas.bytes;
+            });
         }
         let delivered = match msg {
             Some(msg) => {
@@ -462,7 +497,7 @@ mod tests {
         let config = SourceConfig { gang: Some("g".into()), data_stream: false, zstd_level: Some(1), batch_bytes: 4096 + 17, ..SourceConfig::default() };
         let status = MigrationStatus::new(MigrationReport::new("t", "a", "source", "peer"));
         work_tx.send(SendWork::Want(vec![fp(1), fp(2), fp(3), fp(4)])).unwrap();
-        let sender = tokio::spawn(run_data_sender(store.clone(), work_rx, high_tx, low_tx, config, status, false));
+        let sender = tokio::spawn(run_data_sender(store.clone(), work_rx, high_tx, low_tx, config, status, false, false));
         let mut order = Vec::new();
         for _ in 0..4 {
             let frame = tokio::time::timeout(Duration::from_secs(10), low_rx.recv()).await.unwrap().unwrap();

@@ -194,6 +194,7 @@ impl LinkSupervisor {
             self.config.clone(),
             self.status.clone(),
             self.hello.data_stream && info.data_stream,
+            self.hello.delta && info.delta,
         ));
         let mut writer_done = false;
         let end = tokio::select! {

@@ -113,6 +113,8 @@ pub(super) struct StartMigration {
     pub(super) reconnect_window_secs: Option<u64>,
     /// Compress block data as one zstd stream per connection (default true).
     pub(super) data_stream: Option<bool>,
+    /// Send blocks similar to ones the destination holds as deltas (default true).
+    pub(super) delta: Option<bool>,
     /// A gang this migration joins (disks moved together): content several members lack
     /// crosses once, and the members share one bandwidth cap.
     pub(super) gang: Option<String>,

@@ -98,6 +98,7 @@ pub(super) async fn start_migration(node: &Arc<Node>, req: StartMigration) -> Re
         bandwidth_bps: req.bandwidth_bps,
         reconnect_window_secs: req.reconnect_window_secs.unwrap_or(defaults.reconnect_window_secs),
         data_stream: req.data_stream.unwrap_or(defaults.data_stream),
+        delta: req.delta.unwrap_or(defaults.delta),
         gang: req.gang.clone(),
         restarted_at: None,
     };

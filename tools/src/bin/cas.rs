@@ -414,6 +414,10 @@ fn run(cas: Cas) -> Result<()> {
                     bar.finish_and_clear();
                     let stats = store.disk_stats(&c.name)?;
                     report_import(&c, &raw.format, bytes, started.elapsed().as_secs_f64(), &stats)?;
+                    // The resemblance index a migration from this store looks in (what a
+                    // server's background pass would do; the container still appended to
+                    // is sketched at the next open).
+                    store.update_sketches()?;
                 }
                 Target::Server(addr) => {
                     if c.block_size.is_some() || c.algorithm.is_some() {

@@ -67,6 +67,10 @@ struct Migrate {
     /// connection (to measure what the stream gives)
     #[argh(switch)]
     no_stream: bool,
+    /// send every block whole, never as a delta against a similar block the destination
+    /// holds (to measure what deltas give)
+    #[argh(switch)]
+    no_delta: bool,
     /// print the final report as JSON
     #[argh(switch)]
     json: bool,
@@ -401,6 +405,7 @@ fn run(args: &Migrate) -> Result<()> {
                 "bandwidth_bps": args.bandwidth.as_deref().map(parse_rate).transpose()?,
                 "reconnect_window_secs": args.reconnect_window,
                 "data_stream": !args.no_stream,
+                "delta": !args.no_delta,
                 "gang": gang,
             }),
         )?;
