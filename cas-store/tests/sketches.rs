@@ -71,6 +71,20 @@ fn a_changed_block_finds_the_block_it_came_from() {
 }
 
 #[test]
+fn the_in_memory_engine_keeps_an_index_too() {
+    let store = Store::open_in_memory(opts()).unwrap();
+    let old = unique(3, 2 * SLOTS_PER_CONTAINER + 1);
+    let disk = store.create_disk("old", old.len() as u64).unwrap();
+    store.write(disk.id, 0, &old, false).unwrap();
+    assert_eq!(store.update_sketches().unwrap().blocks, 2 * SLOTS_PER_CONTAINER as u64);
+    let changed = changed(&old[..BS]);
+    let loc = store.similar_blocks(&sketch(&changed).unwrap()).unwrap()[0];
+    let mut buf = vec![0u8; BS];
+    store.read_location(loc, &mut buf).unwrap();
+    assert_eq!(buf, old[..BS]);
+}
+
+#[test]
 fn zero_and_uniform_blocks_are_not_indexed() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), opts()).unwrap();

@@ -261,6 +261,54 @@ mod tests {
         assert!(decode_frame(u32::MAX, &frame, 4096).is_err());
     }
 
+    /// Delta records round-trip, and random or damaged record bytes are an error, never a
+    /// panic or an allocation past the input (a deterministic fuzz loop: it runs in every
+    /// test run; the parser is also what a fuzzer would target).
+    #[test]
+    fn delta_records_round_trip_and_garbage_is_refused() {
+        let records = vec![
+            Record::Delta { fp: Fingerprint([4; 16]), reference: Fingerprint([5; 16]), delta: vec![9; 37] },
+            Record::Block { fp: Fingerprint([1; 16]), data: vec![7; 4096] },
+            Record::Delta { fp: Fingerprint([6; 16]), reference: Fingerprint([7; 16]), delta: Vec::new() },
+            Record::Gone(Fingerprint([2; 16])),
+        ];
+        let mut raw = Vec::new();
+        encode_records(&records, &mut raw);
+        assert_eq!(parse_records(&raw, 4096).unwrap(), records);
+        for cut in 0..raw.len() {
+            // A cut parses only at a record boundary, as the records before it.
+            if let Ok(parsed) = parse_records(&raw[..cut], 4096) {
+                assert_eq!(parsed[..], records[..parsed.len()], "a cut at {cut}");
+            }
+        }
+        let mut long = Vec::new();
+        encode_records(&[Record::Delta { fp: Fingerprint([1; 16]), reference: Fingerprint([2; 16]), delta: vec![0; 5000] }], &mut long);
+        assert!(parse_records(&long, 4096).is_err(), "a delta longer than a block");
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for round in 0..20_000 {
+            let mut bytes = raw.clone();
+            for _ in 0..(round % 8 + 1) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let at = (x % bytes.len() as u64) as usize;
+                bytes[at] = (x >> 32) as u8;
+            }
+            bytes.truncate((x >> 40) as usize % (bytes.len() + 1));
+            if let Ok(parsed) = parse_records(&bytes, 4096) {
+                let size: usize = parsed
+                    .iter()
+                    .map(|r| match r {
+                        Record::Block { data, .. } => data.len(),
+                        Record::Delta { delta, .. } => delta.len(),
+                        Record::Gone(_) => 0,
+                    })
+                    .sum();
+                assert!(size <= bytes.len());
+            }
+        }
+    }
+
     #[test]
     fn level_follows_the_bottleneck() {
         let ms = Duration::from_millis;

@@ -3,7 +3,7 @@
 //! damaged, forced here) is detected, asked for whole and never stored.
 
 mod common;
-use common::read_all;
+use common::{later_version, older_version, read_all, write_disk};
 
 use std::sync::Arc;
 
@@ -11,37 +11,13 @@ use cas_store::{Store, StoreOptions, CONTAINERS_DIR};
 use migration::{run_destination, run_source, DestHooks, MigratingDisk, MigrationReport, NoHooks, SourceConfig};
 use tokio::net::{TcpListener, TcpStream};
 
-const BS: usize = 4096;
+const BS: usize = common::BS;
 const BLOCKS: usize = 256;
 
 fn store(dir: &std::path::Path) -> Arc<Store> {
     // Containers of 64 blocks, so that the test's disks fill sealed ones (only those are
     // sketched).
     Arc::new(Store::open(dir, StoreOptions { block_size: Some(BS as u32), container_bytes: 64 * BS as u64, ..Default::default() }).unwrap())
-}
-
-/// An older version of a VM's data: text-like blocks, none equal to another.
-fn older() -> Vec<u8> {
-    let mut x = 0x2545_F491_4F6C_DD1Du64;
-    (0..BLOCKS * BS)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            b"etaoinshrdlu cmfwypvbgkqjxz.,\n"[(x % 30) as usize]
-        })
-        .collect()
-}
-
-/// The same VM later: every block changed in a few places (rows updated, a log line added).
-fn later(older: &[u8]) -> Vec<u8> {
-    let mut out = older.to_vec();
-    for (i, block) in out.chunks_mut(BS).enumerate() {
-        let at = (i * 389) % (BS - 40);
-        block[at..at + 8].copy_from_slice(b"refunded");
-        block[BS - 30..BS].copy_from_slice(format!("{i:>10} shipped 2026-12-0{} ", i % 9).as_bytes());
-    }
-    out
 }
 
 /// A destination that serves nothing (the test reads the store).
@@ -52,11 +28,6 @@ impl DestHooks for Attached {
         Ok(())
     }
     fn complete(&self, _: &str) {}
-}
-
-fn write_disk(store: &Store, name: &str, content: &[u8]) {
-    let d = store.create_disk(name, content.len() as u64).unwrap();
-    store.write(d.id, 0, content, false).unwrap();
 }
 
 async fn migrate(src: Arc<Store>, dst: Arc<Store>, config: SourceConfig) -> (MigrationReport, MigrationReport) {
@@ -77,8 +48,8 @@ async fn migrate(src: Arc<Store>, dst: Arc<Store>, config: SourceConfig) -> (Mig
 /// the older version.
 fn setup(root: &std::path::Path) -> (Arc<Store>, Arc<Store>, Vec<u8>) {
     let (src, dst) = (store(&root.join("src")), store(&root.join("dst")));
-    let old = older();
-    let vm = later(&old);
+    let old = older_version(BLOCKS);
+    let vm = later_version(&old);
     write_disk(&src, "vm-monday", &old);
     write_disk(&src, "vm", &vm);
     let indexed = src.update_sketches().unwrap();

@@ -4,7 +4,7 @@
 //! what can be in flight at a cut.
 
 mod common;
-use common::{guest_writer, read_all, serve_destination};
+use common::{guest_writer, later_version, older_version, read_all, serve_destination, write_disk};
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -28,6 +28,8 @@ const DATA: u8 = 7;
 /// DATA, so cuts land inside a compression stream.
 const DATA_STREAM: u8 = 18;
 const SWITCH: u8 = 9;
+/// REF_QUERY: the source asks whether the destination holds candidate references for deltas.
+const REF_QUERY: u8 = 19;
 
 fn store() -> Arc<Store> {
     Arc::new(Store::open_in_memory(StoreOptions { block_size: Some(BS as u32), ..Default::default() }).unwrap())
@@ -449,4 +451,34 @@ async fn precopy_dirty_rounds_list_only_and_their_data_follows_the_switch() {
     let d = &o.source.destination;
     assert!(d.fetched_background + d.fetched_on_demand > 0, "dirty blocks crossed after the switch-over: {d:?}");
     assert!(*rounds.last().unwrap() <= rounds[1], "the final listing is no larger than the first dirty round: {rounds:?}");
+}
+
+/// Deltas across cuts: a query lost in flight, a query whose answer is lost, and a stream
+/// frame full of deltas lost. Query state belongs to a connection, so the next one asks
+/// again; every block arrives once usable and byte-exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_inside_delta_exchanges() {
+    let small_containers =
+        || Arc::new(Store::open_in_memory(StoreOptions { block_size: Some(BS as u32), container_bytes: 64 * BS as u64, ..Default::default() }).unwrap());
+    let (src, dst) = (small_containers(), small_containers());
+    let old = older_version(2048);
+    let vm = later_version(&old);
+    write_disk(&src, "vm-monday", &old);
+    write_disk(&src, "vm", &vm);
+    src.update_sketches().unwrap();
+    write_disk(&dst, "vm-monday", &old);
+    let rule: Rule = Box::new(|t, n| match (t, n) {
+        (REF_QUERY, 0) => Cut::Before,
+        (REF_QUERY, 2) => Cut::After,
+        (DATA, 1) => Cut::Before,
+        _ => Cut::No,
+    });
+    let o = run(src, dst.clone(), SourceConfig::default(), Arc::new(NoHooks), Arc::new(Hooks::default()), rule).await;
+    assert_eq!(read_all(&dst, "vm"), vm, "byte-exact at the destination");
+    assert!(dst.fsck(true).unwrap().is_clean());
+    check("cut inside delta exchanges", &o, 3);
+    assert!(o.frames.iter().filter(|(t, _)| *t == REF_QUERY).count() > 3, "queries asked again after the cuts");
+    let d = &o.source.destination;
+    assert!(d.delta_blocks > 1024, "{} blocks rebuilt from deltas", d.delta_blocks);
+    assert_eq!(d.delta_refetched, 0);
 }

@@ -14,7 +14,7 @@ type Table = BTreeMap<Vec<u8>, Vec<u8>>;
 /// gives them the same point-in-time view as a RocksDB iterator.
 #[derive(Debug, Default)]
 pub struct MemEngine {
-    tables: RwLock<[Table; 5]>,
+    tables: RwLock<[Table; Cf::ALL.len()]>,
 }
 
 impl MemEngine {

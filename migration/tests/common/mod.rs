@@ -109,3 +109,34 @@ pub async fn serve_destinations(current: CurrentDestination) -> std::net::Socket
 pub async fn serve_destination(dest: Arc<Destination>) -> std::net::SocketAddr {
     serve_destinations(Arc::new(Mutex::new(Some((dest, tokio::runtime::Handle::current()))))).await
 }
+
+pub const BS: usize = 4096;
+
+pub fn write_disk(store: &Store, name: &str, content: &[u8]) {
+    let d = store.create_disk(name, content.len() as u64).unwrap();
+    store.write(d.id, 0, content, false).unwrap();
+}
+
+/// An older version of a VM's data: text-like blocks, none equal to another.
+pub fn older_version(blocks: usize) -> Vec<u8> {
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    (0..blocks * BS)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            b"etaoinshrdlu cmfwypvbgkqjxz.,\n"[(x % 30) as usize]
+        })
+        .collect()
+}
+
+/// The same VM later: every block changed in a few places (rows updated, a log line added).
+pub fn later_version(older: &[u8]) -> Vec<u8> {
+    let mut out = older.to_vec();
+    for (i, block) in out.chunks_mut(BS).enumerate() {
+        let at = (i * 389) % (BS - 40);
+        block[at..at + 8].copy_from_slice(b"refunded");
+        block[BS - 30..BS].copy_from_slice(format!("{i:>10} shipped 2026-12-0{} ", i % 9).as_bytes());
+    }
+    out
+}
