@@ -21,8 +21,18 @@ use crate::recent::RecentFingerprints;
 /// Wanted blocks looked up in the resemblance index per step (between two data frames):
 /// about 10 µs each (read, sketch, three index reads, the candidate's read and fingerprint).
 const PROPOSE_STEP: usize = 512;
+/// Blocks looked up ahead of the sender at most (waiting in its background queue): 8 MiB of
+/// blocks, a few hundred milliseconds of a 100 Mbit/s link, longer than a query's round trip.
+pub(crate) const LOOK_AHEAD_BLOCKS: usize = 2048;
 /// Candidate locations tried per block (the block itself is usually one of them).
 const CANDIDATES_TRIED: usize = 3;
+/// After this many lookups and `GIVE_UP_TRIED` deltas tried, a connection on which fewer
+/// than one looked-up block in `GIVE_UP_RATIO` went as a delta stops looking: a store with
+/// nothing similar (fresh installs at both ends: candidates are found, but among the disk's
+/// own blocks, and few deltas pay) should not cost ~10 µs of CPU per wanted block.
+const GIVE_UP_AFTER: u64 = 4096;
+const GIVE_UP_TRIED: u64 = 512;
+const GIVE_UP_RATIO: u64 = 50;
 /// The level deltas are compressed at, at most (4 KiB against a 4 KiB dictionary: higher
 /// levels cost far more time for a few bytes).
 const MAX_DELTA_LEVEL: i32 = 9;
@@ -48,6 +58,11 @@ pub(crate) struct DeltaPlanner {
     confirmed: HashMap<Fingerprint, (Fingerprint, Location)>,
     /// Blocks the destination could not rebuild from a delta: sent whole from now on.
     refused: RecentFingerprints,
+    /// Blocks looked up, deltas tried (confirmed references handed to a batch), and deltas
+    /// sent.
+    looked_up: u64,
+    tried: u64,
+    paid: u64,
 }
 
 impl DeltaPlanner {
@@ -59,6 +74,9 @@ impl DeltaPlanner {
             next_query: 0,
             confirmed: HashMap::new(),
             refused: RecentFingerprints::new(1 << 16),
+            looked_up: 0,
+            tried: 0,
+            paid: 0,
         }
     }
 
@@ -114,7 +132,14 @@ impl DeltaPlanner {
         if self.confirmed.is_empty() {
             return vec![None; batch.len()];
         }
-        batch.iter().map(|fp| self.confirmed.remove(fp)).collect()
+        let refs: Vec<_> = batch.iter().map(|fp| self.confirmed.remove(fp)).collect();
+        self.tried += refs.iter().filter(|r| r.is_some()).count() as u64;
+        refs
+    }
+
+    /// Deltas a batch sent (those that paid).
+    pub(crate) fn sent(&mut self, deltas: u64) {
+        self.paid += deltas;
     }
 
     /// Looks up the next slice of wanted blocks: those without a candidate go to `background`
@@ -129,6 +154,12 @@ impl DeltaPlanner {
         let looked = slice.clone();
         let (candidates, without) = blocking(move || Ok::<_, crate::MigrationError>(look_up(&s, looked))).await.unwrap_or((Vec::new(), slice));
         background.extend(without);
+        self.looked_up += n as u64;
+        if self.looked_up >= GIVE_UP_AFTER && self.tried >= GIVE_UP_TRIED && self.paid * GIVE_UP_RATIO < self.looked_up {
+            tracing::info!(looked_up = self.looked_up, tried = self.tried, sent = self.paid, "few deltas pay here: sending the rest whole without looking");
+            self.enabled = false;
+            background.extend(self.to_propose.drain(..));
+        }
         if candidates.is_empty() {
             return None;
         }

@@ -343,8 +343,11 @@ pub(crate) async fn run_data_sender(
             }
         }
         // Look for references for the next wanted blocks, a slice at a time between data
-        // frames, and ask the destination about them ahead of their turn.
-        if let Some(query) = deltas.propose_next(&store, &status, &mut background).await {
+        // frames, and ask the destination about them ahead of their turn (far enough ahead
+        // to hide the round trip, no further: what the deltas sent so far say decides whether
+        // to go on looking).
+        let ahead = background.len() < super::delta::LOOK_AHEAD_BLOCKS;
+        if let Some(query) = if ahead { deltas.propose_next(&store, &status, &mut background).await } else { None } {
             if high.send(DataFrame { frame: Frame::new(&query), fps: Vec::new(), record_bytes: 0 }).await.is_err() {
                 return;
             }
@@ -421,6 +424,7 @@ pub(crate) async fn run_data_sender(
         for fp in &gone {
             sent.remove(fp);
         }
+        deltas.sent(sent_deltas.blocks);
         if sent_deltas.blocks > 0 {
             status.update(|r| {
                 r.blocks_sent_as_delta += sent_deltas.blocks;
