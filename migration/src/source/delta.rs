@@ -174,7 +174,9 @@ impl DeltaPlanner {
 
 /// For each block, the first indexed block that resembles it, is not itself, and can be read
 /// (its fingerprint computed here: the index keeps locations). A lookup that fails only
-/// means no delta for that block.
+/// means no delta for that block. The block and its reference are read again when the
+/// delta is encoded (from the page cache): keeping them until then would hold 8 KiB per
+/// block waiting for its REF_HELD.
 fn look_up(store: &Store, slice: Vec<Fingerprint>) -> (Vec<Candidate>, Vec<Fingerprint>) {
     let blocks = match store.get_blocks(&slice) {
         Ok(b) => b,
