@@ -39,6 +39,17 @@ impl Budget {
         Grant { budget: Arc::clone(self), units }
     }
 
+    /// Takes `units` (at most the total) if they are free now.
+    pub(crate) fn try_take(self: &Arc<Self>, units: usize) -> Option<Grant> {
+        let units = units.min(self.total);
+        let mut available = self.available.lock();
+        if *available < units {
+            return None;
+        }
+        *available -= units;
+        Some(Grant { budget: Arc::clone(self), units })
+    }
+
     /// Units taken and not yet given back.
     #[cfg(test)]
     pub(crate) fn in_use(&self) -> usize {

@@ -76,6 +76,13 @@ impl Store {
         Ok(out)
     }
 
+    /// The map entries of scattered blocks of a disk, in their order (one batched lookup).
+    pub(super) fn map_lookup_many(&self, disk: DiskId, blocks: &[u64]) -> Result<Vec<Option<MapEntry>>> {
+        let keys: Vec<_> = blocks.iter().map(|&b| map_key(disk, b)).collect();
+        let keys: Vec<&[u8]> = keys.iter().map(|k| &k[..]).collect();
+        self.engine.multi_get(Cf::Maps, &keys)?.into_iter().map(|v| v.map(|v| parse_map_entry(&v)).transpose()).collect()
+    }
+
     pub(super) fn load_block(&self, fp: &Fingerprint) -> Result<Arc<[u8]>> {
         self.load_blocks(&[Some(*fp)])?.pop().flatten().ok_or_else(|| self.missing_block(fp))
     }

@@ -24,6 +24,12 @@ pub enum Op {
         content: u8,
         shift: u8,
     },
+    /// Several writes at once (`Store::write_many`): whole blocks, some overlapping, some
+    /// not; the model applies them in order, as the store does when it cannot group them.
+    WriteMany {
+        disk: usize,
+        writes: Vec<(u64, u64, u8, u8)>,
+    },
     Zero {
         disk: usize,
         offset: u64,
@@ -64,6 +70,10 @@ pub fn op() -> impl Strategy<Value = Op> {
     let off = 0..MAX_BLOCKS * BS;
     prop_oneof![
         6 => (disk.clone(), off.clone(), 1..4 * BS, 0..4u8, 0..3u8).prop_map(|(disk, offset, len, content, shift)| Op::Write { disk, offset, len, content, shift }),
+        3 => (disk.clone(), prop::collection::vec((0..MAX_BLOCKS, 1..4u64, 0..4u8, 0..3u8), 2..6)).prop_map(|(disk, writes)| Op::WriteMany {
+            disk,
+            writes: writes.into_iter().map(|(block, blocks, content, shift)| (block * BS, blocks * BS, content, shift)).collect(),
+        }),
         2 => (disk.clone(), off.clone(), 1..6 * BS).prop_map(|(disk, offset, len)| Op::Zero { disk, offset, len }),
         2 => (disk.clone(), off.clone(), 1..6 * BS).prop_map(|(disk, offset, len)| Op::Trim { disk, offset, len }),
         1 => (disk.clone(), 1..MAX_BLOCKS).prop_map(|(disk, blocks)| Op::Resize { disk, blocks }),
@@ -151,6 +161,18 @@ pub fn run(ops: Vec<Op>, backend: &dyn Backend) -> Result<(), TestCaseError> {
                     let id = store.disk(NAMES[disk]).unwrap().id;
                     store.write(id, offset, &data, false).unwrap();
                     model.disks[disk][offset as usize..(offset + len) as usize].copy_from_slice(&data);
+                }
+                Op::WriteMany { disk, writes } => {
+                    let writes: Vec<(u64, Vec<u8>)> = writes
+                        .into_iter()
+                        .filter_map(|(offset, len, c, shift)| model.clip(disk, offset, len).map(|(offset, len)| (offset, content(c, shift, len))))
+                        .collect();
+                    let id = store.disk(NAMES[disk]).unwrap().id;
+                    let requests: Vec<(u64, &[u8])> = writes.iter().map(|(offset, data)| (*offset, &data[..])).collect();
+                    store.write_many(id, &requests, false).unwrap();
+                    for (offset, data) in &writes {
+                        model.disks[disk][*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
+                    }
                 }
                 Op::Zero { disk, offset, len } | Op::Trim { disk, offset, len } => {
                     let Some((offset, len)) = model.clip(disk, offset, len) else { continue };

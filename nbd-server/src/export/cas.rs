@@ -107,6 +107,19 @@ impl BlockDevice for CasDevice {
             .map_err(|e| self.map_error(Access::Write, "write", offset, len, e))
     }
 
+    fn write_many(&self, writes: &[(u64, &[u8])], fua: bool) -> Vec<DeviceResult<()>> {
+        match self.store.write_many(self.disk, writes, fua) {
+            Ok(()) => writes.iter().map(|_| Ok(())).collect(),
+            // One error stands for all of them: write each on its own for its own result (a
+            // grouped commit applied none of them; rewriting the same bytes is harmless).
+            Err(_) => writes.iter().map(|(offset, data)| self.write(*offset, data, fua)).collect(),
+        }
+    }
+
+    fn groups_writes(&self) -> bool {
+        true
+    }
+
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool, _no_hole: bool) -> DeviceResult<()> {
         // NO_HOLE asks for provisioned space; a deduplicating store never reserves space for a
         // block (an all-zero block is a hole by design), so there is nothing more to do.

@@ -113,6 +113,20 @@ pub trait BlockDevice: Send + Sync + fmt::Debug + 'static {
     /// Writes `data` at `offset`.
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> DeviceResult<()>;
 
+    /// Writes several requests that were read together (no order among them: NBD orders
+    /// none between requests in flight), one result each. With `fua`, all are durable when
+    /// it returns. The default writes them one after the other; a device that can commit
+    /// them as one says so with [`groups_writes`](BlockDevice::groups_writes).
+    fn write_many(&self, writes: &[(u64, &[u8])], fua: bool) -> Vec<DeviceResult<()>> {
+        writes.iter().map(|(offset, data)| self.write(*offset, data, fua)).collect()
+    }
+
+    /// Whether [`write_many`](BlockDevice::write_many) is cheaper than the writes one by
+    /// one: the server then hands it the small writes it finds waiting together.
+    fn groups_writes(&self) -> bool {
+        false
+    }
+
     /// Makes `len` bytes at `offset` read as zeroes. `no_hole` asks that the range stay
     /// allocated; a device that never preallocates may ignore it.
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool, no_hole: bool) -> DeviceResult<()>;

@@ -26,6 +26,8 @@
 //!   read, and READ/WRITE buffer bytes from the connection's and the server's byte budgets
 //!   (all [`Budget`]s). When one is spent the reader waits, holding the read lock: the socket
 //!   is not read and TCP pushes back on the client.
+//! * Small writes waiting back to back in the read buffer are taken together and committed
+//!   as one device call when the device groups writes (see [`grouped_writes`]).
 //! * Replies are written whole under the write lock, in completion order. A READ reply is
 //!   written only after all its data was read, so a simple-reply header is never followed by
 //!   an error.
@@ -49,6 +51,8 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tracing::{debug, trace, warn, Instrument};
+
+mod grouped_writes;
 
 use super::reply::{block_status_reply, error_frame, read_reply, Frame};
 use super::socket::{bridge, BlockingSocket, IntoBlockingSocket};
@@ -233,6 +237,12 @@ impl Drop for Slot {
     }
 }
 
+/// Budgets taken for a request before its header is read (see [`grouped_writes`]).
+struct Prepaid {
+    request: Grant,
+    bytes: (Grant, Grant),
+}
+
 /// A request read from the socket, to run outside the read lock.
 struct Work {
     header: RequestHeader,
@@ -261,7 +271,7 @@ impl Session {
                 return; // retired
             };
             loop {
-                let Some(work) = self.next(&mut side) else {
+                let Some(work) = self.next(&mut side, None) else {
                     break 'reading;
                 };
                 if self.nothing_else_to_read(&side, &work) {
@@ -270,9 +280,14 @@ impl Session {
                     // side, so the next request wakes this thread and no other.
                     self.execute(work);
                 } else {
+                    let behind = self.buffered_writes(&work, &mut side);
                     drop(side);
                     self.more_threads_if_needed();
-                    self.execute(work);
+                    if behind.is_empty() {
+                        self.execute(work);
+                    } else {
+                        self.execute_grouped(work, behind);
+                    }
                     continue 'reading;
                 }
             }
@@ -343,11 +358,11 @@ impl Session {
     }
 
     /// Reads the next request. `None`: reading is over (DISC, EOF, error).
-    fn next(&self, side: &mut ReadSide) -> Option<Work> {
+    fn next(&self, side: &mut ReadSide, prepaid: Option<Prepaid>) -> Option<Work> {
         if side.state != ReadState::Open {
             return None;
         }
-        match self.read_request(side) {
+        match self.read_request(side, prepaid) {
             Ok(work) => work,
             Err(e) => {
                 side.state = ReadState::Ended;
@@ -367,8 +382,9 @@ impl Session {
         }
     }
 
-    /// Reads one request (and a WRITE's payload). `None`: reading is over.
-    fn read_request(&self, side: &mut ReadSide) -> Result<Option<Work>, ConnError> {
+    /// Reads one request (and a WRITE's payload), with the budgets `prepaid` if given, else
+    /// taking them (waiting while they are spent). `None`: reading is over.
+    fn read_request(&self, side: &mut ReadSide, prepaid: Option<Prepaid>) -> Result<Option<Work>, ConnError> {
         let mut raw = [0u8; REQUEST_HEADER_LEN];
         match side.rd.read_exact(&mut raw) {
             Ok(()) => {}
@@ -390,15 +406,24 @@ impl Session {
             return Ok(None);
         }
         self.in_flight.fetch_add(1, Ordering::SeqCst);
-        let mut slot =
-            Slot { _request: self.shared.requests.take(1), _bytes: None, in_flight: Arc::clone(&self.in_flight) };
-        let job = self.admit(&h, side, &mut slot)?;
+        let (request, bytes) = match prepaid {
+            Some(Prepaid { request, bytes }) => (request, Some(bytes)),
+            None => (self.shared.requests.take(1), None),
+        };
+        let mut slot = Slot { _request: request, _bytes: None, in_flight: Arc::clone(&self.in_flight) };
+        let job = self.admit(&h, side, &mut slot, bytes)?;
         Ok(Some(Work { header: h, slot, job }))
     }
 
     /// Decides whether a request goes to the device, takes the buffer bytes of a READ or
     /// WRITE, and reads a WRITE's payload (a refused WRITE's payload is drained).
-    fn admit(&self, h: &RequestHeader, side: &mut ReadSide, slot: &mut Slot) -> Result<Job, ConnError> {
+    fn admit(
+        &self,
+        h: &RequestHeader,
+        side: &mut ReadSide,
+        slot: &mut Slot,
+        prepaid_bytes: Option<(Grant, Grant)>,
+    ) -> Result<Job, ConnError> {
         let refusal = if self.shared.shutdown.is_triggered() {
             Some(Rejection { errno: Errno::Shutdown, message: "server is shutting down" })
         } else if self.export.is_closed() {
@@ -427,7 +452,7 @@ impl Session {
                 Job::Read { offset, length }
             }
             Request::Write { offset, length, fua } => {
-                slot._bytes = Some(self.take_bytes(length as usize));
+                slot._bytes = Some(prepaid_bytes.unwrap_or_else(|| self.take_bytes(length as usize)));
                 let mut payload = self.shared.buffers.get_unfilled(length as usize);
                 // If the client vanishes or stalls mid-payload this fails and the connection
                 // ends; nothing of the partial write reaches the device.
@@ -535,19 +560,19 @@ impl Session {
         }
         self.export.stats().record(op, bytes, result.is_ok());
         self.export.stats().record_latency(op, started.elapsed());
-        let frame = match result {
-            Ok(frame) => frame,
-            Err(e) => {
-                let errno = e.errno();
-                if errno == Errno::Io {
-                    warn!(export = self.export.name(), ?op, "device error: {e}");
-                } else {
-                    debug!(export = self.export.name(), ?op, "device error: {e}");
-                }
-                error_frame(handle, errno, &e.to_string(), self.structured)
-            }
-        };
+        let frame = result.unwrap_or_else(|e| self.device_error_frame(handle, op, &e));
         self.send(frame, slot);
+    }
+
+    /// The reply to a request the device failed, logged by how bad it is.
+    fn device_error_frame(&self, handle: u64, op: Op, e: &DeviceError) -> Frame {
+        let errno = e.errno();
+        if errno == Errno::Io {
+            warn!(export = self.export.name(), ?op, "device error: {e}");
+        } else {
+            debug!(export = self.export.name(), ?op, "device error: {e}");
+        }
+        error_frame(handle, errno, &e.to_string(), self.structured)
     }
 
     fn device_call(&self, handle: u64, job: Job) -> DeviceResult<Frame> {

@@ -751,3 +751,6 @@ async fn reconnect_waits_for_writes_of_a_lost_connection() {
     device.read(0, &mut buf).unwrap();
     assert!(buf.iter().all(|&b| b == 0xbb));
 }
+
+#[cfg(feature = "cas")]
+mod grouped_writes;
