@@ -160,6 +160,12 @@ impl Outbox {
         self.changed.notify_waiters();
     }
 
+    /// Whether every frame pushed so far has been written to a connection.
+    pub(crate) fn all_written(&self) -> bool {
+        let g = self.inner.lock();
+        g.written >= g.base + g.frames.len() as u64
+    }
+
     /// Waits until frame `seq` has been written to a connection.
     pub(crate) async fn wait_written(&self, seq: u64) {
         loop {

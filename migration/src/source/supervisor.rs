@@ -217,8 +217,10 @@ impl LinkSupervisor {
             }
             _ = self.stop.changed() => SessionEnd::Stopped,
         };
-        if matches!(end, SessionEnd::Stopped) && !writer_done {
-            // Let the writer finish what is queued (BYE, ERROR) before closing.
+        if matches!(end, SessionEnd::Stopped) && !writer_done && !self.outbox.all_written() {
+            // Let the writer finish what is queued (BYE, ERROR) before closing. Nothing
+            // queued (the usual end: BYE was written before the stop): close at once, as the
+            // writer never ends on its own (this wait cost every migration half a second).
             let _ = tokio::time::timeout(Duration::from_millis(500), &mut writer_task).await;
         }
         sender_task.abort();
