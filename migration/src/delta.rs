@@ -8,6 +8,22 @@
 /// less than the stream compresses the plain block by (about 3x on disk blocks).
 const MAX_DELTA_SHARE: usize = 4;
 
+/// Why a delta did not give its block back. The destination then asks for the block whole.
+#[derive(Debug, thiserror::Error)]
+pub enum DeltaError {
+    /// The destination no longer holds the reference it confirmed.
+    #[error("the reference block is not here")]
+    ReferenceMissing,
+    /// A damaged delta, or one made against other bytes than the reference here.
+    #[error("the delta does not decode: {0}")]
+    Undecodable(#[from] std::io::Error),
+    #[error("decoded to {got} bytes, not a block of {block_size}")]
+    WrongLength { got: usize, block_size: usize },
+    /// Decoded, but to other bytes than the block named (a reference that changed).
+    #[error("the decoded block does not match its fingerprint")]
+    FingerprintMismatch,
+}
+
 /// The delta of `block` against `reference`, or None when it would not pay.
 pub fn encode(block: &[u8], reference: &[u8], level: i32) -> Option<Vec<u8>> {
     let mut c = zstd::bulk::Compressor::with_dictionary(level, reference).ok()?;
@@ -22,11 +38,11 @@ pub fn encode(block: &[u8], reference: &[u8], level: i32) -> Option<Vec<u8>> {
 
 /// Rebuilds a block from its delta. Decoding stops at `block_size` bytes, whatever the delta
 /// says; the caller checks the result's fingerprint.
-pub fn decode(delta: &[u8], reference: &[u8], block_size: usize) -> Result<Vec<u8>, String> {
-    let mut d = zstd::bulk::Decompressor::with_dictionary(reference).map_err(|e| e.to_string())?;
-    let out = d.decompress(delta, block_size).map_err(|e| e.to_string())?;
+pub fn decode(delta: &[u8], reference: &[u8], block_size: usize) -> Result<Vec<u8>, DeltaError> {
+    let mut d = zstd::bulk::Decompressor::with_dictionary(reference)?;
+    let out = d.decompress(delta, block_size)?;
     if out.len() != block_size {
-        return Err(format!("decoded to {} bytes, not a block of {block_size}", out.len()));
+        return Err(DeltaError::WrongLength { got: out.len(), block_size });
     }
     Ok(out)
 }

@@ -29,7 +29,7 @@ pub mod wire;
 pub use destination::{incoming_name, run_destination, run_destination_windowed, DestHooks, Destination, MigratingDisk, PostCopyError, LISTING_WINDOW_BLOCKS};
 pub use link::{Connector, LinkIo, LinkStream, OneShot};
 pub use report::{MigrationReport, Phase, PlanReport, SwitchAfter};
-pub use source::{run_plan, run_source, run_source_with, MigrationStatus, NoHooks, RequestError, SourceConfig, SourceHooks};
+pub use source::{run_plan, run_source, run_source_with, HookError, MigrationStatus, NoHooks, RequestError, SourceConfig, SourceHooks};
 pub use state::{FileStateStore, MemStateStore, MigrationRecord, Stage, StateStore};
 
 /// Why a migration failed.

@@ -24,7 +24,7 @@ fn store(dir: &std::path::Path) -> Arc<Store> {
 struct Attached;
 
 impl DestHooks for Attached {
-    fn attach(&self, _: &str, _: Arc<MigratingDisk>) -> Result<(), String> {
+    fn attach(&self, _: &str, _: Arc<MigratingDisk>) -> Result<(), migration::HookError> {
         Ok(())
     }
     fn complete(&self, _: &str) {}

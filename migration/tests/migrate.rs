@@ -64,7 +64,7 @@ struct CaptureHooks {
 }
 
 impl DestHooks for CaptureHooks {
-    fn attach(&self, _name: &str, disk: Arc<MigratingDisk>) -> Result<(), String> {
+    fn attach(&self, _name: &str, disk: Arc<MigratingDisk>) -> Result<(), migration::HookError> {
         *self.disk.lock() = Some(disk);
         Ok(())
     }
@@ -254,7 +254,7 @@ struct ReadAtSwitch {
 }
 
 impl DestHooks for ReadAtSwitch {
-    fn attach(&self, _name: &str, disk: Arc<MigratingDisk>) -> Result<(), String> {
+    fn attach(&self, _name: &str, disk: Arc<MigratingDisk>) -> Result<(), migration::HookError> {
         *self.disk.lock() = Some(disk);
         Ok(())
     }
@@ -391,7 +391,7 @@ struct ThawWatch {
 }
 
 impl SourceHooks for ThawWatch {
-    fn freeze<'a>(&'a self, _: &'a str) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>> {
+    fn freeze<'a>(&'a self, _: &'a str) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), migration::HookError>> + Send + 'a>> {
         Box::pin(async { Ok(()) })
     }
     fn thaw(&self, _: &str) {

@@ -66,7 +66,7 @@ struct Hooks {
 }
 
 impl DestHooks for Hooks {
-    fn attach(&self, _name: &str, _disk: Arc<MigratingDisk>) -> Result<(), String> {
+    fn attach(&self, _name: &str, _disk: Arc<MigratingDisk>) -> Result<(), migration::HookError> {
         Ok(())
     }
     fn switched(&self, _name: &str) {}

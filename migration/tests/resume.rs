@@ -154,7 +154,7 @@ struct Hooks {
 }
 
 impl DestHooks for Hooks {
-    fn attach(&self, _name: &str, disk: Arc<MigratingDisk>) -> Result<(), String> {
+    fn attach(&self, _name: &str, disk: Arc<MigratingDisk>) -> Result<(), migration::HookError> {
         *self.disk.lock() = Some(disk);
         Ok(())
     }

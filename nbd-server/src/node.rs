@@ -257,7 +257,10 @@ impl Node {
 pub struct NodeSourceHooks(pub Arc<Node>);
 
 impl SourceHooks for NodeSourceHooks {
-    fn freeze<'a>(&'a self, disk: &'a str) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
+    fn freeze<'a>(
+        &'a self,
+        disk: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<(), migration::HookError>> + Send + 'a>> {
         Box::pin(async move {
             if let Some(export) = self.0.exports.get(disk) {
                 export.freeze().await;
@@ -292,7 +295,7 @@ impl SourceHooks for NodeSourceHooks {
 pub struct NodeDestHooks(pub Weak<Node>);
 
 impl DestHooks for NodeDestHooks {
-    fn attach(&self, name: &str, disk: Arc<MigratingDisk>) -> Result<(), String> {
+    fn attach(&self, name: &str, disk: Arc<MigratingDisk>) -> Result<(), migration::HookError> {
         let node = self.0.upgrade().ok_or("the server is stopping")?;
         let standby = disk.is_standby();
         let device = MigratingDevice::new(name, disk);

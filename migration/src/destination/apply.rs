@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use cas_store::Fingerprint;
 
 use crate::compress::Record;
+use crate::delta::DeltaError;
 use crate::protocol::Run;
 use crate::MigrationError;
 
@@ -118,19 +119,19 @@ fn resolve_deltas(inc: &Incoming, records: Vec<Record>) -> Result<(Vec<Record>, 
         };
         let base = bases.next().expect("one per delta");
         let decoded = match base {
-            None => Err("the reference block is not here".to_string()),
+            None => Err(DeltaError::ReferenceMissing),
             Some(base) => crate::delta::decode(&delta, &base, inc.block_size as usize).and_then(|data| {
                 if store.fingerprint(&data) == fp {
                     Ok(data)
                 } else {
-                    Err("the decoded block does not match its fingerprint".to_string())
+                    Err(DeltaError::FingerprintMismatch)
                 }
             }),
         };
         match decoded {
             Ok(data) => out.push(Record::Block { fp, data }),
             Err(why) => {
-                tracing::warn!(block = %fp, reference = %reference, why, "a delta could not be used; asking for the block whole");
+                tracing::warn!(block = %fp, reference = %reference, %why, "a delta could not be used; asking for the block whole");
                 refetch.push(fp);
             }
         }

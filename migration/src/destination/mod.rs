@@ -14,7 +14,7 @@ mod state;
 
 pub use connection::LISTING_WINDOW_BLOCKS;
 pub use postcopy::{MigratingDisk, PostCopyError};
-pub use registry::Destination;
+pub use registry::{CancelError, Destination};
 // The submodules share their crate-internal items through this module.
 use {apply::*, connection::*, gang::*, journal::*, plan::*, postcopy::*, registry::*, state::*};
 
@@ -35,7 +35,7 @@ pub trait DestHooks: Send + Sync {
     /// under the disk's real name from now on. It is a standby export until the switch-over
     /// (the destination host attaches it when it creates the incoming VM) and the writable
     /// disk after it; the same connections go on across the switch.
-    fn attach(&self, name: &str, disk: Arc<MigratingDisk>) -> Result<(), String>;
+    fn attach(&self, name: &str, disk: Arc<MigratingDisk>) -> Result<(), crate::source::HookError>;
     /// The switch-over happened: this server is authoritative for `name` now.
     fn switched(&self, _name: &str) {}
     /// Every block is local; the export may serve the store's disk directly again.

@@ -282,17 +282,17 @@ impl Destination {
             if let Some(member) = &session.incoming.gang {
                 member.leave(&self.gangs);
             }
-            return Err(MigrationError::Hook(why));
+            return Err(MigrationError::Hook(why.to_string()));
         }
         spawn_borrow_settler(&session, self.hooks.clone());
         Ok(session)
     }
 
     /// Cancels a migration here before its switch-over: the partial disk goes.
-    pub async fn cancel(&self, id: &str) -> Result<(), String> {
-        let session = self.sessions.lock().get(id).cloned().ok_or_else(|| format!("no incoming migration {id:?}"))?;
+    pub async fn cancel(&self, id: &str) -> Result<(), CancelError> {
+        let session = self.sessions.lock().get(id).cloned().ok_or_else(|| CancelError::Unknown(id.to_string()))?;
         if session.incoming.pending.lock().phase.has_switched() {
-            return Err(format!("migration {id} has switched over: this server serves the disk now"));
+            return Err(CancelError::Switched(id.to_string()));
         }
         session.generation.fetch_add(1, Ordering::SeqCst);
         session.superseded.notify_waiters();
@@ -622,4 +622,13 @@ fn forget(state: &dyn StateStore, id: &str) -> std::io::Result<()> {
 
 pub(crate) fn is_link_error(e: &MigrationError) -> bool {
     matches!(e, MigrationError::Io(_) | MigrationError::Closed)
+}
+
+/// Why an incoming migration could not be cancelled here.
+#[derive(Debug, thiserror::Error)]
+pub enum CancelError {
+    #[error("no incoming migration {0:?}")]
+    Unknown(String),
+    #[error("migration {0} has switched over: this server serves the disk now")]
+    Switched(String),
 }

@@ -367,7 +367,7 @@ impl Source {
                 drained = Some(status.cap.drain(PRE_FREEZE_DRAIN).await);
             }
             let freeze_start = Instant::now();
-            self.hooks.freeze(&self.disk).await.map_err(MigrationError::Hook)?;
+            self.hooks.freeze(&self.disk).await.map_err(|e| MigrationError::Hook(e.to_string()))?;
             at.froze();
             self.freeze_started(freeze_start);
         } else {

@@ -32,10 +32,13 @@ use {compressor::*, listing::*, outbox::*, sender::*, supervisor::*};
 /// Entries per FINGERPRINTS frame (about 130 KiB).
 pub(crate) const FINGERPRINTS_PER_FRAME: usize = 8192;
 
+/// Why a server's hook could not do its part (its own error, whatever the server is).
+pub type HookError = Box<dyn std::error::Error + Send + Sync>;
+
 /// What the source server does at the edges of a migration (the NBD server implements it).
 pub trait SourceHooks: Send + Sync {
     /// Stops new writes to the disk's export and waits for writes in flight.
-    fn freeze<'a>(&'a self, disk: &'a str) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+    fn freeze<'a>(&'a self, disk: &'a str) -> Pin<Box<dyn Future<Output = Result<(), HookError>> + Send + 'a>>;
     /// Undoes `freeze`: the migration failed before the switch-over and the source stays
     /// authoritative.
     fn thaw(&self, disk: &str);
@@ -48,7 +51,7 @@ pub trait SourceHooks: Send + Sync {
 pub struct NoHooks;
 
 impl SourceHooks for NoHooks {
-    fn freeze<'a>(&'a self, _: &'a str) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
+    fn freeze<'a>(&'a self, _: &'a str) -> Pin<Box<dyn Future<Output = Result<(), HookError>> + Send + 'a>> {
         Box::pin(async { Ok(()) })
     }
     fn thaw(&self, _: &str) {}

@@ -27,7 +27,7 @@ pub struct WriterFreeze {
 }
 
 impl SourceHooks for WriterFreeze {
-    fn freeze<'a>(&'a self, _: &'a str) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>> {
+    fn freeze<'a>(&'a self, _: &'a str) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), migration::HookError>> + Send + 'a>> {
         Box::pin(async move {
             let (gate, frozen) = (self.gate.clone(), self.frozen.clone());
             tokio::task::spawn_blocking(move || {
@@ -35,7 +35,7 @@ impl SourceHooks for WriterFreeze {
                 frozen.store(true, Ordering::SeqCst);
             })
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.into())
         })
     }
     fn thaw(&self, _: &str) {

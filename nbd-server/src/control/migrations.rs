@@ -187,7 +187,7 @@ pub(super) async fn cancel_migration(node: &Arc<Node>, id: &str) -> Result<(), C
         .ok_or_else(|| ControlError { kind: "not_found", message: format!("no migration {id:?}") })?;
     let role = status.report().role;
     if role == "destination" {
-        return node.destination.cancel(id).await.map_err(|message| ControlError { kind: "invalid", message });
+        return node.destination.cancel(id).await.map_err(|e| ControlError { kind: "invalid", message: e.to_string() });
     }
     if let Some(record) = node.take_dormant(id) {
         if record.stage != Stage::PreCopy {
