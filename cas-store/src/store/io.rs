@@ -23,13 +23,22 @@ impl Store {
         }
     }
 
+    /// Refuses writes to a deleted or read-only disk; the caller holds the disk's layout lock.
+    fn check_write_target(state: &DiskState, disk: DiskId) -> Result<()> {
+        if state.deleted.load(Ordering::Acquire) {
+            return Err(StoreError::DiskNotFound(format!("#{}", disk.0)));
+        }
+        state.check_writable(|| format!("#{}", disk.0))
+    }
+
     pub(super) fn block_stripe(&self, disk: DiskId, block: u64) -> usize {
         // Consecutive blocks land on consecutive stripes, so one chunk never locks a stripe twice.
         (disk.0.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(block) % BLOCK_STRIPES as u64) as usize
     }
 
-    pub(super) fn stripe_indices(&self, disk: DiskId, first: u64, last: u64) -> Vec<usize> {
-        let mut idx: Vec<usize> = (first..=last).map(|b| self.block_stripe(disk, b)).collect();
+    /// The stripes of `blocks`, sorted and each once: the order every writer locks them in.
+    pub(super) fn stripe_indices(&self, disk: DiskId, blocks: impl IntoIterator<Item = u64>) -> Vec<usize> {
+        let mut idx: Vec<usize> = blocks.into_iter().map(|b| self.block_stripe(disk, b)).collect();
         idx.sort_unstable();
         idx.dedup();
         idx
@@ -52,7 +61,7 @@ impl Store {
         let last = (end - 1) / bs;
         while first <= last {
             let chunk_last = last.min(first + CHUNK_BLOCKS - 1);
-            let stripes = self.stripe_indices(disk, first, chunk_last);
+            let stripes = self.stripe_indices(disk, first..=chunk_last);
             let _guards: Vec<_> = stripes.iter().map(|&i| self.block_stripes[i].read()).collect();
             let entries = self.map_lookup(disk, first, chunk_last)?;
             let block_offset = first * bs;
@@ -96,19 +105,14 @@ impl Store {
         } else {
             let state = self.io_state(disk)?;
             let _layout = state.layout.read();
-            if state.deleted.load(Ordering::Acquire) {
-                return Err(StoreError::DiskNotFound(format!("#{}", disk.0)));
-            }
-            state.check_writable(|| format!("#{}", disk.0))?;
+            Self::check_write_target(&state, disk)?;
             for (offset, data) in writes {
                 Self::check_range(&state, *offset, data.len() as u64)?;
             }
             // Hashed before any lock is taken, as in `update_chunk`.
             let targets: Vec<Target<'_>> = blocks.iter().map(|(_, bytes)| self.target_for(Cow::Borrowed(*bytes))).collect();
             let ids: Vec<u64> = blocks.iter().map(|(block, _)| *block).collect();
-            let mut stripes: Vec<usize> = ids.iter().map(|&b| self.block_stripe(disk, b)).collect();
-            stripes.sort_unstable();
-            stripes.dedup();
+            let stripes = self.stripe_indices(disk, ids.iter().copied());
             let _guards: Vec<_> = stripes.iter().map(|&i| self.block_stripes[i].write()).collect();
             let old: Vec<_> = self.map_lookup_many(disk, &ids)?.iter().map(|e| e.map(|e| e.fp)).collect();
             self.commit(&state, ids.into_iter().zip(targets).collect(), &old)?;
@@ -133,10 +137,7 @@ impl Store {
         let state = self.io_state(disk)?;
         {
             let _layout = state.layout.read();
-            if state.deleted.load(Ordering::Acquire) {
-                return Err(StoreError::DiskNotFound(format!("#{}", disk.0)));
-            }
-            state.check_writable(|| format!("#{}", disk.0))?;
+            Self::check_write_target(&state, disk)?;
             Self::check_range(&state, offset, len)?;
             self.update_range(&state, offset, len, source)?;
         }
@@ -211,7 +212,7 @@ impl Store {
                 }
             }));
         }
-        let stripes = self.stripe_indices(state.id, first, chunk_last);
+        let stripes = self.stripe_indices(state.id, first..=chunk_last);
         let _guards: Vec<_> = stripes.iter().map(|&i| self.block_stripes[i].write()).collect();
         let old = self.map_lookup(state.id, first, chunk_last)?;
         let mut updates = Vec::with_capacity(full.len());

@@ -110,9 +110,7 @@ impl Store {
         while !updates.is_empty() {
             let rest = updates.split_off(updates.len().min(CHUNK_BLOCKS as usize));
             let chunk = std::mem::replace(&mut updates, rest);
-            let mut stripes: Vec<usize> = chunk.iter().map(|(b, _)| self.block_stripe(disk, *b)).collect();
-            stripes.sort_unstable();
-            stripes.dedup();
+            let stripes = self.stripe_indices(disk, chunk.iter().map(|(b, _)| *b));
             let _guards: Vec<_> = stripes.iter().map(|&i| self.block_stripes[i].write()).collect();
             let blocks: Vec<u64> = chunk.iter().map(|(b, _)| *b).collect();
             let old = self.block_fingerprints(disk, &blocks)?;
