@@ -11,9 +11,20 @@ use crate::MigrationError;
 
 use super::*;
 
-/// Maps what is here, records what is missing; returns the fingerprints to ask for.
-/// `defer`: missing content is recorded for the switch-over instead of asked for now.
-pub(crate) fn apply_fingerprints(inc: &Incoming, runs: Vec<Run>, defer: bool) -> Result<Vec<Fingerprint>, MigrationError> {
+/// What a listing frame needs once its contents are looked up.
+#[derive(Debug, Default)]
+pub(crate) struct Listed {
+    /// Content to ask the source for.
+    pub(crate) want: Vec<Fingerprint>,
+    /// Blocks whose content is here, to map (see [`map_present`]).
+    pub(crate) present: Vec<(u64, Fingerprint)>,
+}
+
+/// Looks a listing frame's contents up and records what is missing; returns what to ask for
+/// and the blocks whose content is here, which the caller maps (now, or through the
+/// session's backlog: see `backlog.rs`). `defer`: missing content is recorded for the
+/// switch-over instead of asked for now.
+pub(crate) fn apply_fingerprints(inc: &Incoming, runs: Vec<Run>, defer: bool) -> Result<Listed, MigrationError> {
     let store = &inc.store;
     let mut entries: Vec<(u64, Fingerprint)> = Vec::new();
     let mut zero_runs: Vec<(u64, u64)> = Vec::new();
@@ -34,7 +45,7 @@ pub(crate) fn apply_fingerprints(inc: &Incoming, runs: Vec<Run>, defer: bool) ->
         store.write_zeroes(inc.disk, first * bs, count * bs, false)?;
     }
     if entries.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Listed::default());
     }
     // A listed block supersedes whatever it was waiting for.
     {
@@ -83,18 +94,24 @@ pub(crate) fn apply_fingerprints(inc: &Incoming, runs: Vec<Run>, defer: bool) ->
     if !p.phase.has_switched() {
         p.report.missing_peak = p.report.missing_peak.max(p.by_block.len() as u64);
     }
-    drop(p);
-    if !to_map.is_empty() {
-        let applied = store.map_existing(inc.disk, &to_map)?;
-        // A block deleted here between the lookup and the mapping (another disk let go of
-        // it): ask for it like any missing block.
-        let mut p = inc.pending.lock();
-        for ((block, fp), ok) in to_map.into_iter().zip(applied) {
-            if !ok {
-                p.by_block.insert(block, fp);
-                p.waiting.entry(fp).or_default().push(block);
-                ask_for(inc, &mut p, fp, &mut want);
-            }
+    Ok(Listed { want, present: to_map })
+}
+
+/// Maps listed blocks to content that was here when they were looked up; returns what to ask
+/// for: blocks whose content was deleted here since (another disk let go of it) are missing
+/// like any other.
+pub(crate) fn map_present(inc: &Incoming, present: Vec<(u64, Fingerprint)>) -> Result<Vec<Fingerprint>, MigrationError> {
+    let mut want = Vec::new();
+    if present.is_empty() {
+        return Ok(want);
+    }
+    let applied = inc.store.map_existing(inc.disk, &present)?;
+    let mut p = inc.pending.lock();
+    for ((block, fp), ok) in present.into_iter().zip(applied) {
+        if !ok {
+            p.by_block.insert(block, fp);
+            p.waiting.entry(fp).or_default().push(block);
+            ask_for(inc, &mut p, fp, &mut want);
         }
     }
     Ok(want)

@@ -232,10 +232,7 @@ impl Connection<'_> {
                     return Err(MigrationError::Unexpected("FINGERPRINTS after SWITCH"));
                 }
                 let defer = round > 0 && self.session.hello.defer_dirty;
-                let want = self.apply_fingerprints(round, runs, defer).await?;
-                if !want.is_empty() {
-                    self.send(Message::Want(want))?;
-                }
+                self.apply_fingerprints(round, runs, defer).await?;
                 self.applied()?;
             }
             Message::RoundEnd { round, .. } => {
@@ -268,8 +265,9 @@ impl Connection<'_> {
         Ok(Flow::Continue)
     }
 
-    /// Maps what is here, records what is missing; returns the fingerprints to ask for.
-    pub(crate) async fn apply_fingerprints(&self, round: u32, runs: Vec<Run>, defer: bool) -> Result<Vec<Fingerprint>, MigrationError> {
+    /// Maps what is here (the initial listing's blocks through the session's backlog, see
+    /// `backlog.rs`), records what is missing and asks for it.
+    pub(crate) async fn apply_fingerprints(&self, round: u32, runs: Vec<Run>, defer: bool) -> Result<(), MigrationError> {
         let hello = &self.session.hello;
         let blocks = hello.size.div_ceil(u64::from(hello.block_size));
         for run in &runs {
@@ -289,7 +287,31 @@ impl Connection<'_> {
         if round == 0 {
             self.session.proto.lock().listed_round0 += listed;
         }
-        blocking(move || apply_fingerprints(&inc, runs, defer)).await
+        if round > 0 {
+            // A later round may list blocks the backlog still holds: their mapping goes first.
+            drain_mapping(&inc).await?;
+            let want = blocking(move || {
+                let listed = apply_fingerprints(&inc, runs, defer)?;
+                let mut want = listed.want;
+                want.extend(map_present(&inc, listed.present)?);
+                Ok::<_, MigrationError>(want)
+            })
+            .await?;
+            return self.ask(want);
+        }
+        let listed = {
+            let inc = inc.clone();
+            blocking(move || apply_fingerprints(&inc, runs, defer)).await?
+        };
+        self.ask(listed.want)?;
+        queue_mapping(self.session, self.hooks, listed.present).await
+    }
+
+    fn ask(&self, want: Vec<Fingerprint>) -> Result<(), MigrationError> {
+        if want.is_empty() {
+            return Ok(());
+        }
+        self.send(Message::Want(want))
     }
 
     pub(crate) async fn apply_data(&self, raw_len: u32, frame: Vec<u8>) -> Result<(), MigrationError> {
@@ -344,6 +366,9 @@ impl Connection<'_> {
         let session = self.session;
         let id = session.hello.migration_id.clone();
         let started = std::time::Instant::now();
+        // Nothing is served from the disk before this point; everything listed as here is
+        // mapped before anything is (normally a no-op: a round is done only once it is).
+        drain_mapping(&session.incoming).await?;
         let switching = session.incoming.gang.as_ref().map(GangMember::hold_for_switch);
         // What is still missing is written down before the disk can be written: after a
         // restart, it tells blocks still to come from blocks the guest has written since.
@@ -435,6 +460,7 @@ impl Connection<'_> {
 
     /// Reports finished rounds, and completion after the switch-over.
     pub(crate) fn after_progress(&self) -> Result<(), MigrationError> {
+        self.incoming().backlog.take_error()?;
         report_progress(self.session, self.hooks)
     }
 }
@@ -445,7 +471,8 @@ pub(crate) fn report_progress(session: &Arc<Session>, hooks: &Arc<dyn DestHooks>
     let send = |msg: Message| session.out.send(Frame::new(&msg)).map_err(|_| MigrationError::Closed);
     let (idle, switched, report) = {
         let p = session.incoming.pending.lock();
-        (p.wanted.is_empty() && p.borrowed.is_empty(), p.phase.has_switched(), p.report.clone())
+        let idle = p.wanted.is_empty() && p.borrowed.is_empty() && session.incoming.backlog.is_empty();
+        (idle, p.phase.has_switched(), p.report.clone())
     };
     if !idle {
         return Ok(());

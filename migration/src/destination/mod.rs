@@ -4,6 +4,7 @@
 //! through to the source, writes held), then post-copy (missing blocks fetched on demand).
 
 mod apply;
+mod backlog;
 mod connection;
 mod gang;
 mod journal;
@@ -16,7 +17,7 @@ pub use connection::LISTING_WINDOW_BLOCKS;
 pub use postcopy::{MigratingDisk, PostCopyError};
 pub use registry::{CancelError, Destination};
 // The submodules share their crate-internal items through this module.
-use {apply::*, connection::*, gang::*, journal::*, plan::*, postcopy::*, registry::*, state::*};
+use {apply::*, backlog::*, connection::*, gang::*, journal::*, plan::*, postcopy::*, registry::*, state::*};
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -93,6 +93,8 @@ pub(crate) struct Incoming {
     pub(crate) read_through: bool,
     /// The migration's place in its gang, if it has one.
     pub(crate) gang: Option<GangMember>,
+    /// Listed blocks that are here, still to map (see `backlog.rs`).
+    pub(crate) backlog: MapBacklog,
 }
 
 /// The disk as the destination serves it from the moment a migration arrives.

@@ -261,6 +261,7 @@ impl Destination {
             prepared_journal: Mutex::new(prepared_journal),
             read_through: hello.read_through,
             gang: hello.gang.as_deref().map(|name| GangMember::join(&self.gangs, name, &hello.migration_id)),
+            backlog: MapBacklog::default(),
         });
         let session = Arc::new(Session {
             hello,
@@ -423,6 +424,10 @@ impl Destination {
             }
             AcceptInfo { processed: proto.processed, switched, rebuild, data_stream: session.hello.data_stream, delta: session.hello.delta }
         };
+        if info.rebuild {
+            // The listing starts over: what the last one queued for mapping goes first.
+            drain_mapping(&session.incoming).await?;
+        }
         crate::wire::write_message(&mut stream, &Message::Accept(info.clone()), &status.traffic).await?;
         status.link_up();
         // Everything the source must hear again: what readers wait for, what is missing, and
