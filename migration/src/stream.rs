@@ -9,9 +9,9 @@
 //! * Two streams per connection: background data and on-demand (urgent) data. The writer
 //!   sends urgent frames ahead of queued background ones, and frames of one stream must
 //!   reach the decoder in the order they were encoded, so each queue has its own stream.
-//! * The compressor runs on one zstd worker thread (multithreaded mode), which also lets the
-//!   level change between frames without ending the stream; long-distance matching finds
-//!   repeats across the whole window cheaply.
+//! * The compressor runs in zstd's multithreaded mode (see [`STREAM_WORKERS`]), which also
+//!   lets the level change between frames without ending the stream; long-distance matching
+//!   finds repeats across the whole window cheaply.
 //! * A new connection starts both streams afresh on both sides (frames in flight when a link
 //!   drops are lost with it; their blocks are asked for again).
 //!
@@ -60,6 +60,19 @@ fn zstd_error(code: usize) -> StreamError {
     StreamError(zstd_safe::get_error_name(code))
 }
 
+/// zstd worker threads per stream. Frames are compressed one at a time (each waits for its
+/// flush), so one worker would do, but zstd's pool of one thread refuses the next frame's job
+/// until the worker is back in the pool, and the caller then retries in a loop instead of
+/// waiting (zstd's `ZSTDMT_createCompressionJob` / `POOL_tryAdd`). When the two cores are
+/// busy the worker is often preempted right after it hands over its last output (the woken
+/// caller takes its core), and the caller spins for the rest of a time slice: `perf` put 23 %
+/// of a gang source's CPU in zstd's mutex calls. With a second thread the pool takes the job
+/// at once. Three streams compressing at once on these two cores (`cargo run --release -p
+/// migration --example stream_workers -- FILE`, FILE the 198 MiB bookworm-web lacks in the
+/// paper neighbourhood, level 4): 3.4-3.8 CPU seconds and 1.9 s with two workers against 4.8
+/// and 2.5 s with one, the same bytes.
+pub const STREAM_WORKERS: u32 = 2;
+
 /// The compressing end of a stream.
 pub struct StreamEncoder {
     cctx: CCtx<'static>,
@@ -74,13 +87,20 @@ impl std::fmt::Debug for StreamEncoder {
 
 impl StreamEncoder {
     pub fn new(stream: StreamId, level: i32) -> Result<StreamEncoder, StreamError> {
+        StreamEncoder::with_workers(stream, level, STREAM_WORKERS)
+    }
+
+    /// [`StreamEncoder::new`] with another number of zstd worker threads (at least 1: the
+    /// level changes mid-stream only in multithreaded mode); the output is the same
+    /// whatever the number (`examples/stream_workers.rs` compares their CPU time).
+    pub fn with_workers(stream: StreamId, level: i32, workers: u32) -> Result<StreamEncoder, StreamError> {
         let mut cctx = CCtx::try_create().ok_or(StreamError("cannot allocate a compression context"))?;
         for p in [
             CParameter::CompressionLevel(level),
             CParameter::WindowLog(stream.window_log()),
             CParameter::EnableLongDistanceMatching(true),
             CParameter::ChecksumFlag(false),
-            CParameter::NbWorkers(1),
+            CParameter::NbWorkers(workers.max(1)),
         ] {
             cctx.set_parameter(p).map_err(zstd_error)?;
         }

@@ -27,6 +27,8 @@ pub(crate) struct Connection<'a> {
     pub(crate) streams: Option<Arc<Mutex<StreamDecoders>>>,
     /// Blocks of the initial listing that may be missing at once (see [`LISTING_WINDOW_BLOCKS`]).
     pub(crate) listing_window: usize,
+    /// The session's connection count when this one attached: a newer one supersedes it.
+    pub(crate) generation: u64,
 }
 
 /// The decoding ends of a connection's two streams, made on their first frame.
@@ -224,8 +226,15 @@ impl Connection<'_> {
         !p.wanted.is_empty() && p.by_block.len() >= self.listing_window
     }
 
-    /// Applies one sequenced message (in order) and acknowledges it.
+    /// Applies one sequenced message (in order) and acknowledges it. Under the session's
+    /// `applying` lock, and only while this connection is the session's newest: a connection
+    /// superseded while it waited must not apply (or count) a message after the new one has
+    /// told the source how many were applied.
     async fn apply_sequenced(&self, msg: Message) -> Result<Flow, MigrationError> {
+        let _applying = self.session.applying.lock().await;
+        if self.session.generation.load(std::sync::atomic::Ordering::SeqCst) != self.generation {
+            return Err(MigrationError::Superseded);
+        }
         match msg {
             Message::Fingerprints { round, runs } => {
                 if self.incoming().pending.lock().phase.has_switched() {
@@ -248,9 +257,7 @@ impl Connection<'_> {
                 self.after_progress()?;
             }
             Message::Switch => {
-                if !self.incoming().pending.lock().phase.has_switched() {
-                    self.switch_over().await?;
-                }
+                self.apply_switch().await?;
                 self.applied()?;
                 self.after_progress()?;
             }
@@ -362,90 +369,23 @@ impl Connection<'_> {
         self.refetch(refetch)
     }
 
-    pub(crate) async fn switch_over(&self) -> Result<(), MigrationError> {
-        let session = self.session;
-        let id = session.hello.migration_id.clone();
-        let started = std::time::Instant::now();
-        // Nothing is served from the disk before this point; everything listed as here is
-        // mapped before anything is (normally a no-op: a round is done only once it is).
-        drain_mapping(&session.incoming).await?;
-        let switching = session.incoming.gang.as_ref().map(GangMember::hold_for_switch);
-        // What is still missing is written down before the disk can be written: after a
-        // restart, it tells blocks still to come from blocks the guest has written since.
-        let processed = session.proto.lock().processed + 1;
-        let entries: Vec<(u64, Fingerprint)> = session.incoming.pending.lock().by_block.iter().map(|(b, fp)| (*b, *fp)).collect();
-        let state = self.state.clone();
-        let prepared = session.incoming.prepared_journal.lock().take();
-        let journal = {
-            let id = id.clone();
-            blocking(move || PendingJournal::commit(state.as_ref(), &id, prepared, &entries, processed)).await?
-        };
-        *session.incoming.journal.lock() = journal;
-        let journal_done = started.elapsed();
-        // From here a restart serves the disk as switched over (the committed journal is the
-        // mark; `restore_one` finishes the rename). The record that says so costs a new file
-        // and two fsyncs, so it is written after SWITCHED has gone, outside the downtime.
-        let s = session.incoming.store.clone();
-        let (temp, name) = (incoming_name(&session.hello.disk), session.hello.disk.clone());
-        blocking(move || Ok::<_, MigrationError>(s.rename_disk(&temp, &name)?)).await?;
-        let renamed = started.elapsed();
-        let (report, deferred) = {
-            let inc = &session.incoming;
-            let mut p = inc.pending.lock();
-            // Requests the standby export holds continue as post-copy requests from here.
-            p.phase = DiskPhase::PostCopy;
-            // What deferred rounds left is asked for now, once, for the blocks that still
-            // need it (a later round may have listed other content for them since).
-            let deferred: Vec<Fingerprint> = std::mem::take(&mut p.deferred)
-                .into_iter()
-                .filter(|fp| p.waiting.get(fp).is_some_and(|blocks| blocks.iter().any(|b| p.by_block.get(b) == Some(fp))))
-                .collect();
-            let mut ask = Vec::with_capacity(deferred.len());
-            for fp in deferred {
-                ask_for(inc, &mut p, fp, &mut ask);
-            }
-            (p.report.clone(), ask)
-        };
-        session.incoming.arrived.notify_all();
-        session.proto.lock().processed_at_switch = processed;
-        self.hooks.switched(&session.hello.disk);
-        let at = session.status.since_start();
-        session.status.update(|r| {
-            r.phase = Phase::PostCopy;
-            r.switch_seconds = Some(at);
-            r.cancellable = false;
-        });
-        let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
-        tracing::info!(
-            disk = %session.hello.disk,
-            missing = session.incoming.pending.lock().by_block.len(),
-            journal_ms = ms(journal_done),
-            rename_ms = ms(renamed - journal_done),
-            total_ms = ms(started.elapsed()),
-            "switched over: serving the disk here"
-        );
-        self.send(Message::Switched(report))?;
-        for chunk in deferred.chunks(crate::protocol::MAX_LIST) {
-            self.send(Message::Want(chunk.to_vec()))?;
+    /// SWITCH. The switch-over runs to its end on a task of its own even if this connection
+    /// is superseded meanwhile (its future dropped at an await): dropped halfway it would
+    /// leave the disk renamed but not marked switched, and the newer connection, applying the
+    /// SWITCH the source sends again, would switch a second time. The newer connection waits
+    /// for the switch-over in progress instead, and then finds the disk switched.
+    async fn apply_switch(&self) -> Result<(), MigrationError> {
+        let guard = self.session.switching.clone().lock_owned().await;
+        if self.incoming().pending.lock().phase.has_switched() {
+            return Ok(());
         }
-        drop(switching);
-        let record = MigrationRecord {
-            id: id.clone(),
-            role: "destination".into(),
-            disk: session.hello.disk.clone(),
-            peer: session.status.report().peer,
-            stage: Stage::Switched,
-            config: None,
-            hello: Some(session.hello.clone()),
-        };
-        let state = self.state.clone();
-        let recording = std::time::Instant::now();
-        // A failure here loses nothing: the committed journal already marks the switch-over.
-        match blocking(move || state.save(&record)).await {
-            Ok(()) => tracing::debug!(disk = %session.hello.disk, record_ms = recording.elapsed().as_secs_f64() * 1000.0, "switch-over recorded"),
-            Err(e) => tracing::warn!(disk = %session.hello.disk, error = %e, "cannot record the switch-over; the journal marks it"),
-        }
-        Ok(())
+        let (session, hooks, state) = (self.session.clone(), self.hooks.clone(), self.state.clone());
+        tokio::spawn(async move {
+            let _exclusive = guard;
+            switch_over(&session, &hooks, &state).await
+        })
+        .await
+        .map_err(|e| MigrationError::Hook(format!("the switch-over task failed: {e}")))?
     }
 
     /// The source answered a standby read (an answer nobody waits for any more is dropped).
@@ -496,6 +436,93 @@ pub(crate) fn report_progress(session: &Arc<Session>, hooks: &Arc<dyn DestHooks>
         hooks.complete(&session.hello.disk);
         tracing::info!(disk = %session.hello.disk, "every block is local");
         send(Message::Complete(report))?;
+    }
+    Ok(())
+}
+
+/// The switch-over: writes down what is still missing, renames the disk to its real name and
+/// serves it as post-copy from here (see [`Connection::apply_switch`]).
+pub(crate) async fn switch_over(session: &Arc<Session>, hooks: &Arc<dyn DestHooks>, state_store: &Arc<dyn StateStore>) -> Result<(), MigrationError> {
+    let id = session.hello.migration_id.clone();
+    let started = std::time::Instant::now();
+    // Nothing is served from the disk before this point; everything listed as here is
+    // mapped before anything is (normally a no-op: a round is done only once it is).
+    drain_mapping(&session.incoming).await?;
+    let switching = session.incoming.gang.as_ref().map(GangMember::hold_for_switch);
+    // What is still missing is written down before the disk can be written: after a
+    // restart, it tells blocks still to come from blocks the guest has written since.
+    let processed = session.proto.lock().processed + 1;
+    let entries: Vec<(u64, Fingerprint)> = session.incoming.pending.lock().by_block.iter().map(|(b, fp)| (*b, *fp)).collect();
+    let state = state_store.clone();
+    let prepared = session.incoming.prepared_journal.lock().take();
+    let journal = {
+        let id = id.clone();
+        blocking(move || PendingJournal::commit(state.as_ref(), &id, prepared, &entries, processed)).await?
+    };
+    *session.incoming.journal.lock() = journal;
+    let journal_done = started.elapsed();
+    // From here a restart serves the disk as switched over (the committed journal is the
+    // mark; `restore_one` finishes the rename). The record that says so costs a new file
+    // and two fsyncs, so it is written after SWITCHED has gone, outside the downtime.
+    let s = session.incoming.store.clone();
+    let (temp, name) = (incoming_name(&session.hello.disk), session.hello.disk.clone());
+    blocking(move || Ok::<_, MigrationError>(s.rename_disk(&temp, &name)?)).await?;
+    let renamed = started.elapsed();
+    let (report, deferred) = {
+        let inc = &session.incoming;
+        let mut p = inc.pending.lock();
+        // Requests the standby export holds continue as post-copy requests from here.
+        p.phase = DiskPhase::PostCopy;
+        // What deferred rounds left is asked for now, once, for the blocks that still
+        // need it (a later round may have listed other content for them since).
+        let deferred: Vec<Fingerprint> = std::mem::take(&mut p.deferred)
+            .into_iter()
+            .filter(|fp| p.waiting.get(fp).is_some_and(|blocks| blocks.iter().any(|b| p.by_block.get(b) == Some(fp))))
+            .collect();
+        let mut ask = Vec::with_capacity(deferred.len());
+        for fp in deferred {
+            ask_for(inc, &mut p, fp, &mut ask);
+        }
+        (p.report.clone(), ask)
+    };
+    session.incoming.arrived.notify_all();
+    session.proto.lock().processed_at_switch = processed;
+    hooks.switched(&session.hello.disk);
+    let at = session.status.since_start();
+    session.status.update(|r| {
+        r.phase = Phase::PostCopy;
+        r.switch_seconds = Some(at);
+        r.cancellable = false;
+    });
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+    tracing::info!(
+        disk = %session.hello.disk,
+        missing = session.incoming.pending.lock().by_block.len(),
+        journal_ms = ms(journal_done),
+        rename_ms = ms(renamed - journal_done),
+        total_ms = ms(started.elapsed()),
+        "switched over: serving the disk here"
+    );
+    session.out.send(Frame::new(&Message::Switched(report))).map_err(|_| MigrationError::Closed)?;
+    for chunk in deferred.chunks(crate::protocol::MAX_LIST) {
+        session.out.send(Frame::new(&Message::Want(chunk.to_vec()))).map_err(|_| MigrationError::Closed)?;
+    }
+    drop(switching);
+    let record = MigrationRecord {
+        id: id.clone(),
+        role: "destination".into(),
+        disk: session.hello.disk.clone(),
+        peer: session.status.report().peer,
+        stage: Stage::Switched,
+        config: None,
+        hello: Some(session.hello.clone()),
+    };
+    let state = state_store.clone();
+    let recording = std::time::Instant::now();
+    // A failure here loses nothing: the committed journal already marks the switch-over.
+    match blocking(move || state.save(&record)).await {
+        Ok(()) => tracing::debug!(disk = %session.hello.disk, record_ms = recording.elapsed().as_secs_f64() * 1000.0, "switch-over recorded"),
+        Err(e) => tracing::warn!(disk = %session.hello.disk, error = %e, "cannot record the switch-over; the journal marks it"),
     }
     Ok(())
 }

@@ -62,6 +62,11 @@ pub(crate) struct Session {
     pub(crate) generation: AtomicU64,
     pub(crate) superseded: tokio::sync::Notify,
     pub(crate) ended: AtomicBool,
+    /// Held by a switch-over in progress (see `Connection::apply_switch`).
+    pub(crate) switching: Arc<tokio::sync::Mutex<()>>,
+    /// Held by a connection while it applies one sequenced message and counts it, and by a
+    /// new connection while it reads that count for ACCEPT.
+    pub(crate) applying: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Where the sequenced stream stands (see the protocol's resume section).
@@ -273,6 +278,8 @@ impl Destination {
             generation: AtomicU64::new(0),
             superseded: tokio::sync::Notify::new(),
             ended: AtomicBool::new(false),
+            switching: Arc::new(tokio::sync::Mutex::new(())),
+            applying: Arc::new(tokio::sync::Mutex::new(())),
         });
         session.status.update(|r| r.gang = session.hello.gang.clone());
         self.sessions.lock().insert(session.hello.migration_id.clone(), session.clone());
@@ -414,6 +421,9 @@ impl Destination {
         let mut out_rx = session.outbound.clone().lock_owned().await;
         while out_rx.try_recv().is_ok() {}
         let status = session.status.clone();
+        // An older connection may be applying a message: its count goes in before ACCEPT
+        // says how many were applied (it applies nothing after; see `apply_sequenced`).
+        let applying = session.applying.clone().lock_owned().await;
         let info = {
             let mut proto = session.proto.lock();
             let switched = session.incoming.pending.lock().phase.has_switched();
@@ -424,6 +434,7 @@ impl Destination {
             }
             AcceptInfo { processed: proto.processed, switched, rebuild, data_stream: session.hello.data_stream, delta: session.hello.delta }
         };
+        drop(applying);
         if info.rebuild {
             // The listing starts over: what the last one queued for mapping goes first.
             drain_mapping(&session.incoming).await?;
@@ -492,7 +503,7 @@ impl Destination {
         let result = {
             let streams = session.hello.data_stream.then(|| Arc::new(Mutex::new(StreamDecoders::default())));
             let listing_window = self.listing_window.load(Ordering::Relaxed);
-            let conn = Connection { session: &session, hooks: &self.hooks, state: &self.state, streams, listing_window };
+            let conn = Connection { session: &session, hooks: &self.hooks, state: &self.state, streams, listing_window, generation };
             let superseded = async {
                 loop {
                     let n = session.superseded.notified();
