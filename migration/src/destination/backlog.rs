@@ -29,8 +29,6 @@ use std::sync::Arc;
 use cas_store::Fingerprint;
 use parking_lot::{Condvar, Mutex};
 
-use crate::protocol::Message;
-use crate::wire::Frame;
 use crate::{blocking, MigrationError};
 
 use super::*;
@@ -182,9 +180,7 @@ async fn run_mapping(session: Arc<Session>, hooks: Arc<dyn DestHooks>) {
         let inc = session.incoming.clone();
         match blocking(move || map_present(&inc, batch)).await {
             Ok(want) => {
-                for chunk in want.chunks(crate::protocol::MAX_LIST) {
-                    let _ = session.out.send(Frame::new(&Message::Want(chunk.to_vec())));
-                }
+                let _ = session.send_wants(&want);
                 session.incoming.backlog.committed(n);
             }
             Err(e) => {

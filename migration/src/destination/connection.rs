@@ -504,9 +504,7 @@ pub(crate) async fn switch_over(session: &Arc<Session>, hooks: &Arc<dyn DestHook
         "switched over: serving the disk here"
     );
     session.out.send(Frame::new(&Message::Switched(report))).map_err(|_| MigrationError::Closed)?;
-    for chunk in deferred.chunks(crate::protocol::MAX_LIST) {
-        session.out.send(Frame::new(&Message::Want(chunk.to_vec()))).map_err(|_| MigrationError::Closed)?;
-    }
+    session.send_wants(&deferred)?;
     drop(switching);
     let record = MigrationRecord {
         id: id.clone(),

@@ -27,8 +27,6 @@ use cas_store::Fingerprint;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use crate::protocol::Message;
-use crate::wire::Frame;
 use crate::{blocking, MigrationError};
 
 use super::*;
@@ -296,9 +294,7 @@ pub(crate) fn spawn_borrow_settler(session: &Arc<Session>, hooks: Arc<dyn DestHo
             let inc = session.incoming.clone();
             match blocking(move || settle_borrowed(&inc)).await {
                 Ok(want) => {
-                    for chunk in want.chunks(crate::protocol::MAX_LIST) {
-                        let _ = session.out.send(Frame::new(&Message::Want(chunk.to_vec())));
-                    }
+                    let _ = session.send_wants(&want);
                     session.incoming.arrived.notify_all();
                     if let Err(e) = report_progress(&session, &hooks) {
                         tracing::debug!(error = %e, "gang progress not reported (the link is down)");

@@ -69,6 +69,16 @@ pub(crate) struct Session {
     pub(crate) applying: Arc<tokio::sync::Mutex<()>>,
 }
 
+impl Session {
+    /// Asks the source for `want`, in frames of at most [`crate::protocol::MAX_LIST`].
+    pub(crate) fn send_wants(&self, want: &[Fingerprint]) -> Result<(), MigrationError> {
+        for chunk in want.chunks(crate::protocol::MAX_LIST) {
+            self.out.send(Frame::new(&Message::Want(chunk.to_vec()))).map_err(|_| MigrationError::Closed)?;
+        }
+        Ok(())
+    }
+}
+
 /// Where the sequenced stream stands (see the protocol's resume section).
 #[derive(Debug, Default)]
 pub(crate) struct Proto {
@@ -450,9 +460,7 @@ impl Destination {
             for chunk in urgent.chunks(crate::protocol::MAX_LIST) {
                 let _ = session.out.send(Frame::new(&Message::Fetch(chunk.to_vec())));
             }
-            for chunk in wanted.chunks(crate::protocol::MAX_LIST) {
-                let _ = session.out.send(Frame::new(&Message::Want(chunk.to_vec())));
-            }
+            let _ = session.send_wants(&wanted);
             // Standby reads still waiting for the source (their ids stay the same; an answer
             // that comes twice is ignored).
             for (&id, &(offset, length)) in &p.reads.asked {
