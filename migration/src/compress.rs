@@ -1,11 +1,25 @@
 //! Block data on the wire: batches of block records compressed as one zstd frame each, at a
 //! level that follows the link.
 //!
-//! A record is `fingerprint (16) | flag (u8) | block bytes (if flag = 0)`; flag 1 means the
-//! source no longer holds that block (it changed since it was listed; a later round lists
-//! its new content); flag 2 is a delta: `reference fingerprint (16) | length (u16 LE) |
-//! delta` (see [`crate::delta`]). Compressing many blocks in one frame lets zstd find redundancy across
-//! blocks, which 4 KiB blocks compressed one by one cannot.
+//! Records come in one of two layouts (see [`RecordLayout`]), chosen per connection:
+//! * **named** (every peer speaks it): `fingerprint (16) | flag (u8) | ...`;
+//! * **unnamed** (when HELLO and ACCEPT both say `unnamed_blocks`): `flag (u8) | ...`, and a
+//!   whole block carries no fingerprint at all.
+//!
+//! Flag 0 is a whole block (`block bytes` follow); flag 1 means the source no longer holds
+//! that block (it changed since it was listed; a later round lists its new content) and
+//! carries its fingerprint in both layouts; flag 2 is a delta, `[fingerprint (16) in the
+//! unnamed layout] | reference fingerprint (16) | length (u16 LE) | delta` (see
+//! [`crate::delta`]), which keeps its fingerprint so that a delta the destination cannot use
+//! can be asked for again by name.
+//!
+//! A whole block need not be named because the content is its name: the destination hashes
+//! every block it receives anyway, to check it, and keeps it only if that fingerprint is one
+//! it asked for. The name was 16 incompressible bytes beside about 1.7 KB of compressed block,
+//! close to 1 % of the link's bytes.
+//!
+//! Compressing many blocks in one frame lets zstd find redundancy across blocks, which 4 KiB
+//! blocks compressed one by one cannot.
 
 use std::time::Duration;
 
@@ -17,6 +31,34 @@ const RECORD_DATA: u8 = 0;
 const RECORD_GONE: u8 = 1;
 const RECORD_DELTA: u8 = 2;
 
+/// How block records are laid out on a connection (see the module's notes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordLayout {
+    /// Every record starts with its block's fingerprint.
+    Named,
+    /// Records start with their flag; whole blocks carry no fingerprint.
+    Unnamed,
+}
+
+impl RecordLayout {
+    /// The layout two peers agreed on: unnamed when both offered it.
+    pub fn agreed(unnamed: bool) -> RecordLayout {
+        if unnamed {
+            RecordLayout::Unnamed
+        } else {
+            RecordLayout::Named
+        }
+    }
+
+    /// Bytes a record of a whole block takes before its content.
+    pub fn block_overhead(self) -> usize {
+        match self {
+            RecordLayout::Named => 17,
+            RecordLayout::Unnamed => 1,
+        }
+    }
+}
+
 /// One block in a DATA frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
@@ -24,6 +66,9 @@ pub enum Record {
         fp: Fingerprint,
         data: Vec<u8>,
     },
+    /// A whole block as the unnamed layout carries it: the receiver computes its fingerprint
+    /// (a source builds [`Record::Block`], which that layout encodes without the name).
+    Content(Vec<u8>),
     Gone(Fingerprint),
     /// Block `fp` as a difference from block `reference`, which the destination holds.
     Delta {
@@ -33,22 +78,54 @@ pub enum Record {
     },
 }
 
-/// Serialises records (uncompressed).
-pub fn encode_records(records: &[Record], out: &mut Vec<u8>) {
+impl Record {
+    /// The fingerprint the record names, if it names one.
+    pub fn fingerprint(&self) -> Option<Fingerprint> {
+        match self {
+            Record::Block { fp, .. } | Record::Gone(fp) | Record::Delta { fp, .. } => Some(*fp),
+            Record::Content(_) => None,
+        }
+    }
+}
+
+/// Serialises records (uncompressed) in `layout`.
+///
+/// # Panics
+/// On a [`Record::Content`] in the named layout: it has no name to write (only a receiver
+/// of the unnamed layout makes one).
+pub fn encode_records(records: &[Record], layout: RecordLayout, out: &mut Vec<u8>) {
+    let named = layout == RecordLayout::Named;
     for r in records {
         match r {
             Record::Block { fp, data } => {
-                out.extend_from_slice(&fp.0);
+                if named {
+                    out.extend_from_slice(&fp.0);
+                }
+                out.push(RECORD_DATA);
+                out.extend_from_slice(data);
+            }
+            Record::Content(data) => {
+                assert!(!named, "a block without a fingerprint cannot be sent in the named layout");
                 out.push(RECORD_DATA);
                 out.extend_from_slice(data);
             }
             Record::Gone(fp) => {
-                out.extend_from_slice(&fp.0);
-                out.push(RECORD_GONE);
+                if named {
+                    out.extend_from_slice(&fp.0);
+                    out.push(RECORD_GONE);
+                } else {
+                    out.push(RECORD_GONE);
+                    out.extend_from_slice(&fp.0);
+                }
             }
             Record::Delta { fp, reference, delta } => {
-                out.extend_from_slice(&fp.0);
-                out.push(RECORD_DELTA);
+                if named {
+                    out.extend_from_slice(&fp.0);
+                    out.push(RECORD_DELTA);
+                } else {
+                    out.push(RECORD_DELTA);
+                    out.extend_from_slice(&fp.0);
+                }
                 out.extend_from_slice(&reference.0);
                 out.extend_from_slice(&(delta.len() as u16).to_le_bytes());
                 out.extend_from_slice(delta);
@@ -58,7 +135,7 @@ pub fn encode_records(records: &[Record], out: &mut Vec<u8>) {
 }
 
 /// Decompresses a DATA frame and splits it into records of `block_size` bytes.
-pub fn decode_frame(raw_len: u32, frame: &[u8], block_size: usize) -> Result<Vec<Record>, ProtocolError> {
+pub fn decode_frame(raw_len: u32, frame: &[u8], block_size: usize, layout: RecordLayout) -> Result<Vec<Record>, ProtocolError> {
     let bad = |why: String| ProtocolError::Malformed { what: "DATA", why };
     let raw_len = raw_len as usize;
     if raw_len > MAX_RAW_DATA {
@@ -70,42 +147,70 @@ pub fn decode_frame(raw_len: u32, frame: &[u8], block_size: usize) -> Result<Vec
     if raw.len() != raw_len {
         return Err(bad(format!("decompressed to {} bytes, {raw_len} announced", raw.len())));
     }
-    parse_records(&raw, block_size)
+    parse_records(&raw, block_size, layout)
 }
 
-/// Splits decompressed DATA (or DATA_STREAM) bytes into records of `block_size` bytes.
-pub fn parse_records(raw: &[u8], block_size: usize) -> Result<Vec<Record>, ProtocolError> {
+fn take_fingerprint(rest: &[u8]) -> Result<(Fingerprint, &[u8]), ProtocolError> {
+    match rest.split_first_chunk::<16>() {
+        Some((fp, rest)) => Ok((Fingerprint(*fp), rest)),
+        None => Err(ProtocolError::Malformed { what: "DATA", why: "truncated fingerprint".into() }),
+    }
+}
+
+/// Splits decompressed DATA (or DATA_STREAM) bytes in `layout` into records of `block_size`
+/// bytes.
+pub fn parse_records(raw: &[u8], block_size: usize, layout: RecordLayout) -> Result<Vec<Record>, ProtocolError> {
     let bad = |why: String| ProtocolError::Malformed { what: "DATA", why };
     let mut records = Vec::new();
-    let mut rest = &raw[..];
+    let mut rest = raw;
     while !rest.is_empty() {
-        if rest.len() < 17 {
-            return Err(bad("truncated record".into()));
-        }
-        let fp = Fingerprint(rest[..16].try_into().expect("16 bytes"));
-        match rest[16] {
+        // The record's name (in the named layout, before its flag) and flag.
+        let (named, flag, body) = match layout {
+            RecordLayout::Named => {
+                let (fp, after) = take_fingerprint(rest)?;
+                let Some((&flag, body)) = after.split_first() else {
+                    return Err(bad("truncated record".into()));
+                };
+                (Some(fp), flag, body)
+            }
+            RecordLayout::Unnamed => {
+                let (&flag, body) = rest.split_first().expect("not empty");
+                (None, flag, body)
+            }
+        };
+        // Records other than whole blocks carry their name in both layouts.
+        let name = |body| match named {
+            Some(fp) => Ok((fp, body)),
+            None => take_fingerprint(body),
+        };
+        match flag {
             RECORD_DATA => {
-                if rest.len() < 17 + block_size {
+                let Some((data, after)) = body.split_at_checked(block_size) else {
                     return Err(bad("truncated block".into()));
-                }
-                records.push(Record::Block { fp, data: rest[17..17 + block_size].to_vec() });
-                rest = &rest[17 + block_size..];
+                };
+                records.push(match named {
+                    Some(fp) => Record::Block { fp, data: data.to_vec() },
+                    None => Record::Content(data.to_vec()),
+                });
+                rest = after;
             }
             RECORD_GONE => {
+                let (fp, after) = name(body)?;
                 records.push(Record::Gone(fp));
-                rest = &rest[17..];
+                rest = after;
             }
             RECORD_DELTA => {
-                if rest.len() < 17 + 16 + 2 {
+                let (fp, body) = name(body)?;
+                let (reference, body) = take_fingerprint(body)?;
+                let Some((len, body)) = body.split_first_chunk::<2>() else {
                     return Err(bad("truncated delta".into()));
-                }
-                let reference = Fingerprint(rest[17..33].try_into().expect("16 bytes"));
-                let len = u16::from_le_bytes([rest[33], rest[34]]) as usize;
-                if len > block_size || rest.len() < 35 + len {
+                };
+                let len = u16::from_le_bytes(*len) as usize;
+                let Some((delta, after)) = body.split_at_checked(len).filter(|_| len <= block_size) else {
                     return Err(bad(format!("delta of {len} bytes does not fit")));
-                }
-                records.push(Record::Delta { fp, reference, delta: rest[35..35 + len].to_vec() });
-                rest = &rest[35 + len..];
+                };
+                records.push(Record::Delta { fp, reference, delta: delta.to_vec() });
+                rest = after;
             }
             f => return Err(bad(format!("record flag {f}"))),
         }
@@ -243,6 +348,20 @@ impl LevelController {
 mod tests {
     use super::*;
 
+    const LAYOUTS: [RecordLayout; 2] = [RecordLayout::Named, RecordLayout::Unnamed];
+
+    /// What a receiver parses from `records` sent in `layout`: unnamed whole blocks come as
+    /// their content alone.
+    fn as_received(records: &[Record], layout: RecordLayout) -> Vec<Record> {
+        records
+            .iter()
+            .map(|r| match (r, layout) {
+                (Record::Block { data, .. }, RecordLayout::Unnamed) => Record::Content(data.clone()),
+                _ => r.clone(),
+            })
+            .collect()
+    }
+
     #[test]
     fn records_round_trip_through_zstd() {
         let records = vec![
@@ -250,15 +369,35 @@ mod tests {
             Record::Gone(Fingerprint([2; 16])),
             Record::Block { fp: Fingerprint([3; 16]), data: (0..4096).map(|i| (i % 256) as u8).collect() },
         ];
-        let mut raw = Vec::new();
-        encode_records(&records, &mut raw);
-        let frame = compress(&raw, 3);
-        assert!(frame.len() < raw.len() / 4);
-        assert_eq!(decode_frame(raw.len() as u32, &frame, 4096).unwrap(), records);
-        assert!(decode_frame(raw.len() as u32 - 1, &frame, 4096).is_err(), "length mismatch");
-        assert!(decode_frame(raw.len() as u32, &frame[..frame.len() / 2], 4096).is_err());
-        assert!(decode_frame(raw.len() as u32, &frame, 8192).is_err(), "wrong block size");
-        assert!(decode_frame(u32::MAX, &frame, 4096).is_err());
+        for layout in LAYOUTS {
+            let mut raw = Vec::new();
+            encode_records(&records, layout, &mut raw);
+            let frame = compress(&raw, 3);
+            assert!(frame.len() < raw.len() / 4);
+            assert_eq!(decode_frame(raw.len() as u32, &frame, 4096, layout).unwrap(), as_received(&records, layout));
+            assert!(decode_frame(raw.len() as u32 - 1, &frame, 4096, layout).is_err(), "length mismatch");
+            assert!(decode_frame(raw.len() as u32, &frame[..frame.len() / 2], 4096, layout).is_err());
+            assert!(decode_frame(raw.len() as u32, &frame, 8192, layout).is_err(), "wrong block size");
+            assert!(decode_frame(u32::MAX, &frame, 4096, layout).is_err());
+        }
+    }
+
+    #[test]
+    fn the_unnamed_layout_leaves_out_the_fingerprint_of_whole_blocks_only() {
+        let block = Record::Block { fp: Fingerprint([1; 16]), data: vec![7; 4096] };
+        let gone = Record::Gone(Fingerprint([2; 16]));
+        let delta = Record::Delta { fp: Fingerprint([4; 16]), reference: Fingerprint([5; 16]), delta: vec![9; 37] };
+        let size = |r: &Record, layout| {
+            let mut raw = Vec::new();
+            encode_records(std::slice::from_ref(r), layout, &mut raw);
+            raw.len()
+        };
+        assert_eq!(size(&block, RecordLayout::Named), 17 + 4096);
+        assert_eq!(size(&block, RecordLayout::Unnamed), RecordLayout::Unnamed.block_overhead() + 4096);
+        assert_eq!(size(&gone, RecordLayout::Unnamed), size(&gone, RecordLayout::Named));
+        assert_eq!(size(&delta, RecordLayout::Unnamed), size(&delta, RecordLayout::Named));
+        assert_eq!(RecordLayout::agreed(true), RecordLayout::Unnamed);
+        assert_eq!(RecordLayout::agreed(false), RecordLayout::Named);
     }
 
     /// Delta records round-trip, and random or damaged record bytes are an error, never a
@@ -272,39 +411,42 @@ mod tests {
             Record::Delta { fp: Fingerprint([6; 16]), reference: Fingerprint([7; 16]), delta: Vec::new() },
             Record::Gone(Fingerprint([2; 16])),
         ];
-        let mut raw = Vec::new();
-        encode_records(&records, &mut raw);
-        assert_eq!(parse_records(&raw, 4096).unwrap(), records);
-        for cut in 0..raw.len() {
-            // A cut parses only at a record boundary, as the records before it.
-            if let Ok(parsed) = parse_records(&raw[..cut], 4096) {
-                assert_eq!(parsed[..], records[..parsed.len()], "a cut at {cut}");
+        for layout in LAYOUTS {
+            let expected = as_received(&records, layout);
+            let mut raw = Vec::new();
+            encode_records(&records, layout, &mut raw);
+            assert_eq!(parse_records(&raw, 4096, layout).unwrap(), expected);
+            for cut in 0..raw.len() {
+                // A cut parses only at a record boundary, as the records before it.
+                if let Ok(parsed) = parse_records(&raw[..cut], 4096, layout) {
+                    assert_eq!(parsed[..], expected[..parsed.len()], "a cut at {cut}");
+                }
             }
-        }
-        let mut long = Vec::new();
-        encode_records(&[Record::Delta { fp: Fingerprint([1; 16]), reference: Fingerprint([2; 16]), delta: vec![0; 5000] }], &mut long);
-        assert!(parse_records(&long, 4096).is_err(), "a delta longer than a block");
-        let mut x = 0x9E37_79B9_7F4A_7C15u64;
-        for round in 0..20_000 {
-            let mut bytes = raw.clone();
-            for _ in 0..(round % 8 + 1) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                let at = (x % bytes.len() as u64) as usize;
-                bytes[at] = (x >> 32) as u8;
-            }
-            bytes.truncate((x >> 40) as usize % (bytes.len() + 1));
-            if let Ok(parsed) = parse_records(&bytes, 4096) {
-                let size: usize = parsed
-                    .iter()
-                    .map(|r| match r {
-                        Record::Block { data, .. } => data.len(),
-                        Record::Delta { delta, .. } => delta.len(),
-                        Record::Gone(_) => 0,
-                    })
-                    .sum();
-                assert!(size <= bytes.len());
+            let mut long = Vec::new();
+            encode_records(&[Record::Delta { fp: Fingerprint([1; 16]), reference: Fingerprint([2; 16]), delta: vec![0; 5000] }], layout, &mut long);
+            assert!(parse_records(&long, 4096, layout).is_err(), "a delta longer than a block");
+            let mut x = 0x9E37_79B9_7F4A_7C15u64;
+            for round in 0..20_000 {
+                let mut bytes = raw.clone();
+                for _ in 0..(round % 8 + 1) {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let at = (x % bytes.len() as u64) as usize;
+                    bytes[at] = (x >> 32) as u8;
+                }
+                bytes.truncate((x >> 40) as usize % (bytes.len() + 1));
+                if let Ok(parsed) = parse_records(&bytes, 4096, layout) {
+                    let size: usize = parsed
+                        .iter()
+                        .map(|r| match r {
+                            Record::Block { data, .. } | Record::Content(data) => data.len(),
+                            Record::Delta { delta, .. } => delta.len(),
+                            Record::Gone(_) => 0,
+                        })
+                        .sum();
+                    assert!(size <= bytes.len());
+                }
             }
         }
     }

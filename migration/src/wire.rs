@@ -66,7 +66,7 @@ impl Traffic {
     fn count(&self, msg: &Message, frame_len: usize) {
         let n = frame_len as u64;
         match msg {
-            Message::Fingerprints { .. } | Message::Want(_) | Message::Fetch(_) => &self.fingerprints,
+            Message::Fingerprints { .. } | Message::Want(_) | Message::WantListed { .. } | Message::Fetch(_) => &self.fingerprints,
             Message::Data { .. } | Message::DataStream { .. } => &self.data_wire,
             _ => &self.control,
         }
@@ -92,7 +92,7 @@ enum FrameKind {
 impl Frame {
     pub fn new(msg: &Message) -> Frame {
         let kind = match msg {
-            Message::Fingerprints { .. } | Message::Want(_) | Message::Fetch(_) => FrameKind::Fingerprints,
+            Message::Fingerprints { .. } | Message::Want(_) | Message::WantListed { .. } | Message::Fetch(_) => FrameKind::Fingerprints,
             Message::Data { .. } | Message::DataStream { .. } => FrameKind::Data,
             _ => FrameKind::Control,
         };
@@ -101,6 +101,13 @@ impl Frame {
 
     pub fn len(&self) -> usize {
         self.bytes.len()
+    }
+
+    /// The message this frame holds (the source reads its kept listings back this way).
+    pub fn message(&self) -> Result<Message, protocol::ProtocolError> {
+        let header: &[u8; HEADER_LEN] = self.bytes[..HEADER_LEN].try_into().expect("a frame has a header");
+        let (t, _) = protocol::decode_header(header)?;
+        protocol::decode(t, &self.bytes[HEADER_LEN..])
     }
 
     /// Adds this frame's bytes to its kind's counter.

@@ -135,6 +135,43 @@ async fn neighbours_supply_what_they_have_and_only_the_rest_crosses() {
     assert!(dst.disk("vm.incoming").is_err(), "the temporary name is gone");
 }
 
+/// Migrates `content`'s disk "vm" from `src` into an empty store with `config`; checks it
+/// arrived byte-exact with every one of its 181 distinct blocks sent once.
+async fn migrate_into_empty(src: &Arc<Store>, content: &[u8], config: SourceConfig) -> MigrationReport {
+    let dst = store();
+    let what = format!("{config:?}");
+    let (report, _) = migrate(src.clone(), dst.clone(), "vm", config, Arc::new(NoHooks), Arc::new(CaptureHooks::default())).await;
+    assert_eq!(read_all(&dst, "vm"), content, "byte-exact with {what}");
+    assert!(dst.fsck(true).unwrap().is_clean());
+    assert_eq!(report.blocks_wanted, 181);
+    assert_eq!(report.blocks_sent, 181);
+    report
+}
+
+/// Whole blocks cross without their fingerprint (the destination names them by hashing);
+/// a source that names every block, as older ones do, still migrates byte-exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unnamed_blocks_leave_their_fingerprints_off_the_link_and_named_ones_still_work() {
+    let src = store();
+    let content = fill(&src, "vm", 256, 100, 100, 1, 20);
+    let unnamed = migrate_into_empty(&src, &content, SourceConfig::default()).await;
+    let named = migrate_into_empty(&src, &content, SourceConfig { unnamed_blocks: false, ..SourceConfig::default() }).await;
+    assert_eq!(named.link.data_raw_bytes - unnamed.link.data_raw_bytes, 181 * 16, "16 bytes of name per block sent");
+}
+
+/// The destination asks for a listing's missing content by position (a bit per listed
+/// block) when the source offers it, and by fingerprint otherwise; both byte-exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_content_is_asked_for_by_position_in_the_listing() {
+    let src = store();
+    let content = fill(&src, "vm", 256, 100, 100, 1, 20);
+    let by_position = migrate_into_empty(&src, &content, SourceConfig::default()).await;
+    let by_fingerprint = migrate_into_empty(&src, &content, SourceConfig { want_listed: false, ..SourceConfig::default() }).await;
+    // WANT: 181 fingerprints; WANT_LISTED: 200 listed blocks' flags in 25 bytes.
+    let (a, b) = (by_position.link.fingerprint_bytes, by_fingerprint.link.fingerprint_bytes);
+    assert!(b - a >= 181 * 16 - 48, "listing and asking, by position {a} and by fingerprint {b}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn empty_destination_gets_every_block_once_and_identical_one_gets_none() {
     let (src, dst) = (store(), store());
@@ -365,6 +402,8 @@ async fn bad_peers_get_a_clear_error_and_change_nothing() {
             data_stream: false,
             gang: None,
             delta: false,
+            unnamed_blocks: false,
+            want_listed: false,
         }))
     };
     for frame in [hello("existing", BS as u32), hello("new", 512)] {

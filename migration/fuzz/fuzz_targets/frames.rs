@@ -6,7 +6,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use migration::compress::{decode_frame, parse_records, Record};
+use migration::compress::{decode_frame, parse_records, Record, RecordLayout};
 use migration::protocol::{decode, decode_header, encode, HEADER_LEN};
 use migration::stream::{StreamDecoder, StreamId};
 
@@ -14,7 +14,7 @@ const BLOCK: usize = 4096;
 
 fn check_records(records: &[Record]) {
     for r in records {
-        if let Record::Block { data, .. } = r {
+        if let Record::Block { data, .. } | Record::Content(data) = r {
             assert_eq!(data.len(), BLOCK, "a block record of another size");
         }
     }
@@ -36,18 +36,22 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!(decode(t2, &frame[HEADER_LEN..]).expect("our own frame"), msg);
             }
         }
-        // A DATA payload: a zstd frame of records.
+        // A DATA payload: a zstd frame of records (in either layout, chosen by the length's
+        // top bit).
         1 => {
             let Some((len, frame)) = rest.split_at_checked(4) else { return };
             let raw_len = u32::from_le_bytes(len.try_into().unwrap());
-            if let Ok(records) = decode_frame(raw_len, frame, BLOCK) {
+            let layout = RecordLayout::agreed(raw_len >> 31 == 1);
+            if let Ok(records) = decode_frame(raw_len & !(1 << 31), frame, BLOCK, layout) {
                 check_records(&records);
             }
         }
-        // Records already decompressed.
+        // Records already decompressed, in both layouts.
         2 => {
-            if let Ok(records) = parse_records(rest, BLOCK) {
-                check_records(&records);
+            for layout in [RecordLayout::Named, RecordLayout::Unnamed] {
+                if let Ok(records) = parse_records(rest, BLOCK, layout) {
+                    check_records(&records);
+                }
             }
         }
         // Frames of one connection's stream, in order (each with the raw length it announces).

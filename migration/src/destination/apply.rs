@@ -16,6 +16,9 @@ use super::*;
 pub(crate) struct Listed {
     /// Content to ask the source for.
     pub(crate) want: Vec<Fingerprint>,
+    /// One flag per listed block of the frame, in order: set on the block whose content
+    /// went into `want` (the same request by position, WANT_LISTED).
+    pub(crate) want_flags: Vec<bool>,
     /// Blocks whose content is here, to map (see [`map_present`]).
     pub(crate) present: Vec<(u64, Fingerprint)>,
 }
@@ -63,8 +66,10 @@ pub(crate) fn apply_fingerprints(inc: &Incoming, runs: Vec<Run>, defer: bool) ->
 
     let mut to_map: Vec<(u64, Fingerprint)> = Vec::new();
     let mut want: Vec<Fingerprint> = Vec::new();
+    let mut want_flags: Vec<bool> = Vec::with_capacity(entries.len());
     let mut p = inc.pending.lock();
     for (block, fp) in entries {
+        let asked = want.len();
         if p.wanted.contains(&fp) || p.borrowed.contains(&fp) {
             p.report.duplicates += 1;
             p.by_block.insert(block, fp);
@@ -89,12 +94,13 @@ pub(crate) fn apply_fingerprints(inc: &Incoming, runs: Vec<Run>, defer: bool) ->
             p.waiting.entry(fp).or_default().push(block);
             ask_for(inc, &mut p, fp, &mut want);
         }
+        want_flags.push(want.len() > asked);
         p.report.blocks_listed += 1;
     }
     if !p.phase.has_switched() {
         p.report.missing_peak = p.report.missing_peak.max(p.by_block.len() as u64);
     }
-    Ok(Listed { want, present: to_map })
+    Ok(Listed { want, want_flags, present: to_map })
 }
 
 /// Maps listed blocks to content that was here when they were looked up; returns what to ask
@@ -164,15 +170,19 @@ fn resolve_deltas(inc: &Incoming, records: Vec<Record>) -> Result<(Vec<Record>, 
 pub(crate) fn apply_records(inc: &Incoming, records: Vec<Record>) -> Result<Vec<Fingerprint>, MigrationError> {
     let store = &inc.store;
     let (records, refetch) = resolve_deltas(inc, records)?;
-    // Every block is checked against its fingerprint before anything is applied, and before
-    // the pending lock, which readers of the disk wait for.
-    for record in &records {
-        if let Record::Block { fp, data } = record {
-            if store.fingerprint(data) != *fp {
-                return Err(MigrationError::Corrupt(format!("block {fp} arrived with content that does not match")));
+    // Every block is checked against its fingerprint (or, sent unnamed, named by it) before
+    // anything is applied, and before the pending lock, which readers of the disk wait for.
+    // An unnamed block is kept below only if its fingerprint is one this disk asked for.
+    let records = records
+        .into_iter()
+        .map(|record| match record {
+            Record::Content(data) => Ok(Record::Block { fp: store.fingerprint(&data), data }),
+            Record::Block { fp, data } if store.fingerprint(&data) != fp => {
+                Err(MigrationError::Corrupt(format!("block {fp} arrived with content that does not match")))
             }
-        }
-    }
+            other => Ok(other),
+        })
+        .collect::<Result<Vec<Record>, MigrationError>>()?;
     let mut p = inc.pending.lock();
     // Content stored (or given up) here, which other migrations of the gang may wait for.
     let mut arrived: Vec<Fingerprint> = Vec::new();
@@ -205,8 +215,8 @@ pub(crate) fn apply_records(inc: &Incoming, records: Vec<Record>) -> Result<Vec<
                 maps.extend(rest.iter().map(|&b| (b, fp)));
                 done.extend(blocks);
             }
-            // Resolved into blocks (or left out to be asked for again) above.
-            Record::Delta { .. } => {}
+            // Resolved into blocks (or left out to be asked for again), or named, above.
+            Record::Delta { .. } | Record::Content(_) => {}
             Record::Gone(fp) => {
                 // The source changed every block that had this content; later rounds list
                 // their new content, which supersedes these entries.

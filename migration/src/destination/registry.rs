@@ -442,7 +442,14 @@ impl Destination {
                 let keep_switch = proto.processed_at_switch;
                 *proto = Proto { processed_at_switch: keep_switch, ..Default::default() };
             }
-            AcceptInfo { processed: proto.processed, switched, rebuild, data_stream: session.hello.data_stream, delta: session.hello.delta }
+            AcceptInfo {
+                processed: proto.processed,
+                switched,
+                rebuild,
+                data_stream: session.hello.data_stream,
+                delta: session.hello.delta,
+                unnamed_blocks: session.hello.unnamed_blocks,
+            }
         };
         drop(applying);
         if info.rebuild {

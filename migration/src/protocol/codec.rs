@@ -28,6 +28,7 @@ mod tag {
     pub const REF_QUERY: u8 = 19;
     pub const REF_HELD: u8 = 20;
     pub const REFETCH: u8 = 21;
+    pub const WANT_LISTED: u8 = 22;
 }
 
 pub fn greeting() -> [u8; GREETING_LEN] {
@@ -55,7 +56,7 @@ pub fn decode_header(h: &[u8; HEADER_LEN]) -> Result<(u8, usize), ProtocolError>
     if len > MAX_PAYLOAD {
         return Err(ProtocolError::TooLarge(len));
     }
-    if !(tag::HELLO..=tag::REFETCH).contains(&h[0]) {
+    if !(tag::HELLO..=tag::WANT_LISTED).contains(&h[0]) {
         return Err(ProtocolError::UnknownType(h[0]));
     }
     Ok((h[0], len))
@@ -70,6 +71,16 @@ fn put_fps(out: &mut Vec<u8>, fps: &[Fingerprint]) {
     for fp in fps {
         out.extend_from_slice(&fp.0);
     }
+}
+
+/// A bitmap: its length in bits (u32 BE), then bit i at `byte[i / 8] & 1 << (i % 8)`.
+fn put_bits(out: &mut Vec<u8>, flags: &[bool]) {
+    out.extend_from_slice(&(flags.len() as u32).to_be_bytes());
+    let mut bits = vec![0u8; flags.len().div_ceil(8)];
+    for (i, _) in flags.iter().enumerate().filter(|(_, f)| **f) {
+        bits[i / 8] |= 1 << (i % 8);
+    }
+    out.extend_from_slice(&bits);
 }
 
 /// Encodes a message as a whole frame (header and payload).
@@ -181,13 +192,13 @@ pub fn encode(msg: &Message) -> Vec<u8> {
         }
         Message::RefHeld { id, held } => {
             payload.extend_from_slice(&id.to_be_bytes());
-            payload.extend_from_slice(&(held.len() as u32).to_be_bytes());
-            let mut bits = vec![0u8; held.len().div_ceil(8)];
-            for (i, _) in held.iter().enumerate().filter(|(_, h)| **h) {
-                bits[i / 8] |= 1 << (i % 8);
-            }
-            payload.extend_from_slice(&bits);
+            put_bits(&mut payload, held);
             tag::REF_HELD
+        }
+        Message::WantListed { seq, wanted } => {
+            payload.extend_from_slice(&seq.to_be_bytes());
+            put_bits(&mut payload, wanted);
+            tag::WANT_LISTED
         }
         Message::Refetch(fps) => {
             put_fps(&mut payload, fps);
@@ -231,6 +242,15 @@ impl<'a> Cursor<'a> {
             return Err(malformed(self.what, format!("{n} fingerprints do not fit the frame")));
         }
         Ok((0..n).map(|_| Fingerprint(self.take(16).expect("checked").try_into().expect("16 bytes"))).collect())
+    }
+    /// A bitmap of at most [`MAX_LIST`] bits (see `put_bits`).
+    fn bits(&mut self) -> Result<Vec<bool>, ProtocolError> {
+        let n = self.u32()? as usize;
+        if n > MAX_LIST {
+            return Err(malformed(self.what, format!("{n} bits is over the limit")));
+        }
+        let bits = self.take(n.div_ceil(8))?;
+        Ok((0..n).map(|i| bits[i / 8] & (1 << (i % 8)) != 0).collect())
     }
     fn done(&self) -> Result<(), ProtocolError> {
         if self.buf.is_empty() {
@@ -366,13 +386,16 @@ pub fn decode(t: u8, payload: &[u8]) -> Result<Message, ProtocolError> {
         tag::REF_HELD => {
             let mut c = Cursor { buf: payload, what: "REF_HELD" };
             let id = c.u64()?;
-            let n = c.u32()? as usize;
-            if n > MAX_LIST {
-                return Err(malformed("REF_HELD", format!("{n} answers is over the limit")));
-            }
-            let bits = c.take(n.div_ceil(8))?;
+            let held = c.bits()?;
             c.done()?;
-            Ok(Message::RefHeld { id, held: (0..n).map(|i| bits[i / 8] & (1 << (i % 8)) != 0).collect() })
+            Ok(Message::RefHeld { id, held })
+        }
+        tag::WANT_LISTED => {
+            let mut c = Cursor { buf: payload, what: "WANT_LISTED" };
+            let seq = c.u64()?;
+            let wanted = c.bits()?;
+            c.done()?;
+            Ok(Message::WantListed { seq, wanted })
         }
         tag::REFETCH => {
             let mut c = Cursor { buf: payload, what: "REFETCH" };
@@ -412,11 +435,15 @@ mod tests {
             data_stream: true,
             gang: Some("g1".into()),
             delta: true,
+            unnamed_blocks: true,
+            want_listed: true,
         }));
-        round_trip(Message::Accept(AcceptInfo { processed: 7, switched: true, rebuild: false, data_stream: true, delta: true }));
+        round_trip(Message::Accept(AcceptInfo { processed: 7, switched: true, rebuild: false, data_stream: true, delta: true, unnamed_blocks: true }));
         round_trip(Message::RefQuery { id: 3, refs: vec![fp(6), fp(7)] });
         round_trip(Message::RefHeld { id: 3, held: vec![true, false, false, true, true, false, true, false, true] });
         round_trip(Message::RefHeld { id: 4, held: vec![] });
+        round_trip(Message::WantListed { seq: 9, wanted: vec![false, true, true, false, false, false, false, false, true, true] });
+        round_trip(Message::WantListed { seq: 0, wanted: vec![] });
         round_trip(Message::Refetch(vec![fp(8)]));
         round_trip(Message::Ack { processed: 1 << 40 });
         round_trip(Message::Fingerprints { round: 3, runs: vec![Run::Mapped { first: 7, fps: vec![fp(1), fp(2)] }, Run::Zero { first: 9, count: 100 }] });
@@ -480,6 +507,9 @@ mod tests {
         assert!(decode(tag::DATA_STREAM, &[0, 0xff, 0xff, 0xff, 0xff]).is_err(), "huge raw length");
         assert!(decode(tag::REF_HELD, &[0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 9, 0xff]).is_err(), "nine answers in one byte");
         assert!(decode(tag::REF_HELD, &[0, 0, 0, 0, 0, 0, 0, 1, 0xff, 0xff, 0xff, 0xff]).is_err(), "huge count");
+        assert!(decode(tag::WANT_LISTED, &[0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 9, 0xff]).is_err(), "nine bits in one byte");
+        assert!(decode(tag::WANT_LISTED, &[0, 0, 0, 0, 0, 0, 0, 1, 0xff, 0xff, 0xff, 0xff]).is_err(), "huge count");
+        assert!(decode(tag::WANT_LISTED, &[0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 1, 0]).is_err(), "trailing bytes");
         assert!(decode(tag::REF_QUERY, &[0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 1]).is_err(), "short fingerprint");
         let mut g = greeting();
         assert!(check_greeting(&g).is_ok());

@@ -22,7 +22,11 @@
 //!   FINGERPRINTS (round 0: the map snapshot) ------->  has_many: hits mapped at once
 //!                     <------------------------------  ACK n (after each sequenced message)
 //!                     <------------------------------  WANT (fingerprints it lacks, once each)
+//!                                                      or WANT_LISTED (the same as flags on
+//!                                                      the frame's blocks, before its ACK)
 //!   DATA (zstd frames of block records) ------------>  verify fingerprint, store, map
+//!     (with `unnamed_blocks` in HELLO and ACCEPT, a whole block comes without its
+//!     fingerprint: the destination hashes it and keeps it if it asked for that content)
 //!     or DATA_STREAM {stream, raw_len} when HELLO and ACCEPT both say `data_stream`: the
 //!     next flushed piece of the connection's background or urgent zstd stream
 //!   ROUND_END 0 ------------------------------------>
@@ -141,6 +145,20 @@
 //! (`delta_refetched`) and asked for whole with REFETCH; nothing unverified is stored. Query
 //! state belongs to one connection: after a lost link WANT comes again and so do the queries.
 //!
+//! # Asking by position
+//! When HELLO says `want_listed`, the destination asks for content it found missing in a
+//! FINGERPRINTS frame with WANT_LISTED `{seq, one flag per listed block}` instead of a WANT
+//! of 16-byte fingerprints: a bit per listed block instead of 128 per wanted one (on the
+//! test images about 1 % of the link's bytes). It sends WANT_LISTED while it applies frame
+//! `seq`, before that frame's ACK on the same connection, so the source still holds the frame
+//! (it keeps sequenced frames until acknowledged) and reads the fingerprints back from it.
+//! Everything asked for at any other time (blocks whose mapping failed later, a gang
+//! member's content that did not come, the WANT of a resumed connection, deferred content
+//! at the switch-over) goes as WANT. A WANT_LISTED naming a frame the source no longer
+//! holds can only be a stale one from a superseded connection, whose content the resumed
+//! connection's WANT asks for again: the source ignores it. One naming a frame not yet
+//! sent, or with another number of flags than the frame's listed blocks, is a violation.
+//!
 //! # Version policy
 //! [`VERSION`] changes only when a message changes meaning or layout. Peers must speak the
 //! same version; a mismatch is answered with ERROR naming both versions. New optional JSON
@@ -149,7 +167,9 @@
 //! came later without a version change: a destination sends READ only to a source whose
 //! HELLO says `read_through` (an older source's destination holds standby reads until the
 //! switch-over instead). REF_QUERY, REF_HELD, REFETCH and delta records came the same way:
-//! they are sent only when both HELLO and ACCEPT say `delta`.
+//! they are sent only when both HELLO and ACCEPT say `delta`. The unnamed record layout (whole
+//! blocks without their fingerprint) is used only when both say `unnamed_blocks`; WANT_LISTED
+//! is sent only to a source whose HELLO says `want_listed`.
 
 mod codec;
 
@@ -236,6 +256,15 @@ pub struct Hello {
     /// "Delta" above); it does if ACCEPT says the destination can decode them.
     #[serde(default)]
     pub delta: bool,
+    /// The source can send block records in the unnamed layout (whole blocks without their
+    /// fingerprint, which the destination computes; see [`crate::compress`]); it does if
+    /// ACCEPT says the destination takes it.
+    #[serde(default)]
+    pub unnamed_blocks: bool,
+    /// The source keeps each FINGERPRINTS frame until it is acknowledged and resolves
+    /// WANT_LISTED against it (see "Asking by position").
+    #[serde(default)]
+    pub want_listed: bool,
 }
 
 /// The destination's answer to HELLO: where a resumed migration continues.
@@ -255,6 +284,9 @@ pub struct AcceptInfo {
     /// The destination answers REF_QUERY and decodes delta records (the source offered it).
     #[serde(default)]
     pub delta: bool,
+    /// The destination takes block records in the unnamed layout (the source offered it).
+    #[serde(default)]
+    pub unnamed_blocks: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -384,6 +416,13 @@ pub enum Message {
     /// Destination to source: these blocks arrived as deltas that could not be used; send
     /// them whole.
     Refetch(Vec<Fingerprint>),
+    /// Destination to source: WANT for content listed in sequenced FINGERPRINTS frame `seq`,
+    /// one flag per listed block of that frame (its runs' fingerprints, in order); only to a
+    /// source whose HELLO says `want_listed`. See "Asking by position".
+    WantListed {
+        seq: u64,
+        wanted: Vec<bool>,
+    },
 }
 
 /// Largest READ (the standby export splits larger reads).
@@ -422,6 +461,7 @@ impl Message {
             Message::RefQuery { .. } => "REF_QUERY",
             Message::RefHeld { .. } => "REF_HELD",
             Message::Refetch(_) => "REFETCH",
+            Message::WantListed { .. } => "WANT_LISTED",
         }
     }
 }

@@ -182,6 +182,8 @@ impl Source {
             data_stream: self.config.data_stream,
             gang: self.config.gang.clone(),
             delta: self.config.delta,
+            unnamed_blocks: self.config.unnamed_blocks,
+            want_listed: self.config.want_listed,
         };
         let outbox = Arc::new(Outbox::new(restarted.is_some()));
         let (event_tx, events) = mpsc::unbounded_channel();

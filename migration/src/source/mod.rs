@@ -84,6 +84,14 @@ pub struct SourceConfig {
     /// Offer deltas: a wanted block similar to one the destination holds (found in this
     /// store's resemblance index, confirmed with REF_QUERY) crosses as the difference.
     pub delta: bool,
+    /// Offer the unnamed record layout: whole blocks cross without their fingerprint (the
+    /// destination computes it to check the block anyway); false names every block, as a
+    /// source that predates it does (to measure what it gives).
+    pub unnamed_blocks: bool,
+    /// Offer WANT_LISTED: the destination may ask for a listing's missing content with a bit
+    /// per listed block instead of 16 bytes per wanted one; false takes WANT only (to
+    /// measure what it gives, and what an older source does).
+    pub want_listed: bool,
     /// The gang this migration belongs to (disks moved together; see `Hello::gang`): the
     /// destination asks once for content several of them lack, and the gang's migrations
     /// share one bandwidth cap at this server.
@@ -108,6 +116,8 @@ impl Default for SourceConfig {
             reconnect_window_secs: 600,
             data_stream: true,
             delta: true,
+            unnamed_blocks: true,
+            want_listed: true,
             gang: None,
             restarted_at: None,
         }

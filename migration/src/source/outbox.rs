@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::protocol::Message;
+use cas_store::Fingerprint;
+
+use crate::protocol::{Message, ProtocolError, Run};
 use crate::wire::Frame;
 use crate::MigrationError;
 
@@ -151,6 +153,37 @@ impl Outbox {
         let g = self.inner.lock();
         let i = seq.checked_sub(g.base)?;
         g.frames.get(i as usize).map(|f| (f.clone(), seq < g.written))
+    }
+
+    /// The fingerprints a WANT_LISTED asks for: those of frame `seq`'s listed blocks whose
+    /// flag is set (see the protocol's "Asking by position"). None when the frame was
+    /// acknowledged already: a stale WANT_LISTED, whose content is asked for again by WANT.
+    pub(crate) fn listed_wanted(&self, seq: u64, wanted: &[bool]) -> Result<Option<Vec<Fingerprint>>, MigrationError> {
+        let bad = |why: String| MigrationError::Protocol(ProtocolError::Malformed { what: "WANT_LISTED", why });
+        let frame = {
+            let g = self.inner.lock();
+            if seq < g.base {
+                return Ok(None);
+            }
+            match g.frames.get((seq - g.base) as usize) {
+                Some(f) if seq < g.written => f.clone(),
+                _ => return Err(bad(format!("names frame {seq}, which was not sent"))),
+            }
+        };
+        let Message::Fingerprints { runs, .. } = frame.message()? else {
+            return Err(bad(format!("frame {seq} is not a listing")));
+        };
+        let listed: Vec<Fingerprint> = runs
+            .into_iter()
+            .flat_map(|run| match run {
+                Run::Mapped { fps, .. } => fps,
+                Run::Zero { .. } => Vec::new(),
+            })
+            .collect();
+        if listed.len() != wanted.len() {
+            return Err(bad(format!("{} flags for frame {seq}, which lists {} blocks", wanted.len(), listed.len())));
+        }
+        Ok(Some(listed.into_iter().zip(wanted).filter(|(_, w)| **w).map(|(fp, _)| fp).collect()))
     }
 
     pub(crate) fn mark_written(&self, seq: u64) {

@@ -7,7 +7,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 
 use super::*;
-use crate::compress::{encode_records, Record};
+use crate::compress::{encode_records, Record, RecordLayout};
 use crate::protocol::{Hello, Message, Mode};
 use crate::report::PlanReport;
 use crate::stream::{StreamEncoder, StreamId};
@@ -68,6 +68,8 @@ where
         data_stream: false,
         delta: false,
         gang: None,
+        unnamed_blocks: false,
+        want_listed: false,
     };
     crate::wire::write_message(&mut stream, &Message::Hello(hello), &traffic).await?;
     match read_message(&mut stream, &traffic).await? {
@@ -112,17 +114,19 @@ where
         }
     };
     // What the missing blocks would cost on the wire: compress them here, as a migration
-    // would, in batches of the same size through one link stream (DATA_STREAM).
+    // would, in batches of the same size through one link stream (DATA_STREAM), in the
+    // record layout a migration agrees on with a destination of this version.
     let s = store.clone();
     let block_size = store.block_size() as usize;
     let compressed = blocking(move || {
         let mut total = 0u64;
         let mut stream = StreamEncoder::new(StreamId::Background, zstd_level).map_err(|e| MigrationError::Hook(e.to_string()))?;
-        for chunk in wanted.chunks((1 << 20) / (block_size + 17)) {
+        let layout = RecordLayout::Unnamed;
+        for chunk in wanted.chunks((1 << 20) / (block_size + layout.block_overhead())) {
             let blocks = s.get_blocks(chunk)?;
             let records: Vec<Record> = chunk.iter().zip(blocks).filter_map(|(fp, b)| b.map(|d| Record::Block { fp: *fp, data: d.to_vec() })).collect();
             let mut raw = Vec::new();
-            encode_records(&records, &mut raw);
+            encode_records(&records, layout, &mut raw);
             // Frame header (5) + stream id (1) + raw length (4).
             total += (stream.encode(&raw, zstd_level).map_err(|e| MigrationError::Hook(e.to_string()))?.len() + 10) as u64;
         }

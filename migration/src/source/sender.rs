@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 
 use super::delta::DeltaPlanner;
 use super::*;
-use crate::compress::{compress, encode_records, Record};
+use crate::compress::{compress, encode_records, Record, RecordLayout};
 use crate::protocol::Message;
 use crate::stream::{StreamEncoder, StreamId};
 use crate::wire::{read_message, write_frame, write_frames, Frame};
@@ -100,6 +100,16 @@ pub(crate) async fn run_reader<R: AsyncRead + Unpin>(
                 status.update(|r| r.blocks_wanted += fps.len() as u64);
                 work.send(SendWork::Want(fps)).is_ok()
             }
+            Message::WantListed { seq, wanted } => match outbox.listed_wanted(seq, &wanted)? {
+                Some(fps) => {
+                    status.update(|r| r.blocks_wanted += fps.len() as u64);
+                    work.send(SendWork::Want(fps)).is_ok()
+                }
+                None => {
+                    tracing::debug!(seq, "WANT_LISTED for a listing already acknowledged (a superseded connection's): ignored");
+                    true
+                }
+            },
             Message::Fetch(fps) => {
                 status.cap.urgent(status.link_member());
                 work.send(SendWork::Fetch(fps)).is_ok()
@@ -263,6 +273,16 @@ pub(crate) async fn run_writer<W: AsyncWrite + Unpin>(
     }
 }
 
+/// What the two sides agreed on for this connection's block data (HELLO and ACCEPT).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DataFeatures {
+    /// DATA_STREAM: one zstd stream per connection and urgency.
+    pub(crate) streaming: bool,
+    /// Deltas against similar blocks the destination holds.
+    pub(crate) delta: bool,
+    pub(crate) layout: RecordLayout,
+}
+
 /// Sends DATA frames for wanted blocks: on-demand fetches go first, in small frames
 /// compressed here, on the urgent queue; background blocks are read here and compressed
 /// ahead of the link by the connection's compressor thread (see [`super::compressor`]).
@@ -276,9 +296,9 @@ pub(crate) async fn run_data_sender(
     low: mpsc::Sender<DataFrame>,
     config: SourceConfig,
     status: Arc<MigrationStatus>,
-    streaming: bool,
-    delta: bool,
+    features: DataFeatures,
 ) {
+    let DataFeatures { streaming, delta, layout } = features;
     let block_size = store.block_size() as usize;
     let memory = Arc::new(StreamMemory::default());
     let (raw_tx, raw_rx) = mpsc::channel::<RawBatch>(RAW_QUEUE);
@@ -289,7 +309,7 @@ pub(crate) async fn run_data_sender(
     // With DATA_STREAM, the urgent queue's zstd stream for this connection's lifetime (see
     // `crate::stream`); made on first use, dropped with the connection.
     let mut urgent_encoder: Option<StreamEncoder> = None;
-    let per_batch = (config.batch_bytes / (block_size + 17)).max(1);
+    let per_batch = (config.batch_bytes / (block_size + layout.block_overhead())).max(1);
     let mut urgent: VecDeque<Fingerprint> = VecDeque::new();
     // In a gang, content several disks use (more than one reference here) goes before the
     // rest, each in the order asked: if the gang is cut short, what crossed serves most disks.
@@ -382,13 +402,14 @@ pub(crate) async fn run_data_sender(
             let deltas = super::delta::DeltaCount::of(&records);
             let (mut sent_fps, mut gone) = (Vec::with_capacity(records.len()), Vec::new());
             for r in &records {
-                match r {
-                    Record::Block { fp, .. } | Record::Delta { fp, .. } => sent_fps.push(*fp),
-                    Record::Gone(fp) => gone.push(*fp),
+                match (r, r.fingerprint()) {
+                    (Record::Gone(_), Some(fp)) => gone.push(fp),
+                    (_, Some(fp)) => sent_fps.push(fp),
+                    (_, None) => {}
                 }
             }
-            let mut raw = Vec::with_capacity(records.len() * (block_size + 17));
-            encode_records(&records, &mut raw);
+            let mut raw = Vec::with_capacity(records.len() * (block_size + layout.block_overhead()));
+            encode_records(&records, layout, &mut raw);
             let msg = if !is_urgent {
                 None
             } else {
@@ -498,10 +519,11 @@ mod tests {
         let (high_tx, _high_rx) = mpsc::channel(8);
         let (low_tx, mut low_rx) = mpsc::channel(8);
         // One block per frame, so the frames show the order.
-        let config = SourceConfig { gang: Some("g".into()), data_stream: false, zstd_level: Some(1), batch_bytes: 4096 + 17, ..SourceConfig::default() };
+        let config = SourceConfig { gang: Some("g".into()), data_stream: false, zstd_level: Some(1), batch_bytes: 4096 + 1, ..SourceConfig::default() };
         let status = MigrationStatus::new(MigrationReport::new("t", "a", "source", "peer"));
+        let features = DataFeatures { streaming: false, delta: false, layout: RecordLayout::Unnamed };
         work_tx.send(SendWork::Want(vec![fp(1), fp(2), fp(3), fp(4)])).unwrap();
-        let sender = tokio::spawn(run_data_sender(store.clone(), work_rx, high_tx, low_tx, config, status, false, false));
+        let sender = tokio::spawn(run_data_sender(store.clone(), work_rx, high_tx, low_tx, config, status, features));
         let mut order = Vec::new();
         for _ in 0..4 {
             let frame = tokio::time::timeout(Duration::from_secs(10), low_rx.recv()).await.unwrap().unwrap();

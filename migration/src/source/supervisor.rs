@@ -9,6 +9,7 @@ use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
 use super::*;
+use crate::compress::RecordLayout;
 use crate::link::{Backoff, Connector, LinkStream};
 use crate::protocol::{DestReport, Hello, Message};
 use crate::wire::{exchange_greetings, read_message};
@@ -193,8 +194,11 @@ impl LinkSupervisor {
             low_tx,
             self.config.clone(),
             self.status.clone(),
-            self.hello.data_stream && info.data_stream,
-            self.hello.delta && info.delta,
+            DataFeatures {
+                streaming: self.hello.data_stream && info.data_stream,
+                delta: self.hello.delta && info.delta,
+                layout: RecordLayout::agreed(self.hello.unnamed_blocks && info.unnamed_blocks),
+            },
         ));
         let mut writer_done = false;
         let end = tokio::select! {

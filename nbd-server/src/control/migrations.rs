@@ -99,6 +99,8 @@ pub(super) async fn start_migration(node: &Arc<Node>, req: StartMigration) -> Re
         reconnect_window_secs: req.reconnect_window_secs.unwrap_or(defaults.reconnect_window_secs),
         data_stream: req.data_stream.unwrap_or(defaults.data_stream),
         delta: req.delta.unwrap_or(defaults.delta),
+        unnamed_blocks: defaults.unnamed_blocks,
+        want_listed: defaults.want_listed,
         gang: req.gang.clone(),
         restarted_at: None,
     };
