@@ -441,7 +441,7 @@ pub(crate) fn report_progress(session: &Arc<Session>, hooks: &Arc<dyn DestHooks>
         if let Some(&r) = rounds.last() {
             proto.last_done = Some(r);
         }
-        let complete_now = switched && !proto.completed;
+        let complete_now = switched && !proto.renaming && !proto.completed;
         if complete_now {
             proto.completed = true;
         }
@@ -479,13 +479,14 @@ pub(crate) async fn switch_over(session: &Arc<Session>, hooks: &Arc<dyn DestHook
     };
     *session.incoming.journal.lock() = journal;
     let journal_done = started.elapsed();
-    // From here a restart serves the disk as switched over (the committed journal is the
-    // mark; `restore_one` finishes the rename). The record that says so costs a new file
-    // and two fsyncs, so it is written after SWITCHED has gone, outside the downtime.
-    let s = session.incoming.store.clone();
-    let (temp, name) = (incoming_name(&session.hello.disk), session.hello.disk.clone());
-    blocking(move || Ok::<_, MigrationError>(s.rename_disk(&temp, &name)?)).await?;
-    let renamed = started.elapsed();
+    // From here a restart serves the disk as switched over: the committed journal is the
+    // mark, and `restore_one` finishes the rename. So the rename (a catalogue write that can
+    // wait behind the engine's other writers: up to 4 ms behind a gang's commits) and the
+    // record that says so (a new file and two fsyncs) are done after SWITCHED has gone,
+    // outside the downtime. Until the rename, the disk is served under its real name through
+    // its export (by id); the store still calls it by its temporary name, so completion
+    // waits for the rename.
+    session.proto.lock().renaming = true;
     let (report, deferred) = {
         let inc = &session.incoming;
         let mut p = inc.pending.lock();
@@ -517,12 +518,25 @@ pub(crate) async fn switch_over(session: &Arc<Session>, hooks: &Arc<dyn DestHook
         disk = %session.hello.disk,
         missing = session.incoming.pending.lock().by_block.len(),
         journal_ms = ms(journal_done),
-        rename_ms = ms(renamed - journal_done),
         total_ms = ms(started.elapsed()),
         "switched over: serving the disk here"
     );
     session.out.send(Frame::new(&Message::Switched(report))).map_err(|_| MigrationError::Closed)?;
     session.send_wants(&deferred)?;
+    let renaming = std::time::Instant::now();
+    let s = session.incoming.store.clone();
+    let (temp, name) = (incoming_name(&session.hello.disk), session.hello.disk.clone());
+    let renamed = match blocking(move || Ok::<_, MigrationError>(s.rename_disk(&temp, &name)?)).await {
+        Ok(()) => {
+            tracing::debug!(disk = %session.hello.disk, rename_ms = ms(renaming.elapsed()), "disk renamed to its real name");
+            true
+        }
+        // The disk is still served (by id); a restart finishes the rename from the journal.
+        Err(e) => {
+            tracing::error!(disk = %session.hello.disk, error = %e, "cannot rename the switched disk; a restart of this server finishes it");
+            false
+        }
+    };
     drop(switching);
     let record = MigrationRecord {
         id: id.clone(),
@@ -539,6 +553,12 @@ pub(crate) async fn switch_over(session: &Arc<Session>, hooks: &Arc<dyn DestHook
     match blocking(move || state.save(&record)).await {
         Ok(()) => tracing::debug!(disk = %session.hello.disk, record_ms = recording.elapsed().as_secs_f64() * 1000.0, "switch-over recorded"),
         Err(e) => tracing::warn!(disk = %session.hello.disk, error = %e, "cannot record the switch-over; the journal marks it"),
+    }
+    // Completion held back for the rename goes now if every block arrived meanwhile (after
+    // a failed rename it waits for the restart that finishes the rename).
+    if renamed {
+        session.proto.lock().renaming = false;
+        report_progress(session, hooks)?;
     }
     Ok(())
 }

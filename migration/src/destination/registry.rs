@@ -87,6 +87,10 @@ pub(crate) struct Proto {
     pub(crate) last_done: Option<u32>,
     pub(crate) listed_round0: u64,
     pub(crate) completed: bool,
+    /// Switched over, but the store still names the disk by its temporary name (the rename
+    /// runs just after SWITCHED, outside the downtime): completion, which reopens the disk
+    /// by its real name, waits for it.
+    pub(crate) renaming: bool,
     /// Restored after a restart before the switch-over: the place in the rounds is lost.
     pub(crate) needs_rebuild: bool,
     /// The sequenced count when SWITCH was applied (kept across a restart).
