@@ -135,9 +135,10 @@ pub struct SharedLink {
     urgent_member: AtomicUsize,
     /// The background zstd level, one for the whole gang (see [`SharedLink::observe_level`]).
     level: parking_lot::Mutex<SharedLevel>,
-    /// Members between their freeze and SWITCHED: everyone's background data waits (for at
-    /// most [`SharedLink::MAX_SWITCH_HOLD`] after the latest freeze).
-    switching: std::sync::Arc<AtomicUsize>,
+    /// Members between their freeze and SWITCHED: everyone's background data, and the other
+    /// members' listings, wait (for at most [`SharedLink::MAX_SWITCH_HOLD`] after the latest
+    /// freeze).
+    switching: std::sync::Arc<parking_lot::Mutex<Vec<usize>>>,
     switch_since_ms: AtomicU64,
     /// The members' link connections whose send queues can be read (see [`SharedLink::drain`]).
     queues: parking_lot::Mutex<Vec<Weak<dyn LinkQueue>>>,
@@ -152,14 +153,20 @@ pub struct Drained {
     pub left: Option<u64>,
 }
 
-/// Holds the background data of every member of a gang while it lives (one member's
-/// switch-over, from its freeze to SWITCHED).
+/// Holds the background data of every member of a gang, and the other members' listings,
+/// while it lives (one member's switch-over, from its freeze to SWITCHED).
 #[derive(Debug)]
-pub struct SwitchHold(std::sync::Arc<AtomicUsize>);
+pub struct SwitchHold {
+    switching: std::sync::Arc<parking_lot::Mutex<Vec<usize>>>,
+    member: usize,
+}
 
 impl Drop for SwitchHold {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        let mut switching = self.switching.lock();
+        if let Some(i) = switching.iter().position(|m| *m == self.member) {
+            switching.swap_remove(i);
+        }
     }
 }
 
@@ -215,20 +222,29 @@ impl SharedLink {
         self.urgent_until_ms.fetch_max(self.now_ms() + Self::URGENT_WINDOW.as_millis() as u64, Ordering::Relaxed);
     }
 
-    /// Holds every member's background data until the returned guard is dropped: a member's
-    /// switch-over, whose downtime is the round trip of its final listing and SWITCH, must
-    /// not wait behind the others' data in the link's queue.
-    pub fn hold_for_switch(&self) -> SwitchHold {
+    /// Holds every member's background data, and the listings of the members other than
+    /// `member`, until the returned guard is dropped: a member's switch-over, whose downtime is
+    /// the round trip of its final listing and SWITCH, must not wait behind the others' data
+    /// or listings in the link's queue.
+    pub fn hold_for_switch(&self, member: usize) -> SwitchHold {
         self.switch_since_ms.store(self.now_ms(), Ordering::SeqCst);
-        self.switching.fetch_add(1, Ordering::SeqCst);
-        SwitchHold(self.switching.clone())
+        self.switching.lock().push(member);
+        SwitchHold { switching: self.switching.clone(), member }
+    }
+
+    fn switch_hold_lapsed(&self) -> bool {
+        self.now_ms().saturating_sub(self.switch_since_ms.load(Ordering::SeqCst)) >= Self::MAX_SWITCH_HOLD.as_millis() as u64
     }
 
     /// Whether a member of the gang is switching over (background data waits). A switch-over
     /// takes milliseconds; one that waits longer (its link lost) stops holding the others.
     pub fn switching(&self) -> bool {
-        self.switching.load(Ordering::SeqCst) > 0
-            && self.now_ms().saturating_sub(self.switch_since_ms.load(Ordering::SeqCst)) < Self::MAX_SWITCH_HOLD.as_millis() as u64
+        !self.switching.lock().is_empty() && !self.switch_hold_lapsed()
+    }
+
+    /// Whether a member other than `member` is switching over (`member`'s listings wait).
+    pub fn another_switching(&self, member: usize) -> bool {
+        self.switching.lock().iter().any(|m| *m != member) && !self.switch_hold_lapsed()
     }
 
     /// How long one member's switch-over holds the others' background data at most.
@@ -445,13 +461,18 @@ mod tests {
     fn a_switch_over_holds_the_gangs_background_data_while_it_lasts() {
         let link = SharedLink::default();
         assert!(!link.switching());
-        let a = link.hold_for_switch();
-        let b = link.hold_for_switch();
+        let a = link.hold_for_switch(1);
         assert!(link.switching());
+        assert!(link.another_switching(2), "member 2's listings wait for member 1's switch-over");
+        assert!(!link.another_switching(1), "member 1's own listing and SWITCH go");
+        let b = link.hold_for_switch(2);
+        assert!(link.another_switching(1));
         drop(a);
         assert!(link.switching(), "another member still switching");
+        assert!(!link.another_switching(2));
         drop(b);
         assert!(!link.switching());
+        assert!(!link.another_switching(1));
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! A destination that stops at the switch-over's edge: after its journal of missing blocks is
 //! committed and SWITCHED has gone, before the record that says so is written. The restarted
 //! destination must serve the disk as switched over (the source, which heard SWITCHED, no
-//! longer does) and finish the post-copy byte-exact.
+//! longer does) and finish the post-copy byte-exact. And one that lost power there before
+//! the journal reached its disk: it comes back before its switch-over, and the source, frozen
+//! since, lists the disk again and switches over again.
 
 mod common;
 use common::{read_all, serve_destinations, CurrentDestination};
@@ -80,8 +82,19 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_destination_that_dies_before_recording_the_switch_over_serves_the_disk_after_restart() {
+/// A migration whose destination died while recording its switch-over (SWITCHED has gone),
+/// its runtime shut down; the source still runs and will reconnect to `current`'s next
+/// destination.
+struct DiedAtTheSwitch {
+    src: Arc<Store>,
+    dst: Arc<Store>,
+    content: Vec<u8>,
+    state_dir: tempfile::TempDir,
+    current: CurrentDestination,
+    source: tokio::task::JoinHandle<Result<MigrationReport, migration::MigrationError>>,
+}
+
+async fn die_at_the_switch_record(id: &str) -> DiedAtTheSwitch {
     let (src, dst) = (store(), store());
     // 2048 blocks of random content: none at the destination, all missing at the switch-over.
     let blocks = 2048;
@@ -117,18 +130,18 @@ async fn a_destination_that_dies_before_recording_the_switch_over_serves_the_dis
     // Switch at once, with a slow background pass: most blocks are still missing when the
     // destination dies.
     let config = SourceConfig {
-        migration_id: "m-restart".into(),
+        migration_id: id.into(),
         switch_after: SwitchAfter::Fingerprints,
         batch_bytes: 64 << 10,
         bandwidth_bps: Some(40_000_000),
         reconnect_window_secs: 60,
         ..Default::default()
     };
-    let status = MigrationStatus::new(MigrationReport::new("m-restart", "vm", "source", &addr.to_string()));
+    let status = MigrationStatus::new(MigrationReport::new(id, "vm", "source", &addr.to_string()));
     let source = tokio::spawn(migration::run_source_with(src.clone(), "vm", connector, config, Arc::new(NoHooks), status, None));
 
-    // The destination committed its journal, renamed the disk, answered SWITCHED and is now
-    // writing its record: it dies there.
+    // The destination committed its journal, made it durable, renamed the disk, answered
+    // SWITCHED and is now writing its record: it dies there.
     tokio::task::spawn_blocking(move || reached_rx.recv_timeout(Duration::from_secs(60)).expect("the switch-over reached its record")).await.unwrap();
     current.lock().take();
     first_rt.shutdown_background();
@@ -137,27 +150,23 @@ async fn a_destination_that_dies_before_recording_the_switch_over_serves_the_dis
         *lock.lock() = true;
         cv.notify_all();
     }
-    let records = FileStateStore::open(state_dir.path()).unwrap().load().unwrap();
-    assert_eq!(records.len(), 1);
-    assert_eq!(records[0].stage, Stage::PreCopy, "the record still says pre-copy");
+    DiedAtTheSwitch { src, dst, content, state_dir, current, source }
+}
 
-    // The restart: a new destination over the same store and directory.
-    let second_rt = runtime();
+/// A new destination over the same store and directory, restored and serving.
+async fn restart(died: &DiedAtTheSwitch) -> (Arc<Hooks>, tokio::runtime::Runtime) {
+    let rt = runtime();
     let hooks = Arc::new(Hooks::default());
-    let second = Destination::new(dst.clone(), hooks.clone(), Arc::new(FileStateStore::open(state_dir.path()).unwrap()), Duration::from_secs(120));
-    let restore = second.clone();
-    second_rt.spawn(async move { restore.restore().await }).await.unwrap().expect("the restart restores the migration");
-    assert!(dst.disk("vm").is_ok(), "the disk is served under its own name");
-    assert!(dst.disk("vm.incoming").is_err());
-    let records = FileStateStore::open(state_dir.path()).unwrap().load().unwrap();
-    assert_eq!(records[0].stage, Stage::Switched, "the restart recorded the switch-over");
-    let dst_status = hooks.status.lock().clone().expect("the restart registered the migration");
-    // Parked as a switched migration: not cancellable (the source no longer serves the disk).
-    assert_eq!(dst_status.report().phase, Phase::Interrupted);
-    assert!(!dst_status.report().cancellable);
-    *current.lock() = Some((second, second_rt.handle().clone()));
+    let dest = Destination::new(died.dst.clone(), hooks.clone(), Arc::new(FileStateStore::open(died.state_dir.path()).unwrap()), Duration::from_secs(120));
+    let restore = dest.clone();
+    rt.spawn(async move { restore.restore().await }).await.unwrap().expect("the restart restores the migration");
+    *died.current.lock() = Some((dest, rt.handle().clone()));
+    (hooks, rt)
+}
 
-    let report = tokio::time::timeout(Duration::from_secs(120), source).await.expect("the migration finishes").unwrap().expect("the migration succeeds");
+/// The migration ends done on both sides, byte-exact and fsck clean, leaving no state files.
+async fn finishes(died: DiedAtTheSwitch, dst_status: Arc<MigrationStatus>) -> MigrationReport {
+    let report = tokio::time::timeout(Duration::from_secs(120), died.source).await.expect("the migration finishes").unwrap().expect("the migration succeeds");
     assert_eq!(report.phase, Phase::Done);
     assert!(report.link.reconnects >= 1);
     for _ in 0..500 {
@@ -167,15 +176,59 @@ async fn a_destination_that_dies_before_recording_the_switch_over_serves_the_dis
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(dst_status.report().phase, Phase::Done, "{:?}", dst_status.report().error);
-    assert_eq!(read_all(&dst, "vm"), content, "byte-exact after the restart");
-    assert!(dst.fsck(true).unwrap().is_clean());
+    assert_eq!(read_all(&died.dst, "vm"), died.content, "byte-exact after the restart");
+    assert_eq!(read_all(&died.src, "vm"), died.content, "the source's disk was never written");
+    assert!(died.dst.fsck(true).unwrap().is_clean());
     for _ in 0..500 {
-        if std::fs::read_dir(state_dir.path()).unwrap().next().is_none() {
+        if std::fs::read_dir(died.state_dir.path()).unwrap().next().is_none() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let left: Vec<_> = std::fs::read_dir(state_dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let left: Vec<_> = std::fs::read_dir(died.state_dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert!(left.is_empty(), "the record and the journal go with the finished migration: {left:?}");
+    report
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_that_dies_before_recording_the_switch_over_serves_the_disk_after_restart() {
+    let died = die_at_the_switch_record("m-restart").await;
+    let state_dir = &died.state_dir;
+    let dst = died.dst.clone();
+    let records = FileStateStore::open(state_dir.path()).unwrap().load().unwrap();
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].stage, Stage::PreCopy, "the record still says pre-copy");
+
+    let (hooks, second_rt) = restart(&died).await;
+    assert!(dst.disk("vm").is_ok(), "the disk is served under its own name");
+    assert!(dst.disk("vm.incoming").is_err());
+    let records = FileStateStore::open(state_dir.path()).unwrap().load().unwrap();
+    assert_eq!(records[0].stage, Stage::Switched, "the restart recorded the switch-over");
+    let dst_status = hooks.status.lock().clone().expect("the restart registered the migration");
+    // Parked as a switched migration: not cancellable (the source no longer serves the disk).
+    assert_eq!(dst_status.report().phase, Phase::Interrupted);
+    assert!(!dst_status.report().cancellable);
+    finishes(died, dst_status).await;
+    second_rt.shutdown_background();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_that_lost_power_before_its_switch_over_was_durable_is_switched_over_again() {
+    let died = die_at_the_switch_record("m-power").await;
+    // What a power loss just after SWITCHED leaves: the list of missing blocks, written in
+    // place and not yet synced, reads as zeros (the file laid out beforehand), and the rename
+    // (after the sync) never happened. The store's contents are whatever survived; here all.
+    let pending = died.state_dir.path().join("m-power.pending");
+    let len = std::fs::metadata(&pending).unwrap().len();
+    std::fs::write(&pending, vec![0u8; len as usize]).unwrap();
+    died.dst.rename_disk("vm", "vm.incoming").unwrap();
+    let records = FileStateStore::open(died.state_dir.path()).unwrap().load().unwrap();
+    assert_eq!(records[0].stage, Stage::PreCopy);
+
+    let (hooks, second_rt) = restart(&died).await;
+    let dst_status = hooks.status.lock().clone().expect("the restart registered the migration");
+    assert!(died.dst.disk("vm.incoming").is_ok(), "restored as before its switch-over");
+    let report = finishes(died, dst_status).await;
+    assert!(report.switch_seconds.is_some());
     second_rt.shutdown_background();
 }

@@ -451,9 +451,21 @@ pub(crate) fn report_progress(session: &Arc<Session>, hooks: &Arc<dyn DestHooks>
         send(Message::RoundDone { round })?;
     }
     if complete_now {
-        hooks.complete(&session.hello.disk);
-        tracing::info!(disk = %session.hello.disk, "every block is local");
-        send(Message::Complete(report))?;
+        // COMPLETE lets the source delete its copy: every block must first survive a power
+        // loss here too, not only a crash of this process (the store's writes are in the page
+        // cache until a flush). The flush runs off the async workers.
+        let (session, hooks) = (session.clone(), hooks.clone());
+        tokio::spawn(async move {
+            let store = session.incoming.store.clone();
+            if let Err(e) = blocking(move || store.flush()).await {
+                tracing::error!(disk = %session.hello.disk, error = %e, "cannot flush the migrated disk; completion waits for a later try");
+                session.proto.lock().completed = false;
+                return;
+            }
+            hooks.complete(&session.hello.disk);
+            tracing::info!(disk = %session.hello.disk, "every block is local");
+            let _ = session.out.send(Frame::new(&Message::Complete(report)));
+        });
     }
     Ok(())
 }
@@ -466,6 +478,7 @@ pub(crate) async fn switch_over(session: &Arc<Session>, hooks: &Arc<dyn DestHook
     // Nothing is served from the disk before this point; everything listed as here is
     // mapped before anything is (normally a no-op: a round is done only once it is).
     drain_mapping(&session.incoming).await?;
+    let drained = started.elapsed();
     let switching = session.incoming.gang.as_ref().map(GangMember::hold_for_switch);
     // What is still missing is written down before the disk can be written: after a
     // restart, it tells blocks still to come from blocks the guest has written since.
@@ -473,19 +486,21 @@ pub(crate) async fn switch_over(session: &Arc<Session>, hooks: &Arc<dyn DestHook
     let entries: Vec<(u64, Fingerprint)> = session.incoming.pending.lock().by_block.iter().map(|(b, fp)| (*b, *fp)).collect();
     let state = state_store.clone();
     let prepared = session.incoming.prepared_journal.lock().take();
+    let listed = started.elapsed();
     let journal = {
         let id = id.clone();
         blocking(move || PendingJournal::commit(state.as_ref(), &id, prepared, &entries, processed)).await?
     };
     *session.incoming.journal.lock() = journal;
     let journal_done = started.elapsed();
-    // From here a restart serves the disk as switched over: the committed journal is the
-    // mark, and `restore_one` finishes the rename. So the rename (a catalogue write that can
-    // wait behind the engine's other writers: up to 4 ms behind a gang's commits) and the
-    // record that says so (a new file and two fsyncs) are done after SWITCHED has gone,
-    // outside the downtime. Until the rename, the disk is served under its real name through
-    // its export (by id); the store still calls it by its temporary name, so completion
-    // waits for the rename.
+    // From here a restart of this process serves the disk as switched over: the list just
+    // written is the mark, and `restore_one` finishes the rename. What makes the mark survive
+    // a power loss (syncs of the store and the list: a cache flush of the device, 0.3-4 ms
+    // here and more under a gang's writes), the rename (a catalogue write that can wait
+    // behind the engine's other writers) and the record are done after SWITCHED has gone,
+    // outside the downtime (see `journal.rs`). Until the rename, the disk is served under its
+    // real name through its export (by id); the store still calls it by its temporary name,
+    // so completion waits for the rename.
     session.proto.lock().renaming = true;
     let (report, deferred) = {
         let inc = &session.incoming;
@@ -517,27 +532,54 @@ pub(crate) async fn switch_over(session: &Arc<Session>, hooks: &Arc<dyn DestHook
     tracing::info!(
         disk = %session.hello.disk,
         missing = session.incoming.pending.lock().by_block.len(),
-        journal_ms = ms(journal_done),
+        drain_ms = ms(drained),
+        list_ms = ms(listed - drained),
+        journal_ms = ms(journal_done - listed),
         total_ms = ms(started.elapsed()),
         "switched over: serving the disk here"
     );
     session.out.send(Frame::new(&Message::Switched(report))).map_err(|_| MigrationError::Closed)?;
     session.send_wants(&deferred)?;
+    // The gang's other members may send their background data again.
+    drop(switching);
+    let syncing = std::time::Instant::now();
+    let inc = session.incoming.clone();
+    let synced = blocking(move || super::journal::sync_journal(&inc.journal, &inc.store)).await;
     let renaming = std::time::Instant::now();
-    let s = session.incoming.store.clone();
-    let (temp, name) = (incoming_name(&session.hello.disk), session.hello.disk.clone());
-    let renamed = match blocking(move || Ok::<_, MigrationError>(s.rename_disk(&temp, &name)?)).await {
-        Ok(()) => {
-            tracing::debug!(disk = %session.hello.disk, rename_ms = ms(renaming.elapsed()), "disk renamed to its real name");
-            true
-        }
-        // The disk is still served (by id); a restart finishes the rename from the journal.
+    // The rename only once the list is durable: a rename that survived a power loss the list
+    // did not would leave a restart unable to find the disk it restores as pre-switch-over.
+    let renamed = match synced {
         Err(e) => {
-            tracing::error!(disk = %session.hello.disk, error = %e, "cannot rename the switched disk; a restart of this server finishes it");
+            // Flushes of the disk retry the sync and fail while it fails.
+            tracing::error!(disk = %session.hello.disk, error = %e, "cannot sync the switch-over's journal; a restart of this server finishes the switch-over");
             false
         }
+        Ok(()) => {
+            let s = session.incoming.store.clone();
+            let (temp, name) = (incoming_name(&session.hello.disk), session.hello.disk.clone());
+            match blocking(move || Ok::<_, MigrationError>(s.rename_disk(&temp, &name)?)).await {
+                Ok(()) => {
+                    tracing::debug!(
+                        disk = %session.hello.disk,
+                        sync_ms = ms(renaming - syncing),
+                        rename_ms = ms(renaming.elapsed()),
+                        "switch-over made durable; disk renamed to its real name"
+                    );
+                    true
+                }
+                // The disk is still served (by id); a restart finishes the rename from the journal.
+                Err(e) => {
+                    tracing::error!(disk = %session.hello.disk, error = %e, "cannot rename the switched disk; a restart of this server finishes it");
+                    false
+                }
+            }
+        }
     };
-    drop(switching);
+    if !renamed {
+        // No record either: a record that says switched over must never outlive a list lost
+        // with the page cache (a restart would find no list to restore).
+        return Ok(());
+    }
     let record = MigrationRecord {
         id: id.clone(),
         role: "destination".into(),
@@ -555,10 +597,7 @@ pub(crate) async fn switch_over(session: &Arc<Session>, hooks: &Arc<dyn DestHook
         Err(e) => tracing::warn!(disk = %session.hello.disk, error = %e, "cannot record the switch-over; the journal marks it"),
     }
     // Completion held back for the rename goes now if every block arrived meanwhile (after
-    // a failed rename it waits for the restart that finishes the rename).
-    if renamed {
-        session.proto.lock().renaming = false;
-        report_progress(session, hooks)?;
-    }
-    Ok(())
+    // a failed sync or rename it waits for the restart that finishes them).
+    session.proto.lock().renaming = false;
+    report_progress(session, hooks)
 }

@@ -362,21 +362,10 @@ impl MigratingDisk {
         Ok(self.inner.store.flush()?)
     }
 
-    /// Makes the journal's removals durable before a write that must survive a crash.
-    /// The fsync runs with no lock held: every removal appended before it is covered.
+    /// Makes the journal (the list of the switch-over, the removals since) durable before a
+    /// write that must survive a crash (see [`super::journal::sync_journal`]).
     pub(crate) fn sync_journal(&self) -> Result<(), PostCopyError> {
-        let failed = |e: std::io::Error| PostCopyError::Unavailable(format!("post-copy journal: {e}"));
-        let handle = match self.inner.journal.lock().as_mut() {
-            Some(j) => j.begin_sync().map_err(failed)?,
-            None => None,
-        };
-        if let Some((file, covered)) = handle {
-            file.sync_data().map_err(failed)?;
-            if let Some(j) = self.inner.journal.lock().as_mut() {
-                j.synced_to(covered);
-            }
-        }
-        Ok(())
+        super::journal::sync_journal(&self.inner.journal, &self.inner.store).map_err(|e| PostCopyError::Unavailable(format!("post-copy journal: {e}")))
     }
 
     /// The store's allocation, with blocks still in flight reported as allocated (they hold

@@ -110,6 +110,16 @@
 //! thaws once SWITCH may have reached the destination: only the destination can say whether
 //! it switched, so the source waits for it.
 //!
+//! SWITCHED does not wait for a device cache flush: the destination writes its list of
+//! missing blocks (the switch-over's mark) into the page cache, answers, and then makes it
+//! durable (the store's data first, then the list), before any FLUSH or FUA of the guest
+//! completes there. A crash of the destination's process keeps the mark. A power loss before
+//! the sync loses it: the destination comes back before its switch-over and answers the
+//! source's reconnection with `rebuild`. A source in `PostCopy` that gets `rebuild` goes back
+//! to `SwitchSent` (the one step back in its machine): its disk has stayed frozen, so it
+//! lists it again, sends SWITCH again and waits for SWITCHED. The guest loses no write it was
+//! promised, since none had been.
+//!
 //! # Gangs (several disks moved together)
 //! A gang is a set of ordinary migrations, one per disk, each with its own connection, rounds,
 //! switch-over, downtime, cancel and resume; their HELLOs carry the same `gang` name. The

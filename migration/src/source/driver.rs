@@ -231,44 +231,64 @@ impl Source {
             self.status.update(|r| r.cancellable = false);
         }
         self.record(self.config.restarted_at.unwrap_or(Stage::PreCopy)).await;
-        if !at.has_switched() {
-            let report = loop {
-                let epoch = link.outbox.epoch();
-                match self.pre_switch(link, epoch, rebuild, at).await {
-                    Ok(r) => break r,
-                    Err(MigrationError::Restart) => {
-                        tracing::info!(disk = %self.disk, "listing the disk again for the destination");
-                        rebuild = true;
+        let report = loop {
+            if !at.has_switched() {
+                let report = loop {
+                    let epoch = link.outbox.epoch();
+                    match self.pre_switch(link, epoch, rebuild, at).await {
+                        Ok(r) => break r,
+                        Err(MigrationError::Restart) => {
+                            tracing::info!(disk = %self.disk, "listing the disk again for the destination");
+                            rebuild = true;
+                        }
+                        Err(MigrationError::AlreadySwitched(r)) => break r,
+                        Err(e) => return Err(e),
                     }
-                    Err(MigrationError::AlreadySwitched(r)) => break r,
-                    Err(e) => return Err(e),
+                };
+                at.switched();
+                // The guest follows its disk as soon as this export stops serving it, so that
+                // comes first; a restart before the record below still finds `SwitchingOver`,
+                // which never exports the disk again either.
+                self.hooks.switched(&self.disk);
+                self.record(Stage::Switched).await;
+                let at = self.status.since_start();
+                self.status.update(|r| {
+                    r.switch_seconds = Some(at);
+                    r.phase = Phase::PostCopy;
+                    r.cancellable = false;
+                    r.destination = report;
+                });
+            } else {
+                self.hooks.switched(&self.disk);
+                self.status.update(|r| {
+                    r.phase = Phase::PostCopy;
+                    r.cancellable = false;
+                });
+            }
+
+            // Post-copy: serve fetches until the destination has everything.
+            let epoch = link.outbox.epoch();
+            let ended = loop {
+                match self.next_event(link, epoch).await {
+                    Ok(Event::Complete(r)) => break Ok(r),
+                    Ok(_) => {}
+                    Err(e) => break Err(e),
                 }
             };
-            at.switched();
-            // The guest follows its disk as soon as this export stops serving it, so that
-            // comes first; a restart before the record below still finds `SwitchingOver`,
-            // which never exports the disk again either.
-            self.hooks.switched(&self.disk);
-            self.record(Stage::Switched).await;
-            let at = self.status.since_start();
-            self.status.update(|r| {
-                r.switch_seconds = Some(at);
-                r.phase = Phase::PostCopy;
-                r.cancellable = false;
-                r.destination = report;
-            });
-        } else {
-            self.hooks.switched(&self.disk);
-            self.status.update(|r| {
-                r.phase = Phase::PostCopy;
-                r.cancellable = false;
-            });
-        }
-
-        // Post-copy: serve fetches until the destination has everything.
-        let report = loop {
-            if let Event::Complete(r) = self.next_event(link, u64::MAX).await? {
-                break r;
+            match ended {
+                Ok(r) => break r,
+                // The destination came back from a power loss before its switch-over reached
+                // its disk (see the protocol's "Switch-over"): it holds the disk as before
+                // SWITCH and asks for the listing again. This disk has stayed frozen since,
+                // so listing it again and switching over again loses nothing.
+                Err(MigrationError::Restart) => {
+                    tracing::warn!(disk = %self.disk, "the destination lost its switch-over (a restart before it was durable); listing the frozen disk again and switching over again");
+                    at.switch_lost();
+                    self.record(Stage::SwitchingOver).await;
+                    self.status.update(|r| r.phase = Phase::SwitchingOver);
+                    rebuild = true;
+                }
+                Err(e) => return Err(e),
             }
         };
         self.status.update(|r| r.destination = report);
@@ -358,9 +378,10 @@ impl Source {
             // From the freeze until SWITCH is written, no background data enters the link:
             // SWITCH must not wait behind it in the link's queue.
             hold = Some(link.outbox.hold_background());
-            // The other migrations of the gang hold theirs too, until SWITCHED: the final
-            // listing and SWITCH must not queue behind their data on the shared link.
-            gang_hold = Some(status.cap.hold_for_switch());
+            // The other migrations of the gang hold theirs too, and their listings, until
+            // SWITCHED: the final listing and SWITCH must not queue behind them on the shared
+            // link.
+            gang_hold = Some(status.cap.hold_for_switch(status.link_member()));
             if self.config.switch_after != SwitchAfter::Manual {
                 // This server picks the moment of the freeze: first let what the gang's links
                 // hold cross the network (up to tens of milliseconds behind a shared

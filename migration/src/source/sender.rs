@@ -124,7 +124,10 @@ pub(crate) async fn run_reader<R: AsyncRead + Unpin>(
                 work.send(SendWork::Refetch(fps)).is_ok()
             }
             Message::RoundDone { round } => events.send(Event::RoundDone(round)).is_ok(),
-            Message::Switched(r) => events.send(Event::Switched(r)).is_ok(),
+            Message::Switched(r) => {
+                tracing::debug!("SWITCHED read");
+                events.send(Event::Switched(r)).is_ok()
+            }
             Message::Complete(r) => events.send(Event::Complete(r)).is_ok(),
             Message::Error(e) => {
                 tracing::error!(message = %e.message, "destination reported an error");
@@ -175,7 +178,8 @@ pub(crate) async fn run_writer<W: AsyncWrite + Unpin>(
             let f = d.frame.clone();
             data = Some(d);
             f
-        } else if let Some((f, again)) = outbox.get(cursor) {
+        } else if let Some((f, again)) = if status.cap.another_switching(status.link_member()) { None } else { outbox.get(cursor) } {
+            // (Another member of the gang switching over holds this one's listing too.)
             if again {
                 status.traffic.replayed.fetch_add(f.len() as u64, Ordering::Relaxed);
             }

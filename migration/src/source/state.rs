@@ -4,7 +4,8 @@
 use crate::state::Stage;
 
 /// Where the source stands. It moves only forward, except that a failure in `Frozen` thaws
-/// the export and ends the migration.
+/// the export and ends the migration, and that a destination which lost its switch-over
+/// (power lost before it was durable) takes `PostCopy` back to `SwitchSent`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum SourceState {
     /// Listing and dirty rounds while the guest runs here; an operator may cancel.
@@ -46,6 +47,13 @@ impl SourceState {
         *self = SourceState::PostCopy;
     }
 
+    /// The destination came back without its switch-over (its list of missing blocks was lost
+    /// with its page cache): the disk, frozen here since, is listed and switched over again.
+    pub(crate) fn switch_lost(&mut self) {
+        debug_assert_eq!(*self, SourceState::PostCopy);
+        *self = SourceState::SwitchSent;
+    }
+
     /// Dirty tracking runs (the guest still writes here).
     pub(crate) fn is_tracking(self) -> bool {
         self == SourceState::PreCopy
@@ -82,5 +90,11 @@ mod tests {
         assert!(s.has_switched() && !s.may_thaw() && !s.switch_in_doubt());
         // A source restarted while frozen never thaws: SWITCH may have arrived.
         assert!(!SourceState::restarted_at(Some(Stage::SwitchingOver)).may_thaw());
+        // A switch-over the destination lost is sent again; the disk is never thawed.
+        s.switch_lost();
+        assert!(s.switch_in_doubt() && !s.may_thaw() && !s.is_tracking());
+        s.switch_sent();
+        s.switched();
+        assert!(s.has_switched());
     }
 }
