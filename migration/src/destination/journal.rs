@@ -25,7 +25,7 @@
 //! with the page cache (power lost before its sync) brings the destination back before its
 //! switch-over with the source already in post-copy: the destination asks for a rebuild, and
 //! the source, whose disk has stayed frozen, lists it again and switches over again (see the
-//! protocol's "Switch-over"). Nothing the guest was promised is lost: no flush had completed.
+//! protocol's "State machines"). Nothing the guest was promised is lost: no flush had completed.
 //!
 //! Format (little-endian): `CASPEND2` magic, the sequenced count at the switch-over (u64),
 //! the number of entries (u64), XXH3-128 of the 16 bytes before it and the entries, then the

@@ -278,7 +278,7 @@ impl Source {
             match ended {
                 Ok(r) => break r,
                 // The destination came back from a power loss before its switch-over reached
-                // its disk (see the protocol's "Switch-over"): it holds the disk as before
+                // its disk (see the protocol's "State machines"): it holds the disk as before
                 // SWITCH and asks for the listing again. This disk has stayed frozen since,
                 // so listing it again and switching over again loses nothing.
                 Err(MigrationError::Restart) => {
