@@ -21,13 +21,7 @@ where
     loop {
         match read_message(&mut stream, &status.traffic).await? {
             Some(Message::Fingerprints { runs, .. }) => {
-                let fps: Vec<Fingerprint> = runs
-                    .into_iter()
-                    .flat_map(|r| match r {
-                        Run::Mapped { fps, .. } => fps,
-                        Run::Zero { .. } => Vec::new(),
-                    })
-                    .collect();
+                let fps = Run::fingerprints(runs);
                 report.blocks_listed += fps.len() as u64;
                 let s = store.clone();
                 let lookup = fps.clone();

@@ -314,6 +314,16 @@ pub enum Run {
 }
 
 impl Run {
+    /// The fingerprints a listing's runs name, in order (zero runs name none).
+    pub fn fingerprints(runs: Vec<Run>) -> Vec<Fingerprint> {
+        runs.into_iter()
+            .flat_map(|run| match run {
+                Run::Mapped { fps, .. } => fps,
+                Run::Zero { .. } => Vec::new(),
+            })
+            .collect()
+    }
+
     pub fn blocks(&self) -> u64 {
         match self {
             Run::Mapped { fps, .. } => fps.len() as u64,

@@ -175,13 +175,7 @@ impl Outbox {
         let Message::Fingerprints { runs, .. } = frame.message()? else {
             return Err(bad(format!("frame {seq} is not a listing")));
         };
-        let listed: Vec<Fingerprint> = runs
-            .into_iter()
-            .flat_map(|run| match run {
-                Run::Mapped { fps, .. } => fps,
-                Run::Zero { .. } => Vec::new(),
-            })
-            .collect();
+        let listed = Run::fingerprints(runs);
         if listed.len() != wanted.len() {
             return Err(bad(format!("{} flags for frame {seq}, which lists {} blocks", wanted.len(), listed.len())));
         }
