@@ -21,6 +21,7 @@ pub mod protocol;
 pub mod ratelimit;
 mod recent;
 pub mod report;
+mod sched;
 pub mod source;
 pub mod state;
 pub mod stream;

@@ -139,6 +139,8 @@ pub struct SharedLink {
     /// members' listings, wait (for at most [`SharedLink::MAX_SWITCH_HOLD`] after the latest
     /// freeze).
     switching: std::sync::Arc<parking_lot::Mutex<Vec<usize>>>,
+    /// Wakes the writers that wait for a switch-over's end (see [`SharedLink::switch_ended`]).
+    switch_ended: std::sync::Arc<tokio::sync::Notify>,
     switch_since_ms: AtomicU64,
     /// The members' link connections whose send queues can be read (see [`SharedLink::drain`]).
     queues: parking_lot::Mutex<Vec<Weak<dyn LinkQueue>>>,
@@ -158,6 +160,7 @@ pub struct Drained {
 #[derive(Debug)]
 pub struct SwitchHold {
     switching: std::sync::Arc<parking_lot::Mutex<Vec<usize>>>,
+    ended: std::sync::Arc<tokio::sync::Notify>,
     member: usize,
 }
 
@@ -167,6 +170,8 @@ impl Drop for SwitchHold {
         if let Some(i) = switching.iter().position(|m| *m == self.member) {
             switching.swap_remove(i);
         }
+        drop(switching);
+        self.ended.notify_waiters();
     }
 }
 
@@ -193,6 +198,7 @@ impl Default for SharedLink {
             urgent_until_ms: AtomicU64::new(0),
             urgent_member: AtomicUsize::new(0),
             switching: std::sync::Arc::default(),
+            switch_ended: std::sync::Arc::default(),
             switch_since_ms: AtomicU64::new(0),
             queues: parking_lot::Mutex::default(),
             level: parking_lot::Mutex::new(SharedLevel {
@@ -229,7 +235,15 @@ impl SharedLink {
     pub fn hold_for_switch(&self, member: usize) -> SwitchHold {
         self.switch_since_ms.store(self.now_ms(), Ordering::SeqCst);
         self.switching.lock().push(member);
-        SwitchHold { switching: self.switching.clone(), member }
+        SwitchHold { switching: self.switching.clone(), ended: self.switch_ended.clone(), member }
+    }
+
+    /// Notified when a member's switch-over ends: a writer that waits for it takes a
+    /// `notified()` future before it looks at [`SharedLink::switching`], then waits on it (a
+    /// poll every few milliseconds instead added up to its period to the next member's
+    /// downtime, when that member froze during this one's switch-over).
+    pub fn switch_ended(&self) -> std::sync::Arc<tokio::sync::Notify> {
+        self.switch_ended.clone()
     }
 
     fn switch_hold_lapsed(&self) -> bool {
@@ -242,9 +256,12 @@ impl SharedLink {
         !self.switching.lock().is_empty() && !self.switch_hold_lapsed()
     }
 
-    /// Whether a member other than `member` is switching over (`member`'s listings wait).
+    /// Whether a member other than `member` is switching over while `member` is not
+    /// (`member`'s listings wait). Two members that switch over at once both go: each holding
+    /// the other's SWITCH would hold both until the hold lapsed.
     pub fn another_switching(&self, member: usize) -> bool {
-        self.switching.lock().iter().any(|m| *m != member) && !self.switch_hold_lapsed()
+        let switching = self.switching.lock();
+        !switching.contains(&member) && !switching.is_empty() && !self.switch_hold_lapsed()
     }
 
     /// How long one member's switch-over holds the others' background data at most.
@@ -465,14 +482,35 @@ mod tests {
         assert!(link.switching());
         assert!(link.another_switching(2), "member 2's listings wait for member 1's switch-over");
         assert!(!link.another_switching(1), "member 1's own listing and SWITCH go");
+        assert!(link.another_switching(3));
         let b = link.hold_for_switch(2);
-        assert!(link.another_switching(1));
+        assert!(!link.another_switching(1), "two members switching at once hold neither's SWITCH");
+        assert!(!link.another_switching(2));
+        assert!(link.another_switching(3), "the others still wait");
         drop(a);
         assert!(link.switching(), "another member still switching");
         assert!(!link.another_switching(2));
+        assert!(link.another_switching(1), "member 1, done, waits for member 2 now");
         drop(b);
         assert!(!link.switching());
         assert!(!link.another_switching(1));
+    }
+
+    #[tokio::test]
+    async fn the_end_of_a_switch_over_wakes_the_writers_that_wait_for_it() {
+        let link = std::sync::Arc::new(SharedLink::default());
+        let hold = link.hold_for_switch(1);
+        let waiting = link.switch_ended().notified_owned();
+        assert!(link.another_switching(2));
+        let l = link.clone();
+        let waiter = tokio::spawn(async move {
+            waiting.await;
+            l.another_switching(2)
+        });
+        tokio::task::yield_now().await;
+        drop(hold);
+        let still_held = tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("woken at once").unwrap();
+        assert!(!still_held);
     }
 
     #[test]

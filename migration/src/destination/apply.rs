@@ -173,6 +173,8 @@ pub(crate) fn apply_records(inc: &Incoming, records: Vec<Record>) -> Result<Vec<
     // Every block is checked against its fingerprint (or, sent unnamed, named by it) before
     // anything is applied, and before the pending lock, which readers of the disk wait for.
     // An unnamed block is kept below only if its fingerprint is one this disk asked for.
+    // Hashing holds no lock: it runs as bulk work (see `sched`).
+    let class = crate::sched::BulkClass::enter();
     let records = records
         .into_iter()
         .map(|record| match record {
@@ -183,6 +185,7 @@ pub(crate) fn apply_records(inc: &Incoming, records: Vec<Record>) -> Result<Vec<
             other => Ok(other),
         })
         .collect::<Result<Vec<Record>, MigrationError>>()?;
+    drop(class);
     let mut p = inc.pending.lock();
     // Content stored (or given up) here, which other migrations of the gang may wait for.
     let mut arrived: Vec<Fingerprint> = Vec::new();
@@ -243,7 +246,7 @@ pub(crate) fn apply_records(inc: &Incoming, records: Vec<Record>) -> Result<Vec<
     }
     if !done.is_empty() {
         if let Some(j) = inc.journal.lock().as_mut() {
-            j.note_removed(&done)?;
+            j.note_removed(&done);
         }
         for b in &done {
             p.by_block.remove(b);

@@ -342,7 +342,9 @@ impl Connection<'_> {
         let layout = RecordLayout::agreed(self.session.hello.unnamed_blocks);
         let refetch = blocking(move || {
             let records = decode_frame(raw_len, &frame, inc.block_size as usize, layout)?;
-            apply_records(&inc, records)
+            let refetch = apply_records(&inc, records)?;
+            super::journal::sync_journal_if_due(&inc.journal, &inc.store);
+            Ok::<_, MigrationError>(refetch)
         })
         .await?;
         self.incoming().arrived.notify_all();
@@ -373,11 +375,14 @@ impl Connection<'_> {
         let inc = self.incoming().clone();
         let layout = RecordLayout::agreed(self.session.hello.unnamed_blocks);
         let memory = blocking(move || {
+            let class = crate::sched::BulkClass::enter();
             let mut s = streams.lock();
             let records = parse_records(s.decode(id, &frame, raw_len as usize)?, inc.block_size as usize, layout)?;
             let memory = s.memory();
             drop(s);
+            drop(class);
             let refetch = apply_records(&inc, records)?;
+            super::journal::sync_journal_if_due(&inc.journal, &inc.store);
             Ok::<_, MigrationError>((memory, refetch))
         })
         .await?;
@@ -489,8 +494,15 @@ pub(crate) async fn switch_over(session: &Arc<Session>, hooks: &Arc<dyn DestHook
     let listed = started.elapsed();
     let journal = {
         let id = id.clone();
-        blocking(move || PendingJournal::commit(state.as_ref(), &id, prepared, &entries, processed)).await?
+        blocking(move || {
+            let writing = std::time::Instant::now();
+            let journal = PendingJournal::commit(state.as_ref(), &id, prepared, &entries, processed)?;
+            Ok::<_, MigrationError>((journal, writing.elapsed()))
+        })
+        .await?
     };
+    // The write itself, and the rest of `journal_ms`: the hand-off to the blocking pool.
+    let (journal, journal_write) = journal;
     *session.incoming.journal.lock() = journal;
     let journal_done = started.elapsed();
     // From here a restart of this process serves the disk as switched over: the list just
@@ -535,6 +547,7 @@ pub(crate) async fn switch_over(session: &Arc<Session>, hooks: &Arc<dyn DestHook
         drain_ms = ms(drained),
         list_ms = ms(listed - drained),
         journal_ms = ms(journal_done - listed),
+        journal_write_ms = ms(journal_write),
         total_ms = ms(started.elapsed()),
         "switched over: serving the disk here"
     );
@@ -554,7 +567,7 @@ pub(crate) async fn switch_over(session: &Arc<Session>, hooks: &Arc<dyn DestHook
             tracing::error!(disk = %session.hello.disk, error = %e, "cannot sync the switch-over's journal; a restart of this server finishes the switch-over");
             false
         }
-        Ok(()) => {
+        Ok(_) => {
             let s = session.incoming.store.clone();
             let (temp, name) = (incoming_name(&session.hello.disk), session.hello.disk.clone());
             match blocking(move || Ok::<_, MigrationError>(s.rename_disk(&temp, &name)?)).await {

@@ -269,7 +269,7 @@ pub(crate) fn settle_borrowed(inc: &Incoming) -> Result<Vec<Fingerprint>, Migrat
             }
         }
         if let Some(j) = inc.journal.lock().as_mut() {
-            j.note_removed(&done)?;
+            j.note_removed(&done);
         }
     }
     Ok(want)

@@ -4,6 +4,16 @@
 //! switch-over, and `{id}.removed`, the blocks that stopped missing since (arrived, or
 //! overwritten by the guest).
 //!
+//! A removal reaches its file only once the store's data it stands for is durable: removals
+//! wait in memory until [`sync_journal`] has synced the store, and are then appended and
+//! synced. Appended at once, the kernel could write a removal back before the block's data
+//! reached the disk, and a power loss in between would leave the block neither missing nor
+//! stored: it would read as whatever the disk held before, with nothing left to fetch it. A
+//! removal lost instead (a crash before the next sync) costs at most a fetch: at a restart a
+//! block whose map already holds the content it waited for counts as arrived (`restore_one`),
+//! and any other is fetched again, which can undo a guest write no flush had covered, as a
+//! crash may.
+//!
 //! The pending file is written inside the disk's downtime, so it is laid out beforehand: when
 //! a migration arrives (or is restored before its switch-over), [`PendingJournal::prepare`]
 //! writes the file at full size in zeros and syncs it and its directory. The switch-over then
@@ -54,17 +64,17 @@ pub(crate) struct PreparedJournal {
 }
 
 /// After the switch-over: the list written at the switch-over until it is synced, and the
-/// removals file, appended to without a sync. Both are synced before any flush or FUA write
-/// of the disk completes ([`sync_journal`]), so a write the guest was promised is never
-/// undone by a restart.
+/// removals since. Both are made durable, after the store, before any flush or FUA write of
+/// the disk completes ([`sync_journal`]), so a write the guest was promised is never undone
+/// by a restart.
 #[derive(Debug)]
 pub(crate) struct PendingJournal {
     /// The pending list, written in place and not yet synced.
     pub(crate) unsynced_list: Option<std::fs::File>,
-    pub(crate) removed: std::fs::File,
-    /// Appends so far, and how many of them an fsync has covered.
-    pub(crate) appended: u64,
-    pub(crate) synced: u64,
+    removed: std::fs::File,
+    /// Removals not yet in the file (see the module's notes for why they wait). At most one
+    /// per block of the list: bounded by the pending set, which is in memory too.
+    unwritten: Vec<u64>,
 }
 
 fn encode(entries: &[(u64, Fingerprint)], processed: u64) -> Vec<u8> {
@@ -173,7 +183,7 @@ impl PendingJournal {
             }
         };
         let removed = std::fs::OpenOptions::new().append(true).create(true).open(removed)?;
-        Ok(Some(PendingJournal { unsynced_list, removed, appended: 0, synced: 0 }))
+        Ok(Some(PendingJournal { unsynced_list, removed, unwritten: Vec::new() }))
     }
 
     /// Whether a committed list of the current format is on disk: the switch-over happened,
@@ -194,7 +204,7 @@ impl PendingJournal {
             return Ok(None);
         };
         let f = std::fs::OpenOptions::new().append(true).create(true).open(removed)?;
-        Ok(Some(PendingJournal { unsynced_list: None, removed: f, appended: 0, synced: 0 }))
+        Ok(Some(PendingJournal { unsynced_list: None, removed: f, unwritten: Vec::new() }))
     }
 
     /// The entries still missing and the sequenced count at the switch-over.
@@ -231,60 +241,90 @@ impl PendingJournal {
         }
     }
 
-    pub(crate) fn note_removed(&mut self, blocks: &[u64]) -> std::io::Result<()> {
-        use std::io::Write;
-        let mut buf = Vec::with_capacity(blocks.len() * 8);
-        for b in blocks {
-            buf.extend_from_slice(&b.to_le_bytes());
-        }
-        self.removed.write_all(&buf)?;
-        self.appended += 1;
-        Ok(())
+    /// Notes blocks that stopped missing; they reach the file at the next [`sync_journal`].
+    pub(crate) fn note_removed(&mut self, blocks: &[u64]) {
+        self.unwritten.extend_from_slice(blocks);
     }
 
-    /// What a sync needs, taken under the journal's lock: handles to fsync after the lock is
-    /// released (arrivals append under it while the pending lock is held, so an fsync under it
-    /// would stall readers) and the appends it covers. Two syncs at once both fsync: neither
-    /// returns before what it covers is durable.
-    fn begin_sync(&self) -> std::io::Result<JournalSync> {
+    /// Removals noted and not yet written.
+    pub(crate) fn unwritten(&self) -> usize {
+        self.unwritten.len()
+    }
+
+    /// What a sync needs, taken under the journal's lock: handles to write and fsync after
+    /// the lock is released (arrivals note removals under it while the pending lock is held,
+    /// so an fsync under it would stall readers) and the removals it covers. Two syncs at
+    /// once both sync: neither returns before what it covers is durable.
+    fn begin_sync(&mut self) -> std::io::Result<JournalSync> {
         Ok(JournalSync {
             list: self.unsynced_list.as_ref().map(std::fs::File::try_clone).transpose()?,
-            removed: if self.synced == self.appended { None } else { Some((self.removed.try_clone()?, self.appended)) },
+            removed: if self.unwritten.is_empty() { None } else { Some((self.removed.try_clone()?, std::mem::take(&mut self.unwritten))) },
         })
     }
 }
 
-/// Handles to sync, taken from a [`PendingJournal`] under its lock.
+/// Handles to sync and removals to write, taken from a [`PendingJournal`] under its lock.
 struct JournalSync {
     list: Option<std::fs::File>,
-    removed: Option<(std::fs::File, u64)>,
+    removed: Option<(std::fs::File, Vec<u64>)>,
 }
 
-/// Makes the journal durable, with the store's data the list counts as here: the store first,
-/// then the list, then the removals. Called once just after SWITCHED, and before every flush
-/// or FUA write of the disk completes. No lock is held during the syncs.
-pub(crate) fn sync_journal(journal: &Mutex<Option<PendingJournal>>, store: &Store) -> Result<(), MigrationError> {
-    let sync = match journal.lock().as_ref() {
-        Some(j) => j.begin_sync()?,
-        None => return Ok(()),
-    };
-    if let Some(list) = &sync.list {
+impl JournalSync {
+    fn run(&self, store: &Store) -> Result<(), MigrationError> {
+        if self.list.is_none() && self.removed.is_none() {
+            return Ok(());
+        }
         store.flush()?;
-        list.sync_data()?;
-    }
-    if let Some((file, _)) = &sync.removed {
-        file.sync_data()?;
-    }
-    if let Some(j) = journal.lock().as_mut() {
-        if sync.list.is_some() {
-            j.unsynced_list = None;
+        if let Some(list) = &self.list {
+            list.sync_data()?;
         }
-        if let Some((_, covered)) = sync.removed {
-            j.synced = j.synced.max(covered);
+        if let Some((mut file, blocks)) = self.removed.as_ref().map(|(f, b)| (f, b)) {
+            use std::io::Write;
+            let buf: Vec<u8> = blocks.iter().flat_map(|b| b.to_le_bytes()).collect();
+            file.write_all(&buf)?;
+            file.sync_data()?;
         }
+        Ok(())
     }
-    Ok(())
 }
+
+/// Makes the journal durable, with the store's data it counts as here: the store first (what
+/// arrived before the switch-over, which the list counts as here, and what the removals stand
+/// for), then the list, then the removals, written now. Called once just after SWITCHED,
+/// before every flush or FUA write of the disk completes, and by arrivals every
+/// [`REMOVALS_PER_SYNC`] removals. No lock is held during the writes and syncs. Returns whether
+/// the store was flushed.
+pub(crate) fn sync_journal(journal: &Mutex<Option<PendingJournal>>, store: &Store) -> Result<bool, MigrationError> {
+    let sync = match journal.lock().as_mut() {
+        Some(j) => j.begin_sync()?,
+        None => return Ok(false),
+    };
+    let outcome = sync.run(store);
+    if let Some(j) = journal.lock().as_mut() {
+        match &outcome {
+            Ok(()) if sync.list.is_some() => j.unsynced_list = None,
+            Ok(()) => {}
+            // Written again at the next sync (a removal twice in the file is harmless).
+            Err(_) => j.unwritten.extend(sync.removed.iter().flat_map(|(_, blocks)| blocks.iter().copied())),
+        }
+    }
+    outcome.map(|()| sync.list.is_some() || sync.removed.is_some())
+}
+
+/// After arrivals (outside the pending lock): makes the journal durable once
+/// [`REMOVALS_PER_SYNC`] removals wait. A failure is logged; the next flush of the disk
+/// retries the sync and reports it.
+pub(crate) fn sync_journal_if_due(journal: &Mutex<Option<PendingJournal>>, store: &Store) {
+    if journal.lock().as_ref().is_some_and(|j| j.unwritten() >= REMOVALS_PER_SYNC) {
+        if let Err(e) = sync_journal(journal, store) {
+            tracing::warn!(error = %e, "cannot make post-copy's journal durable; a flush of the disk retries");
+        }
+    }
+}
+
+/// Removals that make arrivals sync the journal: bounds what a power loss makes the
+/// destination fetch again (64 MiB of 4 KiB blocks), at one sync per as many arrivals.
+pub(crate) const REMOVALS_PER_SYNC: usize = 16 * 1024;
 
 #[cfg(test)]
 mod tests {
@@ -308,23 +348,32 @@ mod tests {
         // In place: the file kept its size.
         assert_eq!(std::fs::metadata(&pending).unwrap().len(), (HEADER + 100 * ENTRY) as u64);
         assert!(PendingJournal::committed(&state, "m1").unwrap());
-        j.note_removed(&[3, 6]).unwrap();
+        j.note_removed(&[3, 6]);
+        // Removals wait for the next sync, which syncs the store first.
+        assert_eq!(PendingJournal::load_from(&state, "m1").unwrap().0.len(), 40);
+        assert_eq!(j.unwritten(), 2);
+        // Written in place without a sync; the sync after SWITCHED (or a flush's) covers the
+        // list and writes the removals noted so far.
+        assert!(j.unsynced_list.is_some());
+        let journal = Mutex::new(Some(j));
+        let store = Store::open_in_memory(cas_store::StoreOptions::default()).unwrap();
+        assert!(sync_journal(&journal, &store).unwrap(), "the store was flushed");
+        {
+            let j = journal.lock();
+            let j = j.as_ref().unwrap();
+            assert!(j.unsynced_list.is_none());
+            assert_eq!(j.unwritten(), 0);
+        }
         let (left, processed) = PendingJournal::load_from(&state, "m1").unwrap();
         assert_eq!(processed, 77);
         assert_eq!(left.len(), 38);
         assert!(left.iter().all(|(b, _)| *b != 3 && *b != 6));
         assert_eq!(left[0], list[0]);
-        // Written in place without a sync; the sync after SWITCHED (or a flush's) covers the
-        // list and the removals appended so far.
-        assert!(j.unsynced_list.is_some());
-        assert_eq!((j.appended, j.synced), (1, 0));
-        let journal = Mutex::new(Some(j));
-        let store = Store::open_in_memory(cas_store::StoreOptions::default()).unwrap();
-        sync_journal(&journal, &store).unwrap();
-        let j = journal.lock();
-        let j = j.as_ref().unwrap();
-        assert!(j.unsynced_list.is_none());
-        assert_eq!((j.appended, j.synced), (1, 1));
+        // Nothing left to make durable: no store flush.
+        assert!(!sync_journal(&journal, &store).unwrap());
+        journal.lock().as_mut().unwrap().note_removed(&[9]);
+        assert!(sync_journal(&journal, &store).unwrap());
+        assert_eq!(PendingJournal::load_from(&state, "m1").unwrap().0.len(), 37);
     }
 
     #[test]

@@ -321,11 +321,12 @@ impl MigratingDisk {
             return Ok(apply()?);
         }
         // Keep the lock while writing, so no reader sees these blocks neither old nor new.
-        // The journal learns first that these blocks no longer wait for the source, so a
-        // restart never lets a late arrival overwrite this write; for FUA it is synced after
-        // the lock is released (readers do not wait for an fsync), before the reply.
+        // The journal notes that these blocks no longer wait for the source; the next flush
+        // (for FUA, right after the lock is released, before the reply: readers do not wait
+        // for an fsync) makes that durable after the write, so a restart never lets a late
+        // arrival overwrite a write the guest was promised.
         if let Some(j) = self.inner.journal.lock().as_mut() {
-            j.note_removed(&covered).map_err(|e| PostCopyError::Unavailable(format!("post-copy journal: {e}")))?;
+            j.note_removed(&covered);
         }
         for b in covered {
             guard.by_block.remove(&b);
@@ -358,13 +359,16 @@ impl MigratingDisk {
             // Nothing was acknowledged here: the source holds every write so far.
             return Ok(());
         }
-        self.sync_journal()?;
-        Ok(self.inner.store.flush()?)
+        if !self.sync_journal()? {
+            self.inner.store.flush()?;
+        }
+        Ok(())
     }
 
-    /// Makes the journal (the list of the switch-over, the removals since) durable before a
-    /// write that must survive a crash (see [`super::journal::sync_journal`]).
-    pub(crate) fn sync_journal(&self) -> Result<(), PostCopyError> {
+    /// Makes the store and then the journal (the list of the switch-over, the removals since)
+    /// durable before a write that must survive a crash (see [`super::journal::sync_journal`]).
+    /// Returns whether the store was flushed (nothing to make durable: not).
+    pub(crate) fn sync_journal(&self) -> Result<bool, PostCopyError> {
         super::journal::sync_journal(&self.inner.journal, &self.inner.store).map_err(|e| PostCopyError::Unavailable(format!("post-copy journal: {e}")))
     }
 

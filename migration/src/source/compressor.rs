@@ -56,6 +56,8 @@ pub(crate) fn spawn_compressor(
     memory: Arc<StreamMemory>,
 ) -> std::io::Result<()> {
     std::thread::Builder::new().name("migration-zstd".into()).spawn(move || {
+        // Holds no lock others wait for: the bulk class for its whole life (see `sched`).
+        let _class = crate::sched::BulkClass::enter();
         let mut encoder: Option<StreamEncoder> = None;
         // The level is the gang's (a migration alone is a gang of one): see `SharedLink`.
         let member = status.link_member();

@@ -166,8 +166,11 @@ pub(crate) async fn run_writer<W: AsyncWrite + Unpin>(
     ever_sent: Arc<Mutex<RecentFingerprints>>,
 ) -> Result<(), MigrationError> {
     use tokio::io::AsyncWriteExt;
+    let switch_ended = status.cap.switch_ended();
     loop {
         let notified = outbox.changed.notified();
+        // Taken before the holds are looked at, so the end of a switch-over is not missed.
+        let ended = switch_ended.notified();
         let mut sequenced = None;
         // Sequenced frames written with `frame` in the same write.
         let mut following: Vec<Frame> = Vec::new();
@@ -208,8 +211,8 @@ pub(crate) async fn run_writer<W: AsyncWrite + Unpin>(
             f
         } else {
             writer.flush().await?;
-            // A member of the gang switching over holds everyone's background data; its end
-            // is looked for every few milliseconds.
+            // A member of the gang switching over holds everyone's background data (and the
+            // others' listings) until it ends.
             let gang_held = status.cap.switching();
             let held = outbox.background_held() || gang_held;
             let d = tokio::select! {
@@ -222,7 +225,9 @@ pub(crate) async fn run_writer<W: AsyncWrite + Unpin>(
                     None => return Ok(()),
                 },
                 _ = notified => continue,
-                _ = tokio::time::sleep(std::time::Duration::from_millis(5)), if gang_held => continue,
+                _ = ended, if gang_held => continue,
+                // A hold lapses after a while (a member whose link was lost).
+                _ = tokio::time::sleep(std::time::Duration::from_millis(50)), if gang_held => continue,
                 Some(d) = low.recv(), if !held => {
                     background = true;
                     d
