@@ -278,10 +278,11 @@ impl JournalSync {
         if let Some(list) = &self.list {
             list.sync_data()?;
         }
-        if let Some((mut file, blocks)) = self.removed.as_ref().map(|(f, b)| (f, b)) {
+        if let Some((file, blocks)) = &self.removed {
             use std::io::Write;
             let buf: Vec<u8> = blocks.iter().flat_map(|b| b.to_le_bytes()).collect();
-            file.write_all(&buf)?;
+            // Appends (the file is opened in append mode), so two syncs at once do not overlap.
+            (&*file).write_all(&buf)?;
             file.sync_data()?;
         }
         Ok(())
