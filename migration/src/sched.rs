@@ -25,17 +25,26 @@ pub(crate) struct BulkClass {
 }
 
 impl BulkClass {
+    /// For a stretch of work on a thread that goes on to other work (tokio's blocking pool).
+    /// Entered only where the thread can come back: leaving `SCHED_IDLE` needs `CAP_SYS_NICE`
+    /// or room in `RLIMIT_NICE`, and a pool thread left in that class would later run work
+    /// that holds locks (the priority inversion above).
     pub(crate) fn enter() -> BulkClass {
-        BulkClass { changed: set_policy(Policy::Idle) }
+        BulkClass { changed: can_come_back() && set_policy(Policy::Idle) }
+    }
+
+    /// For a thread that does bulk work and nothing else until it ends (the source's
+    /// compressor): it never needs to come back.
+    pub(crate) fn for_thread_life() -> BulkClass {
+        set_policy(Policy::Idle);
+        BulkClass { changed: false }
     }
 }
 
 impl Drop for BulkClass {
     fn drop(&mut self) {
         if self.changed && !set_policy(Policy::Normal) {
-            // Going back from SCHED_IDLE needs RLIMIT_NICE room an unprivileged process may
-            // lack: the thread then stays a bulk thread, which is slower, not wrong.
-            tracing::debug!("cannot move a migration thread back to the normal scheduling class");
+            tracing::warn!("cannot move a migration thread back to the normal scheduling class");
         }
     }
 }
@@ -60,8 +69,24 @@ fn set_policy(policy: Policy) -> bool {
     r == 0
 }
 
+/// Whether this process may move a thread from `SCHED_IDLE` back to the normal class: root
+/// (which holds `CAP_SYS_NICE` unless a sandbox took it), or an `RLIMIT_NICE` that allows nice
+/// 0 (20 - 0). Errs on the side of not entering.
+#[cfg(target_os = "linux")]
+fn can_come_back() -> bool {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain syscalls; `limit` lives across the call.
+    let (root, got) = unsafe { (libc::geteuid() == 0, libc::getrlimit(libc::RLIMIT_NICE, &mut limit) == 0) };
+    root || (got && limit.rlim_cur >= 20)
+}
+
 #[cfg(not(target_os = "linux"))]
 fn set_policy(_policy: Policy) -> bool {
+    false
+}
+
+#[cfg(not(target_os = "linux"))]
+fn can_come_back() -> bool {
     false
 }
 

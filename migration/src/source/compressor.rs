@@ -57,7 +57,7 @@ pub(crate) fn spawn_compressor(
 ) -> std::io::Result<()> {
     std::thread::Builder::new().name("migration-zstd".into()).spawn(move || {
         // Holds no lock others wait for: the bulk class for its whole life (see `sched`).
-        let _class = crate::sched::BulkClass::enter();
+        let _class = crate::sched::BulkClass::for_thread_life();
         let mut encoder: Option<StreamEncoder> = None;
         // The level is the gang's (a migration alone is a gang of one): see `SharedLink`.
         let member = status.link_member();
