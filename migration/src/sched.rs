@@ -15,56 +15,142 @@
 //! in it for its whole life, and the destination's decompression and hashing of a frame do,
 //! but not the store writes that follow (they hold the disk's pending lock, which readers wait
 //! for).
+//!
+//! The threads of tokio's blocking pool that run a migration's other work (store reads and
+//! writes, journal syncs, records) move to `SCHED_BATCH` for good
+//! ([`BulkClass::batch_from_now`]): the same share of the cores as the normal class, so no
+//! inversion, but such a thread never preempts another when it wakes up. A
+//! trace of a gang's switch-over (`perf sched`) showed why that matters: the destination's
+//! async worker queued SWITCHED, handed the journal's sync to the pool, and the pool thread it
+//! woke took its core at once and kept it 2.7 ms, with SWITCHED still unwritten behind it.
 
-/// Puts the calling thread in the `SCHED_IDLE` class for as long as the guard lives; the
-/// normal class comes back when it drops. Where the class cannot be changed (another OS, a
+/// Puts the calling thread in a bulk scheduling class for as long as the guard lives; the
+/// class it was in comes back when it drops. Where the class cannot be changed (another OS, a
 /// sandbox that forbids it), nothing changes.
 #[must_use]
 pub(crate) struct BulkClass {
-    changed: bool,
+    /// The policy to restore, if this guard changed it.
+    previous: Option<libc::c_int>,
 }
 
 impl BulkClass {
-    /// For a stretch of work on a thread that goes on to other work (tokio's blocking pool).
-    /// Entered only where the thread can come back: leaving `SCHED_IDLE` needs `CAP_SYS_NICE`
-    /// or room in `RLIMIT_NICE`, and a pool thread left in that class would later run work
-    /// that holds locks (the priority inversion above).
+    /// `SCHED_IDLE`, for a stretch of work on a thread that goes on to other work (tokio's
+    /// blocking pool). Entered only where the thread can come back: leaving `SCHED_IDLE` needs
+    /// `CAP_SYS_NICE` or room in `RLIMIT_NICE`, and a pool thread left in that class would
+    /// later run work that holds locks (the priority inversion above).
     pub(crate) fn enter() -> BulkClass {
-        BulkClass { changed: can_come_back() && set_policy(Policy::Idle) }
+        if !can_come_back() {
+            return BulkClass { previous: None };
+        }
+        Self::change(IDLE)
     }
 
-    /// For a thread that does bulk work and nothing else until it ends (the source's
-    /// compressor): it never needs to come back.
+    /// Moves a blocking-pool thread to `SCHED_BATCH` for good (once per thread). The class
+    /// must already hold when the thread is woken for its next job, which is when the kernel
+    /// decides on preemption; a guard taken inside the job would come too late.
+    pub(crate) fn batch_from_now() {
+        thread_local! {
+            static IN_BATCH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        }
+        IN_BATCH.with(|done| {
+            if !done.get() {
+                done.set(true);
+                if policy() == Some(OTHER) {
+                    // With the default slice: a short one is for the threads that answer.
+                    set_attr(BATCH, None);
+                }
+            }
+        });
+    }
+
+    /// `SCHED_IDLE` for a thread that does bulk work and nothing else until it ends (the
+    /// source's compressor): it never needs to come back.
     pub(crate) fn for_thread_life() -> BulkClass {
-        set_policy(Policy::Idle);
-        BulkClass { changed: false }
+        set_policy(IDLE);
+        BulkClass { previous: None }
+    }
+
+    fn change(to: libc::c_int) -> BulkClass {
+        let now = policy();
+        if now == Some(to) {
+            return BulkClass { previous: None };
+        }
+        BulkClass { previous: now.filter(|_| set_policy(to)) }
     }
 }
 
 impl Drop for BulkClass {
     fn drop(&mut self) {
-        if self.changed && !set_policy(Policy::Normal) {
-            tracing::warn!("cannot move a migration thread back to the normal scheduling class");
+        if let Some(previous) = self.previous {
+            if !set_policy(previous) {
+                tracing::warn!(policy = previous, "cannot move a migration thread back to its scheduling class");
+            }
         }
     }
 }
 
-enum Policy {
-    Idle,
-    Normal,
+/// The time slice asked for by the threads that carry the control path (`latency_sensitive`).
+const SHORT_SLICE: std::time::Duration = std::time::Duration::from_micros(100);
+
+/// Gives the calling thread the kernel's shortest time slice (Linux 6.12 and later; older
+/// kernels ignore it): when it wakes up on a core busy with a thread of the default slice, it
+/// preempts that thread at once instead of waiting up to a slice for it, and its share of the
+/// cores stays the same. For the async worker threads of a server, which read and write
+/// SWITCH and SWITCHED: on two vCPUs whose kernel packs woken threads onto a busy vCPU (as
+/// this project's machines do), a trace showed both servers' workers queued 2.7 ms behind a
+/// blocking-pool thread while the other vCPU idled.
+pub fn latency_sensitive() {
+    set_attr(OTHER, Some(SHORT_SLICE));
 }
 
 #[cfg(target_os = "linux")]
-fn set_policy(policy: Policy) -> bool {
-    let (policy, name) = match policy {
-        Policy::Idle => (libc::SCHED_IDLE, "SCHED_IDLE"),
-        Policy::Normal => (libc::SCHED_OTHER, "SCHED_OTHER"),
+const OTHER: libc::c_int = libc::SCHED_OTHER;
+#[cfg(target_os = "linux")]
+const IDLE: libc::c_int = libc::SCHED_IDLE;
+#[cfg(target_os = "linux")]
+const BATCH: libc::c_int = libc::SCHED_BATCH;
+#[cfg(not(target_os = "linux"))]
+const OTHER: libc::c_int = 0;
+#[cfg(not(target_os = "linux"))]
+const IDLE: libc::c_int = 0;
+#[cfg(not(target_os = "linux"))]
+const BATCH: libc::c_int = 0;
+
+/// The calling thread's policy, when it is one of the three this module moves between.
+#[cfg(target_os = "linux")]
+fn policy() -> Option<libc::c_int> {
+    // SAFETY: pid 0 is the calling thread.
+    let now = unsafe { libc::sched_getscheduler(0) };
+    [libc::SCHED_OTHER, libc::SCHED_BATCH, libc::SCHED_IDLE].contains(&now).then_some(now)
+}
+
+/// Sets the calling thread's policy and slice (None: the default slice), its nice value kept.
+#[cfg(target_os = "linux")]
+fn set_attr(policy: libc::c_int, slice: Option<std::time::Duration>) -> bool {
+    // SAFETY: plain syscalls on the calling thread (pid 0); `attr` lives across the call and
+    // its size field tells the kernel how much of it to read.
+    let r = unsafe {
+        let nice = libc::getpriority(libc::PRIO_PROCESS, 0);
+        let mut attr: libc::sched_attr = std::mem::zeroed();
+        attr.size = std::mem::size_of::<libc::sched_attr>() as u32;
+        attr.sched_policy = policy as u32;
+        attr.sched_nice = nice;
+        attr.sched_runtime = slice.map_or(0, |d| d.as_nanos() as u64);
+        libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const libc::sched_attr, 0)
     };
+    if r != 0 {
+        tracing::debug!(policy, ?slice, error = %std::io::Error::last_os_error(), "cannot change a thread's scheduling attributes");
+    }
+    r == 0
+}
+
+#[cfg(target_os = "linux")]
+fn set_policy(policy: libc::c_int) -> bool {
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: pid 0 is the calling thread; `param` lives across the call.
     let r = unsafe { libc::sched_setscheduler(0, policy, &param) };
     if r != 0 {
-        tracing::debug!(policy = name, error = %std::io::Error::last_os_error(), "cannot change a migration thread's scheduling class");
+        tracing::debug!(policy, error = %std::io::Error::last_os_error(), "cannot change a migration thread's scheduling class");
     }
     r == 0
 }
@@ -81,8 +167,18 @@ fn can_come_back() -> bool {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn set_policy(_policy: Policy) -> bool {
+fn set_policy(_policy: libc::c_int) -> bool {
     false
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_attr(_policy: libc::c_int, _slice: Option<std::time::Duration>) -> bool {
+    false
+}
+
+#[cfg(not(target_os = "linux"))]
+fn policy() -> Option<libc::c_int> {
+    None
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -104,11 +200,58 @@ mod tests {
         std::thread::spawn(|| {
             assert_eq!(current_policy(), libc::SCHED_OTHER);
             let guard = BulkClass::enter();
-            if guard.changed {
+            if guard.previous.is_some() {
                 assert_eq!(current_policy(), libc::SCHED_IDLE);
             }
             drop(guard);
             assert_eq!(current_policy(), libc::SCHED_OTHER);
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// The slice the kernel reports for the calling thread (`sched_getattr`), in nanoseconds.
+    fn current_slice() -> u64 {
+        // SAFETY: `attr` lives across the call; its size is passed.
+        unsafe {
+            let mut attr: libc::sched_attr = std::mem::zeroed();
+            let size = std::mem::size_of::<libc::sched_attr>() as u32;
+            assert_eq!(libc::syscall(libc::SYS_sched_getattr, 0, &mut attr as *mut libc::sched_attr, size, 0), 0);
+            attr.sched_runtime
+        }
+    }
+
+    #[test]
+    fn a_worker_asks_for_a_short_slice_and_a_pool_thread_gives_it_back() {
+        std::thread::spawn(|| {
+            let default = current_slice();
+            latency_sensitive();
+            assert_eq!(current_policy(), libc::SCHED_OTHER);
+            let short = current_slice();
+            // Kernels before 6.12 have no custom slices and report the default.
+            assert!(short == SHORT_SLICE.as_nanos() as u64 || short == default, "slice {short} ns");
+            BulkClass::batch_from_now();
+            assert_eq!(current_policy(), libc::SCHED_BATCH);
+            assert_eq!(current_slice(), default);
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn a_pool_thread_stays_in_the_batch_class() {
+        std::thread::spawn(|| {
+            BulkClass::batch_from_now();
+            assert_eq!(current_policy(), libc::SCHED_BATCH, "any thread may enter SCHED_BATCH");
+            // Idle work on it comes back to the batch class, not the normal one.
+            let idle = BulkClass::enter();
+            if idle.previous.is_some() {
+                assert_eq!(current_policy(), libc::SCHED_IDLE);
+            }
+            drop(idle);
+            assert_eq!(current_policy(), libc::SCHED_BATCH);
+            BulkClass::batch_from_now();
+            assert_eq!(current_policy(), libc::SCHED_BATCH);
         })
         .join()
         .unwrap();

@@ -90,6 +90,11 @@ enum FrameKind {
 }
 
 impl Frame {
+    /// The message's type (its first byte; see the protocol's tags).
+    pub(crate) fn tag(&self) -> u8 {
+        self.bytes[0]
+    }
+
     pub fn new(msg: &Message) -> Frame {
         let kind = match msg {
             Message::Fingerprints { .. } | Message::Want(_) | Message::WantListed { .. } | Message::Fetch(_) => FrameKind::Fingerprints,

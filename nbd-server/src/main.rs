@@ -208,7 +208,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         None => DEFAULT_SPACE_INTERVAL,
     };
 
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // The runtime's threads answer the migration links' control messages: short time slices
+    // (the migration crate moves the blocking-pool threads it uses back to the default).
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_start(migration::sched::latency_sensitive)
+        .build()?;
     runtime.block_on(async {
         let mut listeners = Vec::new();
         let mut tcp = args.listen.clone();

@@ -72,6 +72,13 @@ impl RocksEngine {
         db_opts.create_missing_column_families(true);
         db_opts.increase_parallelism(2);
         db_opts.set_max_background_jobs(2);
+        // Compactions (the LOW pool) are bulk work that can wait: at nice 19 they take the
+        // cores only when the control and data paths leave them idle, so a gang's switch-over
+        // or an NBD request no longer waits behind one for a core. Flushes (the HIGH pool)
+        // stay at normal priority: writers stall when they fall behind.
+        let mut env = rocksdb::Env::new().map_err(engine_err)?;
+        env.lower_thread_pool_cpu_priority();
+        db_opts.set_env(&env);
         db_opts.set_keep_log_file_num(4);
         // Bound WAL growth: column families with little traffic (meta, disks) would otherwise
         // keep old WAL files alive.

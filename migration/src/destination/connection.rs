@@ -13,7 +13,7 @@ use crate::report::Phase;
 use crate::state::{MigrationRecord, Stage, StateStore};
 use crate::stream::{StreamDecoder, StreamId};
 use crate::wire::{read_message, Frame};
-use crate::{blocking, MigrationError};
+use crate::{blocking, blocking_now, MigrationError};
 
 use super::*;
 
@@ -494,14 +494,14 @@ pub(crate) async fn switch_over(session: &Arc<Session>, hooks: &Arc<dyn DestHook
     let listed = started.elapsed();
     let journal = {
         let id = id.clone();
-        blocking(move || {
+        blocking_now(move || {
             let writing = std::time::Instant::now();
             let journal = PendingJournal::commit(state.as_ref(), &id, prepared, &entries, processed)?;
             Ok::<_, MigrationError>((journal, writing.elapsed()))
         })
         .await?
     };
-    // The write itself, and the rest of `journal_ms`: the hand-off to the blocking pool.
+    // The write itself, and the rest of `journal_ms`: handing the worker's other tasks over.
     let (journal, journal_write) = journal;
     *session.incoming.journal.lock() = journal;
     let journal_done = started.elapsed();

@@ -512,6 +512,10 @@ impl Destination {
                 if out_rx.is_empty() {
                     writer.flush().await?;
                 }
+                if frame.tag() == crate::protocol::SWITCHED_TAG {
+                    // Beside the source's "SWITCHED read": where a long downtime's answer waited.
+                    tracing::debug!(disk = %sess.hello.disk, "SWITCHED written");
+                }
             }
             writer.flush().await.ok();
             writer.shutdown().await.ok();

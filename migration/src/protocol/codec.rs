@@ -6,6 +6,9 @@ use cas_store::Fingerprint;
 
 use super::*;
 
+/// SWITCHED's tag, for the writer that logs when the answer leaves.
+pub(crate) const SWITCHED_TAG: u8 = tag::SWITCHED;
+
 mod tag {
     pub const HELLO: u8 = 1;
     pub const ACCEPT: u8 = 2;

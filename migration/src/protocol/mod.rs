@@ -183,6 +183,7 @@
 
 mod codec;
 
+pub(crate) use codec::SWITCHED_TAG;
 pub use codec::{check_greeting, decode, decode_header, encode, greeting};
 
 use serde::{Deserialize, Serialize};

@@ -246,18 +246,9 @@ impl Source {
                     }
                 };
                 at.switched();
-                // The guest follows its disk as soon as this export stops serving it, so that
-                // comes first; a restart before the record below still finds `SwitchingOver`,
-                // which never exports the disk again either.
-                self.hooks.switched(&self.disk);
+                // Usually already done by the link's reader when it read SWITCHED.
+                self.status.switched_seen(&*self.hooks, &self.disk, &report);
                 self.record(Stage::Switched).await;
-                let at = self.status.since_start();
-                self.status.update(|r| {
-                    r.switch_seconds = Some(at);
-                    r.phase = Phase::PostCopy;
-                    r.cancellable = false;
-                    r.destination = report;
-                });
             } else {
                 self.hooks.switched(&self.disk);
                 self.status.update(|r| {
@@ -413,6 +404,15 @@ impl Source {
         link.outbox.push_switch_over(epoch, &Message::RoundEnd { round, last: true }).await?;
         at.switch_sent();
         let final_round = self.freeze_elapsed();
+        // Before SWITCH leaves: the report the hypervisor gets at SWITCHED has the rounds.
+        status.update(|r| {
+            r.rounds = round + 1;
+            if r.round_blocks.len() < MAX_ROUNDS_REPORTED {
+                r.round_blocks.push(blocks.len() as u64);
+            }
+            r.final_round_blocks = Some(blocks.len() as u64);
+        });
+        status.arm_switch(self.hooks.clone(), &self.disk);
         link.outbox.push_switch_over(epoch, &Message::Switch).await?;
         // The writer sends sequenced frames before background data, so SWITCH goes first.
         drop(hold);
@@ -424,21 +424,14 @@ impl Source {
             }
         };
         drop(gang_hold);
-        let downtime = self.freeze_elapsed();
-        status.update(|r| {
-            r.rounds = round + 1;
-            if r.round_blocks.len() < MAX_ROUNDS_REPORTED {
-                r.round_blocks.push(blocks.len() as u64);
-            }
-            r.final_round_blocks = Some(blocks.len() as u64);
-            r.downtime_ms = downtime.map(|d| d.as_secs_f64() * 1000.0);
-        });
+        // Stamped by whoever ended the switch-over (the reader, as a rule).
+        let downtime = status.report().downtime_ms;
         // Where a long downtime went: the final round (dirty blocks listed and queued) or the
         // answer (the link's queue, the destination's journal and record).
         let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
         tracing::info!(
             disk = %self.disk,
-            downtime_ms = ms(downtime),
+            downtime_ms = downtime,
             final_round_ms = ms(final_round),
             final_round_blocks = blocks.len(),
             drain_ms = ms(drained.map(|d| d.waited)),

@@ -126,6 +126,7 @@ pub(crate) async fn run_reader<R: AsyncRead + Unpin>(
             Message::RoundDone { round } => events.send(Event::RoundDone(round)).is_ok(),
             Message::Switched(r) => {
                 tracing::debug!("SWITCHED read");
+                status.switched_read(&r);
                 events.send(Event::Switched(r)).is_ok()
             }
             Message::Complete(r) => events.send(Event::Complete(r)).is_ok(),

@@ -8,6 +8,8 @@ use std::time::Instant;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
+use super::SourceHooks;
+use crate::protocol::DestReport;
 use crate::report::{MigrationReport, Phase};
 use crate::state::StateStore;
 use crate::wire::Traffic;
@@ -29,6 +31,31 @@ pub enum RequestError {
     SwitchFailed { id: String, why: String },
 }
 
+/// The end of a switch-over at the source: stop serving the disk here, stamp the downtime,
+/// and tell whoever waits (`wait_switched`: the hypervisor, to resume its VM). The link's
+/// reader does it the moment it reads SWITCHED, so the downtime does not also hold a wake-up
+/// of the driver task, which on a busy gang has taken a millisecond (the driver still records
+/// the stage durably afterwards).
+pub(crate) enum SwitchSignal {
+    /// No SWITCH sent: a SWITCHED read now (after a restart) is the driver's to handle.
+    Idle,
+    /// SWITCH is on its way: the first of the reader and the driver to see SWITCHED ends the
+    /// switch-over with these hooks.
+    Armed { hooks: Arc<dyn SourceHooks>, disk: String },
+    /// Ended; the other party does nothing.
+    Done,
+}
+
+impl std::fmt::Debug for SwitchSignal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SwitchSignal::Idle => f.write_str("Idle"),
+            SwitchSignal::Armed { disk, .. } => f.debug_struct("Armed").field("disk", disk).finish_non_exhaustive(),
+            SwitchSignal::Done => f.write_str("Done"),
+        }
+    }
+}
+
 /// Live state of a migration, shared with whoever reports on it.
 #[derive(Debug)]
 pub struct MigrationStatus {
@@ -43,6 +70,8 @@ pub struct MigrationStatus {
     pub(crate) phase_before_interrupt: Mutex<Option<Phase>>,
     /// When the source froze its export (downtime runs from here to SWITCHED).
     pub(crate) freeze_at: Mutex<Option<Instant>>,
+    /// Who ends the switch-over when SWITCHED arrives (see [`SwitchSignal`]).
+    pub(crate) switch_signal: Mutex<SwitchSignal>,
     /// An operator (the hypervisor's hook) asked for the switch-over.
     pub(crate) switch_requested: AtomicBool,
     pub(crate) switch: Notify,
@@ -77,6 +106,7 @@ impl MigrationStatus {
             kick: Notify::new(),
             phase_before_interrupt: Mutex::new(None),
             freeze_at: Mutex::new(None),
+            switch_signal: Mutex::new(SwitchSignal::Idle),
             switch_requested: AtomicBool::new(false),
             switch: Notify::new(),
             changed: Notify::new(),
@@ -199,6 +229,48 @@ impl MigrationStatus {
             }
             notified.await;
         }
+    }
+
+    /// SWITCH is about to be sent: whoever reads SWITCHED first ends the switch-over.
+    pub(crate) fn arm_switch(&self, hooks: Arc<dyn SourceHooks>, disk: &str) {
+        *self.switch_signal.lock() = SwitchSignal::Armed { hooks, disk: disk.to_string() };
+    }
+
+    /// The link's reader read SWITCHED: ends the switch-over if SWITCH was sent.
+    pub(crate) fn switched_read(&self, report: &DestReport) {
+        let signal = std::mem::replace(&mut *self.switch_signal.lock(), SwitchSignal::Done);
+        match signal {
+            SwitchSignal::Armed { hooks, disk } => self.end_switch(&*hooks, &disk, report),
+            // Not ours to end (a SWITCHED after a restart: the driver ends it).
+            SwitchSignal::Idle => *self.switch_signal.lock() = SwitchSignal::Idle,
+            SwitchSignal::Done => {}
+        }
+    }
+
+    /// The driver saw SWITCHED: ends the switch-over unless the reader already did.
+    pub(crate) fn switched_seen(&self, hooks: &dyn SourceHooks, disk: &str, report: &DestReport) {
+        let signal = std::mem::replace(&mut *self.switch_signal.lock(), SwitchSignal::Done);
+        if !matches!(signal, SwitchSignal::Done) {
+            self.end_switch(hooks, disk, report);
+        }
+    }
+
+    fn end_switch(&self, hooks: &dyn SourceHooks, disk: &str, report: &DestReport) {
+        // The guest follows its disk as soon as this export stops serving it, so that comes
+        // first; a restart before the driver's record still finds `SwitchingOver`, which
+        // never exports the disk again either.
+        hooks.switched(disk);
+        let downtime = self.freeze_at.lock().map(|t| t.elapsed().as_secs_f64() * 1000.0);
+        let at = self.since_start();
+        self.update(|r| {
+            r.switch_seconds = Some(at);
+            r.phase = Phase::PostCopy;
+            r.cancellable = false;
+            r.destination = report.clone();
+            if downtime.is_some() {
+                r.downtime_ms = downtime;
+            }
+        });
     }
 
     /// Waits until the destination serves the disk (the report then has `downtime_ms`), or
