@@ -90,7 +90,7 @@ where
 {
     // Blocking work never preempts the async workers that hand it out (see `sched`).
     let f = move || {
-        sched::BulkClass::batch_from_now();
+        sched::as_pool();
         f()
     };
     match tokio::task::spawn_blocking(f).await {

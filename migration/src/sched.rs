@@ -17,9 +17,9 @@
 //! for).
 //!
 //! The threads of tokio's blocking pool that run a migration's other work (store reads and
-//! writes, journal syncs, records) move to `SCHED_BATCH` for good
-//! ([`BulkClass::batch_from_now`]): the same share of the cores as the normal class, so no
-//! inversion, but such a thread never preempts another when it wakes up. A
+//! writes, journal syncs, records) move to `SCHED_BATCH` ([`as_pool`]): the same share of the
+//! cores as the normal class, so no inversion, but such a thread never preempts another when
+//! it wakes up, and the async workers get short time slices ([`as_worker`]). A
 //! trace of a gang's switch-over (`perf sched`) showed why that matters: the destination's
 //! async worker queued SWITCHED, handed the journal's sync to the pool, and the pool thread it
 //! woke took its core at once and kept it 2.7 ms, with SWITCHED still unwritten behind it.
@@ -43,24 +43,6 @@ impl BulkClass {
             return BulkClass { previous: None };
         }
         Self::change(IDLE)
-    }
-
-    /// Moves a blocking-pool thread to `SCHED_BATCH` for good (once per thread). The class
-    /// must already hold when the thread is woken for its next job, which is when the kernel
-    /// decides on preemption; a guard taken inside the job would come too late.
-    pub(crate) fn batch_from_now() {
-        thread_local! {
-            static IN_BATCH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-        }
-        IN_BATCH.with(|done| {
-            if !done.get() {
-                done.set(true);
-                if policy() == Some(OTHER) {
-                    // With the default slice: a short one is for the threads that answer.
-                    set_attr(BATCH, None);
-                }
-            }
-        });
     }
 
     /// `SCHED_IDLE` for a thread that does bulk work and nothing else until it ends (the
@@ -89,18 +71,59 @@ impl Drop for BulkClass {
     }
 }
 
-/// The time slice asked for by the threads that carry the control path (`latency_sensitive`).
+/// The time slice asked for by the async worker threads, which carry the control path.
 const SHORT_SLICE: std::time::Duration = std::time::Duration::from_micros(100);
 
-/// Gives the calling thread the kernel's shortest time slice (Linux 6.12 and later; older
-/// kernels ignore it): when it wakes up on a core busy with a thread of the default slice, it
-/// preempts that thread at once instead of waiting up to a slice for it, and its share of the
-/// cores stays the same. For the async worker threads of a server, which read and write
-/// SWITCH and SWITCHED: on two vCPUs whose kernel packs woken threads onto a busy vCPU (as
-/// this project's machines do), a trace showed both servers' workers queued 2.7 ms behind a
-/// blocking-pool thread while the other vCPU idled.
-pub fn latency_sensitive() {
-    set_attr(OTHER, Some(SHORT_SLICE));
+/// What a runtime thread does now, as far as its scheduling goes. tokio moves threads between
+/// the two roles (`block_in_place` hands a worker's queue over to a pool thread), so each role
+/// is asserted where it starts: a worker's at each unpark, a pool thread's at each migration
+/// job; the syscalls happen only when the role changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ThreadRole {
+    Unknown,
+    /// Normal class, the kernel's shortest slice.
+    Worker,
+    /// `SCHED_BATCH`, the default slice.
+    Pool,
+}
+
+thread_local! {
+    static ROLE: std::cell::Cell<ThreadRole> = const { std::cell::Cell::new(ThreadRole::Unknown) };
+}
+
+fn take_role(role: ThreadRole) {
+    ROLE.with(|now| {
+        if now.get() == role {
+            return;
+        }
+        now.set(role);
+        // A thread some other code put in another class (real-time, idle) is left there.
+        if matches!(policy(), Some(OTHER) | Some(BATCH)) {
+            match role {
+                ThreadRole::Worker => set_attr(OTHER, Some(SHORT_SLICE)),
+                ThreadRole::Pool => set_attr(BATCH, None),
+                ThreadRole::Unknown => true,
+            };
+        }
+    });
+}
+
+/// For a server's async worker threads (tokio's `on_thread_unpark`): the normal class with the
+/// kernel's shortest time slice (Linux 6.12's custom slices; older kernels ignore it). A worker
+/// woken on a core busy with a thread of the default slice then preempts it at once instead of
+/// waiting up to a slice, and its share of the cores stays the same. The workers read and
+/// write SWITCH and SWITCHED: on two vCPUs whose kernel packs woken threads onto a busy vCPU
+/// (as this project's machines do), a trace showed both servers' workers queued 2.7 ms behind
+/// a blocking-pool thread while the other vCPU idled.
+pub fn as_worker() {
+    take_role(ThreadRole::Worker);
+}
+
+/// For a blocking-pool thread about to run a migration's store work: `SCHED_BATCH` (see the
+/// module's notes). The class must already hold when the thread is woken for its next job,
+/// which is when the kernel decides on preemption, so it stays until the role changes.
+pub(crate) fn as_pool() {
+    take_role(ThreadRole::Pool);
 }
 
 #[cfg(target_os = "linux")]
@@ -225,14 +248,18 @@ mod tests {
     fn a_worker_asks_for_a_short_slice_and_a_pool_thread_gives_it_back() {
         std::thread::spawn(|| {
             let default = current_slice();
-            latency_sensitive();
+            as_worker();
             assert_eq!(current_policy(), libc::SCHED_OTHER);
             let short = current_slice();
             // Kernels before 6.12 have no custom slices and report the default.
             assert!(short == SHORT_SLICE.as_nanos() as u64 || short == default, "slice {short} ns");
-            BulkClass::batch_from_now();
+            as_pool();
             assert_eq!(current_policy(), libc::SCHED_BATCH);
             assert_eq!(current_slice(), default);
+            // tokio may make it a worker again (`block_in_place`).
+            as_worker();
+            assert_eq!(current_policy(), libc::SCHED_OTHER);
+            assert_eq!(current_slice(), short);
         })
         .join()
         .unwrap();
@@ -241,7 +268,7 @@ mod tests {
     #[test]
     fn a_pool_thread_stays_in_the_batch_class() {
         std::thread::spawn(|| {
-            BulkClass::batch_from_now();
+            as_pool();
             assert_eq!(current_policy(), libc::SCHED_BATCH, "any thread may enter SCHED_BATCH");
             // Idle work on it comes back to the batch class, not the normal one.
             let idle = BulkClass::enter();
@@ -250,7 +277,7 @@ mod tests {
             }
             drop(idle);
             assert_eq!(current_policy(), libc::SCHED_BATCH);
-            BulkClass::batch_from_now();
+            as_pool();
             assert_eq!(current_policy(), libc::SCHED_BATCH);
         })
         .join()

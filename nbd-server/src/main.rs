@@ -208,11 +208,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         None => DEFAULT_SPACE_INTERVAL,
     };
 
-    // The runtime's threads answer the migration links' control messages: short time slices
-    // (the migration crate moves the blocking-pool threads it uses back to the default).
+    // The runtime's workers answer the migration links' control messages: short time slices
+    // (the migration crate gives the blocking-pool threads it uses the default back).
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .on_thread_start(migration::sched::latency_sensitive)
+        .on_thread_unpark(migration::sched::as_worker)
         .build()?;
     runtime.block_on(async {
         let mut listeners = Vec::new();
