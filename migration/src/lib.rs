@@ -65,16 +65,27 @@ pub enum MigrationError {
     AlreadySwitched(protocol::DestReport),
 }
 
-/// Runs a short blocking step inside a switch-over's downtime on this worker thread (tokio's
-/// `block_in_place`), not on the blocking pool: a pool thread would first have to be scheduled,
-/// and the pool's threads neither preempt on wake-up nor have the workers' short slices (see
-/// `sched`); a trace showed that hand-off taking 2.7 ms on a busy gang. Falls back to the pool
-/// on a single-threaded runtime (tests), where `block_in_place` is not allowed.
+/// Runs a short blocking step inside a switch-over's downtime on the runtime's switch-over
+/// thread ([`sched::on_switch_thread`]), not on the blocking pool: a pool thread would first
+/// have to be scheduled, and the pool's threads neither preempt on wake-up nor have the
+/// workers' short slices (see `sched`); a trace showed that hand-off taking 2.7 ms on a busy
+/// gang. Where the runtime has no such thread (tests, tools), on this worker (tokio's
+/// `block_in_place`), or on the pool on a single-threaded runtime, where `block_in_place` is
+/// not allowed.
 pub(crate) async fn blocking_now<T, E>(f: impl FnOnce() -> Result<T, E> + Send + 'static) -> Result<T, MigrationError>
 where
     T: Send + 'static,
     E: Into<MigrationError> + Send + 'static,
 {
+    let f = match sched::on_switch_thread(f) {
+        Ok(done) => {
+            return match done.await {
+                Ok(r) => r.map_err(Into::into),
+                Err(_) => Err(MigrationError::Hook("the switch-over thread dropped a step".into())),
+            }
+        }
+        Err(f) => f,
+    };
     if tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
         tokio::task::block_in_place(f).map_err(Into::into)
     } else {

@@ -209,9 +209,13 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
 
     // The runtime's workers answer the migration links' control messages: short time slices
-    // (the migration crate gives the blocking-pool threads it uses the default back).
+    // (the migration crate gives the blocking-pool threads it uses the default back), and the
+    // real-time class while a switch-over is under way (so its threads are registered).
+    let threads = migration::sched::RuntimeThreads::new();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .on_thread_start(move || threads.join())
+        .on_thread_stop(migration::sched::RuntimeThreads::leave)
         .on_thread_unpark(migration::sched::as_worker)
         .build()?;
     runtime.block_on(async {

@@ -164,6 +164,8 @@ impl Connection<'_> {
             let read_wait = reading.elapsed();
             let applying = std::time::Instant::now();
             if matches!(msg, Message::Switch) {
+                // The source's VM is paused until SWITCHED has been written.
+                self.session.urgent.lock().get_or_insert_with(crate::sched::urgent);
                 tracing::debug!(
                     disk = %self.session.hello.disk,
                     read_wait_ms = read_wait.as_secs_f64() * 1000.0,

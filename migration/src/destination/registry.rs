@@ -67,6 +67,9 @@ pub(crate) struct Session {
     /// Held by a connection while it applies one sequenced message and counts it, and by a
     /// new connection while it reads that count for ACCEPT.
     pub(crate) applying: Arc<tokio::sync::Mutex<()>>,
+    /// From SWITCH read until SWITCHED written, the runtime's workers run in the real-time
+    /// class (see [`crate::sched::RuntimeThreads`]).
+    pub(crate) urgent: Mutex<Option<crate::sched::Urgent>>,
 }
 
 impl Session {
@@ -294,6 +297,7 @@ impl Destination {
             ended: AtomicBool::new(false),
             switching: Arc::new(tokio::sync::Mutex::new(())),
             applying: Arc::new(tokio::sync::Mutex::new(())),
+            urgent: Mutex::new(None),
         });
         session.status.update(|r| r.gang = session.hello.gang.clone());
         self.sessions.lock().insert(session.hello.migration_id.clone(), session.clone());
@@ -509,12 +513,15 @@ impl Destination {
                     _ = superseded => break,
                 };
                 write_frame(&mut writer, &frame, &st.traffic).await?;
-                if out_rx.is_empty() {
+                let switched = frame.tag() == crate::protocol::SWITCHED_TAG;
+                if switched || out_rx.is_empty() {
                     writer.flush().await?;
                 }
-                if frame.tag() == crate::protocol::SWITCHED_TAG {
+                if switched {
                     // Beside the source's "SWITCHED read": where a long downtime's answer waited.
                     tracing::debug!(disk = %sess.hello.disk, "SWITCHED written");
+                    let ended = sess.urgent.lock().take();
+                    drop(ended);
                 }
             }
             writer.flush().await.ok();

@@ -8,6 +8,8 @@ use super::*;
 
 /// SWITCHED's tag, for the writer that logs when the answer leaves.
 pub(crate) const SWITCHED_TAG: u8 = tag::SWITCHED;
+/// SWITCH's tag, for the source's writer, which logs when it leaves.
+pub(crate) const SWITCH_TAG: u8 = tag::SWITCH;
 
 mod tag {
     pub const HELLO: u8 = 1;

@@ -183,8 +183,8 @@
 
 mod codec;
 
-pub(crate) use codec::SWITCHED_TAG;
 pub use codec::{check_greeting, decode, decode_header, encode, greeting};
+pub(crate) use codec::{SWITCHED_TAG, SWITCH_TAG};
 
 use serde::{Deserialize, Serialize};
 

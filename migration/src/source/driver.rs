@@ -242,7 +242,10 @@ impl Source {
                             rebuild = true;
                         }
                         Err(MigrationError::AlreadySwitched(r)) => break r,
-                        Err(e) => return Err(e),
+                        Err(e) => {
+                            self.status.end_urgent();
+                            return Err(e);
+                        }
                     }
                 };
                 at.switched();
@@ -380,6 +383,8 @@ impl Source {
                 // downtime. A hypervisor's pause (manual) has already started the downtime.
                 drained = Some(status.cap.drain(PRE_FREEZE_DRAIN).await);
             }
+            // The downtime begins (a hypervisor's pause began it already).
+            status.switch_urgent();
             let freeze_start = Instant::now();
             self.hooks.freeze(&self.disk).await.map_err(|e| MigrationError::Hook(e.to_string()))?;
             at.froze();

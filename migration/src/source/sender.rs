@@ -260,6 +260,7 @@ pub(crate) async fn run_writer<W: AsyncWrite + Unpin>(
             tokio::time::sleep(wait).await;
         }
         status.cap.charge(frame.len() + following.iter().map(Frame::len).sum::<usize>());
+        let switch = sequenced.is_some() && std::iter::once(&frame).chain(&following).any(|f| f.tag() == crate::protocol::SWITCH_TAG);
         if following.is_empty() {
             write_frame(&mut writer, &frame, &status.traffic).await?;
         } else {
@@ -275,8 +276,12 @@ pub(crate) async fn run_writer<W: AsyncWrite + Unpin>(
             }
         }
         if let Some(seq) = sequenced {
-            if urgent.is_empty() && low.is_empty() {
+            if switch || (urgent.is_empty() && low.is_empty()) {
                 writer.flush().await?;
+            }
+            if switch {
+                // Beside the destination's "SWITCH read": where a long downtime's first hop waited.
+                tracing::debug!("SWITCH written");
             }
             outbox.mark_written(seq);
         }

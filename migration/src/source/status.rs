@@ -72,6 +72,9 @@ pub struct MigrationStatus {
     pub(crate) freeze_at: Mutex<Option<Instant>>,
     /// Who ends the switch-over when SWITCHED arrives (see [`SwitchSignal`]).
     pub(crate) switch_signal: Mutex<SwitchSignal>,
+    /// From the switch's request or the freeze until SWITCHED, the runtime's workers run in
+    /// the real-time class (see [`crate::sched::RuntimeThreads`]).
+    urgent: Mutex<Option<crate::sched::Urgent>>,
     /// An operator (the hypervisor's hook) asked for the switch-over.
     pub(crate) switch_requested: AtomicBool,
     pub(crate) switch: Notify,
@@ -107,6 +110,7 @@ impl MigrationStatus {
             phase_before_interrupt: Mutex::new(None),
             freeze_at: Mutex::new(None),
             switch_signal: Mutex::new(SwitchSignal::Idle),
+            urgent: Mutex::new(None),
             switch_requested: AtomicBool::new(false),
             switch: Notify::new(),
             changed: Notify::new(),
@@ -211,6 +215,8 @@ impl MigrationStatus {
         }
         self.switch_requested.store(true, Ordering::SeqCst);
         drop(r);
+        // The VM is paused: its downtime runs from here.
+        self.switch_urgent();
         self.switch.notify_waiters();
         self.switch.notify_one();
         Ok(())
@@ -229,6 +235,20 @@ impl MigrationStatus {
             }
             notified.await;
         }
+    }
+
+    /// The switch-over's downtime has begun: until it ends, the control path comes first.
+    pub(crate) fn switch_urgent(&self) {
+        let mut urgent = self.urgent.lock();
+        if urgent.is_none() {
+            *urgent = Some(crate::sched::urgent());
+        }
+    }
+
+    /// The switch-over ended, or its attempt did (the link lost): the workers go back.
+    pub(crate) fn end_urgent(&self) {
+        let ended = self.urgent.lock().take();
+        drop(ended);
     }
 
     /// SWITCH is about to be sent: whoever reads SWITCHED first ends the switch-over.
@@ -259,9 +279,12 @@ impl MigrationStatus {
         // The guest follows its disk as soon as this export stops serving it, so that comes
         // first; a restart before the driver's record still finds `SwitchingOver`, which
         // never exports the disk again either.
+        let hook = Instant::now();
         hooks.switched(disk);
         let downtime = self.freeze_at.lock().map(|t| t.elapsed().as_secs_f64() * 1000.0);
+        let hook_ms = hook.elapsed().as_secs_f64() * 1000.0;
         let at = self.since_start();
+        // The hypervisor's `wait_switched` wakes here, still inside the window.
         self.update(|r| {
             r.switch_seconds = Some(at);
             r.phase = Phase::PostCopy;
@@ -271,6 +294,11 @@ impl MigrationStatus {
                 r.downtime_ms = downtime;
             }
         });
+        // Last: a worker leaving the real-time class can lose its core at once to the
+        // normal threads that waited meanwhile (2-3 ms in a gang's trace), so nothing of
+        // the switch-over may come after it.
+        self.end_urgent();
+        tracing::debug!(disk, downtime_ms = downtime, hook_ms, "switch-over ended");
     }
 
     /// Waits until the destination serves the disk (the report then has `downtime_ms`), or

@@ -24,6 +24,13 @@
 //! async worker queued SWITCHED, handed the journal's sync to the pool, and the pool thread it
 //! woke took its core at once and kept it 2.7 ms, with SWITCHED still unwritten behind it.
 
+mod switch;
+mod sys;
+
+use switch::RUNTIME;
+pub use switch::{on_switch_thread, urgent, RuntimeThreads, Urgent};
+use sys::*;
+
 /// Puts the calling thread in a bulk scheduling class for as long as the guard lives; the
 /// class it was in comes back when it drops. Where the class cannot be changed (another OS, a
 /// sandbox that forbids it), nothing changes.
@@ -97,16 +104,38 @@ fn take_role(role: ThreadRole) {
             return;
         }
         now.set(role);
-        // A thread some other code put in another class (real-time, idle) is left there.
-        if matches!(policy(), Some(OTHER) | Some(BATCH)) {
-            match role {
-                ThreadRole::Worker => set_attr(OTHER, Some(SHORT_SLICE)),
-                ThreadRole::Pool => set_attr(BATCH, None),
-                ThreadRole::Unknown => true,
-            };
+        let runtime = RUNTIME.with(|r| r.borrow().clone());
+        match runtime {
+            Some(threads) => threads.took(role),
+            // A thread some other code put in another class (real-time, idle) is left there.
+            None if matches!(policy(), Some(OTHER) | Some(BATCH)) => {
+                apply_role(0, role, false);
+            }
+            None => {}
         }
     });
 }
+
+/// Sets thread `tid`'s (0: the calling thread's) attributes for `role`; `urgent`: a
+/// switch-over is under way, and workers run in `SCHED_FIFO`.
+fn apply_role(tid: libc::pid_t, role: ThreadRole, urgent: bool) -> bool {
+    match role {
+        ThreadRole::Worker if urgent => set_attr_of(tid, FIFO, None, None),
+        ThreadRole::Worker => set_attr_of(tid, OTHER, Some(SHORT_SLICE), Some(process_nice())),
+        // Lower only where the thread can come back when tokio makes it a worker again.
+        ThreadRole::Pool => set_attr_of(tid, BATCH, None, can_come_back().then(|| (process_nice() + POOL_NICE).min(19))),
+        ThreadRole::Unknown => true,
+    }
+}
+
+/// How much nicer than the process the blocking pool's threads run. A worker woken while a
+/// pool thread holds the core preempts it only if the kernel (EEVDF) finds the worker
+/// eligible, that is owed time; workers run often, so at equal weights they often were not,
+/// and a trace showed the destination's worker that reads SWITCH waiting 2.5 ms behind two
+/// pool threads writing another member's blocks. At +5 a pool thread weighs a third of a
+/// worker: it still gets its share of a contended core (no starving of the store writes that
+/// hold locks), but the worker is owed time far sooner.
+const POOL_NICE: libc::c_int = 5;
 
 /// For a server's async worker threads (tokio's `on_thread_unpark`): the normal class with the
 /// kernel's shortest time slice (Linux 6.12's custom slices; older kernels ignore it). A worker
@@ -126,96 +155,13 @@ pub(crate) fn as_pool() {
     take_role(ThreadRole::Pool);
 }
 
-#[cfg(target_os = "linux")]
-const OTHER: libc::c_int = libc::SCHED_OTHER;
-#[cfg(target_os = "linux")]
-const IDLE: libc::c_int = libc::SCHED_IDLE;
-#[cfg(target_os = "linux")]
-const BATCH: libc::c_int = libc::SCHED_BATCH;
-#[cfg(not(target_os = "linux"))]
-const OTHER: libc::c_int = 0;
-#[cfg(not(target_os = "linux"))]
-const IDLE: libc::c_int = 0;
-#[cfg(not(target_os = "linux"))]
-const BATCH: libc::c_int = 0;
-
-/// The calling thread's policy, when it is one of the three this module moves between.
-#[cfg(target_os = "linux")]
-fn policy() -> Option<libc::c_int> {
-    // SAFETY: pid 0 is the calling thread.
-    let now = unsafe { libc::sched_getscheduler(0) };
-    [libc::SCHED_OTHER, libc::SCHED_BATCH, libc::SCHED_IDLE].contains(&now).then_some(now)
-}
-
-/// Sets the calling thread's policy and slice (None: the default slice), its nice value kept.
-#[cfg(target_os = "linux")]
-fn set_attr(policy: libc::c_int, slice: Option<std::time::Duration>) -> bool {
-    // SAFETY: plain syscalls on the calling thread (pid 0); `attr` lives across the call and
-    // its size field tells the kernel how much of it to read.
-    let r = unsafe {
-        let nice = libc::getpriority(libc::PRIO_PROCESS, 0);
-        let mut attr: libc::sched_attr = std::mem::zeroed();
-        attr.size = std::mem::size_of::<libc::sched_attr>() as u32;
-        attr.sched_policy = policy as u32;
-        attr.sched_nice = nice;
-        attr.sched_runtime = slice.map_or(0, |d| d.as_nanos() as u64);
-        libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const libc::sched_attr, 0)
-    };
-    if r != 0 {
-        tracing::debug!(policy, ?slice, error = %std::io::Error::last_os_error(), "cannot change a thread's scheduling attributes");
-    }
-    r == 0
-}
-
-#[cfg(target_os = "linux")]
-fn set_policy(policy: libc::c_int) -> bool {
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: pid 0 is the calling thread; `param` lives across the call.
-    let r = unsafe { libc::sched_setscheduler(0, policy, &param) };
-    if r != 0 {
-        tracing::debug!(policy, error = %std::io::Error::last_os_error(), "cannot change a migration thread's scheduling class");
-    }
-    r == 0
-}
-
-/// Whether this process may move a thread from `SCHED_IDLE` back to the normal class: root
-/// (which holds `CAP_SYS_NICE` unless a sandbox took it), or an `RLIMIT_NICE` that allows nice
-/// 0 (20 - 0). Errs on the side of not entering.
-#[cfg(target_os = "linux")]
-fn can_come_back() -> bool {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: plain syscalls; `limit` lives across the call.
-    let (root, got) = unsafe { (libc::geteuid() == 0, libc::getrlimit(libc::RLIMIT_NICE, &mut limit) == 0) };
-    root || (got && limit.rlim_cur >= 20)
-}
-
-#[cfg(not(target_os = "linux"))]
-fn set_policy(_policy: libc::c_int) -> bool {
-    false
-}
-
-#[cfg(not(target_os = "linux"))]
-fn set_attr(_policy: libc::c_int, _slice: Option<std::time::Duration>) -> bool {
-    false
-}
-
-#[cfg(not(target_os = "linux"))]
-fn policy() -> Option<libc::c_int> {
-    None
-}
-
-#[cfg(not(target_os = "linux"))]
-fn can_come_back() -> bool {
-    false
-}
-
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
 
     fn current_policy() -> i32 {
         // SAFETY: pid 0 is the calling thread.
-        unsafe { libc::sched_getscheduler(0) }
+        unsafe { libc::sched_getscheduler(0) & !libc::SCHED_RESET_ON_FORK }
     }
 
     #[test]
@@ -231,6 +177,11 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    fn thread_nice() -> i32 {
+        // SAFETY: 0 is the calling thread.
+        unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }
     }
 
     /// The slice the kernel reports for the calling thread (`sched_getattr`), in nanoseconds.
@@ -256,10 +207,14 @@ mod tests {
             as_pool();
             assert_eq!(current_policy(), libc::SCHED_BATCH);
             assert_eq!(current_slice(), default);
+            if can_come_back() {
+                assert_eq!(thread_nice(), process_nice() + POOL_NICE, "a pool thread runs nicer");
+            }
             // tokio may make it a worker again (`block_in_place`).
             as_worker();
             assert_eq!(current_policy(), libc::SCHED_OTHER);
             assert_eq!(current_slice(), short);
+            assert_eq!(thread_nice(), process_nice(), "a worker again has the process's nice value");
         })
         .join()
         .unwrap();
