@@ -23,6 +23,9 @@
 //! trace of a gang's switch-over (`perf sched`) showed why that matters: the destination's
 //! async worker queued SWITCHED, handed the journal's sync to the pool, and the pool thread it
 //! woke took its core at once and kept it 2.7 ms, with SWITCHED still unwritten behind it.
+//!
+//! During a switch-over itself the async workers go further, into `SCHED_FIFO`, for the
+//! switch-over's milliseconds only (the `switch` module).
 
 mod switch;
 mod sys;
@@ -88,7 +91,8 @@ const SHORT_SLICE: std::time::Duration = std::time::Duration::from_micros(100);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ThreadRole {
     Unknown,
-    /// Normal class, the kernel's shortest slice.
+    /// Normal class, the kernel's shortest slice; `SCHED_FIFO` while a switch-over is under
+    /// way (the `switch` module).
     Worker,
     /// `SCHED_BATCH`, the default slice.
     Pool,

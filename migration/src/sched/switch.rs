@@ -31,7 +31,8 @@ thread_local! {
 #[derive(Debug, Default)]
 pub struct RuntimeThreads {
     inner: parking_lot::Mutex<Threads>,
-    /// Started on first use (see [`on_switch_thread`]); stops when this is dropped.
+    /// Started with the registry ([`RuntimeThreads::new`]), or again on the next use if it
+    /// could not start; stops when this is dropped.
     switch_thread: parking_lot::Mutex<Option<std::sync::mpsc::Sender<SwitchJob>>>,
 }
 
