@@ -18,6 +18,8 @@
 //!                "deleting/" ++ disk id (u64 BE)       (empty): a delete to finish after a crash
 //!                "pool-pending/" ++ fingerprint        (empty): an external pool operation that
 //!                                                      may not have completed (see `pool`)
+//!                "refs-log/" ++ sequence (u64 BE)      reference changes not yet folded into
+//!                                                      `refs` (fingerprint, new entry or gone)
 //! disks          disk name                             {"id","size"}
 //! maps           disk id (u64 BE) ++ block (u64 BE)    fingerprint (16 bytes) ++ location hint
 //!                                                      (container u32 LE, slot u32 LE)
@@ -25,6 +27,11 @@
 //!                                                      (container u32 LE, slot u32 LE)
 //! blocks         (format 1 only, emptied by `cas upgrade`) fingerprint -> block bytes
 //! ```
+//!
+//! A commit's reference changes go to a journal record in the same batch as its map changes
+//! and to an overlay in memory; a fold writes them into `refs` as one sorted table file once
+//! the overlay holds 256 Ki fingerprints (see `store::refs_log`): no random-key memtable
+//! insert per new block on the write path.
 //!
 //! A range read seeks the map once and reads each block where its map entry's hint says (the
 //! `refs` entry is the authority when compaction has moved the block). Format 3 is this
@@ -58,7 +65,7 @@ mod store;
 pub use dirty::DirtyBitmap;
 pub use engine::{KvEngine, RocksTuning};
 pub use error::{Result, StoreError};
-pub use fingerprint::{Fingerprint, FingerprintAlgorithm};
+pub use fingerprint::{Fingerprint, FingerprintAlgorithm, FingerprintHash, FingerprintHasher, FingerprintMap};
 pub use pool::{BlockPool, MemPool};
 pub use store::{
     CompactionReport, CompactionStop, DiskId, DiskInfo, DiskStats, Extent, FsckReport, MapSnapshot, RepairReport, SketchReport, Store, StoreOptions,

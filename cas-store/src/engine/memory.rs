@@ -43,6 +43,13 @@ impl KvEngine for MemEngine {
                 BatchOp::Delete(cf, k) => {
                     tables[cf.index()].remove(&k);
                 }
+                BatchOp::DeleteRange(cf, start, end) => {
+                    let table = &mut tables[cf.index()];
+                    let doomed: Vec<Vec<u8>> = table.range(start..end).map(|(k, _)| k.clone()).collect();
+                    for k in doomed {
+                        table.remove(&k);
+                    }
+                }
                 BatchOp::AddToCount(cf, k, addend) => {
                     let table = &mut tables[cf.index()];
                     let merged = super::add_to_counter(table.get(&k).map(Vec::as_slice), std::iter::once(&addend[..]))

@@ -59,6 +59,8 @@ impl Cf {
 pub enum BatchOp {
     Put(Cf, Vec<u8>, Vec<u8>),
     Delete(Cf, Vec<u8>),
+    /// Every key in `[start, end)`.
+    DeleteRange(Cf, Vec<u8>, Vec<u8>),
     /// A merge operand (refs only): a u64 LE addend to the value's leading counter.
     AddToCount(Cf, Vec<u8>, Vec<u8>),
 }
@@ -92,6 +94,10 @@ impl WriteBatch {
     }
     pub fn delete(&mut self, cf: Cf, key: impl Into<Vec<u8>>) {
         self.ops.push(BatchOp::Delete(cf, key.into()));
+    }
+    /// Deletes every key in `[start, end)` (one tombstone, however many keys).
+    pub fn delete_range(&mut self, cf: Cf, start: &[u8], end: &[u8]) {
+        self.ops.push(BatchOp::DeleteRange(cf, start.to_vec(), end.to_vec()));
     }
     /// Adds `n` to the counter that leads the value of `key` in [`Cf::Refs`] (see
     /// [`add_to_counter`]) without reading it: the engine applies it when the key is read.
@@ -153,11 +159,20 @@ pub trait KvEngine: Send + Sync + fmt::Debug {
     /// disk's map). All or none become visible, and they are durable when this returns.
     /// Returns how many were added. The default applies them as one batch.
     fn ingest_sorted(&self, cf: Cf, entries: &mut dyn Iterator<Item = Result<(Vec<u8>, Vec<u8>)>>) -> Result<u64> {
+        self.ingest_sorted_changes(cf, &mut entries.map(|e| e.map(|(k, v)| (k, Some(v)))))
+    }
+
+    /// [`KvEngine::ingest_sorted`] with deletions (a None value), for keys whose other writers
+    /// are excluded by the caller meanwhile (the reference journal's folds, see
+    /// `store::refs_log`): the file's entries are newer than everything written before.
+    fn ingest_sorted_changes(&self, cf: Cf, entries: &mut dyn Iterator<Item = Result<(Vec<u8>, Option<Vec<u8>>)>>) -> Result<u64> {
         let mut batch = WriteBatch::new();
         let mut added = 0;
         for entry in entries {
-            let (key, value) = entry?;
-            batch.put(cf, key, value);
+            match entry? {
+                (key, Some(value)) => batch.put(cf, key, value),
+                (key, None) => batch.delete(cf, key),
+            }
             added += 1;
         }
         self.write(batch)?;

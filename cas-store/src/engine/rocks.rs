@@ -225,6 +225,7 @@ impl KvEngine for RocksEngine {
             match op {
                 BatchOp::Put(cf, k, v) => wb.put_cf(self.cf(*cf), k, v),
                 BatchOp::Delete(cf, k) => wb.delete_cf(self.cf(*cf), k),
+                BatchOp::DeleteRange(cf, start, end) => wb.delete_range_cf(self.cf(*cf), start, end),
                 BatchOp::AddToCount(cf, k, addend) => wb.merge_cf(self.cf(*cf), k, addend),
             }
         }
@@ -269,7 +270,7 @@ impl KvEngine for RocksEngine {
         iter.status().map_err(engine_err)
     }
 
-    fn ingest_sorted(&self, cf: Cf, entries: &mut dyn Iterator<Item = Result<(Vec<u8>, Vec<u8>)>>) -> Result<u64> {
+    fn ingest_sorted_changes(&self, cf: Cf, entries: &mut dyn Iterator<Item = Result<(Vec<u8>, Option<Vec<u8>>)>>) -> Result<u64> {
         perf_counters_off();
         std::fs::create_dir_all(&self.ingest_dir).map_err(|e| StoreError::Engine(format!("creating {}: {e}", self.ingest_dir.display())))?;
         let file = self.ingest_dir.join(format!("{}.sst", self.next_ingest.fetch_add(1, Ordering::Relaxed)));
@@ -278,8 +279,10 @@ impl KvEngine for RocksEngine {
             writer.open(&file).map_err(engine_err)?;
             let mut added = 0u64;
             for entry in entries {
-                let (key, value) = entry?;
-                writer.put(key, value).map_err(engine_err)?;
+                match entry? {
+                    (key, Some(value)) => writer.put(key, value).map_err(engine_err)?,
+                    (key, None) => writer.delete(key).map_err(engine_err)?,
+                }
                 added += 1;
             }
             if added > 0 {

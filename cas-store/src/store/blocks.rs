@@ -48,9 +48,24 @@ impl Store {
     }
 
     /// The `refs` entries of `fps` (None: not stored by this store).
+    /// The journal's overlay answers first (see `refs_log`); `refs` the rest, in one batch.
     pub(super) fn ref_entries(&self, fps: &[Fingerprint]) -> Result<Vec<Option<RefEntry>>> {
-        let keys: Vec<&[u8]> = fps.iter().map(|fp| &fp.0[..]).collect();
-        self.engine.multi_get(Cf::Refs, &keys)?.into_iter().map(|v| v.map(|v| parse_ref(&v)).transpose()).collect()
+        let overlay: Vec<Option<Option<RefEntry>>> = fps.iter().map(|fp| self.refs.lookup(fp)).collect();
+        let keys: Vec<&[u8]> = fps.iter().zip(&overlay).filter(|(_, o)| o.is_none()).map(|(fp, _)| &fp.0[..]).collect();
+        let mut stored = self.engine.multi_get(Cf::Refs, &keys)?.into_iter();
+        overlay
+            .into_iter()
+            .map(|o| match o {
+                Some(entry) => Ok(entry),
+                None => stored.next().expect("one value per key").map(|v| parse_ref(&v)).transpose(),
+            })
+            .collect()
+    }
+
+    /// Writes every reference change still only journalled into `refs`: before a scan of
+    /// `refs` (fsck, compaction, repair), which would not see them.
+    pub(super) fn fold_refs(&self) -> Result<()> {
+        self.refs.fold(self.engine.as_ref()).map(drop)
     }
 
     pub(super) fn ref_counts(&self, fps: &[Fingerprint]) -> Result<Vec<u64>> {

@@ -2,15 +2,16 @@
 //! references in line with them (intents, reconcile, repair).
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
+use super::refs_log::{RefChange, FOLD_HARD_CAP};
 use super::{is_zero, Blocks, DiskState, EngineContainerIds, RepairReport, Store, Target, POOL_BATCH};
 use crate::container::Location;
 use crate::engine::{prefix_end, Cf, WriteBatch};
 use crate::keys::*;
 use crate::pool::{Claim, Claimed};
-use crate::{Fingerprint, Result, StoreError};
+use crate::{Fingerprint, FingerprintMap, Result, StoreError};
 
 impl Store {
     pub(super) fn target_for<'a>(&self, bytes: Cow<'a, [u8]>) -> Target<'a> {
@@ -73,6 +74,10 @@ impl Store {
         if first_plan.is_empty() {
             return Ok(vec![true; updates.len()]);
         }
+        if self.refs.len() >= FOLD_HARD_CAP {
+            // The fold thread is behind: fold here rather than let the overlay grow.
+            self.fold_refs()?;
+        }
 
         let mut fp_stripes: Vec<usize> = first_plan.keys().map(|fp| self.fingerprint_stripe(fp)).collect();
         fp_stripes.sort_unstable();
@@ -80,10 +85,10 @@ impl Store {
         let _fp_guards: Vec<_> = fp_stripes.iter().map(|&i| self.fingerprint_stripes[i].lock()).collect();
 
         let fps: Vec<Fingerprint> = first_plan.keys().copied().collect();
-        let entries: HashMap<Fingerprint, Option<RefEntry>> = fps.iter().copied().zip(self.ref_entries(&fps)?).collect();
+        let entries: FingerprintMap<Option<RefEntry>> = fps.iter().copied().zip(self.ref_entries(&fps)?).collect();
         let count = |fp: &Fingerprint| entries[fp].map_or(0, |e| e.count);
         // Where each block is (local blocks): stored ones from their entries, new ones below.
-        let mut locations: HashMap<Fingerprint, Location> = entries.iter().filter_map(|(fp, e)| Some((*fp, e.as_ref()?.location?))).collect();
+        let mut locations: FingerprintMap<Location> = entries.iter().filter_map(|(fp, e)| Some((*fp, e.as_ref()?.location?))).collect();
 
         // A fingerprint this store holds already: compare bytes before sharing the block.
         let to_verify: Vec<(Fingerprint, &[u8])> = first_plan
@@ -127,7 +132,7 @@ impl Store {
                     // plan's order): a sequential read of what one write stored then finds
                     // it in consecutive slots and reads each run with one `pread`.
                     if new.len() > 1 {
-                        let first_use: HashMap<Fingerprint, usize> = updates
+                        let first_use: FingerprintMap<usize> = updates
                             .iter()
                             .enumerate()
                             .rev()
@@ -181,6 +186,7 @@ impl Store {
 
         let external = self.external_pool().is_some();
         let mut releases: Vec<Fingerprint> = Vec::new();
+        let mut ref_changes: Vec<RefChange> = Vec::new();
         for (fp, (delta, _)) in &deltas {
             let before = count(fp);
             let new = i128::from(before) + i128::from(*delta);
@@ -193,12 +199,12 @@ impl Store {
                 continue;
             }
             if new == 0 {
-                batch.delete(Cf::Refs, fp.0);
+                ref_changes.push((*fp, None));
                 releases.push(*fp);
             } else {
                 let location =
                     if external { None } else { Some(*locations.get(fp).ok_or_else(|| StoreError::Corrupt(format!("block {fp} has no location")))?) };
-                batch.put(Cf::Refs, fp.0, encode_ref(RefEntry { count: new, location }));
+                ref_changes.push((*fp, Some(RefEntry { count: new, location })));
             }
         }
         if external {
@@ -226,12 +232,18 @@ impl Store {
             }
             changed.push(*block);
         }
-        if batch.is_empty() {
+        if batch.is_empty() && ref_changes.is_empty() {
             return Ok(applied);
         }
+        // The counts go to the journal in this batch, and to the overlay once it is written
+        // (still under the fingerprint stripes); a fold moves them into `refs` later.
+        let staged = (!ref_changes.is_empty()).then(|| self.refs.stage(&mut batch, ref_changes));
         if let Err(e) = self.engine.write(batch) {
             self.give_back(&taken, &claim_fps);
             return Err(e);
+        }
+        if let Some(staged) = staged {
+            self.refs.applied(staged);
         }
         if let Some(pool) = self.external_pool() {
             // New blocks are likely read soon (a guest reads what it wrote); fetching them back
@@ -266,7 +278,7 @@ impl Store {
     }
 
     /// Refuses a write whose blocks share a fingerprint with stored blocks of other bytes.
-    fn verify_same_bytes(&self, blocks: &[(Fingerprint, &[u8])], locations: &HashMap<Fingerprint, Location>) -> Result<()> {
+    fn verify_same_bytes(&self, blocks: &[(Fingerprint, &[u8])], locations: &FingerprintMap<Location>) -> Result<()> {
         match self.containers() {
             Some(containers) => {
                 let mut stored = vec![0u8; self.block_size as usize];
@@ -408,6 +420,7 @@ impl Store {
                     candidates.push(block.fingerprint);
                 }
             }
+            self.fold_refs()?;
             for kv in self.engine.scan(Cf::Refs, b"", None)? {
                 candidates.push(parse_fingerprint(&kv?.0)?);
             }

@@ -73,6 +73,8 @@ impl Store {
             listed.iter().filter(|(id, _, _)| Some(*id) != active).map(|&(id, slots, bytes)| (id, (slots, bytes))).collect();
         report.containers_checked = candidates.len() as u64;
         let mut live: HashMap<u32, u64> = HashMap::new();
+        // Counts still only journalled would be missed by the scan.
+        self.fold_refs()?;
         for kv in self.engine.scan(Cf::Refs, b"", None)? {
             let (_, v) = kv?;
             if let Some(loc) = parse_ref(&v)?.location {
@@ -126,6 +128,7 @@ impl Store {
     /// None: stopped early at `stop`.
     fn move_live_blocks(&self, containers: &Containers, group: &[u32], stop: Option<CompactionStop>) -> Result<Option<u64>> {
         let mut live: Vec<(Fingerprint, Location)> = Vec::new();
+        self.fold_refs()?;
         for kv in self.engine.scan(Cf::Refs, b"", None)? {
             let (k, v) = kv?;
             if let Some(loc) = parse_ref(&v)?.location {
@@ -156,15 +159,18 @@ impl Store {
             stripes.dedup();
             let _guards: Vec<_> = stripes.iter().map(|&i| self.fingerprint_stripes[i].lock()).collect();
             let fps: Vec<Fingerprint> = chunk.iter().map(|(fp, _)| *fp).collect();
-            let mut batch = WriteBatch::new();
+            let mut changes = Vec::new();
             for (((fp, old), copy), entry) in chunk.iter().zip(&copies).zip(self.ref_entries(&fps)?) {
                 if let Some(entry) = entry.filter(|e| e.location == Some(*old)) {
-                    batch.put(Cf::Refs, fp.0, encode_ref(RefEntry { count: entry.count, location: Some(*copy) }));
+                    changes.push((*fp, Some(RefEntry { count: entry.count, location: Some(*copy) })));
                     moved += 1;
                 }
             }
-            if !batch.is_empty() {
+            if !changes.is_empty() {
+                let mut batch = WriteBatch::new();
+                let staged = self.refs.stage(&mut batch, changes);
                 self.engine.write(batch)?;
+                self.refs.applied(staged);
             }
             if stop == Some(CompactionStop::AfterFirstBatch) {
                 return Ok(None);

@@ -15,10 +15,23 @@ impl Store {
         let bs = u64::from(self.block_size);
         let mut stored_blocks = 0u64;
         let mut references = 0u64;
+        // `refs` with the journal's overlay over it (not folded: metrics ask every few
+        // seconds, and each fold adds a table file).
+        let mut overlay = self.refs.snapshot();
         for kv in self.engine.scan(Cf::Refs, b"", None)? {
-            let (_, v) = kv?;
+            let (k, v) = kv?;
+            let entry = match overlay.remove(&parse_fingerprint(&k)?) {
+                Some(newer) => newer,
+                None => Some(parse_ref(&v)?),
+            };
+            if let Some(entry) = entry {
+                stored_blocks += 1;
+                references += entry.count;
+            }
+        }
+        for entry in overlay.into_values().flatten() {
             stored_blocks += 1;
-            references += parse_ref(&v)?.count;
+            references += entry.count;
         }
         let allocated_bytes = references * bs;
         let stored_bytes = stored_blocks * bs;
@@ -93,6 +106,8 @@ impl Store {
         // reports may be a write in flight; check it again.
         let _catalog = self.catalog.lock();
         let _compaction = self.compaction.lock();
+        // The scans of `refs` below see only what is folded into it.
+        self.fold_refs()?;
         let mut report = FsckReport::default();
         let disks: HashMap<DiskId, (String, u64)> = {
             let table = self.disks.read();

@@ -20,8 +20,10 @@ impl Store {
             Some(pool) => pool.has_many(fps),
             None => {
                 // The small `refs` entries answer; no block bytes are touched.
-                let keys: Vec<&[u8]> = fps.iter().map(|fp| &fp.0[..]).collect();
-                self.engine.contains_many(Cf::Refs, &keys)
+                let overlay: Vec<Option<bool>> = fps.iter().map(|fp| self.refs.lookup(fp).map(|e| e.is_some())).collect();
+                let keys: Vec<&[u8]> = fps.iter().zip(&overlay).filter(|(_, o)| o.is_none()).map(|(fp, _)| &fp.0[..]).collect();
+                let mut stored = self.engine.contains_many(Cf::Refs, &keys)?.into_iter();
+                Ok(overlay.into_iter().map(|o| o.unwrap_or_else(|| stored.next().expect("one answer per key"))).collect())
             }
         }
     }
@@ -33,8 +35,7 @@ impl Store {
         if self.external_pool().is_some() {
             return Ok(vec![None; fps.len()]);
         }
-        let keys: Vec<&[u8]> = fps.iter().map(|fp| &fp.0[..]).collect();
-        self.engine.multi_get(Cf::Refs, &keys)?.into_iter().map(|v| v.map(|v| parse_ref(&v).map(|e| e.count)).transpose()).collect()
+        Ok(self.ref_entries(fps)?.into_iter().map(|e| e.map(|e| e.count)).collect())
     }
 
     /// A stored block's bytes.

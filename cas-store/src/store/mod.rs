@@ -1,7 +1,7 @@
 //! The store: disks made of block maps over content-addressed, reference-counted blocks.
 //!
 //! Split by concern: the catalogue of disks (`catalog`), disk I/O (`io`), the commit of map and
-//! reference changes (`commit`), block bytes and their locations (`blocks`), what migration
+//! reference changes (`commit`) and their journal (`refs_log`), block bytes and their locations (`blocks`), what migration
 //! needs (`migration`), accounting and checking (`fsck`), compaction of containers
 //! (`compaction`), and the conversion of stores of the previous format (`upgrade`).
 //!
@@ -32,6 +32,7 @@ mod compaction;
 mod fsck;
 mod io;
 mod migration;
+mod refs_log;
 mod sketches;
 mod snapshot;
 mod types;
@@ -280,6 +281,23 @@ pub struct Store {
     /// compaction takes it exclusively once, to wait for appends already under way.
     appends: RwLock<()>,
     disks: RwLock<DiskTable>,
+    /// Reference changes journalled but not yet in `refs` (see `refs_log`).
+    refs: Arc<refs_log::RefsLog>,
+    /// The thread folding them into `refs`.
+    refs_folder: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.refs.stop_folding();
+        if let Some(folder) = self.refs_folder.lock().take() {
+            let _ = folder.join();
+        }
+        // An orderly close leaves no journal behind (the next open would apply it anyway).
+        if let Err(e) = self.refs.fold(self.engine.as_ref()) {
+            tracing::warn!(error = %e, "folding reference changes at close failed; the next open applies them");
+        }
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -418,6 +436,8 @@ impl Store {
             }
         };
         let cache_bytes = if matches!(blocks, Blocks::External(_)) { opts.cache_bytes } else { 0 };
+        let refs = refs_log::RefsLog::open(engine.as_ref())?;
+        let refs_folder = Mutex::new(Some(refs.start_folding(Arc::clone(&engine))));
         let store = Store {
             cache: BlockCache::new(cache_bytes, config.block_size as usize),
             block_size: config.block_size,
@@ -433,6 +453,8 @@ impl Store {
             compaction: Mutex::new(()),
             appends: RwLock::new(()),
             disks: RwLock::new(DiskTable::default()),
+            refs,
+            refs_folder,
         };
         store.load_catalog()?;
         // Pool operations a crash interrupted first, so that the deletes below start from

@@ -118,12 +118,26 @@ impl Store {
         // blocks and cannot change while it is frozen, so each count is at least 1 and its
         // entry (with the block's location) stays. The stripes keep a read-modify-write of
         // the same count (another disk's write, compaction) from overwriting the raise.
+        // A count whose current value is still only journalled (see `refs_log`) is raised in
+        // the journal too, from that value: a merge operand would apply to `refs`' older
+        // one, and the overlay's value would hide it.
         let mut batch = WriteBatch::new();
+        let mut journalled = Vec::new();
         for run in fps.chunk_by(|a, b| a == b) {
-            batch.add_to_count(run[0].0, run.len() as u64);
+            let uses = run.len() as u64;
+            match self.refs.lookup(&run[0]) {
+                Some(Some(entry)) => journalled.push((run[0], Some(RefEntry { count: entry.count + uses, ..entry }))),
+                Some(None) => return Err(StoreError::Corrupt(format!("block {} is mapped but has no reference entry", run[0]))),
+                None => batch.add_to_count(run[0].0, uses),
+            }
         }
         batch.put(Cf::Meta, counted_key(copy.id, first), encode_count(end));
-        self.engine.write(batch)
+        let staged = (!journalled.is_empty()).then(|| self.refs.stage(&mut batch, journalled));
+        self.engine.write(batch)?;
+        if let Some(staged) = staged {
+            self.refs.applied(staged);
+        }
+        Ok(())
     }
 }
 
