@@ -198,6 +198,11 @@ impl RefsLog {
                     }
                     wake.due = false;
                 }
+                // Commits that crossed the mark during the last fold asked for another; with
+                // most of the overlay folded by then, it would only add a small table file.
+                if log.len() < FOLD_AT {
+                    continue;
+                }
                 if let Err(e) = log.fold(engine.as_ref()) {
                     tracing::warn!(error = %e, "folding reference changes into refs failed; they stay journalled and are retried");
                     std::thread::sleep(std::time::Duration::from_secs(1));
