@@ -65,7 +65,7 @@ impl Store {
     /// Writes every reference change still only journalled into `refs`: before a scan of
     /// `refs` (fsck, compaction, repair), which would not see them.
     pub(super) fn fold_refs(&self) -> Result<()> {
-        self.refs.fold(self.engine.as_ref()).map(drop)
+        self.refs.fold(self.engine.as_ref(), self.containers()).map(drop)
     }
 
     pub(super) fn ref_counts(&self, fps: &[Fingerprint]) -> Result<Vec<u64>> {

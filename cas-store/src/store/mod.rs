@@ -221,8 +221,9 @@ struct DiskTable {
 /// Where a store's blocks are.
 #[derive(Debug)]
 enum Blocks {
-    /// In append-only containers of this store; `refs` entries hold their locations.
-    Local(Containers),
+    /// In append-only containers of this store; `refs` entries hold their locations. Shared
+    /// with the reference journal's fold thread, which syncs them before the engine's log.
+    Local(Arc<Containers>),
     /// In a pool many stores share; `refs` entries are this store's counts only.
     External(Arc<dyn BlockPool>),
 }
@@ -294,7 +295,7 @@ impl Drop for Store {
             let _ = folder.join();
         }
         // An orderly close leaves no journal behind (the next open would apply it anyway).
-        if let Err(e) = self.refs.fold(self.engine.as_ref()) {
+        if let Err(e) = self.fold_refs() {
             tracing::warn!(error = %e, "folding reference changes at close failed; the next open applies them");
         }
     }
@@ -432,12 +433,16 @@ impl Store {
                     Some(v) => u32::from_le_bytes(v.as_slice().try_into().map_err(|_| StoreError::Corrupt("next container id".into()))?),
                     None => 0,
                 };
-                Blocks::Local(Containers::open(containers, config.block_size, opts.container_bytes, recorded)?)
+                Blocks::Local(Arc::new(Containers::open(containers, config.block_size, opts.container_bytes, recorded)?))
             }
         };
         let cache_bytes = if matches!(blocks, Blocks::External(_)) { opts.cache_bytes } else { 0 };
         let refs = refs_log::RefsLog::open(engine.as_ref())?;
-        let refs_folder = Mutex::new(Some(refs.start_folding(Arc::clone(&engine))));
+        let data = match &blocks {
+            Blocks::Local(c) => Some(Arc::clone(c)),
+            Blocks::External(_) => None,
+        };
+        let refs_folder = Mutex::new(Some(refs.start_folding(Arc::clone(&engine), data)));
         let store = Store {
             cache: BlockCache::new(cache_bytes, config.block_size as usize),
             block_size: config.block_size,
@@ -482,7 +487,7 @@ impl Store {
 
     fn containers(&self) -> Option<&Containers> {
         match &self.blocks {
-            Blocks::Local(c) => Some(c),
+            Blocks::Local(c) => Some(c.as_ref()),
             Blocks::External(_) => None,
         }
     }

@@ -19,12 +19,17 @@
 //!
 //! Crash safety:
 //! - a record is in the batch of the map changes it accounts for: both or neither survive;
-//! - a fold syncs the engine's log before it links its file, so no count reaches `refs` ahead
-//!   of the map changes that made it (a lost tail of the log loses both, or neither);
+//! - a fold syncs the containers, then the engine's log, before it links its file, so no count
+//!   reaches `refs` ahead of the map changes that made it (a lost tail of the log loses both,
+//!   or neither), nor a map change ahead of the bytes it names;
 //! - it deletes only the records below the *watermark*: the lowest sequence number whose
 //!   changes may not be in the overlay yet (a commit between its write and its overlay update),
 //!   taken before the overlay is read, so every change those records hold is in the file or
 //!   in an earlier one, or a newer value is;
+//! - it drops from the overlay only the entries whose records it deleted: an entry whose
+//!   record stays keeps every later change of its count in the journal (a disk copy raises a
+//!   count with a merge operand when the overlay does not hold it; an open replaying the
+//!   record over that would lose the raise);
 //! - at open, the records left are applied in sequence order and folded, and the deletions are
 //!   synced before new records are written, so an old record never comes back after new ones.
 //!
@@ -39,6 +44,7 @@ use std::thread::JoinHandle;
 
 use parking_lot::{Condvar, Mutex};
 
+use crate::container::Containers;
 use crate::engine::{prefix_end, Cf, KvEngine, WriteBatch};
 use crate::keys::{encode_ref, parse_ref, RefEntry};
 use crate::{Fingerprint, FingerprintMap, Result, StoreError};
@@ -183,7 +189,7 @@ impl RefsLog {
     }
 
     /// Starts the thread that folds the overlay once it holds [`FOLD_AT`] fingerprints.
-    pub(super) fn start_folding(self: &Arc<Self>, engine: Arc<dyn KvEngine>) -> JoinHandle<()> {
+    pub(super) fn start_folding(self: &Arc<Self>, engine: Arc<dyn KvEngine>, data: Option<Arc<Containers>>) -> JoinHandle<()> {
         let log = Arc::clone(self);
         std::thread::Builder::new()
             .name("refs-fold".into())
@@ -203,7 +209,7 @@ impl RefsLog {
                 if log.len() < FOLD_AT {
                     continue;
                 }
-                if let Err(e) = log.fold(engine.as_ref()) {
+                if let Err(e) = log.fold(engine.as_ref(), data.as_deref()) {
                     tracing::warn!(error = %e, "folding reference changes into refs failed; they stay journalled and are retried");
                     std::thread::sleep(std::time::Duration::from_secs(1));
                     log.wake.lock().due = true;
@@ -261,13 +267,13 @@ impl RefsLog {
 
     /// The batch holding `staged`'s record is written: its changes go to the overlay.
     pub(super) fn applied(&self, staged: Staged<'_>) {
-        let mut added = 0usize;
         for (fp, entry) in &staged.changes {
-            if self.shard(fp).lock().insert(*fp, Pending { entry: *entry, seq: staged.seq }).is_none() {
-                added += 1;
+            let mut shard = self.shard(fp).lock();
+            if shard.insert(*fp, Pending { entry: *entry, seq: staged.seq }).is_none() {
+                self.len.fetch_add(1, Ordering::Relaxed);
             }
         }
-        let len = self.len.fetch_add(added, Ordering::Relaxed) + added;
+        let len = self.len();
         drop(staged);
         if len >= FOLD_AT {
             let mut wake = self.wake.lock();
@@ -279,8 +285,9 @@ impl RefsLog {
     }
 
     /// Writes the overlay's entries into `refs` and deletes the journal records they cover.
-    /// Returns how many entries were written.
-    pub(super) fn fold(&self, engine: &dyn KvEngine) -> Result<usize> {
+    /// Returns how many entries were written. `data`: the containers the entries name, synced
+    /// before the engine's log, as a FLUSH does (the log names their new slots).
+    pub(super) fn fold(&self, engine: &dyn KvEngine, data: Option<&Containers>) -> Result<usize> {
         let _one = self.folding.lock();
         let (watermark, deleted_below) = {
             let seqs = self.seqs.lock();
@@ -295,7 +302,11 @@ impl RefsLog {
         }
         entries.sort_unstable_by_key(|(fp, _)| *fp);
         // Every change collected is in the engine's log (a commit writes its batch before the
-        // overlay sees it); make the log durable before `refs` gets ahead of it.
+        // overlay sees it); make the log durable before `refs` gets ahead of it, and the
+        // blocks it names before the log.
+        if let Some(containers) = data {
+            containers.sync()?;
+        }
         engine.sync()?;
         let mut values = entries.iter().map(|(fp, p)| Ok((fp.0.to_vec(), p.entry.map(encode_ref))));
         engine.ingest_sorted_changes(Cf::Refs, &mut values)?;
@@ -307,14 +318,22 @@ impl RefsLog {
         }
         let mut removed = 0usize;
         for (fp, p) in &entries {
+            // Changed since it was collected: the newer value waits for the next fold. Written
+            // at or past the watermark: its record stays, and an open would apply it over
+            // `refs` again, so the entry stays too, to keep every later change of this
+            // count in the journal (a disk copy's merge operand would be overwritten).
+            if p.seq >= watermark {
+                continue;
+            }
             let mut shard = self.shard(fp).lock();
-            // Changed since it was collected: the newer value waits for the next fold.
             if shard.get(fp).is_some_and(|now| now.seq == p.seq) {
                 shard.remove(fp);
+                // Under the shard's lock, as the increment is: `len` never counts an entry
+                // that is not there, nor misses one another thread has seen.
+                self.len.fetch_sub(1, Ordering::Relaxed);
                 removed += 1;
             }
         }
-        self.len.fetch_sub(removed, Ordering::Relaxed);
         tracing::debug!(entries = entries.len(), removed, "reference changes folded into refs");
         Ok(entries.len())
     }
@@ -350,24 +369,36 @@ mod tests {
         let mut batch = WriteBatch::new();
         let staged_b = log.stage(&mut batch, vec![(b, entry(2, 1)), (a, entry(3, 0))]);
         engine.write(batch).unwrap();
+        // c: written and applied after b.
+        let c = Fingerprint([3; 16]);
+        let mut batch = WriteBatch::new();
+        let staged_c = log.stage(&mut batch, vec![(c, entry(1, 2))]);
+        engine.write(batch).unwrap();
+        log.applied(staged_c);
         assert_eq!(log.lookup(&a), Some(entry(1, 0)));
-        assert_eq!(log.fold(&engine).unwrap(), 1);
+        assert_eq!(log.fold(&engine, None).unwrap(), 2);
         assert_eq!(refs_value(&engine, a), entry(1, 0));
-        assert_eq!(journal_records(&engine), 1, "b's record stays: its changes are not folded");
+        assert_eq!(refs_value(&engine, c), entry(1, 2));
+        assert_eq!(journal_records(&engine), 2, "b's and c's records stay: b's changes are not folded");
+        // a's record is gone, so a leaves the overlay; c's stays, so c stays in it too (a
+        // change made outside the journal would be undone by a replay of c's record).
+        assert_eq!((log.lookup(&a), log.lookup(&c)), (None, Some(entry(1, 2))));
+        assert_eq!(log.len(), 1);
         // "Crash" before b's overlay update: a reopen replays b's record.
         std::mem::forget(staged_b);
         let reopened = RefsLog::open(&engine).unwrap();
         assert_eq!(refs_value(&engine, a), entry(3, 0));
         assert_eq!(refs_value(&engine, b), entry(2, 1));
+        assert_eq!(refs_value(&engine, c), entry(1, 2));
         assert_eq!(journal_records(&engine), 0);
         // New records number after the replayed ones.
         let mut batch = WriteBatch::new();
         let staged = reopened.stage(&mut batch, vec![(b, None)]);
-        assert_eq!(staged.seq, 2);
+        assert_eq!(staged.seq, 3);
         engine.write(batch).unwrap();
         reopened.applied(staged);
         assert_eq!(reopened.lookup(&b), Some(None));
-        reopened.fold(&engine).unwrap();
+        reopened.fold(&engine, None).unwrap();
         assert_eq!(refs_value(&engine, b), None);
         assert_eq!((reopened.len(), journal_records(&engine)), (0, 0));
     }
