@@ -30,7 +30,7 @@
 //!
 //! A commit's reference changes go to a journal record in the same batch as its map changes
 //! and to an overlay in memory; a fold writes them into `refs` as one sorted table file once
-//! the overlay holds 256 Ki fingerprints (see `store::refs_log`): no random-key memtable
+//! the overlay holds 128 Ki fingerprints (see `store::refs_log`): no random-key memtable
 //! insert per new block on the write path.
 //!
 //! A range read seeks the map once and reads each block where its map entry's hint says (the
