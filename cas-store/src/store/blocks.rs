@@ -48,18 +48,26 @@ impl Store {
     }
 
     /// The `refs` entries of `fps` (None: not stored by this store).
-    /// The journal's overlay answers first (see `refs_log`); `refs` the rest, in one batch.
     pub(super) fn ref_entries(&self, fps: &[Fingerprint]) -> Result<Vec<Option<RefEntry>>> {
+        self.overlay_then_refs(fps, |e| e, |keys| self.engine.multi_get(Cf::Refs, keys)?.into_iter().map(|v| v.map(|v| parse_ref(&v)).transpose()).collect())
+    }
+
+    /// Per fingerprint, what the journal's overlay says (see `refs_log`), or else what
+    /// `stored` says of `refs` for the rest, asked in one batch (all of them when the overlay
+    /// is empty, as it is on a store nothing writes to).
+    pub(super) fn overlay_then_refs<T>(
+        &self,
+        fps: &[Fingerprint],
+        from_overlay: impl Fn(Option<RefEntry>) -> T,
+        stored: impl FnOnce(&[&[u8]]) -> Result<Vec<T>>,
+    ) -> Result<Vec<T>> {
+        if self.refs.len() == 0 {
+            return stored(&fps.iter().map(|fp| &fp.0[..]).collect::<Vec<_>>());
+        }
         let overlay: Vec<Option<Option<RefEntry>>> = fps.iter().map(|fp| self.refs.lookup(fp)).collect();
         let keys: Vec<&[u8]> = fps.iter().zip(&overlay).filter(|(_, o)| o.is_none()).map(|(fp, _)| &fp.0[..]).collect();
-        let mut stored = self.engine.multi_get(Cf::Refs, &keys)?.into_iter();
-        overlay
-            .into_iter()
-            .map(|o| match o {
-                Some(entry) => Ok(entry),
-                None => stored.next().expect("one value per key").map(|v| parse_ref(&v)).transpose(),
-            })
-            .collect()
+        let mut stored = stored(&keys)?.into_iter();
+        Ok(overlay.into_iter().map(|o| o.map_or_else(|| stored.next().expect("one answer per key"), &from_overlay)).collect())
     }
 
     /// Writes every reference change still only journalled into `refs`: before a scan of

@@ -20,10 +20,7 @@ impl Store {
             Some(pool) => pool.has_many(fps),
             None => {
                 // The small `refs` entries answer; no block bytes are touched.
-                let overlay: Vec<Option<bool>> = fps.iter().map(|fp| self.refs.lookup(fp).map(|e| e.is_some())).collect();
-                let keys: Vec<&[u8]> = fps.iter().zip(&overlay).filter(|(_, o)| o.is_none()).map(|(fp, _)| &fp.0[..]).collect();
-                let mut stored = self.engine.contains_many(Cf::Refs, &keys)?.into_iter();
-                Ok(overlay.into_iter().map(|o| o.unwrap_or_else(|| stored.next().expect("one answer per key"))).collect())
+                self.overlay_then_refs(fps, |e| e.is_some(), |keys| self.engine.contains_many(Cf::Refs, keys))
             }
         }
     }
