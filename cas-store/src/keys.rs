@@ -87,7 +87,9 @@ pub(crate) struct RefEntry {
 }
 
 pub(crate) fn encode_ref(entry: RefEntry) -> Vec<u8> {
-    let mut v = entry.count.to_le_bytes().to_vec();
+    // Sized once: a commit encodes one per new block.
+    let mut v = Vec::with_capacity(16);
+    v.extend_from_slice(&entry.count.to_le_bytes());
     if let Some(loc) = entry.location {
         v.extend_from_slice(&loc.encode());
     }
@@ -113,7 +115,9 @@ pub(crate) struct MapEntry {
 }
 
 pub(crate) fn encode_map_entry(entry: MapEntry) -> Vec<u8> {
-    let mut v = entry.fp.0.to_vec();
+    // Sized once: a commit encodes one per block it maps.
+    let mut v = Vec::with_capacity(24);
+    v.extend_from_slice(&entry.fp.0);
     if let Some(loc) = entry.hint {
         v.extend_from_slice(&loc.encode());
     }

@@ -89,6 +89,10 @@ impl WriteBatch {
     pub fn new() -> WriteBatch {
         WriteBatch::default()
     }
+    /// A batch with room for `ops` operations (a commit knows how many it will add).
+    pub fn with_capacity(ops: usize) -> WriteBatch {
+        WriteBatch { ops: Vec::with_capacity(ops) }
+    }
     pub fn put(&mut self, cf: Cf, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
         self.ops.push(BatchOp::Put(cf, key.into(), value.into()));
     }

@@ -111,7 +111,8 @@ impl Store {
         let claim_fps: Vec<Fingerprint> = claims.iter().map(|(fp, _)| *fp).collect();
         let mut taken: Vec<Fingerprint> = Vec::new();
         let mut missing: HashSet<Fingerprint> = HashSet::new();
-        let mut batch = WriteBatch::new();
+        // A map change per update, a journal record, and intents on an external pool.
+        let mut batch = WriteBatch::with_capacity(updates.len() + 1);
         // Held from the append to the batch that names the new slots: compaction waits for
         // these before it counts a container's live blocks.
         let _appending = matches!(self.blocks, Blocks::Local(_)).then(|| self.appends.read());

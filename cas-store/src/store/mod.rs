@@ -67,9 +67,12 @@ const BLOCK_STRIPES: usize = 1024;
 /// Reads of more blocks than this at once bypass filling the hot-block cache (external pool).
 const SCAN_BLOCKS: u64 = 32;
 /// Many, so that two concurrent commits of a few hundred random fingerprints each rarely share
-/// a stripe (with 256, chunks of one large write almost always did, and the second waited for
-/// the first's whole commit). A stripe is one byte (`parking_lot::Mutex<()>`): 64 KiB in all.
-const FINGERPRINT_STRIPES: usize = 1 << 16;
+/// a stripe: two chunks of 256 new blocks share about 256 * 256 / stripes of them, and when
+/// they share one the second waits for the first's whole commit. With 64 Ki stripes that was
+/// one on average (the two chunks of a 2 MiB write serialized nearly two times in three:
+/// 0.5 s of a 2 GiB write's 2.3 s of commits went to waiting for stripes); with 1 Mi, one
+/// pair in sixteen (0.12-0.18 s). A stripe is one byte (`parking_lot::Mutex<()>`): 1 MiB.
+const FINGERPRINT_STRIPES: usize = 1 << 20;
 /// Format of a store whose blocks were values in its own RocksDB (before containers). Opening
 /// one is refused with the command that converts it ([`Store::upgrade`]).
 const FORMAT_VERSION_ENGINE_BLOCKS: u32 = 1;

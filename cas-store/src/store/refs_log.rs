@@ -304,13 +304,16 @@ impl RefsLog {
             return Ok(0);
         }
         entries.sort_unstable_by_key(|(fp, _)| *fp);
+        let started = std::time::Instant::now();
         // Every change collected is in the engine's log (a commit writes its batch before the
         // overlay sees it); make the log durable before `refs` gets ahead of it, and the
         // blocks it names before the log.
         if let Some(containers) = data {
             containers.sync()?;
         }
+        let containers_synced = started.elapsed();
         engine.sync()?;
+        let log_synced = started.elapsed();
         let mut values = entries.iter().map(|(fp, p)| Ok((fp.0.to_vec(), p.entry.map(encode_ref))));
         engine.ingest_sorted_changes(Cf::Refs, &mut values)?;
         if watermark > deleted_below {
@@ -337,7 +340,14 @@ impl RefsLog {
                 removed += 1;
             }
         }
-        tracing::debug!(entries = entries.len(), removed, "reference changes folded into refs");
+        tracing::debug!(
+            entries = entries.len(),
+            removed,
+            containers_synced_ms = containers_synced.as_millis() as u64,
+            log_synced_ms = log_synced.as_millis() as u64,
+            total_ms = started.elapsed().as_millis() as u64,
+            "reference changes folded into refs"
+        );
         Ok(entries.len())
     }
 }
