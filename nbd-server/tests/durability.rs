@@ -210,7 +210,7 @@ fn acknowledged_writes_survive_sigkill() {
     let l = ledger.lock().unwrap();
     verify(&server, &l);
     // Killed once more, with reference changes still only in the journal (a fold needs
-    // 256 Ki of them): reopened, every count and location agrees with the maps.
+    // 128 Ki of them): reopened, every count and location agrees with the maps.
     server.kill9();
     let reopened = cas_store::Store::open(&store, cas_store::StoreOptions::default()).expect("reopening the store");
     let report = reopened.fsck(true).expect("fsck");
