@@ -98,6 +98,12 @@ pub struct Args {
     #[argh(switch)]
     pub verify_reads: bool,
 
+    /// answer a WRITE without FUA only once the store committed it (by default it is
+    /// answered once admitted, before the commit; later requests touching its range and every
+    /// FLUSH wait for it, so clients see no difference but speed)
+    #[argh(switch)]
+    pub no_write_behind: bool,
+
     /// requests one connection serves at once, each on a thread of its own (default 16)
     #[argh(option)]
     pub max_in_flight: Option<usize>,
@@ -300,6 +306,7 @@ impl Args {
             container_size,
             compact_below,
             verify_reads,
+            no_write_behind,
             max_in_flight,
             max_connections,
             max_negotiating,
@@ -338,6 +345,7 @@ impl Args {
         self.container_size.overlay(container_size);
         self.compact_below.overlay(compact_below);
         self.verify_reads.overlay(verify_reads);
+        self.no_write_behind.overlay(no_write_behind);
         self.max_in_flight.overlay(max_in_flight);
         self.max_connections.overlay(max_connections);
         self.max_negotiating.overlay(max_negotiating);

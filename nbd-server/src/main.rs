@@ -171,6 +171,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     if let Some(n) = args.max_in_flight {
         config.max_in_flight_per_connection = n;
     }
+    config.write_behind = !args.no_write_behind;
     if let Some(n) = args.max_connections {
         config.max_connections = n;
     }

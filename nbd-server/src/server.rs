@@ -65,6 +65,10 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// On shutdown, the longest wait for in-flight requests before connections are cut.
     pub drain_timeout: Duration,
+    /// Answer a WRITE without FUA once it is admitted, before the device call returns, on
+    /// devices that allow it (see [`crate::export::WritesBehind`]); FLUSH and FUA keep their
+    /// promises either way.
+    pub write_behind: bool,
 }
 
 impl Default for ServerConfig {
@@ -84,6 +88,7 @@ impl Default for ServerConfig {
             payload_stall_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_millis(500),
             drain_timeout: Duration::from_secs(30),
+            write_behind: true,
         }
     }
 }

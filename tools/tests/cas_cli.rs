@@ -63,7 +63,9 @@ fn similarity_matches_an_independent_computation() {
     let mut args = vec!["similarity", "--json"];
     args.extend(&paths);
     let ours: serde_json::Value = serde_json::from_str(&ok(&cas(&args))).unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../test-images/similarity.py");
+    // The runner's package directory before the compiled-in one (see common::tools_dir).
+    let tools = std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    let script = tools.join("../test-images/similarity.py");
     let out = Command::new("python3").arg(&script).arg("--quiet").args(&paths).output().expect("python3");
     assert!(out.status.success(), "similarity.py: {}", String::from_utf8_lossy(&out.stderr));
     let theirs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

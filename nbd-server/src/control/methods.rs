@@ -10,6 +10,7 @@ use super::migrations::{cancel_migration, connect, refused, resume_migration, st
 use super::{on_store, params, ControlError, ControlResult};
 use crate::access::{AccessRules, Client};
 use crate::compaction::DEFAULT_COMPACT_BELOW;
+use crate::export::Reach;
 use crate::node::Node;
 
 /// Who calls, and the rules that say what they may do. Disks a caller may not use are
@@ -185,12 +186,19 @@ pub(super) async fn dispatch(node: &Arc<Node>, caller: &Caller, method: &str, p:
                 return Err(ControlError::invalid("names ending in .incoming are reserved for migrations"));
             }
             let read_only = method == "disk.snapshot";
-            let info =
-                on_store(
-                    node,
-                    move |s| if read_only { s.snapshot_disk(&source, &name) } else { s.clone_disk(&source, &name) },
-                )
-                .await?;
+            // Writes answered before they reached the store belong in the copy.
+            let exported = node.exports.get(&source);
+            let info = on_store(node, move |s| {
+                if let Some(export) = exported {
+                    export.writes_behind().settle(Reach::Everything);
+                }
+                if read_only {
+                    s.snapshot_disk(&source, &name)
+                } else {
+                    s.clone_disk(&source, &name)
+                }
+            })
+            .await?;
             node.export_disk(&info.name)?;
             Ok(json!(info))
         }
@@ -208,7 +216,15 @@ pub(super) async fn dispatch(node: &Arc<Node>, caller: &Caller, method: &str, p:
         "disk.resize" => {
             let NameSize { name, size } = params(p)?;
             caller.disk(&name)?;
-            let info = on_store(node, move |s| s.resize_disk(&name, size)).await?;
+            let exported = node.exports.get(&name);
+            let info = on_store(node, move |s| {
+                // A shrink must not cut off a write the client was told is done.
+                if let Some(export) = exported {
+                    export.writes_behind().settle(Reach::Everything);
+                }
+                s.resize_disk(&name, size)
+            })
+            .await?;
             Ok(json!(info))
         }
         "disk.stats" | "store.stats" => {

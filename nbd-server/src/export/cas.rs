@@ -120,6 +120,12 @@ impl BlockDevice for CasDevice {
         true
     }
 
+    /// A write hashes, looks up, appends and commits before it returns; answering once it is
+    /// admitted lets a client with one write in flight send the next meanwhile.
+    fn writes_behind(&self) -> bool {
+        true
+    }
+
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool, _no_hole: bool) -> DeviceResult<()> {
         // NO_HOLE asks for provisioned space; a deduplicating store never reserves space for a
         // block (an all-zero block is a hole by design), so there is nothing more to do.

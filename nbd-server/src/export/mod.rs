@@ -17,6 +17,7 @@ mod memory;
 mod migrating;
 mod registry;
 mod stats;
+mod write_behind;
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -32,6 +33,7 @@ pub use memory::MemDevice;
 pub use migrating::MigratingDevice;
 pub use registry::ExportRegistry;
 pub use stats::{ExportStats, Op, OpSnapshot, StatsSnapshot};
+pub use write_behind::{EarlyWrite, Reach, WritesBehind};
 
 use crate::proto::Errno;
 
@@ -171,6 +173,14 @@ pub trait BlockDevice: Send + Sync + fmt::Debug + 'static {
     fn may_wait(&self) -> bool {
         false
     }
+
+    /// Whether the server may answer a WRITE without FUA once it is admitted, before this
+    /// device's call returns (see [`WritesBehind`]): worth it for a device whose writes cost
+    /// more than a copy into a cache. The server keeps every later request, on any
+    /// connection, seeing the write, and FLUSH waits for it. The default answers after.
+    fn writes_behind(&self) -> bool {
+        false
+    }
 }
 
 /// In `Export::write_gate`: set while writes are frozen.
@@ -207,6 +217,8 @@ pub struct Export {
     moved: AtomicBool,
     /// Wakes writes held by a freeze (thaw, move or close).
     unfrozen: Notify,
+    /// Writes answered before their device call returned, shared by all connections.
+    writes_behind: WritesBehind,
     stats: ExportStats,
 }
 
@@ -250,6 +262,7 @@ impl Export {
             closed: AtomicBool::new(false),
             moved: AtomicBool::new(false),
             unfrozen: Notify::new(),
+            writes_behind: WritesBehind::default(),
             stats: ExportStats::default(),
         }
     }
@@ -355,6 +368,11 @@ impl Export {
 
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::SeqCst)
+    }
+
+    /// The writes answered early and still running on the device.
+    pub fn writes_behind(&self) -> &WritesBehind {
+        &self.writes_behind
     }
 
     /// Request and byte counters.

@@ -660,16 +660,30 @@ async fn big_payloads_and_limits() {
     assert_eq!(c.simple_reply().await, (0, 5));
 }
 
-/// A device whose writes wait until the test opens the gate.
+/// A device whose writes wait until the test opens the gate (and then fail, if told to).
 #[derive(Debug)]
 struct GatedDevice {
     inner: MemDevice,
     open: std::sync::Mutex<bool>,
     opened: std::sync::Condvar,
     writes_entered: std::sync::atomic::AtomicU64,
+    /// What `writes_behind` says.
+    behind: bool,
+    fail_writes: std::sync::atomic::AtomicBool,
 }
 
 impl GatedDevice {
+    fn new(behind: bool) -> GatedDevice {
+        GatedDevice {
+            inner: MemDevice::new(SIZE),
+            open: std::sync::Mutex::new(false),
+            opened: std::sync::Condvar::new(),
+            writes_entered: Default::default(),
+            behind,
+            fail_writes: Default::default(),
+        }
+    }
+
     fn release(&self) {
         *self.open.lock().unwrap() = true;
         self.opened.notify_all();
@@ -690,6 +704,9 @@ impl BlockDevice for GatedDevice {
             open = self.opened.wait(open).unwrap();
         }
         drop(open);
+        if self.fail_writes.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(crate::DeviceError::Io("the test's device failed the write".into()));
+        }
         self.inner.write(offset, data, fua)
     }
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool, no_hole: bool) -> crate::DeviceResult<()> {
@@ -704,6 +721,9 @@ impl BlockDevice for GatedDevice {
     fn block_status(&self, offset: u64, len: u64) -> crate::DeviceResult<Vec<crate::Extent>> {
         self.inner.block_status(offset, len)
     }
+    fn writes_behind(&self) -> bool {
+        self.behind
+    }
 }
 
 /// A client loses its connection while a write is stuck in the device, then reconnects:
@@ -712,12 +732,7 @@ impl BlockDevice for GatedDevice {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnect_waits_for_writes_of_a_lost_connection() {
     let f = fixture();
-    let device = Arc::new(GatedDevice {
-        inner: MemDevice::new(SIZE),
-        open: std::sync::Mutex::new(false),
-        opened: std::sync::Condvar::new(),
-        writes_entered: Default::default(),
-    });
+    let device = Arc::new(GatedDevice::new(false));
     let export = Arc::new(Export::new("gated", device.clone() as Arc<dyn BlockDevice>));
     f.server.registry().insert(export.clone());
 
@@ -754,3 +769,4 @@ async fn reconnect_waits_for_writes_of_a_lost_connection() {
 
 #[cfg(feature = "cas")]
 mod grouped_writes;
+mod write_behind;

@@ -23,7 +23,14 @@ pub fn nbd_server_bin() -> PathBuf {
 }
 
 pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tools/ is inside the workspace").to_path_buf()
+    tools_dir().parent().expect("tools/ is inside the workspace").to_path_buf()
+}
+
+/// This package's directory. The test runner's (cargo and nextest set it for every test
+/// process) before the one compiled in: a test binary built from a checkout elsewhere that
+/// cargo still finds fresh (same sources, shared target directory) names that checkout.
+pub fn tools_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
 }
 
 /// A running server; killed when dropped.

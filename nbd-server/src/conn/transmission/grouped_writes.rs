@@ -26,7 +26,7 @@ use std::panic::AssertUnwindSafe;
 
 use super::{Job, Prepaid, ReadSide, Session, Work};
 use crate::conn::reply::Frame;
-use crate::export::{DeviceError, Op};
+use crate::export::{DeviceError, Op, Reach};
 use crate::proto::consts::{CMD_WRITE, REQUEST_HEADER_LEN};
 use crate::proto::parse_request_header;
 
@@ -108,6 +108,10 @@ impl Session {
                 _ => unreachable!("partitioned above"),
             })
             .collect();
+        // Each waits for the early writes it must not overtake (see `execute`).
+        for (offset, data) in &requests {
+            self.export.writes_behind().settle(Reach::Range { offset: *offset, len: data.len() as u64 });
+        }
         let device = self.export.device();
         let results = std::panic::catch_unwind(AssertUnwindSafe(|| device.write_many(&requests, fua)))
             .unwrap_or_else(|_| requests.iter().map(|_| Err(DeviceError::Io("device panicked".into()))).collect());

@@ -31,6 +31,9 @@
 //! * Replies are written whole under the write lock, in completion order. A READ reply is
 //!   written only after all its data was read, so a simple-reply header is never followed by
 //!   an error.
+//! * A WRITE without FUA to a device that allows it is answered once admitted, before its
+//!   device call ([`WritesBehind`]); every later request touching its range waits for it, and
+//!   FLUSH for all of them. `ServerConfig::write_behind` turns it off.
 //! * DISC stops reading; the threads still running finish their replies, and the last thread
 //!   out closes the socket. If the connection ends any other way (EOF, error, server
 //!   shutdown), requests that have not started on the device are dropped, and its writes
@@ -43,15 +46,17 @@
 use std::io::{self, BufRead, BufReader, Read};
 use std::net::Shutdown;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tracing::{debug, trace, warn, Instrument};
+use tracing::{debug, error, trace, warn, Instrument};
 
+mod calls;
+mod early_writes;
 mod grouped_writes;
 
 use super::reply::{block_status_reply, error_frame, read_reply, Frame};
@@ -64,6 +69,8 @@ use crate::proto::consts::*;
 use crate::proto::{parse_request_header, validate_request, Errno, Rejection, Request, RequestHeader, RequestPolicy};
 use crate::server::Shared;
 use crate::transport::Transport;
+use calls::DeviceCalls;
+use early_writes::reach_of;
 
 /// Socket read buffer: many small requests per read system call.
 const READ_BUFFER: usize = 128 * 1024;
@@ -118,6 +125,7 @@ impl<S: IntoBlockingSocket> Transmission<S> {
             waiting_readers: AtomicUsize::new(0),
             in_flight: Arc::clone(in_flight),
             calls: DeviceCalls::default(),
+            behind_failures_seen: AtomicU64::new(export.writes_behind().failures()),
             failure: Mutex::new(None),
             done: Mutex::new(Some(done_tx)),
             span: tracing::Span::current(),
@@ -216,6 +224,8 @@ struct Session {
     /// Requests read whose reply is not written yet (the shutdown drain watches it).
     in_flight: Arc<AtomicUsize>,
     calls: DeviceCalls,
+    /// Failed early writes of the export already reported by a FLUSH of this connection.
+    behind_failures_seen: AtomicU64,
     /// The first error that ended the connection.
     failure: Mutex<Option<ConnError>>,
     done: Mutex<Option<oneshot::Sender<()>>>,
@@ -248,6 +258,11 @@ struct Work {
     header: RequestHeader,
     slot: Slot,
     job: Job,
+    /// Nothing followed this request in the read buffer or the socket when it was read: the
+    /// client may be waiting for its reply before it sends more, so a write is worth
+    /// answering early. A client that already pipelines gains nothing from it, and its
+    /// writes, left to queue, are committed in groups (see [`grouped_writes`]).
+    client_waits: bool,
 }
 
 enum Job {
@@ -271,7 +286,7 @@ impl Session {
                 return; // retired
             };
             loop {
-                let Some(work) = self.next(&mut side, None) else {
+                let Some(mut work) = self.next(&mut side, None) else {
                     break 'reading;
                 };
                 if self.nothing_else_to_read(&side, &work) {
@@ -281,6 +296,8 @@ impl Session {
                     self.execute(work);
                 } else {
                     let behind = self.buffered_writes(&work, &mut side);
+                    work.client_waits =
+                        behind.is_empty() && side.rd.buffer().is_empty() && !self.socket.has_pending_input();
                     drop(side);
                     self.more_threads_if_needed();
                     if behind.is_empty() {
@@ -412,7 +429,7 @@ impl Session {
         };
         let mut slot = Slot { _request: request, _bytes: None, in_flight: Arc::clone(&self.in_flight) };
         let job = self.admit(&h, side, &mut slot, bytes)?;
-        Ok(Some(Work { header: h, slot, job }))
+        Ok(Some(Work { header: h, slot, job, client_waits: false }))
     }
 
     /// Decides whether a request goes to the device, takes the buffer bytes of a READ or
@@ -514,7 +531,7 @@ impl Session {
 
     /// Runs a request on the device and writes its reply.
     fn execute(&self, work: Work) {
-        let Work { header: h, slot, job } = work;
+        let Work { header: h, slot, job, client_waits } = work;
         let handle = h.handle;
         let (op, bytes, write) = match &job {
             Job::Refuse(rejection) => {
@@ -551,15 +568,53 @@ impl Session {
             debug!(?op, "connection lost before the request started: dropped");
             return;
         }
+        let behind = self.export.writes_behind();
+        let early = match &job {
+            Job::Write { offset, payload, fua: false } if client_waits && self.answers_writes_early() => {
+                // Registered before the reply goes out: whatever the client sends after it
+                // finds this write and waits for it.
+                let early = behind.begin(*offset, payload.len() as u64);
+                if let Err(e) = Frame::ok(handle).write_to(&mut *self.writer.lock()) {
+                    self.fail(e.into());
+                }
+                early.wait_for_earlier();
+                Some(early)
+            }
+            job => {
+                if let Some(reach) = reach_of(job) {
+                    behind.settle(reach);
+                }
+                None
+            }
+        };
         // A panicking device must not leave the client waiting forever for this handle.
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| self.device_call(handle, job)))
             .unwrap_or_else(|_| Err(DeviceError::Io("device panicked".into())));
+        if let (Some(_), Err(e)) = (early.as_ref(), &result) {
+            error!(
+                export = self.export.name(),
+                offset = h.offset,
+                length = h.length,
+                "a write answered before it reached the device failed; the next FLUSH of each connection reports it: {e}"
+            );
+        }
+        let answered = early.is_some();
+        if let Some(mut early) = early {
+            if result.is_err() {
+                early.failed();
+            }
+        }
         drop(guard);
         if write {
             self.calls.finish_write(&self.export);
         }
         self.export.stats().record(op, bytes, result.is_ok());
         self.export.stats().record_latency(op, started.elapsed());
+        if answered {
+            // Budgets and the in-flight count were held until the device call returned.
+            drop(slot);
+            return;
+        }
         let frame = result.unwrap_or_else(|e| self.device_error_frame(handle, op, &e));
         self.send(frame, slot);
     }
@@ -590,7 +645,10 @@ impl Session {
                 device.write_zeroes(offset, length.into(), fua, no_hole).map(|()| ok)
             }
             Job::Other(Request::Trim { offset, length, fua }) => device.trim(offset, length.into(), fua).map(|()| ok),
-            Job::Other(Request::Flush) => device.flush().map(|()| ok),
+            Job::Other(Request::Flush) => {
+                device.flush()?;
+                self.report_early_write_failures().map(|()| ok)
+            }
             Job::Other(Request::Cache { offset, length }) => device.cache(offset, length.into()).map(|()| ok),
             Job::Other(Request::BlockStatus { offset, length, req_one }) => {
                 block_status_reply(device.as_ref(), handle, offset, length, req_one)
@@ -651,49 +709,4 @@ fn drain<R: BufRead>(reader: &mut R, len: u32) -> io::Result<()> {
         return Err(io::ErrorKind::UnexpectedEof.into());
     }
     Ok(())
-}
-
-/// The device calls of one connection. When the connection ends without DISC (client
-/// vanished, protocol error, server cut it) it is *abandoned*: requests not yet started are
-/// dropped (nobody can receive their replies), and its writes still running are counted as
-/// the export's orphaned writes, which new connections wait for (see
-/// [`Export::wait_for_orphaned_writes`]).
-#[derive(Debug, Default)]
-struct DeviceCalls {
-    state: Mutex<CallsState>,
-}
-
-#[derive(Debug, Default)]
-struct CallsState {
-    running_writes: u64,
-    abandoned: bool,
-}
-
-impl DeviceCalls {
-    /// Before a device call: false if the connection is abandoned (skip the call).
-    fn start(&self, write: bool) -> bool {
-        let mut state = self.state.lock();
-        if state.abandoned {
-            return false;
-        }
-        state.running_writes += u64::from(write);
-        true
-    }
-
-    /// After a write's device call.
-    fn finish_write(&self, export: &Export) {
-        let mut state = self.state.lock();
-        state.running_writes -= 1;
-        if state.abandoned {
-            export.orphaned_write_done();
-        }
-    }
-
-    fn abandon(&self, export: &Export) {
-        let mut state = self.state.lock();
-        if !state.abandoned {
-            state.abandoned = true;
-            export.add_orphaned_writes(state.running_writes);
-        }
-    }
 }
