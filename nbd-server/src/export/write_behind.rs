@@ -182,13 +182,13 @@ mod tests {
         assert_eq!(behind.running(), 1);
         // Other ranges go ahead; the written one and a full settle wait.
         let range = |offset, len| Reach::Range { offset, len };
-        assert!(settles_within(&behind, range(0, 4096), 1000));
-        assert!(settles_within(&behind, range(8192, 100), 1000));
+        assert!(settles_within(&behind, range(0, 4096), 5000));
+        assert!(settles_within(&behind, range(8192, 100), 5000));
         assert!(!settles_within(&behind, range(8191, 2), 100));
         assert!(!settles_within(&behind, Reach::Everything, 100));
         drop(write);
-        assert!(settles_within(&behind, range(8191, 2), 1000));
-        assert!(settles_within(&behind, Reach::Everything, 1000));
+        assert!(settles_within(&behind, range(8191, 2), 5000));
+        assert!(settles_within(&behind, Reach::Everything, 5000));
         assert_eq!(behind.running(), 0);
         assert_eq!(behind.failures(), 0);
     }

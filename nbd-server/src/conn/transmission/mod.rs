@@ -313,14 +313,17 @@ impl Session {
     }
 
     /// No request follows in the read buffer or the socket, and this one is a read that
-    /// cannot wait on anything slow (a post-copy fetch). Writes always let another thread
-    /// read: if the client vanishes while a write runs, the connection must be seen gone at
-    /// once, so that the write counts as orphaned and a reconnecting client waits for it
-    /// (see [`DeviceCalls`]).
+    /// cannot wait on anything slow (a post-copy fetch, or a write answered early that it
+    /// must not overtake: the next request would sit unread behind it). Writes always let
+    /// another thread read: if the client vanishes while a write runs, the connection must be
+    /// seen gone at once, so that the write counts as orphaned and a reconnecting client
+    /// waits for it (see [`DeviceCalls`]).
     fn nothing_else_to_read(&self, side: &ReadSide, work: &Work) -> bool {
         let quick = match &work.job {
             Job::Refuse(_) => true,
-            Job::Read { .. } | Job::Other(Request::BlockStatus { .. }) => !self.export.device().may_wait(),
+            Job::Read { .. } | Job::Other(Request::BlockStatus { .. }) => {
+                !self.export.device().may_wait() && self.export.writes_behind().running() == 0
+            }
             Job::Write { .. } | Job::Other(_) => false,
         };
         quick && side.rd.buffer().is_empty() && !self.socket.has_pending_input()
