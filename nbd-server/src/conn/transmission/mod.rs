@@ -17,7 +17,8 @@
 //! * A thread that took a READ while nothing else waits in the read buffer or the socket
 //!   keeps the read side while it serves it: at queue depth 1 the next request wakes the same
 //!   thread, one wake-up per request. Otherwise (more input waiting, a write, a request that
-//!   may wait long) it lets the read side go first.
+//!   may wait long, such as a read while a write answered early still runs) it lets the read
+//!   side go first.
 //! * Threads are started on demand: when a thread lets the read side go and no other thread
 //!   waits for it, one more starts, up to `max_in_flight_per_connection`. A thread that waits
 //!   for the read lock for [`IDLE_THREAD`] leaves (one always stays). So an idle connection
