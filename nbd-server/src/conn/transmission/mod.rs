@@ -594,19 +594,15 @@ impl Session {
         // A panicking device must not leave the client waiting forever for this handle.
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| self.device_call(handle, job)))
             .unwrap_or_else(|_| Err(DeviceError::Io("device panicked".into())));
-        if let (Some(_), Err(e)) = (early.as_ref(), &result) {
+        let answered = early.is_some();
+        if let (Some(mut early), Err(e)) = (early, &result) {
             error!(
                 export = self.export.name(),
                 offset = h.offset,
                 length = h.length,
                 "a write answered before it reached the device failed; the next FLUSH of each connection reports it: {e}"
             );
-        }
-        let answered = early.is_some();
-        if let Some(mut early) = early {
-            if result.is_err() {
-                early.failed();
-            }
+            early.failed();
         }
         drop(guard);
         if write {
