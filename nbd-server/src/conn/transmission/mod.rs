@@ -43,10 +43,13 @@
 //!   stale write of its dead connection land after its new ones.
 //! * Plain TCP and Unix sockets are taken over from tokio as blocking sockets. A TLS stream
 //!   (or any other stream) is bridged to a socket pair by a copy task (see [`bridge`]).
+//!
+//! Here: the session, its threads and the read side. [`requests`] reads a request (header,
+//! admission, payload), [`execute`] runs it on the device and replies, [`grouped_writes`] and
+//! [`early_writes`] are the two ways a write is served other than one by one.
 
-use std::io::{self, BufRead, BufReader, Read};
+use std::io::{self, BufReader};
 use std::net::Shutdown;
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,24 +57,23 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tracing::{debug, error, trace, warn, Instrument};
+use tracing::warn;
 
 mod calls;
 mod early_writes;
+mod execute;
 mod grouped_writes;
+mod requests;
 
-use super::reply::{block_status_reply, error_frame, read_reply, Frame};
 use super::socket::{bridge, BlockingSocket, IntoBlockingSocket};
 use super::ConnError;
 use crate::budget::{Budget, Grant};
 use crate::buffer::PooledBuf;
-use crate::export::{DeviceError, DeviceResult, Export, Op, WriteGuard, WriteRefused, FREEZE_HOLD_LIMIT};
-use crate::proto::consts::*;
-use crate::proto::{parse_request_header, validate_request, Errno, Rejection, Request, RequestHeader, RequestPolicy};
+use crate::export::Export;
+use crate::proto::{Rejection, Request, RequestHeader};
 use crate::server::Shared;
 use crate::transport::Transport;
 use calls::DeviceCalls;
-use early_writes::reach_of;
 
 /// Socket read buffer: many small requests per read system call.
 const READ_BUFFER: usize = 128 * 1024;
@@ -402,311 +404,4 @@ impl Session {
             *failure = Some(e);
         }
     }
-
-    /// Reads one request (and a WRITE's payload), with the budgets `prepaid` if given, else
-    /// taking them (waiting while they are spent). `None`: reading is over.
-    fn read_request(&self, side: &mut ReadSide, prepaid: Option<Prepaid>) -> Result<Option<Work>, ConnError> {
-        let mut raw = [0u8; REQUEST_HEADER_LEN];
-        match side.rd.read_exact(&mut raw) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof || self.failure.lock().is_some() => {
-                debug!("client closed the connection");
-                side.state = ReadState::Ended;
-                self.calls.abandon(&self.export);
-                return Ok(None);
-            }
-            Err(e) => return Err(e.into()),
-        }
-        // A bad magic means we lost framing: nothing to do but hang up.
-        let h = parse_request_header(&raw)?;
-        trace!(command = h.command, flags = h.flags, offset = h.offset, length = h.length, "request");
-        if h.command == CMD_DISC {
-            debug!("client sent DISC");
-            // The spec: finish every outstanding request, then close.
-            side.state = ReadState::Disconnected;
-            return Ok(None);
-        }
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
-        let (request, bytes) = match prepaid {
-            Some(Prepaid { request, bytes }) => (request, Some(bytes)),
-            None => (self.shared.requests.take(1), None),
-        };
-        let mut slot = Slot { _request: request, _bytes: None, in_flight: Arc::clone(&self.in_flight) };
-        let job = self.admit(&h, side, &mut slot, bytes)?;
-        Ok(Some(Work { header: h, slot, job, client_waits: false }))
-    }
-
-    /// Decides whether a request goes to the device, takes the buffer bytes of a READ or
-    /// WRITE, and reads a WRITE's payload (a refused WRITE's payload is drained).
-    fn admit(
-        &self,
-        h: &RequestHeader,
-        side: &mut ReadSide,
-        slot: &mut Slot,
-        prepaid_bytes: Option<(Grant, Grant)>,
-    ) -> Result<Job, ConnError> {
-        let refusal = if self.shared.shutdown.is_triggered() {
-            Some(Rejection { errno: Errno::Shutdown, message: "server is shutting down" })
-        } else if self.export.is_closed() {
-            Some(Rejection { errno: Errno::Shutdown, message: "export was closed" })
-        } else if self.export.is_moved() && h.command != CMD_FLUSH {
-            // The disk lives on another server now. FLUSH still reaches the device below: the
-            // source's copy is made durable (the destination may still fetch from it), and the
-            // hypervisor completing its own migration needs that flush to succeed.
-            Some(Rejection { errno: Errno::Shutdown, message: MOVED })
-        } else {
-            None
-        };
-        let request = match refusal.map_or_else(|| validate_request(h, &self.policy()), Err) {
-            Ok(request) => request,
-            Err(rejection) => {
-                if h.command == CMD_WRITE {
-                    self.with_stall_timeout(side, h.length as usize, |rd| drain(rd, h.length))?;
-                }
-                return Ok(Job::Refuse(rejection));
-            }
-        };
-        Ok(match request {
-            Request::Read { offset, length } => {
-                let prefix = self.read_reply_prefix();
-                slot._bytes = Some(self.take_bytes(prefix + length as usize));
-                Job::Read { offset, length }
-            }
-            Request::Write { offset, length, fua } => {
-                slot._bytes = Some(prepaid_bytes.unwrap_or_else(|| self.take_bytes(length as usize)));
-                let mut payload = self.shared.buffers.get_unfilled(length as usize);
-                // If the client vanishes or stalls mid-payload this fails and the connection
-                // ends; nothing of the partial write reaches the device.
-                self.with_stall_timeout(side, length as usize, |rd| payload.fill_blocking(rd))?;
-                Job::Write { offset, payload, fua }
-            }
-            Request::WriteZeroes { fast_zero: true, .. } if !self.export.device().supports_fast_zero() => {
-                Job::Refuse(Rejection { errno: Errno::NotSup, message: "fast zeroing is not supported" })
-            }
-            other => Job::Other(other),
-        })
-    }
-
-    /// Bytes in front of READ data in its reply buffer (the reply header, written last).
-    fn read_reply_prefix(&self) -> usize {
-        if self.structured {
-            OFFSET_DATA_PREFIX_LEN
-        } else {
-            SIMPLE_REPLY_HEADER_LEN
-        }
-    }
-
-    fn policy(&self) -> RequestPolicy {
-        RequestPolicy {
-            export_size: self.export.size(),
-            structured: self.structured,
-            block_status: self.block_status,
-            read_only: self.export.is_read_only(),
-            max_payload: MAX_PAYLOAD_LEN,
-        }
-    }
-
-    /// Buffer bytes from the connection's budget, then the server's.
-    fn take_bytes(&self, n: usize) -> (Grant, Grant) {
-        (self.bytes.take(n), self.shared.bytes.take(n))
-    }
-
-    /// Runs a payload read with the stall timeout on the socket, unless the read buffer
-    /// already holds all of it (no system calls then).
-    fn with_stall_timeout<T>(
-        &self,
-        side: &mut ReadSide,
-        len: usize,
-        read: impl FnOnce(&mut BufReader<BlockingSocket>) -> io::Result<T>,
-    ) -> io::Result<T> {
-        if side.rd.buffer().len() >= len {
-            return read(&mut side.rd);
-        }
-        self.socket.set_read_timeout(Some(self.shared.config.payload_stall_timeout))?;
-        let result = read(&mut side.rd).map_err(|e| match e.kind() {
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
-                io::Error::new(io::ErrorKind::TimedOut, "client stalled in the middle of a payload")
-            }
-            _ => e,
-        });
-        self.socket.set_read_timeout(None)?;
-        result
-    }
-
-    /// Runs a request on the device and writes its reply.
-    fn execute(&self, work: Work) {
-        let Work { header: h, slot, job, client_waits } = work;
-        let handle = h.handle;
-        let (op, bytes, write) = match &job {
-            Job::Refuse(rejection) => {
-                debug!(
-                    command = crate::proto::transmission::command_name(h.command),
-                    offset = h.offset,
-                    length = h.length,
-                    errno = %rejection.errno,
-                    "request refused: {}",
-                    rejection.message
-                );
-                self.export.stats().record_rejected();
-                self.send(error_frame(handle, rejection.errno, rejection.message, self.structured), slot);
-                return;
-            }
-            Job::Read { length, .. } => (Op::Read, u64::from(*length), false),
-            Job::Write { payload, .. } => (Op::Write, payload.len() as u64, true),
-            Job::Other(request) => op_of(request),
-        };
-        // The latency a client sees, less the network: a write held by a freeze counts.
-        let started = std::time::Instant::now();
-        // A write waits here while the export is frozen (a switch-over takes milliseconds).
-        let guard = match write.then(|| self.admit_write()) {
-            Some(Err(refused)) => {
-                self.export.stats().record_rejected();
-                let r = rejection(refused);
-                self.send(error_frame(handle, r.errno, r.message, self.structured), slot);
-                return;
-            }
-            Some(Ok(guard)) => Some(guard),
-            None => None,
-        };
-        if !self.calls.start(write) {
-            debug!(?op, "connection lost before the request started: dropped");
-            return;
-        }
-        let behind = self.export.writes_behind();
-        let early = match &job {
-            Job::Write { offset, payload, fua: false } if client_waits && self.answers_writes_early() => {
-                // Registered before the reply goes out: whatever the client sends after it
-                // finds this write and waits for it.
-                let early = behind.begin(*offset, payload.len() as u64);
-                if let Err(e) = Frame::ok(handle).write_to(&mut *self.writer.lock()) {
-                    self.fail(e.into());
-                }
-                early.wait_for_earlier();
-                Some(early)
-            }
-            job => {
-                if let Some(reach) = reach_of(job) {
-                    behind.settle(reach);
-                }
-                None
-            }
-        };
-        // A panicking device must not leave the client waiting forever for this handle.
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| self.device_call(handle, job)))
-            .unwrap_or_else(|_| Err(DeviceError::Io("device panicked".into())));
-        let answered = early.is_some();
-        if let (Some(mut early), Err(e)) = (early, &result) {
-            error!(
-                export = self.export.name(),
-                offset = h.offset,
-                length = h.length,
-                "a write answered before it reached the device failed; the next FLUSH of each connection reports it: {e}"
-            );
-            early.failed();
-        }
-        drop(guard);
-        if write {
-            self.calls.finish_write(&self.export);
-        }
-        self.export.stats().record(op, bytes, result.is_ok());
-        self.export.stats().record_latency(op, started.elapsed());
-        if answered {
-            // Budgets and the in-flight count were held until the device call returned.
-            drop(slot);
-            return;
-        }
-        let frame = result.unwrap_or_else(|e| self.device_error_frame(handle, op, &e));
-        self.send(frame, slot);
-    }
-
-    /// The reply to a request the device failed, logged by how bad it is.
-    fn device_error_frame(&self, handle: u64, op: Op, e: &DeviceError) -> Frame {
-        let errno = e.errno();
-        if errno == Errno::Io {
-            warn!(export = self.export.name(), ?op, "device error: {e}");
-        } else {
-            debug!(export = self.export.name(), ?op, "device error: {e}");
-        }
-        error_frame(handle, errno, &e.to_string(), self.structured)
-    }
-
-    fn device_call(&self, handle: u64, job: Job) -> DeviceResult<Frame> {
-        let device = self.export.device();
-        let ok = Frame::ok(handle);
-        match job {
-            Job::Read { offset, length } => {
-                let prefix = self.read_reply_prefix();
-                let mut buf = self.shared.buffers.get(prefix + length as usize);
-                device.read(offset, &mut buf[prefix..])?;
-                Ok(read_reply(buf, handle, offset, length, self.structured))
-            }
-            Job::Write { offset, payload, fua } => device.write(offset, &payload, fua).map(|()| ok),
-            Job::Other(Request::WriteZeroes { offset, length, fua, no_hole, .. }) => {
-                device.write_zeroes(offset, length.into(), fua, no_hole).map(|()| ok)
-            }
-            Job::Other(Request::Trim { offset, length, fua }) => device.trim(offset, length.into(), fua).map(|()| ok),
-            Job::Other(Request::Flush) => {
-                device.flush()?;
-                self.report_early_write_failures().map(|()| ok)
-            }
-            Job::Other(Request::Cache { offset, length }) => device.cache(offset, length.into()).map(|()| ok),
-            Job::Other(Request::BlockStatus { offset, length, req_one }) => {
-                block_status_reply(device.as_ref(), handle, offset, length, req_one)
-            }
-            Job::Other(request) => unreachable!("{request:?} never reaches the device"),
-            Job::Refuse(_) => unreachable!("refusals never reach the device"),
-        }
-    }
-
-    /// Admits a write: at once unless the export is frozen, else waits on the runtime.
-    fn admit_write(&self) -> Result<WriteGuard, WriteRefused> {
-        if let Some(guard) = self.export.try_admit_write() {
-            return Ok(guard);
-        }
-        let export = Arc::clone(&self.export);
-        self.runtime.block_on(async move { export.admit_write(FREEZE_HOLD_LIMIT).await }.in_current_span())
-    }
-
-    /// Writes a reply; the slot is released once it is on the socket.
-    fn send(&self, frame: Frame, slot: Slot) {
-        let written = frame.write_to(&mut *self.writer.lock());
-        drop(frame);
-        drop(slot);
-        if let Err(e) = written {
-            // The client is gone or stuck; the reader sees the cut socket and stops.
-            self.fail(e.into());
-        }
-    }
-}
-
-/// The statistics kind of a request, its byte count, and whether it writes.
-fn op_of(request: &Request) -> (Op, u64, bool) {
-    match *request {
-        Request::Read { length, .. } => (Op::Read, length.into(), false),
-        Request::Write { length, .. } => (Op::Write, length.into(), true),
-        Request::WriteZeroes { length, .. } => (Op::WriteZeroes, length.into(), true),
-        Request::Trim { length, .. } => (Op::Trim, length.into(), true),
-        Request::Flush => (Op::Flush, 0, false),
-        Request::Cache { length, .. } => (Op::Cache, length.into(), false),
-        Request::BlockStatus { length, .. } => (Op::BlockStatus, length.into(), false),
-        Request::Disconnect => unreachable!("DISC ends reading before a request is made of it"),
-    }
-}
-
-fn rejection(refused: WriteRefused) -> Rejection {
-    let message = match refused {
-        WriteRefused::Moved => MOVED,
-        WriteRefused::Closed => "export was closed",
-        WriteRefused::HeldTooLong => "the export stayed frozen too long (a stuck migration switch-over)",
-    };
-    Rejection { errno: refused.errno(), message }
-}
-
-/// Reads and discards `len` bytes (payloads the server refuses), in bounded memory.
-fn drain<R: BufRead>(reader: &mut R, len: u32) -> io::Result<()> {
-    let copied = io::copy(&mut reader.take(u64::from(len)), &mut io::sink())?;
-    if copied < u64::from(len) {
-        return Err(io::ErrorKind::UnexpectedEof.into());
-    }
-    Ok(())
 }
