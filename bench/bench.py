@@ -990,7 +990,11 @@ def section_nbd(ctx):
                 empty("wr-" + dset)
                 r["%s_seq_write_MBps" % dset] = size / wt / 1e6
                 for qd in (1, 32):
-                    f = fio_nbd(ctx, uri_of("wr-" + dset), "randwrite", qd, runtime, extra=fio_extra)
+                    # A seed per job: fio seeds its buffer contents the same way in every job, so
+                    # the QD32 job would otherwise write again the contents the QD1 job has just
+                    # stored (shifted by the queue depth), not the new blocks the row is about.
+                    seed = "--randseed=%d" % (1000 * qd + len(dset))
+                    f = fio_nbd(ctx, uri_of("wr-" + dset), "randwrite", qd, runtime, extra=list(fio_extra) + [seed])
                     r["%s_randwrite_qd%d_iops" % (dset, qd)] = f["iops"]
                     r["%s_randwrite_qd%d_lat_us" % (dset, qd)] = f["lat_mean_us"]
         finally:

@@ -459,7 +459,8 @@ def nbd_md(s, plots, verdict):
     md = ["## 5. NBD data path (same content, loopback TCP and Unix socket)\n\n",
           "Content: %s MiB of %s's non-zero blocks (*unique*) and a data set of the same size made of its first "
           "eighth repeated (*dup*); fio runs %d s per test, writing refilled random buffers (unique) or 80%% "
-          "repeated ones (dup). Sequential reads: the median of three passes after one that warms the page cache. "
+          "repeated ones (dup), each write job with a seed of its own (with one seed for all, the QD32 job would "
+          "write again what the QD1 job had just written). Sequential reads: the median of three passes after one that warms the page cache. "
           "Sequential writes: the median of three copies of each set into an empty export (emptied before each: "
           "ours by a whole-disk TRIM and a compaction pass that deletes the containers left holding only garbage, "
           "the peers' raw files deallocated; then `sync`, so no pass inherits another's dirty pages), each copy with 16 bytes of every block "
