@@ -313,11 +313,9 @@ impl Export {
         self.read_only.store(read_only, Ordering::SeqCst);
     }
 
-    /// Holds new writes (WRITE, WRITE_ZEROES, TRIM wait in [`admit_write`]) and waits until
-    /// the writes already admitted have finished. When it returns, the device sees no more
-    /// writes until [`thaw`](Export::thaw). Reads, FLUSH and BLOCK_STATUS keep working.
-    ///
-    /// [`admit_write`]: Export::admit_write
+    /// Holds new writes (WRITE, WRITE_ZEROES and TRIM wait for their admission) and waits
+    /// until the writes already admitted have finished. When it returns, the device sees no
+    /// more writes until [`thaw`](Export::thaw). Reads, FLUSH and BLOCK_STATUS keep working.
     pub async fn freeze(&self) {
         self.write_gate.fetch_or(FROZEN, Ordering::SeqCst);
         loop {
