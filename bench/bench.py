@@ -924,6 +924,8 @@ def varied(src, dst, flip_byte=0x5A):
 NBD_SETS = {"unique": ["--refill_buffers"], "dup": ["--refill_buffers", "--dedupe_percentage=80"]}
 # One sequential-write variant per repetition (the median is reported).
 SEQ_WRITE_FLIPS = (0x5A, 0xA5, 0x3C)
+# Warm sequential-read passes per server (the median is reported).
+SEQ_READ_PASSES = 5
 
 
 def section_nbd(ctx):
@@ -955,53 +957,94 @@ def section_nbd(ctx):
     for name, path in contents.items():
         imports[name] = cas_import(ctx, store, name, path)
 
-    def measure(name, start, uri_of, empty_export):
-        """`empty_export(export)` makes a write export empty again (as it was at start)."""
+    def quiet(procs, limit=0.05, longest=20.0):
+        """Waits (at most `longest` s) until the servers together use under `limit` of a core:
+        one server's background work after its turn (compaction, write-back of what it wrote)
+        must not run in another server's turn."""
+        pids = [p.pid for p in procs]
+        end = time.time() + longest
+        while time.time() < end:
+            before = sum(cpu_seconds(pid) or 0 for pid in pids)
+            time.sleep(0.5)
+            if sum(cpu_seconds(pid) or 0 for pid in pids) - before < limit * 0.5:
+                return
 
-        def empty(export):
+    def measure(servers):
+        """Every row for every server, the servers taking turns row by row (the first of each
+        row rotating): a row's figures are minutes apart no more, so a change of the shared
+        host's speed between servers no longer decides a ratio. Each server is `(name, start,
+        uri_of, empty_export)`; `empty_export(export)` makes a write export empty again."""
+        procs = []
+        rs = {name: {} for name, _, _, _ in servers}
+        rotation = [0]
+
+        def in_turn():
+            k = rotation[0] % len(servers)
+            rotation[0] += 1
+            return servers[k:] + servers[:k]
+
+        def empty(empty_export, export):
             empty_export(export)
             # Each write pass starts with no dirty page cache left by an earlier one: the
             # peers' truncated files drop theirs, ours' deleted containers too, but what is
             # still live would otherwise be written back during the next pass.
             ctx.sh(["sync"])
 
-        procs = start()
-        r = {}
         try:
+            for _, start, _, _ in servers:
+                procs += start()
             for dset, fio_extra in NBD_SETS.items():
                 # sequential read: a first pass warms the page cache (reported too), then the
-                # median of three (single passes of a second on these shared cores vary by
-                # a third)
-                _, cold = ctx.sh(["nbdcopy", uri_of(dset), "null:"])
-                warm = statistics.median(ctx.sh(["nbdcopy", uri_of(dset), "null:"])[1] for _ in range(3))
-                r["%s_seq_read_MBps_first" % dset] = size / cold / 1e6
-                r["%s_seq_read_MBps" % dset] = size / warm / 1e6
+                # median of five, the servers taking turns (single passes of a second on these
+                # shared cores vary by a third)
+                for name, _, uri_of, _ in in_turn():
+                    quiet(procs)
+                    rs[name]["%s_seq_read_MBps_first" % dset] = size / ctx.sh(["nbdcopy", uri_of(dset), "null:"])[1] / 1e6
+                passes = {name: [] for name, _, _, _ in servers}
+                for _ in range(SEQ_READ_PASSES):
+                    for name, _, uri_of, _ in in_turn():
+                        passes[name].append(ctx.sh(["nbdcopy", uri_of(dset), "null:"])[1])
+                for name, times in passes.items():
+                    rs[name]["%s_seq_read_MBps" % dset] = size / statistics.median(times) / 1e6
+                    rs[name]["%s_seq_read_MBps_passes" % dset] = [round(size / t / 1e6, 1) for t in times]
                 for qd in (1, 32):
-                    f = fio_nbd(ctx, uri_of(dset), "randread", qd, runtime)
-                    r["%s_randread_qd%d_iops" % (dset, qd)] = f["iops"]
-                    r["%s_randread_qd%d_lat_us" % (dset, qd)] = f["lat_mean_us"]
+                    for name, _, uri_of, _ in in_turn():
+                        quiet(procs)
+                        f = fio_nbd(ctx, uri_of(dset), "randread", qd, runtime)
+                        rs[name]["%s_randread_qd%d_iops" % (dset, qd)] = f["iops"]
+                        rs[name]["%s_randread_qd%d_lat_us" % (dset, qd)] = f["lat_mean_us"]
                 # sequential write: the median of the variants, each into an empty export
-                times = []
+                passes = {name: [] for name, _, _, _ in servers}
                 for w in to_write[dset]:
-                    empty("wr-" + dset)
-                    times.append(ctx.sh(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", w, uri_of("wr-" + dset)])[1])
-                wt = statistics.median(times)
-                # the random writes start from an empty export too
-                empty("wr-" + dset)
-                r["%s_seq_write_MBps" % dset] = size / wt / 1e6
+                    for name, _, uri_of, empty_export in in_turn():
+                        empty(empty_export, "wr-" + dset)
+                        quiet(procs)
+                        passes[name].append(ctx.sh(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", w, uri_of("wr-" + dset)])[1])
+                for name, times in passes.items():
+                    rs[name]["%s_seq_write_MBps" % dset] = size / statistics.median(times) / 1e6
+                    rs[name]["%s_seq_write_MBps_passes" % dset] = [round(size / t / 1e6, 1) for t in times]
+                # the random writes start from an empty export too; each server's QD32 job runs
+                # on what its QD1 job left
+                for _, _, _, empty_export in servers:
+                    empty(empty_export, "wr-" + dset)
                 for qd in (1, 32):
                     # A seed per job: fio seeds its buffer contents the same way in every job, so
                     # the QD32 job would otherwise write again the contents the QD1 job has just
                     # stored (shifted by the queue depth), not the new blocks the row is about.
                     seed = "--randseed=%d" % (1000 * qd + len(dset))
-                    f = fio_nbd(ctx, uri_of("wr-" + dset), "randwrite", qd, runtime, extra=list(fio_extra) + [seed])
-                    r["%s_randwrite_qd%d_iops" % (dset, qd)] = f["iops"]
-                    r["%s_randwrite_qd%d_lat_us" % (dset, qd)] = f["lat_mean_us"]
+                    for name, _, uri_of, _ in in_turn():
+                        # another server's writes are not written back during this one's turn
+                        ctx.sh(["sync"])
+                        quiet(procs)
+                        f = fio_nbd(ctx, uri_of("wr-" + dset), "randwrite", qd, runtime, extra=list(fio_extra) + [seed])
+                        rs[name]["%s_randwrite_qd%d_iops" % (dset, qd)] = f["iops"]
+                        rs[name]["%s_randwrite_qd%d_lat_us" % (dset, qd)] = f["lat_mean_us"]
         finally:
             for p in procs:
                 ctx.stop(p)
-        results[name] = r
-        ctx.log("nbd %s: %s" % (name, json.dumps({k: round(v, 1) for k, v in r.items()})))
+        for name, r in rs.items():
+            results[name] = r
+            ctx.log("nbd %s: %s" % (name, json.dumps({k: round(v, 1) for k, v in r.items() if not isinstance(v, list)})))
 
     sock_dir = os.path.join(work, "sockets")
     os.makedirs(sock_dir)
@@ -1046,7 +1089,6 @@ def section_nbd(ctx):
             qports[e] = free_port()
 
     def start_qemu(unix):
-        fresh_files()
         ps = []
         for e, pt in qports.items():
             where = ["-k", os.path.join(sock_dir, "qemu-%s.sock" % e)] if unix else ["-b", "127.0.0.1", "-p", str(pt)]
@@ -1064,7 +1106,6 @@ def section_nbd(ctx):
     kit_sock = os.path.join(sock_dir, "nbdkit.sock")
 
     def start_nbdkit(unix):
-        fresh_files()
         where = ["-U", kit_sock] if unix else ["-i", "127.0.0.1", "-p", str(kport)]
         p = ctx.start(["nbdkit", "-f"] + where + ["file", "dir=" + files], log=os.path.join(ctx.out, "logs", "nbd-nbdkit.log"))
         if unix:
@@ -1096,14 +1137,18 @@ def section_nbd(ctx):
         return lambda e: "nbd+unix:///%s?socket=%s" % (e, sock)
 
     ours_tcp = lambda e: "nbd://127.0.0.1:%d/%s" % (port, e)  # noqa: E731
-    measure("ours", start_ours, ours_tcp, trim_all(ours_tcp))
-    measure("qemu-nbd", lambda: start_qemu(False), lambda e: "nbd://127.0.0.1:%d/%s" % (qports[e], e), empty_file)
-    measure("nbdkit-file", lambda: start_nbdkit(False), lambda e: "nbd://127.0.0.1:%d/%s" % (kport, e), empty_file)
+    # The peers serve the same files one after the other (each write row empties its file
+    # before the server whose turn it is writes), so the files are made once per transport.
+    fresh_files()
+    measure([("ours", start_ours, ours_tcp, trim_all(ours_tcp)),
+             ("qemu-nbd", lambda: start_qemu(False), lambda e: "nbd://127.0.0.1:%d/%s" % (qports[e], e), empty_file),
+             ("nbdkit-file", lambda: start_nbdkit(False), lambda e: "nbd://127.0.0.1:%d/%s" % (kport, e), empty_file)])
     # The same over Unix sockets; ours runs again on its store (the writes' disks recreated).
-    measure("ours-unix", start_ours, unix_uri(ours_sock), trim_all(unix_uri(ours_sock)))
-    measure("qemu-nbd-unix", lambda: start_qemu(True), lambda e: "nbd+unix:///%s?socket=%s" % (e, os.path.join(sock_dir, "qemu-%s.sock" % e)),
-            empty_file)
-    measure("nbdkit-file-unix", lambda: start_nbdkit(True), unix_uri(kit_sock), empty_file)
+    fresh_files()
+    measure([("ours-unix", start_ours, unix_uri(ours_sock), trim_all(unix_uri(ours_sock))),
+             ("qemu-nbd-unix", lambda: start_qemu(True), lambda e: "nbd+unix:///%s?socket=%s" % (e, os.path.join(sock_dir, "qemu-%s.sock" % e)),
+              empty_file),
+             ("nbdkit-file-unix", lambda: start_nbdkit(True), unix_uri(kit_sock), empty_file)])
 
     versions = {}
     for cmd in (["qemu-nbd", "--version"], ["nbdkit", "--version"], ["nbdcopy", "--version"], ["fio", "--version"]):
