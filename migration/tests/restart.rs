@@ -153,15 +153,21 @@ async fn die_at_the_switch_record(id: &str) -> DiedAtTheSwitch {
     DiedAtTheSwitch { src, dst, content, state_dir, current, source }
 }
 
-/// A new destination over the same store and directory, restored and serving.
-async fn restart(died: &DiedAtTheSwitch) -> (Arc<Hooks>, tokio::runtime::Runtime) {
+/// A new destination over the same store and directory, restored and serving, that the
+/// source cannot reach yet (see [`reachable`]): what the restore left can be looked at before
+/// the source's reconnection moves it on.
+async fn restart(died: &DiedAtTheSwitch) -> (Arc<Hooks>, Arc<Destination>, tokio::runtime::Runtime) {
     let rt = runtime();
     let hooks = Arc::new(Hooks::default());
     let dest = Destination::new(died.dst.clone(), hooks.clone(), Arc::new(FileStateStore::open(died.state_dir.path()).unwrap()), Duration::from_secs(120));
     let restore = dest.clone();
     rt.spawn(async move { restore.restore().await }).await.unwrap().expect("the restart restores the migration");
+    (hooks, dest, rt)
+}
+
+/// Lets the source's next reconnection reach the restarted destination.
+fn reachable(died: &DiedAtTheSwitch, dest: Arc<Destination>, rt: &tokio::runtime::Runtime) {
     *died.current.lock() = Some((dest, rt.handle().clone()));
-    (hooks, rt)
 }
 
 /// The migration ends done on both sides, byte-exact and fsck clean, leaving no state files.
@@ -199,7 +205,7 @@ async fn a_destination_that_dies_before_recording_the_switch_over_serves_the_dis
     assert_eq!(records.len(), 1);
     assert_eq!(records[0].stage, Stage::PreCopy, "the record still says pre-copy");
 
-    let (hooks, second_rt) = restart(&died).await;
+    let (hooks, dest, second_rt) = restart(&died).await;
     assert!(dst.disk("vm").is_ok(), "the disk is served under its own name");
     assert!(dst.disk("vm.incoming").is_err());
     let records = FileStateStore::open(state_dir.path()).unwrap().load().unwrap();
@@ -208,6 +214,7 @@ async fn a_destination_that_dies_before_recording_the_switch_over_serves_the_dis
     // Parked as a switched migration: not cancellable (the source no longer serves the disk).
     assert_eq!(dst_status.report().phase, Phase::Interrupted);
     assert!(!dst_status.report().cancellable);
+    reachable(&died, dest, &second_rt);
     finishes(died, dst_status).await;
     second_rt.shutdown_background();
 }
@@ -225,9 +232,10 @@ async fn a_destination_that_lost_power_before_its_switch_over_was_durable_is_swi
     let records = FileStateStore::open(died.state_dir.path()).unwrap().load().unwrap();
     assert_eq!(records[0].stage, Stage::PreCopy);
 
-    let (hooks, second_rt) = restart(&died).await;
+    let (hooks, dest, second_rt) = restart(&died).await;
     let dst_status = hooks.status.lock().clone().expect("the restart registered the migration");
     assert!(died.dst.disk("vm.incoming").is_ok(), "restored as before its switch-over");
+    reachable(&died, dest, &second_rt);
     let report = finishes(died, dst_status).await;
     assert!(report.switch_seconds.is_some());
     second_rt.shutdown_background();
