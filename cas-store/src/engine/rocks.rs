@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, DBRawIteratorWithThreadMode, IngestExternalFileOptions, Options,
-    ReadOptions, SstFileWriter, DB,
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, DBRawIteratorWithThreadMode, DataBlockIndexType,
+    IngestExternalFileOptions, Options, ReadOptions, SstFileWriter, DB,
 };
 
 use super::{BatchOp, Cf, EngineMemory, KvEngine, KvPair, ScanIter, WriteBatch};
@@ -109,6 +109,17 @@ impl RocksEngine {
             table.set_bloom_filter(10.0, false);
             table.set_cache_index_and_filter_blocks(true);
             table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+            if matches!(cf, Cf::Maps | Cf::Refs) {
+                // Every write looks up its blocks' old map entries and the counts of their old
+                // and new contents: a hash index in each data block makes such a lookup one
+                // probe instead of a binary search, and 16 KiB blocks make the index four times
+                // smaller. 4 KiB random writes at QD32 on a populated store cost 41.1 us of the
+                // server's CPU each against 45.3 (three and five alternating rounds, README:
+                // Measured, the block map's table options).
+                table.set_data_block_index_type(DataBlockIndexType::BinaryAndHash);
+                table.set_data_block_hash_ratio(0.75);
+                table.set_block_size(16 << 10);
+            }
             let mut o = Options::default();
             o.set_block_based_table_factory(&table);
             o.set_write_buffer_size(tuning.write_buffer_bytes);
