@@ -114,7 +114,7 @@ impl RocksEngine {
                 // and new contents: a hash index in each data block makes such a lookup one
                 // probe instead of a binary search, and 16 KiB blocks make the index four times
                 // smaller. 4 KiB random writes at QD32 on a populated store cost 41.1 us of the
-                // server's CPU each against 45.3 (three and five alternating rounds, README:
+                // server's CPU each against 45.3 (three and six alternating rounds, README:
                 // Measured, the block map's table options).
                 table.set_data_block_index_type(DataBlockIndexType::BinaryAndHash);
                 table.set_data_block_hash_ratio(0.75);
