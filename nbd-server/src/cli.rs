@@ -98,6 +98,13 @@ pub struct Args {
     #[argh(switch)]
     pub verify_reads: bool,
 
+    /// store the new blocks of small writes at the end of a container only (by default they
+    /// take the slots of blocks that died, once their death is durable: a cached page
+    /// overwritten; the price is that after a power loss a write never flushed may read as
+    /// the bytes a dead block left)
+    #[argh(switch)]
+    pub no_slot_reuse: bool,
+
     /// answer a WRITE without FUA only once the store committed it (by default it is
     /// answered once admitted, before the commit; later requests touching its range and every
     /// FLUSH wait for it, so clients see no difference but speed)
@@ -306,6 +313,7 @@ impl Args {
             container_size,
             compact_below,
             verify_reads,
+            no_slot_reuse,
             no_write_behind,
             max_in_flight,
             max_connections,
@@ -345,6 +353,7 @@ impl Args {
         self.container_size.overlay(container_size);
         self.compact_below.overlay(compact_below);
         self.verify_reads.overlay(verify_reads);
+        self.no_slot_reuse.overlay(no_slot_reuse);
         self.no_write_behind.overlay(no_write_behind);
         self.max_in_flight.overlay(max_in_flight);
         self.max_connections.overlay(max_connections);

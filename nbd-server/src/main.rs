@@ -63,8 +63,13 @@ fn open_exports(args: &Args) -> anyhow::Result<(Arc<Store>, Arc<Node>)> {
     let blocks = args.blocks.as_deref().unwrap_or("rocksdb");
     let pool = cas_rados::pool_from_spec(blocks, args.ceph_conf.as_deref(), args.ceph_user.as_deref())
         .with_context(|| format!("block pool {blocks}"))?;
-    let mut options =
-        StoreOptions { block_size: args.block_size, pool, verify_reads: args.verify_reads, ..StoreOptions::default() };
+    let mut options = StoreOptions {
+        block_size: args.block_size,
+        pool,
+        verify_reads: args.verify_reads,
+        reuse_dead_slots: !args.no_slot_reuse,
+        ..StoreOptions::default()
+    };
     if let Some(size) = &args.container_size {
         let bytes = parse_size(size).map_err(|e| anyhow::anyhow!("--container-size {size}: {e}"))?;
         if !(64 << 10..=1 << 40).contains(&bytes) {

@@ -2,10 +2,11 @@
 //! keep them (VDO's slabs, borg's segments, restic's packs), with the key-value engine keeping
 //! only the small things (maps, and fingerprint -> count and location).
 //!
-//! A container is a file of `slots_per_container` slots of one block each, written once, in
-//! order, never rewritten: a slot's bytes never change while its container exists. Appends of
-//! concurrent writers reserve slots under a short lock and write outside it, so many requests
-//! fill one container at once. A block read is one `pread` from the page cache straight into
+//! A container is a file of `slots_per_container` slots of one block each, filled in order.
+//! Appends of concurrent writers reserve slots under a short lock and write outside it, so
+//! many requests fill one container at once. A slot whose block died may be written again by
+//! a small write once that death is durable ([`free_slots`] has the rules); otherwise a
+//! slot's bytes never change while its container exists. A block read is one `pread` from the page cache straight into
 //! the caller's buffer (the fingerprint is the checksum: fsck re-hashes, and
 //! [`crate::StoreOptions::verify_reads`] re-hashes every read).
 //!
@@ -20,6 +21,7 @@
 //! that names it.
 
 mod files;
+mod free_slots;
 
 pub use files::{ContainerDir, ContainerFile, FsContainerDir, MemContainerDir};
 
@@ -27,9 +29,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::Arc;
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Mutex, RwLock, RwLockReadGuard};
+
+use free_slots::FreeSlots;
 
 use crate::{Result, StoreError};
+
+/// Appends of at most this many blocks take the slots of dead blocks first (the small
+/// writes of a VM's random I/O); larger ones go to the end of the active container in
+/// order, so that a sequential read of what they stored reads runs of consecutive slots.
+const REUSE_MAX_BLOCKS: usize = 8;
 
 /// Where a block's bytes are: a container and a slot in it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -67,6 +76,22 @@ struct Active {
     next_slot: u32,
 }
 
+/// Reuse of dead slots is paused while this lives (see [`Containers::pause_reuse`]).
+#[must_use]
+pub struct ReusePaused<'a>(&'a Containers);
+
+impl fmt::Debug for ReusePaused<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ReusePaused")
+    }
+}
+
+impl Drop for ReusePaused<'_> {
+    fn drop(&mut self) {
+        self.0.free.lock().resume();
+    }
+}
+
 /// Records the id the next container will take, durably enough that an id is never handed
 /// out twice (the store writes it to its engine).
 pub trait ContainerIds: Send + Sync {
@@ -83,6 +108,11 @@ pub struct Containers {
     next_id: Mutex<u32>,
     /// Containers written since the last sync.
     unsynced: Mutex<BTreeSet<u32>>,
+    /// Slots of dead blocks (see [`free_slots`]).
+    free: Mutex<FreeSlots>,
+    /// Held (shared) by readers that find a block by its fingerprint, from the lookup of its
+    /// location to the read; slots become ready for reuse only under it held exclusively.
+    reuse_gate: RwLock<()>,
 }
 
 impl fmt::Debug for Containers {
@@ -110,15 +140,26 @@ impl Containers {
             active: Mutex::new(None),
             next_id: Mutex::new(next),
             unsynced: Mutex::new(BTreeSet::new()),
+            free: Mutex::new(FreeSlots::default()),
+            reuse_gate: RwLock::new(()),
         })
     }
 
-    /// Appends `blocks` (each `block_size` bytes), returning their locations in order.
-    /// Consecutive blocks land in consecutive slots where they can, written with one `pwrite`.
+    /// Stores `blocks` (each `block_size` bytes), returning their locations in order. A few
+    /// blocks take ready slots of dead blocks first; the rest are appended, consecutive blocks
+    /// in consecutive slots where they can, written with one `pwrite`.
     pub fn append(&self, blocks: &[&[u8]], ids: &dyn ContainerIds) -> Result<Vec<Location>> {
         let bs = self.block_size as usize;
         let mut out = Vec::with_capacity(blocks.len());
         let mut rest = blocks;
+        if blocks.len() <= REUSE_MAX_BLOCKS {
+            while let Some((block, more)) = rest.split_first() {
+                let Some((file, loc)) = self.take_free_slot() else { break };
+                file.write_at(block, u64::from(loc.slot) * bs as u64)?;
+                out.push(loc);
+                rest = more;
+            }
+        }
         while !rest.is_empty() {
             let (file, id, first_slot, n) = self.reserve(rest.len(), ids)?;
             let run = &rest[..n];
@@ -132,6 +173,56 @@ impl Containers {
             rest = &rest[n..];
         }
         Ok(out)
+    }
+
+    /// A ready slot of a dead block and its container, marked unsynced.
+    fn take_free_slot(&self) -> Option<(Arc<dyn ContainerFile>, Location)> {
+        loop {
+            let loc = self.free.lock().take()?;
+            // Compaction forgets every slot before it deletes a container; a slot of a
+            // container that is gone anyway is skipped.
+            if let Some(file) = self.get(loc.container) {
+                self.unsynced.lock().insert(loc.container);
+                return Some((file, loc));
+            }
+        }
+    }
+
+    /// Records slots whose blocks died in an engine batch that has been written (they become
+    /// reusable once a sync of the engine's log that began after this is done).
+    pub fn freed(&self, slots: impl IntoIterator<Item = Location>) {
+        self.free.lock().freed(slots);
+    }
+
+    /// Whether freed slots wait for a sync of the engine's log.
+    pub fn has_pending_free(&self) -> bool {
+        self.free.lock().has_pending()
+    }
+
+    /// Called before a sync of the engine's log; pass the epoch to [`Containers::free_synced`]
+    /// once it is done.
+    pub fn begin_free_sync(&self) -> u64 {
+        self.free.lock().begin_sync()
+    }
+
+    /// The sync of the engine's log that began at `epoch` is done: the slots freed before it
+    /// began may be taken, once no reader by fingerprint that may have looked one up runs.
+    pub fn free_synced(&self, epoch: u64) {
+        let _grace = self.reuse_gate.write();
+        self.free.lock().synced(epoch);
+    }
+
+    /// Held by a reader that finds blocks by fingerprint, from the lookup of their locations
+    /// to their reads (recursive: a reader never waits behind a pending writer it would block).
+    pub fn reuse_gate(&self) -> RwLockReadGuard<'_, ()> {
+        self.reuse_gate.read_recursive()
+    }
+
+    /// Stops the reuse of dead slots until the guard drops, forgetting every slot known now:
+    /// compaction takes this before it counts live blocks.
+    pub fn pause_reuse(&self) -> ReusePaused<'_> {
+        self.free.lock().pause();
+        ReusePaused(self)
     }
 
     /// Reserves up to `want` consecutive slots in the active container (a new one when it is
@@ -257,6 +348,35 @@ mod tests {
         let c = Containers::open(dir, 512, 4 * 512, 0).unwrap();
         let locs = c.append(&refs[..1], &NoIds).unwrap();
         assert_eq!(locs[0], Location { container: 2, slot: 0 });
+    }
+
+    #[test]
+    fn small_appends_take_the_slots_of_dead_blocks_once_their_death_is_synced() {
+        let c = Containers::open(Arc::new(MemContainerDir::default()), 512, 64 * 512, 0).unwrap();
+        let blocks: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i; 512]).collect();
+        let refs: Vec<&[u8]> = blocks.iter().map(|b| &b[..]).collect();
+        let locs = c.append(&refs, &NoIds).unwrap();
+        c.freed([locs[1]]);
+        let next = c.append(&refs[..1], &NoIds).unwrap();
+        assert_eq!(next[0].slot, 4, "a death not synced yet: appended");
+        let epoch = c.begin_free_sync();
+        c.free_synced(epoch);
+        let again = c.append(&refs[3..], &NoIds).unwrap();
+        assert_eq!(again[0], locs[1], "the dead block's slot");
+        let mut buf = vec![0u8; 512];
+        c.read(locs[1], &mut buf).unwrap();
+        assert_eq!(buf, blocks[3]);
+        // Large appends keep their order at the end, and a pause forgets what is known.
+        c.freed([locs[2]]);
+        let epoch = c.begin_free_sync();
+        c.free_synced(epoch);
+        let big: Vec<&[u8]> = std::iter::repeat_n(&refs[0][..], REUSE_MAX_BLOCKS + 1).collect();
+        assert_eq!(c.append(&big, &NoIds).unwrap()[0].slot, 5);
+        {
+            let _paused = c.pause_reuse();
+            assert_eq!(c.append(&refs[..1], &NoIds).unwrap()[0].slot, 5 + REUSE_MAX_BLOCKS as u32 + 1);
+        }
+        assert_eq!(c.append(&refs[..1], &NoIds).unwrap()[0].slot, 5 + REUSE_MAX_BLOCKS as u32 + 2);
     }
 
     #[test]

@@ -298,6 +298,9 @@ impl Store {
         match &self.blocks {
             super::Blocks::Local(containers) => {
                 let wanted: Vec<(Fingerprint, Option<Location>)> = fps.iter().flatten().map(|fp| (*fp, None)).collect();
+                // Found by fingerprint, not through a map whose stripe would keep the block
+                // alive: no dead slot becomes reusable between the lookup and the read.
+                let _gate = containers.reuse_gate();
                 let mut resolved = self.resolve(containers, &wanted)?.into_iter();
                 let mut out = Vec::with_capacity(fps.len());
                 for fp in fps {

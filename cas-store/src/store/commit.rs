@@ -246,6 +246,10 @@ impl Store {
         if let Some(staged) = staged {
             self.refs.applied(staged);
         }
+        if let (Some(containers), true) = (self.containers(), self.reuse_dead_slots) {
+            // Their slots may hold new blocks once this batch is durable.
+            containers.freed(releases.iter().filter_map(|fp| entries.get(fp).copied().flatten().and_then(|e| e.location)));
+        }
         if let Some(pool) = self.external_pool() {
             // New blocks are likely read soon (a guest reads what it wrote); fetching them back
             // from the pool would cost a round trip.

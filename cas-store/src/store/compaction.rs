@@ -61,6 +61,9 @@ impl Store {
     fn compact_until(&self, min_live_share: f64, stop: Option<CompactionStop>) -> Result<CompactionReport> {
         let Some(containers) = self.containers() else { return Ok(CompactionReport::default()) };
         let _pass = self.compaction.lock();
+        // No new block may land in a container this pass deletes: dead slots are forgotten and
+        // none is taken until it ends (commits that took one before are waited for below).
+        let _no_reuse = containers.pause_reuse();
         let bs = u64::from(self.block_size);
         let listed = containers.list()?;
         let active = containers.active_id();

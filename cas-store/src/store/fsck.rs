@@ -106,6 +106,10 @@ impl Store {
         // reports may be a write in flight; check it again.
         let _catalog = self.catalog.lock();
         let _compaction = self.compaction.lock();
+        // No slot of a block that dies meanwhile takes a new block while it is read back
+        // (once the commits that took one already have written their batches).
+        let _no_reuse = self.containers().map(|c| c.pause_reuse());
+        drop(self.appends.write());
         // The scans of `refs` below see only what is folded into it.
         self.fold_refs()?;
         let mut report = FsckReport::default();

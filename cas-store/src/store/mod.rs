@@ -34,6 +34,7 @@ mod io;
 mod migration;
 mod refs_log;
 mod sketches;
+mod slot_reuse;
 mod snapshot;
 mod types;
 mod upgrade;
@@ -112,6 +113,13 @@ pub struct StoreOptions {
     /// flight at a time (`qemu-img convert` without `-W`) would otherwise leave all but one
     /// core idle. Default: the CPUs available, at most 4.
     pub write_threads: usize,
+    /// Small writes of new blocks take the slots of blocks that died (durably) instead of
+    /// growing a container: a cached page and an allocated disk block overwritten, as a plain
+    /// NBD server overwrites its file (see the containers' `free_slots`). Default on. The
+    /// price: after a power loss (not a process crash), a block written and never flushed may
+    /// read as the bytes a dead block left in its slot rather than as zeros; a store shared by
+    /// tenants who must never see each other's old bytes turns it off (or sets `verify_reads`).
+    pub reuse_dead_slots: bool,
 }
 
 impl Default for StoreOptions {
@@ -125,6 +133,7 @@ impl Default for StoreOptions {
             container_bytes: 64 << 20,
             verify_reads: false,
             write_threads: std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
+            reuse_dead_slots: true,
         }
     }
 }
@@ -274,6 +283,8 @@ pub struct Store {
     /// Hot blocks of an external pool (disabled for local blocks: the page cache serves them).
     cache: BlockCache,
     verify_reads: bool,
+    /// Commits record the slots of blocks that die, for new blocks to take.
+    reuse_dead_slots: bool,
     write_threads: usize,
     block_stripes: Vec<RwLock<()>>,
     fingerprint_stripes: Vec<Mutex<()>>,
@@ -289,6 +300,8 @@ pub struct Store {
     refs: Arc<refs_log::RefsLog>,
     /// The thread folding them into `refs`.
     refs_folder: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The thread making dead slots reusable (local blocks, `reuse_dead_slots`).
+    slot_reuse: Mutex<Option<slot_reuse::SlotReuse>>,
 }
 
 impl Drop for Store {
@@ -296,6 +309,9 @@ impl Drop for Store {
         self.refs.stop_folding();
         if let Some(folder) = self.refs_folder.lock().take() {
             let _ = folder.join();
+        }
+        if let Some(mut reuse) = self.slot_reuse.lock().take() {
+            reuse.stop();
         }
         // An orderly close leaves no journal behind (the next open would apply it anyway).
         if let Err(e) = self.fold_refs() {
@@ -445,7 +461,8 @@ impl Store {
             Blocks::Local(c) => Some(Arc::clone(c)),
             Blocks::External(_) => None,
         };
-        let refs_folder = Mutex::new(Some(refs.start_folding(Arc::clone(&engine), data)));
+        let refs_folder = Mutex::new(Some(refs.start_folding(Arc::clone(&engine), data.clone())));
+        let slot_reuse = Mutex::new(data.filter(|_| opts.reuse_dead_slots).map(|c| slot_reuse::SlotReuse::start(Arc::clone(&engine), c)));
         let store = Store {
             cache: BlockCache::new(cache_bytes, config.block_size as usize),
             block_size: config.block_size,
@@ -454,6 +471,7 @@ impl Store {
             blocks,
             holder: config.blocks.map(|b| b.holder).unwrap_or_default(),
             verify_reads: opts.verify_reads,
+            reuse_dead_slots: opts.reuse_dead_slots,
             write_threads: opts.write_threads.max(1),
             block_stripes: (0..BLOCK_STRIPES).map(|_| RwLock::new(())).collect(),
             fingerprint_stripes: (0..FINGERPRINT_STRIPES).map(|_| Mutex::new(())).collect(),
@@ -463,6 +481,7 @@ impl Store {
             disks: RwLock::new(DiskTable::default()),
             refs,
             refs_folder,
+            slot_reuse,
         };
         store.load_catalog()?;
         // Pool operations a crash interrupted first, so that the deletes below start from
@@ -517,14 +536,5 @@ impl Store {
     /// Whether a block's bytes are all zero (such blocks are never stored).
     pub fn is_zero_block(data: &[u8]) -> bool {
         is_zero(data)
-    }
-
-    /// Makes every write that has returned durable: container data first, then the engine's
-    /// log that names it.
-    pub fn flush(&self) -> Result<()> {
-        if let Some(c) = self.containers() {
-            c.sync()?;
-        }
-        self.engine.sync()
     }
 }

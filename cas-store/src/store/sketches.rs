@@ -8,13 +8,13 @@
 //! are both found (the caller skips the block itself).
 //!
 //! The index is built lazily, a container at a time, by [`Store::update_sketches`], never on
-//! the write path: a container is sketched once it is sealed (no longer appended to; slots
-//! are never rewritten, so what it holds then it holds until compaction deletes it), and a
+//! the write path: a container is sketched once it is sealed (no longer appended to), and a
 //! cursor in [`Cf::Meta`] says where the next pass starts. Entries are never updated when
-//! blocks die or move: a location names bytes that were a stored block, which stay exactly
-//! what they were while the container exists (a dead slot is still a good reference if the
-//! peer holds that content: the peer checks by fingerprint), and a location whose container
-//! compaction deleted fails to read and is skipped. Relocated blocks are sketched again in the
+//! blocks die or move: a location names bytes that were a stored block (a dead slot is still
+//! a good reference if the peer holds that content: the peer checks by fingerprint), a
+//! location whose container compaction deleted fails to read and is skipped, and a dead slot
+//! a new block took (small writes reuse them) now holds other bytes: the delta against it is
+//! then merely larger, never wrong (a base is named by the fingerprint of the bytes read). Relocated blocks are sketched again in the
 //! container they moved to. Entries of deleted containers stay until a rebuild (known
 //! limitation: the index grows with the blocks ever sketched, 3 x 17 bytes each).
 //!
@@ -117,8 +117,9 @@ impl Store {
     }
 
     /// Locations of indexed blocks that share a super-feature with `sketch`, those sharing
-    /// more first, each once. A location may name a dead slot (its bytes are still the block
-    /// they were) or a deleted container ([`Store::read_location`] then fails).
+    /// more first, each once. A location may name a dead slot (its bytes are the block they
+    /// were, or a new block's once a small write took the slot: check by fingerprint) or a
+    /// deleted container ([`Store::read_location`] then fails).
     pub fn similar_blocks(&self, sketch: &Sketch) -> Result<Vec<Location>> {
         let mut found: Vec<(Location, usize)> = Vec::with_capacity(SUPER_FEATURES * LOCATIONS_PER_FEATURE);
         for (j, sf) in sketch.0.iter().enumerate() {

@@ -223,6 +223,10 @@ pub(crate) fn block_records(
             Some(data) => {
                 let delta = reference.and_then(|(reference, at)| {
                     store.read_location(at, &mut base).ok()?;
+                    // A small write may have taken the dead slot since it was confirmed.
+                    if store.fingerprint(&base) != reference {
+                        return None;
+                    }
                     let delta = crate::delta::encode(&data, &base, level.clamp(1, MAX_DELTA_LEVEL))?;
                     Some(Record::Delta { fp: *fp, reference, delta })
                 });
