@@ -101,7 +101,7 @@ pub struct Args {
     /// store the new blocks of small writes at the end of a container only (by default they
     /// take the slots of blocks that died, once their death is durable: a cached page
     /// overwritten; the price is that after a power loss a write never flushed may read as
-    /// the bytes a dead block left)
+    /// the bytes a dead block left rather than as zeros)
     #[argh(switch)]
     pub no_slot_reuse: bool,
 

@@ -5,8 +5,8 @@
 //! also costs the host a fault) and in a disk block ext4 must reserve; a block written over a
 //! dead block's slot lands in a page that is cached already and a disk block that is
 //! allocated, as a plain NBD server overwrites its file. 4 KiB random writes of unique data
-//! at QD32 on a populated store ran at 36.5 k IOPS and 41.5 us of server CPU each with reuse
-//! against 28.6 k and 54.9 us without (README: Measured, reusing dead slots).
+//! at QD32 on a populated store ran at 38.5 k IOPS and 39.3 us of server CPU each with reuse
+//! against 31.6 k and 49.1 us without (README: Measured, reusing dead slots).
 //!
 //! The rules that keep it safe (the store and [`super::Containers`] apply them):
 //! 1. A slot is taken only once the engine batch that dropped its block's count to zero is

@@ -6,9 +6,9 @@
 //! Appends of concurrent writers reserve slots under a short lock and write outside it, so
 //! many requests fill one container at once. A slot whose block died may be written again by
 //! a small write once that death is durable ([`free_slots`] has the rules); otherwise a
-//! slot's bytes never change while its container exists. A block read is one `pread` from the page cache straight into
-//! the caller's buffer (the fingerprint is the checksum: fsck re-hashes, and
-//! [`crate::StoreOptions::verify_reads`] re-hashes every read).
+//! slot's bytes never change while its container exists. A block read is one `pread` from
+//! the page cache straight into the caller's buffer (the fingerprint is the checksum: fsck
+//! re-hashes, and [`crate::StoreOptions::verify_reads`] re-hashes every read).
 //!
 //! Container ids are never reused (the next id is recorded in the engine before a container is
 //! created), so a location that names a container compaction has deleted fails to resolve
@@ -156,6 +156,7 @@ impl Containers {
             while let Some((block, more)) = rest.split_first() {
                 let Some((file, loc)) = self.take_free_slot() else { break };
                 file.write_at(block, u64::from(loc.slot) * bs as u64)?;
+                self.written(loc.container);
                 out.push(loc);
                 rest = more;
             }
@@ -169,20 +170,27 @@ impl Containers {
             } else {
                 file.write_blocks_at(run, offset)?;
             }
+            self.written(id);
             out.extend((0..n as u32).map(|i| Location { container: id, slot: first_slot + i }));
             rest = &rest[n..];
         }
         Ok(out)
     }
 
-    /// A ready slot of a dead block and its container, marked unsynced.
+    /// Marks container `id` for the next sync, once a write into it has returned: marked
+    /// before, a sync running meanwhile could take the mark and finish before the write lands,
+    /// and a FLUSH after this write's reply would then skip the container.
+    fn written(&self, id: u32) {
+        self.unsynced.lock().insert(id);
+    }
+
+    /// A ready slot of a dead block and its container.
     fn take_free_slot(&self) -> Option<(Arc<dyn ContainerFile>, Location)> {
         loop {
             let loc = self.free.lock().take()?;
             // Compaction forgets every slot before it deletes a container; a slot of a
             // container that is gone anyway is skipped.
             if let Some(file) = self.get(loc.container) {
-                self.unsynced.lock().insert(loc.container);
                 return Some((file, loc));
             }
         }
@@ -212,10 +220,18 @@ impl Containers {
         self.free.lock().synced(epoch);
     }
 
+    /// [`Containers::free_synced`] if no reader by fingerprint runs now (a FLUSH does not
+    /// wait for them: the slots stay pending for the next sync).
+    pub fn try_free_synced(&self, epoch: u64) {
+        if let Some(_grace) = self.reuse_gate.try_write() {
+            self.free.lock().synced(epoch);
+        }
+    }
+
     /// Held by a reader that finds blocks by fingerprint, from the lookup of their locations
-    /// to their reads (recursive: a reader never waits behind a pending writer it would block).
+    /// to their reads. Never taken twice by one thread.
     pub fn reuse_gate(&self) -> RwLockReadGuard<'_, ()> {
-        self.reuse_gate.read_recursive()
+        self.reuse_gate.read()
     }
 
     /// Stops the reuse of dead slots until the guard drops, forgetting every slot known now:
@@ -246,7 +262,6 @@ impl Containers {
         let n = want.min((self.slots_per_container - a.next_slot) as usize);
         let first = a.next_slot;
         a.next_slot += n as u32;
-        self.unsynced.lock().insert(a.id);
         Ok((a.file.clone(), a.id, first, n))
     }
 

@@ -292,8 +292,8 @@ impl Store {
 
     /// Blocks by fingerprint (None stays None; a block that is not stored reads as None).
     /// Local blocks are read from their containers; a block whose last reference goes
-    /// meanwhile still reads right (its slot is never rewritten). External ones go through the
-    /// hot-block cache.
+    /// meanwhile still reads right (its slot is not taken again while the reuse gate is held).
+    /// External ones go through the hot-block cache.
     pub(super) fn fetch_blocks(&self, fps: &[Option<Fingerprint>]) -> Result<Vec<Option<Arc<[u8]>>>> {
         match &self.blocks {
             super::Blocks::Local(containers) => {

@@ -1,7 +1,8 @@
 //! Compaction: giving back the space of dead blocks.
 //!
-//! A block whose last reference goes leaves a dead slot in its container (slots are never
-//! rewritten, so nothing on the write path waits for space to be reclaimed). A pass finds the
+//! A block whose last reference goes leaves a dead slot in its container (small writes take
+//! some of them again, see the containers' `free_slots`; nothing on the write path waits for
+//! space to be reclaimed). A pass finds the
 //! containers whose live share has fallen below a threshold, copies their live blocks to the
 //! container being appended to, points the blocks' `refs` entries at the copies, and deletes
 //! the old containers. Crash-safe at every step:

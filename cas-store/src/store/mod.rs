@@ -116,9 +116,10 @@ pub struct StoreOptions {
     /// Small writes of new blocks take the slots of blocks that died (durably) instead of
     /// growing a container: a cached page and an allocated disk block overwritten, as a plain
     /// NBD server overwrites its file (see the containers' `free_slots`). Default on. The
-    /// price: after a power loss (not a process crash), a block written and never flushed may
-    /// read as the bytes a dead block left in its slot rather than as zeros; a store shared by
-    /// tenants who must never see each other's old bytes turns it off (or sets `verify_reads`).
+    /// price: after a power loss (not a process crash), a block written and never flushed
+    /// whose map entry RocksDB made durable on its own (a memtable flush) may read as the bytes
+    /// a dead block left in its slot rather than as zeros; a store shared by tenants who must
+    /// never see each other's old bytes turns it off (or sets `verify_reads`).
     pub reuse_dead_slots: bool,
 }
 

@@ -14,7 +14,10 @@
 //! a good reference if the peer holds that content: the peer checks by fingerprint), a
 //! location whose container compaction deleted fails to read and is skipped, and a dead slot
 //! a new block took (small writes reuse them) now holds other bytes: the delta against it is
-//! then merely larger, never wrong (a base is named by the fingerprint of the bytes read). Relocated blocks are sketched again in the
+//! then merely larger, never wrong (a base is named by the fingerprint of the bytes read).
+//! Known limitation: a block that a small write stores in a reused slot of a container
+//! sketched before is not sketched itself (the cursor has passed that container), so a
+//! migration finds fewer delta bases among blocks written by small random writes. Relocated blocks are sketched again in the
 //! container they moved to. Entries of deleted containers stay until a rebuild (known
 //! limitation: the index grows with the blocks ever sketched, 3 x 17 bytes each).
 //!
