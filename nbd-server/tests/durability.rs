@@ -163,6 +163,19 @@ fn verify(server: &ServerProcess, ledger: &Ledger) {
     c.disconnect();
 }
 
+/// The logs of every server run in `dir` (what compaction did when, for a failed check).
+fn print_server_logs(dir: &std::path::Path) {
+    let mut logs: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| Some(e.ok()?.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    logs.sort();
+    for path in logs {
+        eprintln!("==== {}\n{}", path.display(), std::fs::read_to_string(&path).unwrap_or_default());
+    }
+}
+
 #[test]
 fn acknowledged_writes_survive_sigkill() {
     let dir = tempfile::tempdir().unwrap();
@@ -214,6 +227,9 @@ fn acknowledged_writes_survive_sigkill() {
     server.kill9();
     let reopened = cas_store::Store::open(&store, cas_store::StoreOptions::default()).expect("reopening the store");
     let report = reopened.fsck(true).expect("fsck");
+    if !report.is_clean() {
+        print_server_logs(dir.path());
+    }
     assert!(report.is_clean(), "fsck after SIGKILL: {:?}", report.problems);
     assert!(
         passes >= ROUNDS as usize,

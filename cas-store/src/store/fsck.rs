@@ -93,8 +93,10 @@ impl Store {
     /// to its fingerprint.
     ///
     /// With local blocks, "stored" means a location inside an existing container, and a map
-    /// entry's location hint either names the block's location or a container compaction has
-    /// deleted. With an external pool, "stored" means in the pool, with exactly one reference
+    /// entry's location hint names the block's location, a container compaction has deleted,
+    /// or (a pass interrupted between moving the blocks and deleting their old containers) an
+    /// old copy that still holds the block's bytes: counted in `stale_hints`, a problem only if
+    /// the bytes there are other ones. With an external pool, "stored" means in the pool, with exactly one reference
     /// of this store on each block it maps; the whole pool is listed for references of this
     /// store on blocks it does not map (leaks, which [`Store::repair_references`] gives back),
     /// and `stored_blocks` and `verified_blocks` count this store's blocks. Other stores'
@@ -129,8 +131,9 @@ impl Store {
         }
         let containers = self.containers();
         // Per fingerprint: map entries naming it, and the first hint of one that names a
-        // container that still exists.
+        // container that still exists; other such hints (old copies a crash left) apart.
         let mut expected: HashMap<Fingerprint, (u64, Option<Location>)> = HashMap::new();
+        let mut other_hints: HashMap<Fingerprint, Vec<Location>> = HashMap::new();
         for kv in self.engine.scan(Cf::Maps, b"", None)? {
             let (k, v) = kv?;
             report.map_entries += 1;
@@ -152,7 +155,10 @@ impl Store {
             match (e.1, live_hint) {
                 (None, Some(h)) => e.1 = Some(h),
                 (Some(seen), Some(h)) if seen != h => {
-                    report.problem(format!("block {}: map entries name two live locations, {seen} and {h}", entry.fp));
+                    let others = other_hints.entry(entry.fp).or_default();
+                    if !others.contains(&h) {
+                        others.push(h);
+                    }
                 }
                 _ => {}
             }
@@ -172,8 +178,17 @@ impl Store {
                 report.problem(format!("block {fp} has no location"));
                 continue;
             };
-            if let Some(h) = hint.filter(|h| *h != loc) {
-                report.problem(format!("block {fp}: a map entry names {h}, but the block is at {loc}"));
+            let stale = hint.into_iter().chain(other_hints.remove(&fp).unwrap_or_default()).filter(|h| *h != loc);
+            for h in stale {
+                // Reads take the hint while its container exists: its bytes must be this block's.
+                let holds_block = containers
+                    .get(h.container)
+                    .is_some_and(|f| f.read_at(&mut verify, u64::from(h.slot) * bs).is_ok() && self.algorithm.fingerprint(&verify) == fp);
+                if holds_block {
+                    report.stale_hints += 1;
+                } else {
+                    report.problem(format!("block {fp}: a map entry names {h}, which holds other bytes (the block is at {loc})"));
+                }
             }
             let Some(file) = containers.get(loc.container) else {
                 report.problem(format!("block {fp} is at {loc}, but container {} does not exist", loc.container));

@@ -221,6 +221,12 @@ pub fn run(ops: Vec<Op>, backend: &dyn Backend) -> Result<(), TestCaseError> {
                     }
                     drop(store);
                     store = backend.open(opts.clone());
+                    if stop > 0 {
+                        // What a crash in a pass leaves is consistent as it is, before any
+                        // later pass tidies it.
+                        let report = store.fsck(true).unwrap();
+                        prop_assert!(report.is_clean(), "fsck after a pass stopped at {}: {:?}", stop, report.problems);
+                    }
                 }
                 Op::Reopen => {
                     drop(store);

@@ -603,6 +603,9 @@ fn run(cas: Cas) -> Result<()> {
                     report.verified_blocks,
                     if report.is_clean() { "clean".to_string() } else { format!("{} problems", report.problem_count) }
                 );
+                if report.stale_hints > 0 {
+                    println!("fsck: {} map entries hint at old copies a compaction pass left (valid; `cas gc` deletes them)", report.stale_hints);
+                }
             }
             if !report.is_clean() {
                 std::process::exit(2);
