@@ -48,7 +48,7 @@ impl SlotReuse {
                     }
                 }
                 if containers.has_pending_free() {
-                    if let Err(e) = promote(engine.as_ref(), &containers) {
+                    if let Err(e) = sync_then_free(engine.as_ref(), &containers, Grace::Wait) {
                         tracing::warn!(error = %e, "syncing the engine's log to reuse dead slots failed; retried");
                     }
                 }
@@ -66,12 +66,25 @@ impl SlotReuse {
     }
 }
 
-/// Syncs the containers and the engine's log, then lets the slots freed before it be taken.
-fn promote(engine: &dyn KvEngine, containers: &Containers) -> Result<()> {
+/// Whether making freed slots ready waits for readers by fingerprint to finish.
+#[derive(Clone, Copy)]
+enum Grace {
+    /// The store's own sync: it waits (no client waits on it).
+    Wait,
+    /// A client's FLUSH: it does not wait; the slots stay pending for the next sync.
+    Try,
+}
+
+/// Syncs the containers and the engine's log (in that order: the log names the containers'
+/// new slots), then lets the slots freed before it began be taken.
+fn sync_then_free(engine: &dyn KvEngine, containers: &Containers, grace: Grace) -> Result<()> {
     let epoch = containers.begin_free_sync();
     containers.sync()?;
     engine.sync()?;
-    containers.free_synced(epoch);
+    match grace {
+        Grace::Wait => containers.free_synced(epoch),
+        Grace::Try => containers.try_free_synced(epoch),
+    }
     Ok(())
 }
 
@@ -79,12 +92,10 @@ impl Store {
     /// Makes every write that has returned durable (containers first, then the engine's log),
     /// and the slots of blocks that died before it reusable.
     pub fn flush(&self) -> Result<()> {
-        let Some(containers) = self.containers() else { return self.engine.sync() };
-        let epoch = containers.begin_free_sync();
-        containers.sync()?;
-        self.engine.sync()?;
-        containers.try_free_synced(epoch);
-        Ok(())
+        match self.containers() {
+            Some(containers) => sync_then_free(self.engine.as_ref(), containers, Grace::Try),
+            None => self.engine.sync(),
+        }
     }
 }
 
