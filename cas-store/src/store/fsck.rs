@@ -95,12 +95,12 @@ impl Store {
     /// With local blocks, "stored" means a location inside an existing container, and a map
     /// entry's location hint names the block's location, a container compaction has deleted,
     /// or (a pass interrupted between moving the blocks and deleting their old containers) an
-    /// old copy that still holds the block's bytes: counted in `stale_hints`, a problem only if
-    /// the bytes there are other ones. With an external pool, "stored" means in the pool, with exactly one reference
-    /// of this store on each block it maps; the whole pool is listed for references of this
-    /// store on blocks it does not map (leaks, which [`Store::repair_references`] gives back),
-    /// and `stored_blocks` and `verified_blocks` count this store's blocks. Other stores'
-    /// blocks are theirs to check.
+    /// old copy that still holds the block's bytes: counted in `stale_hints`, a problem only
+    /// if the bytes there are other ones. With an external pool, "stored" means in the pool,
+    /// with exactly one reference of this store on each block it maps; the whole pool is
+    /// listed for references of this store on blocks it does not map (leaks, which
+    /// [`Store::repair_references`] gives back), and `stored_blocks` and `verified_blocks`
+    /// count this store's blocks. Other stores' blocks are theirs to check.
     pub fn fsck(&self, verify_data: bool) -> Result<FsckReport> {
         // No delete, resize or rename runs meanwhile (a delete releases references in many
         // batches; seen half-way it would look like damage), and no compaction pass (which

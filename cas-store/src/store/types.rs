@@ -125,9 +125,10 @@ pub struct FsckReport {
     pub map_entries: u64,
     pub stored_blocks: u64,
     pub verified_blocks: u64,
-    /// Map entries whose location hint names an old copy of their block in a container a
-    /// compaction pass emptied but did not delete (it was interrupted): valid (the copy holds
-    /// the block's bytes, checked), and the next pass deletes that container.
+    /// Old locations of blocks that map entries still hint at: copies in containers a
+    /// compaction pass emptied but did not delete (it was interrupted). Valid (each copy holds
+    /// its block's bytes, checked); the next pass deletes those containers. Counted once per
+    /// block and location, however many entries name it.
     #[serde(default)]
     pub stale_hints: u64,
     /// Number of problems found; `problems` lists the first of them.

@@ -604,7 +604,10 @@ fn run(cas: Cas) -> Result<()> {
                     if report.is_clean() { "clean".to_string() } else { format!("{} problems", report.problem_count) }
                 );
                 if report.stale_hints > 0 {
-                    println!("fsck: {} map entries hint at old copies a compaction pass left (valid; `cas gc` deletes them)", report.stale_hints);
+                    println!(
+                        "fsck: {} old block locations that map entries still hint at, left by an interrupted compaction pass (valid; `cas gc` deletes them)",
+                        report.stale_hints
+                    );
                 }
             }
             if !report.is_clean() {
