@@ -21,8 +21,15 @@
 //! at a time, its map is read and written on every I/O (a local lookup, not a network round
 //! trip), and the map batch stays atomic with the server's own reference counts.
 
+mod completion;
 mod encoding;
 mod ffi;
+mod handles;
+mod scan;
+
+use completion::Completion;
+use handles::Handles;
+use scan::RadosScan;
 
 use std::collections::VecDeque;
 use std::ffi::{CStr, CString};
@@ -31,7 +38,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cas_store::pool::{BlockPool, Claim, Claimed, PoolBlock, PoolScan, PoolSettings};
+use cas_store::pool::{BlockPool, Claim, Claimed, PoolScan, PoolSettings};
 use cas_store::{Fingerprint, Result, StoreError};
 use serde::{Deserialize, Serialize};
 
@@ -43,8 +50,6 @@ const REFERENCES_CHUNK: &CStr = c"references_chunk";
 const REFS_XATTR: &CStr = c"chunk_refs";
 /// The object recording the settings of the stores that use the pool.
 const SETTINGS_OBJECT: &str = "nbd-cas.settings";
-/// Objects per batch of fsck's pool listing.
-const SCAN_BATCH: usize = 1024;
 
 /// How to reach the pool.
 #[derive(Debug, Clone)]
@@ -136,68 +141,6 @@ fn parse_oid(name: &[u8]) -> Option<Fingerprint> {
         out[i] = u8::from_str_radix(s, 16).ok()?;
     }
     Some(Fingerprint(out))
-}
-
-/// A completion of one asynchronous operation. Dropping it waits for the operation if it was
-/// submitted, so buffers the operation writes into can be dropped right after it.
-struct Completion {
-    c: ffi::rados_completion_t,
-    submitted: bool,
-}
-
-impl Completion {
-    fn new() -> Result<Completion> {
-        let mut c = std::ptr::null_mut();
-        // SAFETY: `c` is a valid out-pointer; no callback is registered.
-        let r = unsafe { ffi::rados_aio_create_completion2(std::ptr::null_mut(), None, &mut c) };
-        if r < 0 {
-            return Err(StoreError::Engine(format!("RADOS: creating a completion: {}", errno_text(r))));
-        }
-        Ok(Completion { c, submitted: false })
-    }
-
-    fn wait(&mut self) -> i32 {
-        // SAFETY: `c` is a live completion of a submitted operation.
-        unsafe {
-            ffi::rados_aio_wait_for_complete(self.c);
-            ffi::rados_aio_get_return_value(self.c)
-        }
-    }
-}
-
-impl Drop for Completion {
-    fn drop(&mut self) {
-        // SAFETY: a submitted operation is waited for before its completion is released; an
-        // unsubmitted completion is released at once.
-        unsafe {
-            if self.submitted {
-                ffi::rados_aio_wait_for_complete(self.c);
-            }
-            ffi::rados_aio_release(self.c);
-        }
-    }
-}
-
-struct Handles {
-    cluster: ffi::rados_t,
-    io: ffi::rados_ioctx_t,
-}
-
-// SAFETY: librados's cluster and I/O context handles may be used from any thread at once for
-// object operations; the namespace is set once, before the handle is shared.
-unsafe impl Send for Handles {}
-unsafe impl Sync for Handles {}
-
-impl Drop for Handles {
-    fn drop(&mut self) {
-        // SAFETY: the handles were created by `connect` and are not used after this.
-        unsafe {
-            if !self.io.is_null() {
-                ffi::rados_ioctx_destroy(self.io);
-            }
-            ffi::rados_shutdown(self.cluster);
-        }
-    }
 }
 
 struct Inner {
@@ -624,91 +567,7 @@ impl BlockPool for RadosPool {
         if r < 0 {
             return Err(self.inner.error("listing the pool", None, r));
         }
-        Ok(Box::new(RadosScan { inner: self.inner.clone(), ctx: ListCtx(ctx), holder: holder.to_string(), ready: VecDeque::new(), done: false }))
-    }
-}
-
-struct ListCtx(ffi::rados_list_ctx_t);
-
-// SAFETY: a listing context is used by one thread at a time (it moves with its iterator).
-unsafe impl Send for ListCtx {}
-
-impl Drop for ListCtx {
-    fn drop(&mut self) {
-        // SAFETY: opened by `scan`, closed once.
-        unsafe { ffi::rados_nobjects_list_close(self.0) }
-    }
-}
-
-/// fsck's listing of the pool: names in batches, then the references of each batch.
-struct RadosScan {
-    inner: Arc<Inner>,
-    ctx: ListCtx,
-    holder: String,
-    ready: VecDeque<PoolBlock>,
-    done: bool,
-}
-
-impl RadosScan {
-    fn fill(&mut self) -> Result<()> {
-        let mut names: Vec<Fingerprint> = Vec::with_capacity(SCAN_BATCH);
-        while names.len() < SCAN_BATCH {
-            let mut entry: *const libc::c_char = std::ptr::null();
-            let mut entry_size: libc::size_t = 0;
-            // SAFETY: out-pointers are valid; the entry stays valid until the next call.
-            let r = unsafe {
-                ffi::rados_nobjects_list_next2(
-                    self.ctx.0,
-                    &mut entry,
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
-                    &mut entry_size,
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
-                )
-            };
-            if r == -libc::ENOENT {
-                self.done = true;
-                break;
-            }
-            if r < 0 {
-                self.done = true;
-                return Err(self.inner.error("listing the pool", None, r));
-            }
-            // SAFETY: librados returns `entry_size` valid bytes at `entry`.
-            let name = unsafe { std::slice::from_raw_parts(entry.cast::<u8>(), entry_size) };
-            if let Some(fp) = parse_oid(name) {
-                names.push(fp);
-            }
-        }
-        if names.is_empty() {
-            return Ok(());
-        }
-        for (fp, refs) in names.iter().zip(self.inner.refs(&self.holder, &names)?) {
-            // Deleted since it was listed: skip.
-            if let Some((mine, total)) = refs {
-                self.ready.push_back(PoolBlock { fingerprint: *fp, holder_refs: mine, total_refs: total });
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Iterator for RadosScan {
-    type Item = Result<PoolBlock>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        loop {
-            if let Some(b) = self.ready.pop_front() {
-                return Some(Ok(b));
-            }
-            if self.done {
-                return None;
-            }
-            if let Err(e) = self.fill() {
-                return Some(Err(e));
-            }
-        }
+        Ok(Box::new(RadosScan::new(self.inner.clone(), ctx, holder)))
     }
 }
 

@@ -11,6 +11,7 @@ mod journal;
 mod plan;
 mod postcopy;
 mod registry;
+mod restore;
 mod state;
 
 pub use connection::LISTING_WINDOW_BLOCKS;
