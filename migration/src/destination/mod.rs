@@ -13,12 +13,13 @@ mod postcopy;
 mod registry;
 mod restore;
 mod state;
+mod switch;
 
 pub use connection::LISTING_WINDOW_BLOCKS;
 pub use postcopy::{MigratingDisk, PostCopyError};
 pub use registry::{CancelError, Destination};
 // The submodules share their crate-internal items through this module.
-use {apply::*, backlog::*, connection::*, gang::*, journal::*, plan::*, postcopy::*, registry::*, state::*};
+use {apply::*, backlog::*, connection::*, gang::*, journal::*, plan::*, postcopy::*, registry::*, state::*, switch::*};
 
 use std::sync::Arc;
 use std::time::Duration;
