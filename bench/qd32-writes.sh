@@ -3,13 +3,15 @@
 # A/B runs that alternate configurations within minutes (issue 13's QD32 rows): 2 GiB of
 # unique data written into one disk with 1 MiB writes, 30 s of QD1 random writes into another,
 # `sync`, then 15 s at QD32 over the Unix socket (the jobs seeded apart). Prints IOPS, the
-# server's CPU per write and its minor faults per write (from /proc).
+# server's CPU per write and its minor faults per write (from /proc), and the whole machine's
+# busy CPU per write (fio, the kernel's writeback and everything else included).
 #
 #   bench/qd32-writes.sh                     ours (the release build)
 #   PEER=qemu bench/qd32-writes.sh           qemu-nbd on raw files
 #   SERVER=/path/nbd-server EXTRA="--no-slot-reuse" bench/qd32-writes.sh
 #   PRELOAD=/usr/lib/x86_64-linux-gnu/libmimalloc.so.2 bench/qd32-writes.sh
-#   PERF=1 (a perf profile of 10 s into $W/perf.data), PSTAT=1 (context switches)
+#   PERF=1 (a perf profile of 10 s into $W/perf.data), PSTAT=1 (context switches),
+#   THREADS=1 (the server's CPU per write split by thread name)
 # The experiment without an index (bench/experiments/no-index.patch) runs with
 # CAS_NOINDEX=$W/noindex.raw in the environment.
 set -e
@@ -17,6 +19,8 @@ BIN=${BIN:-${CARGO_TARGET_DIR:-/var/tmp/nbd-cas-target}/release}
 W=${W:-/var/tmp/nbd-cas-qd32}; rm -rf "$W"; mkdir -p "$W"
 SOCK=$W/s.sock
 cpu() { awk '{print $14+$15, $10}' /proc/$1/stat; }
+# Per thread name (digits dropped): CPU ticks, for THREADS=1's split of the server's CPU.
+threads() { for t in /proc/$1/task/*; do echo "$(tr -d '0-9 ' < $t/comm) $(sed 's/.*) //' $t/stat | awk '{print $12+$13}')"; done 2>/dev/null; }
 if [ "$PEER" = qemu ]; then
   truncate -s 2G $W/a.raw; truncate -s 1600M $W/w.raw
   qemu-nbd -f raw -k $W/a.sock -x a --cache=writeback -t $W/a.raw & P1=$!
@@ -32,17 +36,35 @@ fio --name=fill --ioengine=nbd --uri=$AURI --rw=write --bs=1M --iodepth=4 --size
 fio --name=qd1 --ioengine=nbd --uri=$URI --rw=randwrite --bs=4k --iodepth=1 --time_based --runtime=${QD1T:-30} --randseed=1001 > /dev/null
 sync
 read c0 f0 < <(cpu $PID)
+busy() { awk '/^cpu /{print $2+$3+$4+$7+$8}' /proc/stat; }
+b0=$(busy)
+[ -n "$THREADS" ] && threads $PID > $W/threads0
 if [ -n "$PERF" ]; then perf record -F 499 --call-graph dwarf,16384 -p $PID -o $W/perf.data -- sleep 10 > /dev/null 2>&1 & PP=$!; fi
 if [ -n "$PSTAT" ]; then perf stat -e context-switches,cpu-migrations -p $PID -o $W/pstat.txt -- sleep 10 > /dev/null 2>&1 & PS=$!; fi
 fio --name=qd32 --ioengine=nbd --uri=$URI --rw=randwrite --bs=4k --iodepth=32 --time_based --runtime=${QD32T:-15} --randseed=32004 --output-format=json --output=$W/f.json > /dev/null
 read c1 f1 < <(cpu $PID)
+b1=$(busy)
+[ -n "$THREADS" ] && threads $PID > $W/threads1
 [ -n "$PERF" ] && wait $PP
 if [ -n "$PSTAT" ]; then wait $PS; grep -E "context|migr" $W/pstat.txt; fi
-python3 - $c0 $c1 $f0 $f1 $W/f.json <<'PY'
+python3 - $c0 $c1 $f0 $f1 $W/f.json $b0 $b1 <<'PY'
 import json,sys,os
 c0,c1,f0,f1=map(float,sys.argv[1:5]); t=open(sys.argv[5]).read(); j=json.loads(t[t.index('{'):])['jobs'][0]['write']
+b0,b1=map(float,sys.argv[6:8])
 n=j['total_ios']; tck=os.sysconf('SC_CLK_TCK')
-print("iops %.0f  cpu %.1f us/write  minflt %.2f/write" % (j['iops'], (c1-c0)/tck*1e6/n, (f1-f0)/n))
+print("iops %.0f  cpu %.1f us/write  minflt %.2f/write  machine %.1f us/write" % (j['iops'], (c1-c0)/tck*1e6/n, (f1-f0)/n, (b1-b0)/tck*1e6/n))
+d=os.path.dirname(sys.argv[5])
+if os.path.exists(d+'/threads1'):
+    def load(f):
+        out={}
+        for line in open(f):
+            name,_,ticks=line.rpartition(' ')
+            out[name]=out.get(name,0)+int(ticks)
+        return out
+    a,b=load(d+'/threads0'),load(d+'/threads1')
+    for name in sorted(b,key=lambda k:-(b[k]-a.get(k,0))):
+        us=(b[name]-a.get(name,0))/tck*1e6/n
+        if us>=0.05: print("  %-20s %5.1f us/write" % (name,us))
 PY
 kill $PID ${P1:-} 2>/dev/null; wait 2>/dev/null
 # keep a profile if one was taken
