@@ -18,10 +18,6 @@ pub(crate) fn map_key(disk: DiskId, block: u64) -> [u8; 16] {
     k
 }
 
-pub(crate) fn map_prefix(disk: DiskId) -> [u8; 8] {
-    disk.0.to_be_bytes()
-}
-
 pub(crate) fn parse_map_key(key: &[u8]) -> Result<(DiskId, u64)> {
     if key.len() != 16 {
         return Err(StoreError::Corrupt(format!("map key of {} bytes", key.len())));

@@ -1,10 +1,10 @@
-//! Block bytes: map lookups, reference entries and locations, and reading blocks from the
+//! Block bytes: reference entries and locations, and reading blocks from the
 //! containers (straight into the caller's buffer) or from an external pool (through the
 //! hot-block cache).
 
 use std::sync::Arc;
 
-use super::{DiskId, Store, FINGERPRINT_STRIPES, SCAN_BLOCKS};
+use super::{Store, FINGERPRINT_STRIPES, SCAN_BLOCKS};
 use crate::container::{ContainerFile, Containers, Location};
 use crate::engine::Cf;
 use crate::keys::*;
@@ -78,32 +78,6 @@ impl Store {
 
     pub(super) fn ref_counts(&self, fps: &[Fingerprint]) -> Result<Vec<u64>> {
         Ok(self.ref_entries(fps)?.into_iter().map(|e| e.map_or(0, |e| e.count)).collect())
-    }
-
-    /// The map entries at blocks `first..=last` of a disk (None: a hole). One seek for a range;
-    /// a point lookup for a single block.
-    pub(super) fn map_lookup(&self, disk: DiskId, first: u64, last: u64) -> Result<Vec<Option<MapEntry>>> {
-        if first == last {
-            return self.engine.get(Cf::Maps, &map_key(disk, first))?.map(|v| parse_map_entry(&v)).transpose().map(|e| vec![e]);
-        }
-        let mut out = vec![None; (last - first + 1) as usize];
-        self.engine.for_each_in(Cf::Maps, &map_key(disk, first), &map_key(disk, last + 1), &mut |k, v| {
-            let (_, block) = parse_map_key(k)?;
-            let slot = block
-                .checked_sub(first)
-                .and_then(|i| out.get_mut(i as usize))
-                .ok_or_else(|| StoreError::Corrupt(format!("map range returned block {block}")))?;
-            *slot = Some(parse_map_entry(v)?);
-            Ok(())
-        })?;
-        Ok(out)
-    }
-
-    /// The map entries of scattered blocks of a disk, in their order (one batched lookup).
-    pub(super) fn map_lookup_many(&self, disk: DiskId, blocks: &[u64]) -> Result<Vec<Option<MapEntry>>> {
-        let keys: Vec<_> = blocks.iter().map(|&b| map_key(disk, b)).collect();
-        let keys: Vec<&[u8]> = keys.iter().map(|k| &k[..]).collect();
-        self.engine.multi_get(Cf::Maps, &keys)?.into_iter().map(|v| v.map(|v| parse_map_entry(&v)).transpose()).collect()
     }
 
     pub(super) fn load_block(&self, fp: &Fingerprint) -> Result<Arc<[u8]>> {

@@ -258,27 +258,25 @@ impl Store {
 
     /// Releases the map entries of `state` in blocks `from..until`, in bounded batches.
     pub(super) fn release_blocks_between(&self, state: &DiskState, from: u64, until: u64) -> Result<()> {
-        let end = map_key(DiskId(state.id.0), until);
+        let chunk = CHUNK_BLOCKS as usize * 4;
         let mut from = from;
-        loop {
-            let entries: Vec<(u64, Fingerprint)> = self
-                .engine
-                .scan(Cf::Maps, &map_key(state.id, from), Some(&end))?
-                .take(CHUNK_BLOCKS as usize * 4)
-                .map(|kv| {
-                    let (k, v) = kv?;
-                    Ok((parse_map_key(&k)?.1, parse_map_entry(&v)?.fp))
-                })
-                .collect::<Result<_>>()?;
-            if entries.is_empty() {
-                return Ok(());
-            }
+        while from < until {
+            let mut scan = self.map_scan(state.id, from, until, chunk)?;
+            let entries: Vec<(u64, Fingerprint)> = scan.by_ref().take(chunk).map(|e| e.map(|(block, e)| (block, e.fp))).collect::<Result<_>>()?;
             // The next scan starts past this chunk: starting again at `from` would walk over
-            // the tombstones of every chunk before it (quadratic on a large disk).
-            from = entries.last().map_or(from, |e| e.0 + 1);
+            // the tombstones of every chunk before it (quadratic on a large disk). A chunk of
+            // the overlay's holes only is skipped whole.
+            from = match entries.last() {
+                Some(e) if entries.len() == chunk => e.0 + 1,
+                _ => scan.end(),
+            };
+            if entries.is_empty() {
+                continue;
+            }
             let old: Vec<Option<Fingerprint>> = entries.iter().map(|e| Some(e.1)).collect();
             let updates = entries.iter().map(|e| (e.0, Target::Zero)).collect();
             self.commit(state, updates, &old)?;
         }
+        Ok(())
     }
 }

@@ -5,6 +5,7 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
+use super::map_overlay::MapChanges;
 use super::refs_log::{RefChange, FOLD_HARD_CAP};
 use super::{is_zero, Blocks, DiskState, EngineContainerIds, RepairReport, Store, Target, POOL_BATCH};
 use crate::container::Location;
@@ -74,7 +75,7 @@ impl Store {
         if first_plan.is_empty() {
             return Ok(vec![true; updates.len()]);
         }
-        if self.refs.len() >= FOLD_HARD_CAP {
+        if self.refs.pending() >= FOLD_HARD_CAP {
             // The fold thread is behind: fold here rather than let the overlay grow.
             self.fold_refs()?;
         }
@@ -218,6 +219,8 @@ impl Store {
         }
 
         let mut changed = Vec::new();
+        // The map changes go to the journal too (see `map_overlay`), not to `maps`.
+        let mut map_changes = MapChanges { disk: state.id, changes: Vec::with_capacity(updates.len()) };
         for (((block, target), old_fp), _) in updates.iter().zip(old).zip(&applied).filter(|(_, &a)| a) {
             let new_fp = match target {
                 Target::Zero => None,
@@ -226,19 +229,16 @@ impl Store {
             if new_fp == *old_fp {
                 continue;
             }
-            let key = map_key(state.id, *block);
-            match new_fp {
-                Some(fp) => batch.put(Cf::Maps, key, encode_map_entry(MapEntry { fp, hint: locations.get(&fp).copied() })),
-                None => batch.delete(Cf::Maps, key),
-            }
+            map_changes.changes.push((*block, new_fp.map(|fp| MapEntry { fp, hint: locations.get(&fp).copied() })));
             changed.push(*block);
         }
-        if batch.is_empty() && ref_changes.is_empty() {
+        if batch.is_empty() && ref_changes.is_empty() && map_changes.is_empty() {
             return Ok(applied);
         }
-        // The counts go to the journal in this batch, and to the overlay once it is written
-        // (still under the fingerprint stripes); a fold moves them into `refs` later.
-        let staged = (!ref_changes.is_empty()).then(|| self.refs.stage(&mut batch, ref_changes));
+        // The counts and the map changes go to the journal in this batch, and to the overlays
+        // once it is written (still under the fingerprint and block stripes); a fold moves them
+        // into `refs` and `maps` later.
+        let staged = (!ref_changes.is_empty() || !map_changes.is_empty()).then(|| self.refs.stage(&mut batch, ref_changes, Some(map_changes)));
         if let Err(e) = self.engine.write(batch) {
             self.give_back(&taken, &claim_fps);
             return Err(e);

@@ -172,7 +172,7 @@ impl Store {
             }
             if !changes.is_empty() {
                 let mut batch = WriteBatch::new();
-                let staged = self.refs.stage(&mut batch, changes);
+                let staged = self.refs.stage(&mut batch, changes, None);
                 self.engine.write(batch)?;
                 self.refs.applied(staged);
             }

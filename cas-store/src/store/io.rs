@@ -5,9 +5,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::{out_of_range, DiskId, DiskState, Extent, Source, Store, Target, BLOCK_STRIPES, CHUNK_BLOCKS};
-use crate::engine::Cf;
-use crate::keys::*;
 use crate::{Result, StoreError};
+
+/// Writes of at most this many blocks look their old map entries up through the map cache.
+const SMALL_WRITE_BLOCKS: u64 = 8;
 
 impl Store {
     pub(super) fn io_state(&self, disk: DiskId) -> Result<Arc<DiskState>> {
@@ -114,7 +115,7 @@ impl Store {
             let ids: Vec<u64> = blocks.iter().map(|(block, _)| *block).collect();
             let stripes = self.stripe_indices(disk, ids.iter().copied());
             let _guards: Vec<_> = stripes.iter().map(|&i| self.block_stripes[i].write()).collect();
-            let old: Vec<_> = self.map_lookup_many(disk, &ids)?.iter().map(|e| e.map(|e| e.fp)).collect();
+            let old: Vec<_> = self.map_lookup_for_write(disk, &ids)?.iter().map(|e| e.map(|e| e.fp)).collect();
             self.commit(&state, ids.into_iter().zip(targets).collect(), &old)?;
         }
         if fua {
@@ -214,7 +215,13 @@ impl Store {
         }
         let stripes = self.stripe_indices(state.id, first..=chunk_last);
         let _guards: Vec<_> = stripes.iter().map(|&i| self.block_stripes[i].write()).collect();
-        let old = self.map_lookup(state.id, first, chunk_last)?;
+        // A small write (a guest's 4 KiB overwrite) takes its old entries from the map cache;
+        // a large one seeks `maps` once for its range, and leaves the cache to small writes.
+        let old = if chunk_last - first < SMALL_WRITE_BLOCKS {
+            self.map_lookup_for_write(state.id, &(first..=chunk_last).collect::<Vec<u64>>())?
+        } else {
+            self.map_lookup(state.id, first, chunk_last)?
+        };
         let mut updates = Vec::with_capacity(full.len());
         for (i, target) in full.into_iter().enumerate() {
             let block = first + i as u64;
@@ -268,15 +275,14 @@ impl Store {
             }
         };
         let mut cursor = offset;
-        self.engine.for_each_in(Cf::Maps, &map_key(disk, first), &map_key(disk, last + 1), &mut |key, _| {
-            let (_, block) = parse_map_key(key)?;
+        for entry in self.map_scan(disk, first, last + 1, usize::MAX)? {
+            let (block, _) = entry?;
             let from = (block * bs).max(offset);
             let to = ((block + 1) * bs).min(end);
             push(cursor, from, false);
             push(from, to, true);
             cursor = to;
-            Ok(())
-        })?;
+        }
         push(cursor, end, false);
         Ok(extents)
     }

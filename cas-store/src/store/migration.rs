@@ -7,8 +7,7 @@ use std::sync::Arc;
 
 use super::{out_of_range, DiskId, Store, Target, CHUNK_BLOCKS};
 use crate::dirty::DirtyBitmap;
-use crate::engine::{prefix_end, Cf};
-use crate::keys::*;
+use crate::engine::Cf;
 use crate::{Fingerprint, Result, StoreError};
 
 impl Store {
@@ -47,9 +46,7 @@ impl Store {
 
     /// The fingerprints mapped at the given blocks of a disk (None: a hole).
     pub fn block_fingerprints(&self, disk: DiskId, blocks: &[u64]) -> Result<Vec<Option<Fingerprint>>> {
-        let keys: Vec<[u8; 16]> = blocks.iter().map(|&b| map_key(disk, b)).collect();
-        let refs: Vec<&[u8]> = keys.iter().map(|k| &k[..]).collect();
-        self.engine.multi_get(Cf::Maps, &refs)?.into_iter().map(|v| v.map(|v| parse_map_entry(&v).map(|e| e.fp)).transpose()).collect()
+        Ok(self.map_lookup_many(disk, blocks)?.into_iter().map(|e| e.map(|e| e.fp)).collect())
     }
 
     /// Maps blocks of a disk to blocks the store already holds (no data moves: a neighbour
@@ -111,7 +108,7 @@ impl Store {
             let stripes = self.stripe_indices(disk, chunk.iter().map(|(b, _)| *b));
             let _guards: Vec<_> = stripes.iter().map(|&i| self.block_stripes[i].write()).collect();
             let blocks: Vec<u64> = chunk.iter().map(|(b, _)| *b).collect();
-            let old = self.block_fingerprints(disk, &blocks)?;
+            let old: Vec<_> = self.map_lookup_for_write(disk, &blocks)?.into_iter().map(|e| e.map(|e| e.fp)).collect();
             applied.extend(self.commit(&state, chunk, &old)?);
         }
         Ok(applied)
@@ -124,8 +121,9 @@ impl Store {
         let state = self.io_state(disk)?;
         let _layout = state.layout.read();
         let size = state.size.load(Ordering::Acquire);
-        let prefix = map_prefix(disk);
-        let iter = self.engine.scan(Cf::Maps, &prefix, prefix_end(&prefix).as_deref())?;
+        // The overlay's entries of the disk are copied (at most the overlay's cap), `maps` is
+        // read through the engine's consistent iterator.
+        let iter = self.map_scan(disk, 0, u64::MAX, usize::MAX)?;
         Ok(MapSnapshot { iter, size, block_size: self.block_size })
     }
 
@@ -156,7 +154,7 @@ impl Store {
 
 /// See [`Store::map_snapshot`].
 pub struct MapSnapshot {
-    iter: crate::engine::ScanIter,
+    iter: super::map_view::MapScan,
     size: u64,
     block_size: u32,
 }
@@ -187,7 +185,6 @@ impl Iterator for MapSnapshot {
     type Item = Result<(u64, Fingerprint)>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let kv = self.iter.next()?;
-        Some(kv.and_then(|(k, v)| Ok((parse_map_key(&k)?.1, parse_map_entry(&v)?.fp))))
+        Some(self.iter.next()?.map(|(block, entry)| (block, entry.fp)))
     }
 }

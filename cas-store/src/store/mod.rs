@@ -31,6 +31,9 @@ mod commit;
 mod compaction;
 mod fsck;
 mod io;
+mod map_cache;
+mod map_overlay;
+mod map_view;
 mod migration;
 mod refs_log;
 mod sketches;
@@ -121,6 +124,10 @@ pub struct StoreOptions {
     /// a dead block left in its slot rather than as zeros; a store shared by tenants who must
     /// never see each other's old bytes turns it off (or sets `verify_reads`).
     pub reuse_dead_slots: bool,
+    /// Block map entries the write path keeps at hand (48 bytes each, allocated as they fill;
+    /// default 512 Ki: 24 MiB): a small write's old entries come from there instead of
+    /// RocksDB's table files when the block was written or looked up before (see `map_cache`).
+    pub map_cache_entries: usize,
 }
 
 impl Default for StoreOptions {
@@ -135,6 +142,7 @@ impl Default for StoreOptions {
             verify_reads: false,
             write_threads: std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
             reuse_dead_slots: true,
+            map_cache_entries: 512 << 10,
         }
     }
 }
@@ -457,7 +465,7 @@ impl Store {
             }
         };
         let cache_bytes = if matches!(blocks, Blocks::External(_)) { opts.cache_bytes } else { 0 };
-        let refs = refs_log::RefsLog::open(engine.as_ref())?;
+        let refs = refs_log::RefsLog::open(engine.as_ref(), opts.map_cache_entries)?;
         let data = match &blocks {
             Blocks::Local(c) => Some(Arc::clone(c)),
             Blocks::External(_) => None,

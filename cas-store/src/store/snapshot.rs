@@ -85,9 +85,9 @@ impl Store {
     /// share fingerprint stripes, so their batches serialize anyway.
     fn copy_map(&self, source: &DiskState, copy: &DiskState) -> Result<()> {
         let blocks = source.size.load(Ordering::Acquire).div_ceil(u64::from(self.block_size));
-        let mut entries = self.engine.scan(Cf::Maps, &map_key(source.id, 0), Some(&map_key(source.id, blocks)))?.map(|kv| {
-            let (key, value) = kv?;
-            Ok((map_key(copy.id, parse_map_key(&key)?.1).to_vec(), value.into_vec()))
+        let mut entries = self.map_scan(source.id, 0, blocks, usize::MAX)?.map(|entry| {
+            let (block, entry) = entry?;
+            Ok((map_key(copy.id, block).to_vec(), encode_map_entry(entry)))
         });
         self.engine.ingest_sorted(Cf::Maps, &mut entries)?;
         self.engine.fresh_memtable(Cf::Refs)?;
@@ -102,10 +102,9 @@ impl Store {
     /// (other disks' writes and compaction change the same counts).
     fn count_range(&self, source: &DiskState, copy: &DiskState, first: u64, end: u64) -> Result<()> {
         let mut fps: Vec<Fingerprint> = Vec::new();
-        self.engine.for_each_in(Cf::Maps, &map_key(source.id, first), &map_key(source.id, end), &mut |_, v| {
-            fps.push(parse_map_entry(v)?.fp);
-            Ok(())
-        })?;
+        for entry in self.map_scan(source.id, first, end, usize::MAX)? {
+            fps.push(entry?.1.fp);
+        }
         if fps.is_empty() {
             return Ok(());
         }
@@ -132,7 +131,7 @@ impl Store {
             }
         }
         batch.put(Cf::Meta, counted_key(copy.id, first), encode_count(end));
-        let staged = (!journalled.is_empty()).then(|| self.refs.stage(&mut batch, journalled));
+        let staged = (!journalled.is_empty()).then(|| self.refs.stage(&mut batch, journalled, None));
         self.engine.write(batch)?;
         if let Some(staged) = staged {
             self.refs.applied(staged);
