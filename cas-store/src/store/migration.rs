@@ -108,7 +108,9 @@ impl Store {
             let stripes = self.stripe_indices(disk, chunk.iter().map(|(b, _)| *b));
             let _guards: Vec<_> = stripes.iter().map(|&i| self.block_stripes[i].write()).collect();
             let blocks: Vec<u64> = chunk.iter().map(|(b, _)| *b).collect();
-            let old: Vec<_> = self.map_lookup_for_write(disk, &blocks)?.into_iter().map(|e| e.map(|e| e.fp)).collect();
+            // Not through the map cache: a migration's destination maps each block once, and
+            // would only fill the cache with entries nobody asks for again.
+            let old = self.block_fingerprints(disk, &blocks)?;
             applied.extend(self.commit(&state, chunk, &old)?);
         }
         Ok(applied)
