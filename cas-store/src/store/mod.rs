@@ -1,7 +1,9 @@
 //! The store: disks made of block maps over content-addressed, reference-counted blocks.
 //!
 //! Split by concern: the catalogue of disks (`catalog`), disk I/O (`io`), the commit of map and
-//! reference changes (`commit`) and their journal (`refs_log`), block bytes and their locations (`blocks`), what migration
+//! reference changes (`commit`) and their journal (`refs_log`, with the map's side in
+//! `map_overlay`), reading the block map through the journal's overlay (`map_view`) and the
+//! write path's map cache (`map_cache`), block bytes and their locations (`blocks`), what migration
 //! needs (`migration`), accounting and checking (`fsck`), compaction of containers
 //! (`compaction`), and the conversion of stores of the previous format (`upgrade`).
 //!
@@ -18,7 +20,7 @@
 //!
 //! With local blocks (containers), new blocks are appended to a container before the batch
 //! that names them, and a map entry and the reference-count changes it causes go in one atomic
-//! batch. With an external pool (blocks shared by many stores, see [`crate::pool`]) the store
+//! batch (as journal records: see `refs_log`). With an external pool (blocks shared by many stores, see [`crate::pool`]) the store
 //! claims new blocks in the pool before committing the batch and releases dead ones after it,
 //! still under the fingerprint stripes: a crash can leak a reference, never leave a map entry
 //! naming a block that is not stored. A reader that holds a block's stripe sees a map entry
